@@ -1,0 +1,63 @@
+//! Per-packet connection tracking for traffic that is translated per packet
+//! (NodePort, external and LoadBalancer IPs arriving on a node device).
+//!
+//! Each flow has two entries: the original direction, keyed by the tuple the
+//! client sent, and the reply direction, keyed by the tuple the backend
+//! answers with. Each entry says how to rewrite a packet that matches it, so
+//! one lookup translates a packet in either direction.
+
+use crate::user_pod;
+
+pub const CT_ORIGINAL: u8 = 0;
+pub const CT_REPLY: u8 = 1;
+
+/// `Ct4Entry::flags`.
+pub const CT_SNAT: u8 = 1 << 0;
+pub const CT_LOCAL_BACKEND: u8 = 1 << 1;
+pub const CT_SEEN_REPLY: u8 = 1 << 2;
+pub const CT_CLOSING: u8 = 1 << 3;
+
+/// Lifetimes in seconds, by what the flow has shown.
+pub const CT_LIFETIME_TCP_SYN: u32 = 60;
+pub const CT_LIFETIME_TCP_ESTABLISHED: u32 = 6 * 3600;
+pub const CT_LIFETIME_TCP_CLOSING: u32 = 10;
+pub const CT_LIFETIME_UDP: u32 = 60;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Ct4Key {
+    pub src_addr: u32,
+    pub dst_addr: u32,
+    pub src_port: u16,
+    pub dst_port: u16,
+    pub proto: u8,
+    /// `CT_ORIGINAL` or `CT_REPLY`.
+    pub dir: u8,
+    pub _pad: u16,
+}
+const _: () = assert!(core::mem::size_of::<Ct4Key>() == 16);
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Ct4Entry {
+    /// Rewrite for a matching packet (wire order; equal to the packet's
+    /// field when that field is not translated).
+    pub nat_src_addr: u32,
+    pub nat_dst_addr: u32,
+    pub nat_src_port: u16,
+    pub nat_dst_port: u16,
+    pub service_id: u32,
+    pub backend_id: u32,
+    /// Seconds of `bpf_ktime_get_coarse_ns` when created and last seen.
+    pub created_s: u32,
+    pub last_seen_s: u32,
+    /// The entry is dead after `last_seen_s + lifetime_s`.
+    pub lifetime_s: u32,
+    pub flags: u8,
+    pub _pad: [u8; 3],
+    pub packets: u64,
+    pub bytes: u64,
+}
+const _: () = assert!(core::mem::size_of::<Ct4Entry>() == 56);
+
+user_pod!(Ct4Key, Ct4Entry);

@@ -1,0 +1,65 @@
+//! Counters: per Service port and per verdict, in per-CPU arrays.
+//!
+//! The verdict list is append-only: a number, once given, keeps its meaning
+//! in every release, so dashboards and `lbctl` from different versions agree.
+
+use crate::user_pod;
+
+/// Per Service port (`LB_SVC_STATS_V1[service_id]`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ServiceStats {
+    /// Flows (connections, UDP sockets, NodePort flows) given a backend.
+    pub flows: u64,
+    /// Packets and bytes translated per packet (device path only; the socket
+    /// path translates once per socket and sees no packets).
+    pub packets: u64,
+    pub bytes: u64,
+    /// New flows refused because the service had no backend.
+    pub no_backend: u64,
+}
+const _: () = assert!(core::mem::size_of::<ServiceStats>() == 32);
+
+user_pod!(ServiceStats);
+
+macro_rules! verdicts {
+    ($($(#[$doc:meta])* $name:ident = $val:literal, $label:literal;)+) => {
+        $( $(#[$doc])* pub const $name: u32 = $val; )+
+        /// `(number, metric label)` of every verdict, in number order.
+        pub const VERDICTS: &[(u32, &str)] = &[$(($val, $label)),+];
+    };
+}
+
+verdicts! {
+    /// Not IPv4 (ARP, IPv6, VLAN-tagged, ...): passed untouched.
+    V_PASS_NOT_IPV4 = 0, "pass_not_ipv4";
+    /// IPv4 but not for a Service and no flow: passed untouched.
+    V_PASS_NOT_SERVICE = 1, "pass_not_service";
+    /// New flow given a backend (device path).
+    V_FORWARD_NEW = 2, "forward_new";
+    /// Packet of a known flow, original direction.
+    V_FORWARD_ESTABLISHED = 3, "forward_established";
+    /// Reply translated back to the frontend.
+    V_REPLY = 4, "reply";
+    /// Socket translated at connect/sendmsg.
+    V_SOCK_TRANSLATED = 5, "sock_translated";
+    /// Socket address translated back at recvmsg/getpeername.
+    V_SOCK_REVERSED = 6, "sock_reversed";
+    /// Headers shorter than they claim: passed to the stack to drop.
+    V_PASS_TRUNCATED = 7, "pass_truncated";
+    /// Fragment, IP options or other shape not translated: passed.
+    V_PASS_UNSUPPORTED = 8, "pass_unsupported";
+    /// New flow to a Service with no backend: dropped or refused.
+    V_DROP_NO_BACKEND = 9, "drop_no_backend";
+    /// A backend slot or backend vanished mid-update.
+    V_DROP_STALE_BACKEND = 10, "drop_stale_backend";
+    /// No route to the backend or client (device path redirect).
+    V_DROP_NO_ROUTE = 11, "drop_no_route";
+    /// Connection tracking table full, or no free SNAT port.
+    V_DROP_CT_FULL = 12, "drop_ct_full";
+    /// Rewriting the packet failed.
+    V_DROP_REWRITE = 13, "drop_rewrite";
+}
+
+/// Size of the verdict counter array; room to append.
+pub const MAX_VERDICTS: u32 = 64;

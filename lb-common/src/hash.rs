@@ -1,0 +1,49 @@
+//! Flow hashes that choose a backend. Shared by the datapath and `lbctl`, so
+//! `lbctl explain` computes exactly what the kernel computes.
+
+/// Murmur3's 32-bit finaliser: full avalanche, a handful of instructions.
+#[inline(always)]
+const fn fmix32(mut h: u32) -> u32 {
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x85eb_ca6b);
+    h ^= h >> 13;
+    h = h.wrapping_mul(0xc2b2_ae35);
+    h ^= h >> 16;
+    h
+}
+
+#[inline(always)]
+const fn combine(h: u32, v: u32) -> u32 {
+    fmix32(h ^ v.wrapping_mul(0x9e37_79b1)).rotate_left(13)
+}
+
+/// Hash of a packet's flow (fields in wire order, as in keys).
+#[inline(always)]
+pub const fn flow4(src_addr: u32, dst_addr: u32, src_port: u16, dst_port: u16, proto: u8) -> u32 {
+    let mut h = 0x5bd1_e995u32;
+    h = combine(h, src_addr);
+    h = combine(h, dst_addr);
+    h = combine(h, ((src_port as u32) << 16) | dst_port as u32);
+    h = combine(h, proto as u32);
+    fmix32(h)
+}
+
+/// Hash of a socket's flow to a frontend: the socket cookie identifies the
+/// flow before its source port exists.
+#[inline(always)]
+pub const fn sock4(cookie: u64, frontend_addr: u32, frontend_port: u16, proto: u8) -> u32 {
+    let mut h = 0x27d4_eb2du32;
+    h = combine(h, cookie as u32);
+    h = combine(h, (cookie >> 32) as u32);
+    h = combine(h, frontend_addr);
+    h = combine(h, ((frontend_port as u32) << 8) | proto as u32);
+    fmix32(h)
+}
+
+/// The slot a hash picks among `count` backends (callers check count > 0;
+/// the `max` keeps a division-by-zero panic path out of the BPF object).
+#[inline(always)]
+pub const fn slot(hash: u32, count: u16) -> u32 {
+    let n = if count == 0 { 1 } else { count as u32 };
+    hash % n
+}

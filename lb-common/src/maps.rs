@@ -1,0 +1,46 @@
+//! Names and sizes of the maps, shared so the user side opens exactly what the
+//! kernel object declares. Every name ends in the layout version.
+
+pub const FRONTENDS4: &str = "LB4_FRONTENDS_V1";
+pub const BACKEND_SLOTS: &str = "LB_SLOTS_V1";
+pub const BACKENDS4: &str = "LB4_BACKENDS_V1";
+pub const SERVICE_META: &str = "LB_SVC_META_V1";
+pub const BACKEND_META: &str = "LB_BE_META_V1";
+pub const CONNTRACK4: &str = "LB4_CT_V1";
+pub const SOCK_REVNAT4: &str = "LB4_SOCK_REVNAT_V1";
+pub const SOCK_FLOWS4: &str = "LB4_SOCK_FLOWS_V1";
+pub const SERVICE_STATS: &str = "LB_SVC_STATS_V1";
+pub const VERDICT_STATS: &str = "LB_VERDICTS_V1";
+pub const CONFIG: &str = "LB_CONFIG_V1";
+
+/// Every map the agent pins, in the order `lbctl` lists them.
+pub const ALL: &[&str] = &[
+    FRONTENDS4,
+    BACKEND_SLOTS,
+    BACKENDS4,
+    SERVICE_META,
+    BACKEND_META,
+    CONNTRACK4,
+    SOCK_REVNAT4,
+    SOCK_FLOWS4,
+    SERVICE_STATS,
+    VERDICT_STATS,
+    CONFIG,
+];
+
+/// Frontends (address, port, protocol, scope). 100,000 Services with a
+/// ClusterIP, a NodePort on two node addresses and an external IP fit.
+pub const MAX_FRONTENDS: u32 = 1 << 19;
+/// Backend slots over all live backend sets (two sets per service port may
+/// exist for an instant during a swap).
+pub const MAX_SLOTS: u32 = 1 << 21;
+/// Distinct backends (address, port, protocol).
+pub const MAX_BACKENDS: u32 = 1 << 20;
+/// Service ports (the unit of counters and names); ids are `1..MAX_SERVICES`.
+pub const MAX_SERVICES: u32 = 1 << 18;
+/// Per-packet connection tracking entries (two per NodePort/external flow).
+pub const MAX_CONNTRACK: u32 = 1 << 18;
+/// Socket-level reverse translations (one per translated socket and backend).
+pub const MAX_SOCK_REVNAT: u32 = 1 << 18;
+/// Unconnected UDP sockets' chosen backend per frontend.
+pub const MAX_SOCK_FLOWS: u32 = 1 << 17;

@@ -1,0 +1,129 @@
+//! Per-packet flow state for the device path: lookup with expiry, touch with
+//! TCP-aware lifetimes, and creation of both directions of a flow.
+
+use aya_ebpf::{
+    bindings::{BPF_ANY, BPF_NOEXIST},
+    helpers::bpf_ktime_get_coarse_ns,
+};
+use lb_common::{
+    PROTO_TCP,
+    conntrack::{
+        CT_CLOSING, CT_LIFETIME_TCP_CLOSING, CT_LIFETIME_TCP_ESTABLISHED, CT_LIFETIME_TCP_SYN,
+        CT_LIFETIME_UDP, CT_ORIGINAL, CT_REPLY, CT_SEEN_REPLY, Ct4Entry, Ct4Key,
+    },
+};
+
+use crate::{
+    maps::CONNTRACK4,
+    parse::{Packet, TCP_FIN, TCP_RST},
+};
+
+#[inline(always)]
+pub fn now_s() -> u32 {
+    // SAFETY: helper without arguments.
+    (unsafe { bpf_ktime_get_coarse_ns() } / 1_000_000_000) as u32
+}
+
+#[inline(always)]
+pub fn key(pkt: &Packet, dir: u8) -> Ct4Key {
+    Ct4Key {
+        src_addr: pkt.src_addr,
+        dst_addr: pkt.dst_addr,
+        src_port: pkt.src_port,
+        dst_port: pkt.dst_port,
+        proto: pkt.proto,
+        dir,
+        _pad: 0,
+    }
+}
+
+/// The key of the other direction of the flow an entry belongs to: the
+/// packets it rewrites come back with the rewritten tuple reversed.
+#[inline(always)]
+pub fn other_key(k: &Ct4Key, e: &Ct4Entry) -> Ct4Key {
+    Ct4Key {
+        src_addr: e.nat_dst_addr,
+        dst_addr: e.nat_src_addr,
+        src_port: e.nat_dst_port,
+        dst_port: e.nat_src_port,
+        proto: k.proto,
+        dir: if k.dir == CT_ORIGINAL {
+            CT_REPLY
+        } else {
+            CT_ORIGINAL
+        },
+        _pad: 0,
+    }
+}
+
+#[inline(always)]
+pub fn initial_lifetime(proto: u8) -> u32 {
+    if proto == PROTO_TCP {
+        CT_LIFETIME_TCP_SYN
+    } else {
+        CT_LIFETIME_UDP
+    }
+}
+
+/// A live entry for `k`, or None (absent or expired).
+#[inline(always)]
+pub fn lookup(k: &Ct4Key, now: u32) -> Option<&'static mut Ct4Entry> {
+    let e = CONNTRACK4.get_ptr_mut(k)?;
+    // SAFETY: LRU map value; concurrent updates of counters may race, which
+    // costs at most a lost increment.
+    let e = unsafe { &mut *e };
+    if now.wrapping_sub(e.last_seen_s) > e.lifetime_s {
+        return None;
+    }
+    Some(e)
+}
+
+/// Records a packet on entry `e` (found under `k`), moving its lifetime with
+/// what the packet shows.
+#[inline(always)]
+pub fn touch(k: &Ct4Key, e: &mut Ct4Entry, pkt: &Packet, len: u32, now: u32) {
+    e.last_seen_s = now;
+    e.packets += 1;
+    e.bytes += len as u64;
+    let closing = pkt.proto == PROTO_TCP && pkt.tcp_flags & (TCP_FIN | TCP_RST) != 0;
+    let first_reply = k.dir == CT_REPLY && e.flags & CT_SEEN_REPLY == 0;
+    if !closing && !first_reply {
+        return;
+    }
+    let lifetime = if closing {
+        CT_LIFETIME_TCP_CLOSING
+    } else if pkt.proto == PROTO_TCP {
+        CT_LIFETIME_TCP_ESTABLISHED
+    } else {
+        CT_LIFETIME_UDP
+    };
+    let flags = if closing {
+        CT_CLOSING | CT_SEEN_REPLY
+    } else {
+        CT_SEEN_REPLY
+    };
+    e.flags |= flags;
+    if e.flags & CT_CLOSING == 0 || closing {
+        e.lifetime_s = lifetime;
+    }
+    // The other direction learns the same, so both age together.
+    if let Some(o) = CONNTRACK4.get_ptr_mut(&other_key(k, e)) {
+        // SAFETY: as in `lookup`.
+        let o = unsafe { &mut *o };
+        o.flags |= flags;
+        o.lifetime_s = e.lifetime_s;
+        o.last_seen_s = now;
+    }
+}
+
+/// Creates the reply entry; fails if one exists (an SNAT port in use).
+#[inline(always)]
+pub fn create_reply(k: &Ct4Key, e: &Ct4Entry, exclusive: bool) -> Result<(), ()> {
+    let flags = if exclusive { BPF_NOEXIST } else { BPF_ANY };
+    CONNTRACK4.insert(k, e, flags as u64).map_err(|_| ())
+}
+
+#[inline(always)]
+pub fn create_original(k: &Ct4Key, e: &Ct4Entry) -> Result<(), ()> {
+    CONNTRACK4.insert(k, e, BPF_ANY as u64).map_err(|_| ())
+}

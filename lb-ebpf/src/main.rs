@@ -1,0 +1,68 @@
+//! Kernel programs of the load balancer. Entry points are thin; the logic
+//! lives in one module per concern.
+//!
+//! | program            | hook                  | job                                          |
+//! |--------------------|-----------------------|----------------------------------------------|
+//! | `lb_connect4`      | cgroup connect4       | point a TCP/connected-UDP socket at a backend |
+//! | `lb_sendmsg4`      | cgroup sendmsg4       | same for each unconnected UDP datagram        |
+//! | `lb_recvmsg4`      | cgroup recvmsg4       | show the Service address as the sender        |
+//! | `lb_getpeername4`  | cgroup getpeername4   | show the Service address as the peer          |
+//! | `lb_from_netdev`   | tc ingress, node dev  | NodePort/external/LB: DNAT (+SNAT), replies   |
+//! | `lb_to_netdev`     | tc egress, node dev   | local backends' replies back to the frontend  |
+#![no_std]
+#![no_main]
+
+mod conntrack;
+mod maps;
+mod nat;
+mod netdev;
+mod parse;
+mod route;
+mod select;
+mod sock;
+mod stats;
+
+use aya_ebpf::{
+    macros::{cgroup_sock_addr, classifier},
+    programs::{SockAddrContext, TcContext},
+};
+
+#[cgroup_sock_addr(connect4)]
+pub fn lb_connect4(ctx: SockAddrContext) -> i32 {
+    sock::translate(&ctx, false)
+}
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn lb_sendmsg4(ctx: SockAddrContext) -> i32 {
+    sock::translate(&ctx, true)
+}
+
+#[cgroup_sock_addr(recvmsg4)]
+pub fn lb_recvmsg4(ctx: SockAddrContext) -> i32 {
+    sock::reverse(&ctx)
+}
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn lb_getpeername4(ctx: SockAddrContext) -> i32 {
+    sock::reverse(&ctx)
+}
+
+#[classifier]
+pub fn lb_from_netdev(ctx: TcContext) -> i32 {
+    netdev::from_netdev(&ctx)
+}
+
+#[classifier]
+pub fn lb_to_netdev(ctx: TcContext) -> i32 {
+    netdev::to_netdev(&ctx)
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -1,0 +1,70 @@
+//! Every map of the datapath. Pinned by name under the agent's bpffs folder,
+//! so they outlive the agent and a restart adopts them.
+
+use aya_ebpf::{
+    bindings::BPF_F_NO_PREALLOC,
+    macros::map,
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+};
+use lb_common::{
+    config::Config,
+    conntrack::{Ct4Entry, Ct4Key},
+    counters::{MAX_VERDICTS, ServiceStats},
+    maps::{
+        MAX_BACKENDS, MAX_CONNTRACK, MAX_FRONTENDS, MAX_SERVICES, MAX_SLOTS, MAX_SOCK_FLOWS,
+        MAX_SOCK_REVNAT,
+    },
+    service::{Backend4, BackendMeta, Frontend, Frontend4Key, ServiceMeta, SlotKey},
+    sock::{SockFlow4, SockFlow4Key, SockRevNat4, SockRevNat4Key},
+};
+
+/// Service frontends: (address, port, protocol, scope) -> backend set.
+#[map(name = "LB4_FRONTENDS_V1")]
+pub static FRONTENDS4: HashMap<Frontend4Key, Frontend> =
+    HashMap::pinned(MAX_FRONTENDS, BPF_F_NO_PREALLOC);
+
+/// Backend sets: (set, slot) -> backend id.
+#[map(name = "LB_SLOTS_V1")]
+pub static SLOTS: HashMap<SlotKey, u32> = HashMap::pinned(MAX_SLOTS, BPF_F_NO_PREALLOC);
+
+/// Backends: id -> address, port, state.
+#[map(name = "LB4_BACKENDS_V1")]
+pub static BACKENDS4: HashMap<u32, Backend4> = HashMap::pinned(MAX_BACKENDS, BPF_F_NO_PREALLOC);
+
+/// Names of Service ports for `lbctl` (never read here).
+#[map(name = "LB_SVC_META_V1")]
+pub static SERVICE_META: HashMap<u32, ServiceMeta> =
+    HashMap::pinned(MAX_SERVICES, BPF_F_NO_PREALLOC);
+
+/// Backend node and zone for `lbctl` (never read here).
+#[map(name = "LB_BE_META_V1")]
+pub static BACKEND_META: HashMap<u32, BackendMeta> =
+    HashMap::pinned(MAX_BACKENDS, BPF_F_NO_PREALLOC);
+
+/// Per-packet flows (device path), both directions.
+#[map(name = "LB4_CT_V1")]
+pub static CONNTRACK4: LruHashMap<Ct4Key, Ct4Entry> = LruHashMap::pinned(MAX_CONNTRACK, 0);
+
+/// Socket-level reverse translation: (cookie, backend) -> frontend.
+#[map(name = "LB4_SOCK_REVNAT_V1")]
+pub static SOCK_REVNAT4: LruHashMap<SockRevNat4Key, SockRevNat4> =
+    LruHashMap::pinned(MAX_SOCK_REVNAT, 0);
+
+/// Unconnected UDP sockets: (cookie, frontend) -> backend.
+#[map(name = "LB4_SOCK_FLOWS_V1")]
+pub static SOCK_FLOWS4: LruHashMap<SockFlow4Key, SockFlow4> = LruHashMap::pinned(MAX_SOCK_FLOWS, 0);
+
+/// Counters per Service port, per CPU.
+#[map(name = "LB_SVC_STATS_V1")]
+pub static SERVICE_STATS: PerCpuArray<ServiceStats> = PerCpuArray::pinned(MAX_SERVICES, 0);
+
+/// Counters per verdict (`lb_common::counters::V_*`), per CPU.
+#[map(name = "LB_VERDICTS_V1")]
+pub static VERDICT_STATS: PerCpuArray<u64> = PerCpuArray::pinned(MAX_VERDICTS, 0);
+
+/// Datapath configuration, one entry.
+#[map(name = "LB_CONFIG_V1")]
+pub static CONFIG: Array<Config> = Array::pinned(1, 0);
+
+// The names above are checked against `lb_common::maps` by lbctl's tests,
+// which open every map by those constants in the built object.

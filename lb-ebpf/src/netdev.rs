@@ -1,0 +1,250 @@
+//! The device path: packets from outside the node to NodePort, external and
+//! LoadBalancer addresses, translated per packet with connection tracking
+//! (tc ingress on the node's devices), and replies of local backends
+//! translated back on their way out (tc egress).
+
+use aya_ebpf::{
+    bindings::{TC_ACT_OK, TC_ACT_SHOT},
+    helpers::bpf_get_prandom_u32,
+    programs::TcContext,
+};
+use lb_common::{
+    conntrack::{CT_LOCAL_BACKEND, CT_ORIGINAL, CT_REPLY, CT_SNAT, Ct4Entry, Ct4Key},
+    counters::{
+        V_DROP_CT_FULL, V_DROP_NO_BACKEND, V_DROP_REWRITE, V_FORWARD_ESTABLISHED, V_FORWARD_NEW,
+        V_PASS_NOT_SERVICE, V_REPLY,
+    },
+    hash,
+    service::{BACKEND_LOCAL, Frontend, Frontend4Key, KIND_NODE_PORT, SCOPE_ALL},
+};
+
+use crate::{
+    conntrack::{self, now_s},
+    maps::CONFIG,
+    nat,
+    parse::{self, Packet},
+    route,
+    select::{self, Chosen},
+    stats,
+};
+
+/// tc ingress on a node device.
+#[inline(always)]
+pub fn from_netdev(ctx: &TcContext) -> i32 {
+    let pkt = match parse::parse(ctx) {
+        Ok(p) => p,
+        Err(v) => {
+            stats::verdict(v);
+            return TC_ACT_OK;
+        }
+    };
+    let now = now_s();
+    let len = ctx.len();
+
+    // A packet of a known flow from the client.
+    let k = conntrack::key(&pkt, CT_ORIGINAL);
+    if let Some(e) = conntrack::lookup(&k, now) {
+        conntrack::touch(&k, e, &pkt, len, now);
+        let e = *e;
+        stats::packet(e.service_id, len);
+        return apply(ctx, &pkt, &e, V_FORWARD_ESTABLISHED);
+    }
+    // A reply from a backend on another node, to the SNAT address.
+    let k = conntrack::key(&pkt, CT_REPLY);
+    if let Some(e) = conntrack::lookup(&k, now) {
+        conntrack::touch(&k, e, &pkt, len, now);
+        let e = *e;
+        stats::packet(e.service_id, len);
+        return apply(ctx, &pkt, &e, V_REPLY);
+    }
+
+    let fkey = Frontend4Key {
+        addr: pkt.dst_addr,
+        port: pkt.dst_port,
+        proto: pkt.proto,
+        scope: SCOPE_ALL,
+    };
+    let Some(fe) = select::frontend(&fkey) else {
+        stats::verdict(V_PASS_NOT_SERVICE);
+        return TC_ACT_OK;
+    };
+    let h = hash::flow4(
+        pkt.src_addr,
+        pkt.dst_addr,
+        pkt.src_port,
+        pkt.dst_port,
+        pkt.proto,
+    );
+    let chosen = match select::pick(&fkey, &fe, h) {
+        Ok(c) => c,
+        Err(v) => {
+            stats::verdict(v);
+            if v == V_DROP_NO_BACKEND {
+                stats::no_backend(fe.service_id);
+            }
+            return TC_ACT_SHOT;
+        }
+    };
+    match new_flow(&pkt, &fe, &chosen, now, len) {
+        Ok(e) => {
+            stats::new_flow(fe.service_id);
+            stats::packet(fe.service_id, len);
+            apply(ctx, &pkt, &e, V_FORWARD_NEW)
+        }
+        Err(v) => {
+            stats::verdict(v);
+            TC_ACT_SHOT
+        }
+    }
+}
+
+/// tc egress on a node device: replies of backends on this node leave with
+/// the frontend as their source.
+#[inline(always)]
+pub fn to_netdev(ctx: &TcContext) -> i32 {
+    let Ok(pkt) = parse::parse(ctx) else {
+        return TC_ACT_OK;
+    };
+    let k = conntrack::key(&pkt, CT_REPLY);
+    let now = now_s();
+    let Some(e) = conntrack::lookup(&k, now) else {
+        return TC_ACT_OK;
+    };
+    // SNATed flows' replies arrive on ingress; only local backends' here.
+    if e.flags & CT_LOCAL_BACKEND == 0 {
+        return TC_ACT_OK;
+    }
+    let len = ctx.len();
+    conntrack::touch(&k, e, &pkt, len, now);
+    let e = *e;
+    stats::packet(e.service_id, len);
+    apply(ctx, &pkt, &e, V_REPLY)
+}
+
+/// Rewrites per the entry, then hands the packet on: to the stack when it
+/// can route it, straight to the egress device when the source is a node
+/// address it would refuse.
+#[inline(always)]
+fn apply(ctx: &TcContext, pkt: &Packet, e: &Ct4Entry, verdict: u32) -> i32 {
+    if nat::rewrite(
+        ctx,
+        pkt,
+        e.nat_src_addr,
+        e.nat_dst_addr,
+        e.nat_src_port,
+        e.nat_dst_port,
+    )
+    .is_err()
+    {
+        stats::verdict(V_DROP_REWRITE);
+        return TC_ACT_SHOT;
+    }
+    stats::verdict(verdict);
+    if e.flags & CT_SNAT != 0 {
+        route::redirect(ctx, pkt.proto, e.nat_src_addr, e.nat_dst_addr)
+    } else {
+        TC_ACT_OK
+    }
+}
+
+/// Records both directions of a new flow; returns the original direction's
+/// entry (the rewrite for this packet).
+#[inline(always)]
+fn new_flow(
+    pkt: &Packet,
+    fe: &Frontend,
+    chosen: &Chosen,
+    now: u32,
+    len: u32,
+) -> Result<Ct4Entry, u32> {
+    let b = &chosen.backend;
+    let local = b.flags & BACKEND_LOCAL != 0;
+    let lifetime = conntrack::initial_lifetime(pkt.proto);
+    let mut orig = Ct4Entry {
+        nat_src_addr: pkt.src_addr,
+        nat_dst_addr: b.addr,
+        nat_src_port: pkt.src_port,
+        nat_dst_port: b.port,
+        service_id: fe.service_id,
+        backend_id: chosen.backend_id,
+        created_s: now,
+        last_seen_s: now,
+        lifetime_s: lifetime,
+        flags: if local { CT_LOCAL_BACKEND } else { CT_SNAT },
+        _pad: [0; 3],
+        packets: 1,
+        bytes: len as u64,
+    };
+    let reply = Ct4Entry {
+        nat_src_addr: pkt.dst_addr,
+        nat_dst_addr: pkt.src_addr,
+        nat_src_port: pkt.dst_port,
+        nat_dst_port: pkt.src_port,
+        packets: 0,
+        bytes: 0,
+        ..orig
+    };
+    let mut rkey = Ct4Key {
+        src_addr: b.addr,
+        dst_addr: pkt.src_addr,
+        src_port: b.port,
+        dst_port: pkt.src_port,
+        proto: pkt.proto,
+        dir: CT_REPLY,
+        _pad: 0,
+    };
+    if local {
+        conntrack::create_reply(&rkey, &reply, false).map_err(|_| V_DROP_CT_FULL)?;
+    } else {
+        // The backend answers the node: source becomes a node address and
+        // a port no other flow to that backend uses.
+        let snat_addr = snat_addr(fe, pkt);
+        rkey.dst_addr = snat_addr;
+        orig.nat_src_addr = snat_addr;
+        let mut done = false;
+        let mut try_port = pkt.src_port;
+        for i in 0..4u32 {
+            if i > 0 {
+                try_port = random_port();
+            }
+            rkey.dst_port = try_port;
+            if conntrack::create_reply(&rkey, &reply, true).is_ok() {
+                done = true;
+                break;
+            }
+        }
+        if !done {
+            return Err(V_DROP_CT_FULL);
+        }
+        orig.nat_src_port = try_port;
+    }
+    let okey = conntrack::key(pkt, CT_ORIGINAL);
+    conntrack::create_original(&okey, &orig).map_err(|_| V_DROP_CT_FULL)?;
+    Ok(orig)
+}
+
+#[inline(always)]
+fn snat_addr(fe: &Frontend, pkt: &Packet) -> u32 {
+    // A NodePort's address is this node's; other frontends use the
+    // configured node address.
+    if fe.kind == KIND_NODE_PORT {
+        return pkt.dst_addr;
+    }
+    match CONFIG.get(0) {
+        Some(c) if c.snat_addr != 0 => c.snat_addr,
+        _ => pkt.dst_addr,
+    }
+}
+
+#[inline(always)]
+fn random_port() -> u16 {
+    let (min, max) = match CONFIG.get(0) {
+        Some(c) if c.snat_port_max > c.snat_port_min => (c.snat_port_min, c.snat_port_max),
+        _ => (32768, 60999),
+    };
+    // SAFETY: helper without arguments.
+    let r = unsafe { bpf_get_prandom_u32() };
+    let span = (max as u32).wrapping_sub(min as u32).wrapping_add(1).max(1);
+    let p = min as u32 + r % span;
+    (p as u16).to_be()
+}

@@ -1,0 +1,10 @@
+//! `lbctl agent`: sources -> model (pure) -> reconcile (diff) -> maps.
+
+pub mod apply;
+pub mod ids;
+pub mod model;
+pub mod plan;
+pub mod reconcile;
+pub mod run;
+pub mod source;
+pub mod state;

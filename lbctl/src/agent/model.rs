@@ -1,0 +1,564 @@
+//! Kubernetes objects -> the desired datapath state. Pure: no I/O, no ids.
+//!
+//! Follows kube-proxy's rules: backends come from EndpointSlices labelled
+//! `kubernetes.io/service-name`; a Service with no EndpointSlice at all falls
+//! back to its hand-written `Endpoints` (what the EndpointSlice mirroring
+//! controller would have mirrored). A backend's port is the endpoint port
+//! whose name equals the Service port's name; `targetPort` (a number or a
+//! container port name) was already resolved into it by whoever wrote the
+//! endpoints. Headless and ExternalName Services, and Services labelled
+//! `service.kubernetes.io/service-proxy-name` or
+//! `service.kubernetes.io/headless`, get no entries.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt,
+    net::Ipv4Addr,
+};
+
+use k8s_openapi::api::{
+    core::v1::{Endpoints, Service},
+    discovery::v1::EndpointSlice,
+};
+
+pub const LABEL_SERVICE_NAME: &str = "kubernetes.io/service-name";
+pub const LABEL_PROXY_NAME: &str = "service.kubernetes.io/service-proxy-name";
+pub const LABEL_HEADLESS: &str = "service.kubernetes.io/headless";
+
+/// Namespace and name of an object.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ObjKey {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl fmt::Display for ObjKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// The objects the agent reads, from any source.
+#[derive(Clone, Debug, Default)]
+pub struct Objects {
+    pub services: BTreeMap<ObjKey, Service>,
+    pub slices: BTreeMap<ObjKey, EndpointSlice>,
+    pub endpoints: BTreeMap<ObjKey, Endpoints>,
+}
+
+/// What the agent knows of its node.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeInfo {
+    pub name: String,
+    pub zone: Option<String>,
+    /// Addresses NodePorts answer on.
+    pub addresses: Vec<Ipv4Addr>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Proto {
+    Tcp,
+    Udp,
+    Sctp,
+}
+
+impl Proto {
+    pub fn number(self) -> u8 {
+        match self {
+            Self::Tcp => lb_common::PROTO_TCP,
+            Self::Udp => lb_common::PROTO_UDP,
+            Self::Sctp => lb_common::PROTO_SCTP,
+        }
+    }
+
+    pub fn from_number(n: u8) -> Option<Self> {
+        match n {
+            lb_common::PROTO_TCP => Some(Self::Tcp),
+            lb_common::PROTO_UDP => Some(Self::Udp),
+            lb_common::PROTO_SCTP => Some(Self::Sctp),
+            _ => None,
+        }
+    }
+
+    fn parse(s: Option<&str>) -> Result<Self, String> {
+        match s.unwrap_or("TCP") {
+            "TCP" => Ok(Self::Tcp),
+            "UDP" => Ok(Self::Udp),
+            "SCTP" => Ok(Self::Sctp),
+            other => Err(format!("unknown protocol {other:?}")),
+        }
+    }
+}
+
+impl fmt::Display for Proto {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Tcp => "TCP",
+            Self::Udp => "UDP",
+            Self::Sctp => "SCTP",
+        })
+    }
+}
+
+/// One Service port: the unit that gets a service id, counters and a
+/// backend set.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ServicePortKey {
+    pub namespace: String,
+    pub name: String,
+    /// The Service port's name ("" for a single unnamed port).
+    pub port_name: String,
+}
+
+impl fmt::Display for ServicePortKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.port_name.is_empty() {
+            write!(f, "{}/{}", self.namespace, self.name)
+        } else {
+            write!(f, "{}/{}:{}", self.namespace, self.name, self.port_name)
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum FrontendKind {
+    ClusterIp,
+    NodePort,
+    ExternalIp,
+    LoadBalancer,
+}
+
+impl FrontendKind {
+    pub fn number(self) -> u8 {
+        use lb_common::service::*;
+        match self {
+            Self::ClusterIp => KIND_CLUSTER_IP,
+            Self::NodePort => KIND_NODE_PORT,
+            Self::ExternalIp => KIND_EXTERNAL_IP,
+            Self::LoadBalancer => KIND_LOAD_BALANCER,
+        }
+    }
+
+    pub fn from_number(n: u8) -> Option<Self> {
+        use lb_common::service::*;
+        match n {
+            KIND_CLUSTER_IP => Some(Self::ClusterIp),
+            KIND_NODE_PORT => Some(Self::NodePort),
+            KIND_EXTERNAL_IP => Some(Self::ExternalIp),
+            KIND_LOAD_BALANCER => Some(Self::LoadBalancer),
+            _ => None,
+        }
+    }
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::ClusterIp => "ClusterIP",
+            Self::NodePort => "NodePort",
+            Self::ExternalIp => "ExternalIP",
+            Self::LoadBalancer => "LoadBalancer",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct FrontendAddr {
+    pub addr: Ipv4Addr,
+    pub port: u16,
+    pub proto: Proto,
+    pub kind: FrontendKind,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum BackendState {
+    /// Ready: gets new flows.
+    Active,
+    /// Serving but terminating: kept for existing flows (and, later, as a
+    /// fallback when nothing is ready).
+    Terminating,
+}
+
+/// Address, port and protocol: what identifies a backend in the maps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct BackendAddr {
+    pub addr: Ipv4Addr,
+    pub port: u16,
+    pub proto: Proto,
+}
+
+impl fmt::Display for BackendAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}/{}", self.addr, self.port, self.proto)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Backend {
+    pub addr: BackendAddr,
+    pub state: BackendState,
+    pub ready: bool,
+    pub serving: bool,
+    pub terminating: bool,
+    /// Runs on this agent's node.
+    pub local: bool,
+    pub node_name: Option<String>,
+    pub zone: Option<String>,
+    /// Topology hints: zones this endpoint should serve.
+    pub hint_zones: Vec<String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum TrafficPolicy {
+    #[default]
+    Cluster,
+    Local,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum ServiceType {
+    #[default]
+    ClusterIp,
+    NodePort,
+    LoadBalancer,
+}
+
+/// Everything the datapath needs of one Service port.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServicePortState {
+    pub svc_type: ServiceType,
+    pub proto: Proto,
+    pub port: u16,
+    pub node_port: Option<u16>,
+    pub frontends: BTreeSet<FrontendAddr>,
+    /// Sorted, deduplicated by address.
+    pub backends: Vec<Backend>,
+    /// `sessionAffinity: ClientIP` timeout in seconds.
+    pub affinity_timeout_s: Option<u32>,
+    pub external_policy: TrafficPolicy,
+    pub internal_policy: TrafficPolicy,
+    pub health_check_node_port: Option<u16>,
+    pub source_ranges: Vec<String>,
+}
+
+/// A problem with one object: it is skipped, everything else goes on.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{kind} {object}: {reason}")]
+pub struct ObjectError {
+    pub kind: &'static str,
+    pub object: String,
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Desired {
+    pub ports: BTreeMap<ServicePortKey, ServicePortState>,
+    pub errors: Vec<ObjectError>,
+}
+
+/// Translates objects into the desired state.
+pub fn translate(objs: &Objects, node: &NodeInfo) -> Desired {
+    let mut out = Desired::default();
+    // Slices by the Service they belong to.
+    let mut slices: BTreeMap<ObjKey, Vec<&EndpointSlice>> = BTreeMap::new();
+    for (k, s) in &objs.slices {
+        let Some(svc) = s
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(LABEL_SERVICE_NAME))
+        else {
+            continue;
+        };
+        if s.address_type != "IPv4" {
+            continue; // IPv6 and FQDN slices: not programmed (IPv4 datapath).
+        }
+        slices
+            .entry(ObjKey {
+                namespace: k.namespace.clone(),
+                name: svc.clone(),
+            })
+            .or_default()
+            .push(s);
+    }
+    for (key, svc) in &objs.services {
+        if let Err(reason) = service(key, svc, &slices, objs, node, &mut out.ports) {
+            out.errors.push(ObjectError {
+                kind: "Service",
+                object: key.to_string(),
+                reason,
+            });
+        }
+    }
+    out
+}
+
+fn ignored(svc: &Service) -> bool {
+    let labels = svc.metadata.labels.as_ref();
+    labels.is_some_and(|l| l.contains_key(LABEL_PROXY_NAME) || l.contains_key(LABEL_HEADLESS))
+}
+
+fn parse_v4(s: &str, what: &str) -> Result<Option<Ipv4Addr>, String> {
+    match s.parse::<std::net::IpAddr>() {
+        Ok(std::net::IpAddr::V4(a)) => Ok(Some(a)),
+        Ok(std::net::IpAddr::V6(_)) => Ok(None), // IPv6: not programmed yet.
+        Err(_) => Err(format!("{what} {s:?} is not an IP address")),
+    }
+}
+
+fn port_u16(p: i32, what: &str) -> Result<u16, String> {
+    u16::try_from(p)
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or_else(|| format!("{what} {p} is out of range"))
+}
+
+fn service(
+    key: &ObjKey,
+    svc: &Service,
+    slices: &BTreeMap<ObjKey, Vec<&EndpointSlice>>,
+    objs: &Objects,
+    node: &NodeInfo,
+    out: &mut BTreeMap<ServicePortKey, ServicePortState>,
+) -> Result<(), String> {
+    if ignored(svc) {
+        return Ok(());
+    }
+    let Some(spec) = &svc.spec else { return Ok(()) };
+    let svc_type = match spec.type_.as_deref().unwrap_or("ClusterIP") {
+        "ClusterIP" => ServiceType::ClusterIp,
+        "NodePort" => ServiceType::NodePort,
+        "LoadBalancer" => ServiceType::LoadBalancer,
+        "ExternalName" => return Ok(()),
+        other => return Err(format!("unknown type {other:?}")),
+    };
+    let cluster_ips: Vec<&String> = match (&spec.cluster_ips, &spec.cluster_ip) {
+        (Some(ips), _) if !ips.is_empty() => ips.iter().collect(),
+        (_, Some(ip)) => vec![ip],
+        _ => vec![],
+    };
+    if cluster_ips.iter().any(|ip| ip.as_str() == "None") {
+        return Ok(()); // headless
+    }
+    let mut cluster_v4 = Vec::new();
+    for ip in cluster_ips.iter().filter(|ip| !ip.is_empty()) {
+        cluster_v4.extend(parse_v4(ip, "clusterIP")?);
+    }
+    let mut external_v4 = Vec::new();
+    for ip in spec.external_ips.iter().flatten() {
+        external_v4.extend(parse_v4(ip, "externalIP")?);
+    }
+    let mut lb_v4 = Vec::new();
+    if svc_type == ServiceType::LoadBalancer {
+        let ingress = svc.status.as_ref().and_then(|s| s.load_balancer.as_ref());
+        for ing in ingress
+            .and_then(|l| l.ingress.as_ref())
+            .into_iter()
+            .flatten()
+        {
+            if let Some(ip) = &ing.ip {
+                lb_v4.extend(parse_v4(ip, "loadBalancer ingress IP")?);
+            }
+        }
+    }
+    let policy = |p: Option<&String>, what: &str| match p.map(String::as_str) {
+        None | Some("Cluster") => Ok(TrafficPolicy::Cluster),
+        Some("Local") => Ok(TrafficPolicy::Local),
+        Some(other) => Err(format!("unknown {what} {other:?}")),
+    };
+    let external_policy = policy(
+        spec.external_traffic_policy.as_ref(),
+        "externalTrafficPolicy",
+    )?;
+    let internal_policy = policy(
+        spec.internal_traffic_policy.as_ref(),
+        "internalTrafficPolicy",
+    )?;
+    let affinity_timeout_s = match spec.session_affinity.as_deref() {
+        None | Some("None") => None,
+        Some("ClientIP") => Some(
+            spec.session_affinity_config
+                .as_ref()
+                .and_then(|c| c.client_ip.as_ref())
+                .and_then(|c| c.timeout_seconds)
+                .map_or(10800, |t| t.clamp(1, 86400) as u32),
+        ),
+        Some(other) => return Err(format!("unknown sessionAffinity {other:?}")),
+    };
+    let health_check_node_port = match spec.health_check_node_port {
+        Some(p) => Some(port_u16(p, "healthCheckNodePort")?),
+        None => None,
+    };
+
+    // Validate every port before emitting any, so a bad port skips the
+    // whole Service rather than half of it.
+    let ports = spec.ports.as_deref().unwrap_or_default();
+    let mut parsed = Vec::with_capacity(ports.len());
+    for p in ports {
+        let name = p.name.clone().unwrap_or_default();
+        let proto =
+            Proto::parse(p.protocol.as_deref()).map_err(|e| format!("port {name:?}: {e}"))?;
+        let port = port_u16(p.port, "port")?;
+        let node_port = match (svc_type, p.node_port) {
+            (ServiceType::ClusterIp, _) | (_, None) => None,
+            (_, Some(np)) => Some(port_u16(np, "nodePort")?),
+        };
+        parsed.push((name, proto, port, node_port));
+    }
+    let svc_slices = slices.get(key).map(Vec::as_slice).unwrap_or_default();
+    for (name, proto, port, node_port) in parsed {
+        if proto == Proto::Sctp {
+            continue; // SCTP: not in the datapath yet.
+        }
+        let mut frontends = BTreeSet::new();
+        let mut add = |addrs: &[Ipv4Addr], port: u16, kind| {
+            for &addr in addrs {
+                frontends.insert(FrontendAddr {
+                    addr,
+                    port,
+                    proto,
+                    kind,
+                });
+            }
+        };
+        add(&cluster_v4, port, FrontendKind::ClusterIp);
+        add(&external_v4, port, FrontendKind::ExternalIp);
+        add(&lb_v4, port, FrontendKind::LoadBalancer);
+        if let Some(np) = node_port {
+            add(&node.addresses, np, FrontendKind::NodePort);
+        }
+        let backends = if svc_slices.is_empty() {
+            endpoints_backends(objs.endpoints.get(key), &name, proto, node)
+        } else {
+            slice_backends(svc_slices, &name, proto, node)
+        };
+        out.insert(
+            ServicePortKey {
+                namespace: key.namespace.clone(),
+                name: key.name.clone(),
+                port_name: name,
+            },
+            ServicePortState {
+                svc_type,
+                proto,
+                port,
+                node_port,
+                frontends,
+                backends,
+                affinity_timeout_s,
+                external_policy,
+                internal_policy,
+                health_check_node_port,
+                source_ranges: spec.load_balancer_source_ranges.clone().unwrap_or_default(),
+            },
+        );
+    }
+    Ok(())
+}
+
+fn finish(mut v: Vec<Backend>) -> Vec<Backend> {
+    // One backend per address: the first (sorted: Active before
+    // Terminating) wins, as when slices overlap during a rollout.
+    v.sort();
+    v.dedup_by(|b, a| a.addr == b.addr);
+    v
+}
+
+fn slice_backends(
+    slices: &[&EndpointSlice],
+    port_name: &str,
+    proto: Proto,
+    node: &NodeInfo,
+) -> Vec<Backend> {
+    let mut out = Vec::new();
+    for s in slices {
+        let port = s.ports.iter().flatten().find(|ep| {
+            ep.name.as_deref().unwrap_or("") == port_name
+                && Proto::parse(ep.protocol.as_deref()).ok() == Some(proto)
+        });
+        let Some(port) = port
+            .and_then(|p| p.port)
+            .and_then(|p| u16::try_from(p).ok())
+        else {
+            continue;
+        };
+        if port == 0 {
+            continue;
+        }
+        for ep in s.endpoints.iter().flatten() {
+            let c = ep.conditions.as_ref();
+            // Unset ready means ready; unset serving follows ready.
+            let ready = c.and_then(|c| c.ready).unwrap_or(true);
+            let serving = c.and_then(|c| c.serving).unwrap_or(ready);
+            let terminating = c.and_then(|c| c.terminating).unwrap_or(false);
+            let state = if ready {
+                BackendState::Active
+            } else if serving && terminating {
+                BackendState::Terminating
+            } else {
+                continue;
+            };
+            let hint_zones: Vec<String> = ep
+                .hints
+                .as_ref()
+                .and_then(|h| h.for_zones.as_ref())
+                .map(|z| z.iter().map(|z| z.name.clone()).collect())
+                .unwrap_or_default();
+            for a in &ep.addresses {
+                let Ok(addr) = a.parse::<Ipv4Addr>() else {
+                    continue;
+                };
+                out.push(Backend {
+                    addr: BackendAddr { addr, port, proto },
+                    state,
+                    ready,
+                    serving,
+                    terminating,
+                    local: ep.node_name.as_deref().is_some_and(|n| n == node.name),
+                    node_name: ep.node_name.clone(),
+                    zone: ep.zone.clone(),
+                    hint_zones: hint_zones.clone(),
+                });
+            }
+        }
+    }
+    finish(out)
+}
+
+fn endpoints_backends(
+    eps: Option<&Endpoints>,
+    port_name: &str,
+    proto: Proto,
+    node: &NodeInfo,
+) -> Vec<Backend> {
+    let mut out = Vec::new();
+    for subset in eps.and_then(|e| e.subsets.as_ref()).into_iter().flatten() {
+        // Matched by port name, as the mirroring controller and kube-proxy
+        // do; an unnamed Service port matches an unnamed endpoint port.
+        let port = subset.ports.iter().flatten().find(|ep| {
+            ep.name.as_deref().unwrap_or("") == port_name
+                && Proto::parse(ep.protocol.as_deref()).ok() == Some(proto)
+        });
+        let Some(port) = port
+            .and_then(|p| u16::try_from(p.port).ok())
+            .filter(|p| *p != 0)
+        else {
+            continue;
+        };
+        for a in subset.addresses.iter().flatten() {
+            let Ok(addr) = a.ip.parse::<Ipv4Addr>() else {
+                continue;
+            };
+            out.push(Backend {
+                addr: BackendAddr { addr, port, proto },
+                state: BackendState::Active,
+                ready: true,
+                serving: true,
+                terminating: false,
+                local: a.node_name.as_deref().is_some_and(|n| n == node.name),
+                node_name: a.node_name.clone(),
+                zone: None,
+                hint_zones: vec![],
+            });
+        }
+    }
+    finish(out)
+}

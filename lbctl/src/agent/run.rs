@@ -1,0 +1,190 @@
+//! The agent's loop: load and attach the datapath, then poll the source and
+//! reconcile until told to stop.
+
+use std::{
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use anyhow::{Context, Result};
+use k8s_openapi::api::core::v1::Node;
+use lb_common::{config::Config, ip4};
+use tokio::signal::unix::{SignalKind, signal};
+use tracing::{debug, info, warn};
+
+use super::{
+    model::{self, Desired, NodeInfo},
+    reconcile::Reconciler,
+    source::dir::DirSource,
+};
+use crate::datapath::{attach, load, maps::ServiceMaps, pins};
+
+#[derive(Clone, Debug)]
+pub struct AgentConfig {
+    pub manifests: PathBuf,
+    pub bpffs: PathBuf,
+    pub node_name: String,
+    /// NodePort addresses given on the command line; when empty, the Node
+    /// object's InternalIP/ExternalIP addresses.
+    pub node_ips: Vec<Ipv4Addr>,
+    pub snat_ip: Option<Ipv4Addr>,
+    /// Device name patterns (`*` and `?`), attached as they appear.
+    pub devices: Vec<String>,
+    pub cgroup: Option<PathBuf>,
+    pub poll: Duration,
+}
+
+/// Node facts: flags win over the Node object.
+pub fn node_info(cfg: &AgentConfig, node: Option<&Node>) -> NodeInfo {
+    let mut addresses = cfg.node_ips.clone();
+    if addresses.is_empty() {
+        for a in node
+            .and_then(|n| n.status.as_ref())
+            .and_then(|s| s.addresses.as_ref())
+            .into_iter()
+            .flatten()
+        {
+            if matches!(a.type_.as_str(), "InternalIP" | "ExternalIP")
+                && let Ok(ip) = a.address.parse()
+            {
+                addresses.push(ip);
+            }
+        }
+    }
+    let zone = node
+        .and_then(|n| n.metadata.labels.as_ref())
+        .and_then(|l| l.get("topology.kubernetes.io/zone"))
+        .cloned();
+    NodeInfo {
+        name: cfg.node_name.clone(),
+        zone,
+        addresses,
+    }
+}
+
+/// `*` matches any run of characters, `?` one.
+pub fn glob_match(pattern: &str, name: &str) -> bool {
+    fn m(p: &[u8], n: &[u8]) -> bool {
+        match (p.first(), n.first()) {
+            (None, None) => true,
+            (Some(b'*'), _) => m(&p[1..], n) || (!n.is_empty() && m(p, &n[1..])),
+            (Some(b'?'), Some(_)) => m(&p[1..], &n[1..]),
+            (Some(a), Some(b)) if a == b => m(&p[1..], &n[1..]),
+            _ => false,
+        }
+    }
+    m(pattern.as_bytes(), name.as_bytes())
+}
+
+fn matching_devices(patterns: &[String]) -> Vec<String> {
+    let Ok(rd) = std::fs::read_dir("/sys/class/net") else {
+        return vec![];
+    };
+    let mut out: Vec<String> = rd
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().to_string())
+        .filter(|n| patterns.iter().any(|p| glob_match(p, n)))
+        .collect();
+    out.sort();
+    out
+}
+
+pub async fn run(cfg: AgentConfig) -> Result<()> {
+    pins::prepare(&cfg.bpffs)?;
+    let mut ebpf = load::load(&cfg.bpffs)?;
+    let cgroup = match &cfg.cgroup {
+        Some(c) => c.clone(),
+        None => pins::cgroup2_root()?,
+    };
+    let n = attach::cgroup(&mut ebpf, &cfg.bpffs, &cgroup)?;
+    info!(cgroup = %cgroup.display(), attached = n, "socket programs in place");
+
+    let mut maps = ServiceMaps::open(&cfg.bpffs)?;
+    let mut source = DirSource::new(&cfg.manifests);
+    let mut attached_devices: Vec<String> = Vec::new();
+    let mut last_config = None;
+    // Adopts ids and entries from the pinned maps: no flow moves.
+    let mut reconciler = None;
+    let mut pending: Option<Desired> = None;
+    let mut ticker = tokio::time::interval(cfg.poll);
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+        }
+        for dev in matching_devices(&cfg.devices) {
+            if attached_devices.contains(&dev) {
+                continue;
+            }
+            match attach::device(&mut ebpf, &cfg.bpffs, &dev) {
+                Ok(n) => {
+                    info!(device = %dev, attached = n, "device programs in place");
+                    attached_devices.push(dev);
+                }
+                Err(e) => warn!(device = %dev, "attaching: {e:#}"),
+            }
+        }
+        match source.poll() {
+            Ok(Some(snap)) => {
+                for e in &snap.errors {
+                    warn!("skipped: {e}");
+                }
+                let node = node_info(&cfg, snap.nodes.get(&cfg.node_name));
+                let snat = cfg.snat_ip.or(node.addresses.first().copied());
+                let config = Config {
+                    snat_addr: snat.map_or(0, |a| ip4(a.octets())),
+                    snat_port_min: 32768,
+                    snat_port_max: 60999,
+                    flags: 0,
+                    _reserved: 0,
+                };
+                if last_config != Some(config) {
+                    maps.set_config(config).context("writing datapath config")?;
+                    last_config = Some(config);
+                }
+                let desired = model::translate(&snap.objects, &node);
+                for e in &desired.errors {
+                    warn!("skipped: {e}");
+                }
+                pending = Some(desired);
+            }
+            Ok(None) => {}
+            Err(e) => warn!("reading manifests: {e}"),
+        }
+        if reconciler.is_none() {
+            reconciler = Some(Reconciler::adopt(ServiceMaps::open(&cfg.bpffs)?)?);
+        }
+        let rec = reconciler.as_mut().expect("set above");
+        if let Some(desired) = &pending {
+            match rec.reconcile(desired) {
+                Ok(o) => {
+                    if o.writes > 0 {
+                        info!(
+                            writes = o.writes,
+                            services = desired.ports.len(),
+                            elapsed_us = o.elapsed.as_micros() as u64,
+                            "maps in sync"
+                        );
+                    } else {
+                        debug!("maps already in sync");
+                    }
+                    pending = None;
+                }
+                Err(e) => warn!("sync incomplete, retrying: {e}"),
+            }
+        }
+    }
+    info!(pins = %cfg.bpffs.display(), "stopping; the datapath stays in place");
+    Ok(())
+}
+
+/// `lbctl agent --cleanup`: remove everything the agent attached and pinned.
+pub fn cleanup(bpffs: &Path) -> Result<()> {
+    attach::cleanup(bpffs)?;
+    info!(pins = %bpffs.display(), "removed every attachment and map");
+    Ok(())
+}

@@ -1,0 +1,135 @@
+//! The contents of the service maps as plain ordered collections, and the
+//! single-entry operations that change them. The in-memory map writer, the
+//! reconciler's mirror of what it wrote, golden dumps and `lbctl diff` all
+//! use this one representation.
+
+use std::{collections::BTreeMap, fmt::Write as _, net::Ipv4Addr};
+
+use lb_common::{
+    ip4_octets, port_host,
+    service::{Backend4, BackendMeta, Frontend, Frontend4Key, ServiceMeta, SlotKey},
+};
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MapState {
+    pub frontends: BTreeMap<Frontend4Key, Frontend>,
+    pub slots: BTreeMap<SlotKey, u32>,
+    pub backends: BTreeMap<u32, Backend4>,
+    pub service_meta: BTreeMap<u32, ServiceMeta>,
+    pub backend_meta: BTreeMap<u32, BackendMeta>,
+}
+
+/// One map write.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Op {
+    PutBackend(u32, Backend4),
+    PutBackendMeta(u32, BackendMeta),
+    /// A new service id: its meta, and its counters start from zero.
+    PutServiceMeta(u32, ServiceMeta, bool),
+    PutSlot(SlotKey, u32),
+    PutFrontend(Frontend4Key, Frontend),
+    DelFrontend(Frontend4Key),
+    DelSlot(SlotKey),
+    DelServiceMeta(u32),
+    DelBackendMeta(u32),
+    DelBackend(u32),
+}
+
+impl MapState {
+    pub fn apply(&mut self, op: &Op) {
+        match *op {
+            Op::PutBackend(k, v) => drop(self.backends.insert(k, v)),
+            Op::PutBackendMeta(k, v) => drop(self.backend_meta.insert(k, v)),
+            Op::PutServiceMeta(k, v, _) => drop(self.service_meta.insert(k, v)),
+            Op::PutSlot(k, v) => drop(self.slots.insert(k, v)),
+            Op::PutFrontend(k, v) => drop(self.frontends.insert(k, v)),
+            Op::DelFrontend(k) => drop(self.frontends.remove(&k)),
+            Op::DelSlot(k) => drop(self.slots.remove(&k)),
+            Op::DelServiceMeta(k) => drop(self.service_meta.remove(&k)),
+            Op::DelBackendMeta(k) => drop(self.backend_meta.remove(&k)),
+            Op::DelBackend(k) => drop(self.backends.remove(&k)),
+        }
+    }
+
+    pub fn entries(&self) -> usize {
+        self.frontends.len()
+            + self.slots.len()
+            + self.backends.len()
+            + self.service_meta.len()
+            + self.backend_meta.len()
+    }
+
+    /// One line per entry, stable order: golden files and diffs.
+    pub fn dump(&self) -> String {
+        let mut s = String::new();
+        for (k, v) in &self.frontends {
+            let _ = writeln!(
+                s,
+                "frontend {}:{}/{} scope={} -> svc={} set={} count={} term={} kind={} flags={:#x}",
+                Ipv4Addr::from(ip4_octets(k.addr)),
+                port_host(k.port),
+                k.proto,
+                k.scope,
+                v.service_id,
+                v.backend_set,
+                v.count,
+                v.terminating,
+                v.kind,
+                v.flags
+            );
+        }
+        for (k, v) in &self.slots {
+            let _ = writeln!(s, "slot {}/{} -> backend={}", k.backend_set, k.slot, v);
+        }
+        for (k, v) in &self.backends {
+            let _ = writeln!(
+                s,
+                "backend {} -> {}:{}/{} state={} flags={:#x}",
+                k,
+                Ipv4Addr::from(ip4_octets(v.addr)),
+                port_host(v.port),
+                v.proto,
+                v.state,
+                v.flags
+            );
+        }
+        for (k, v) in &self.service_meta {
+            let _ = writeln!(
+                s,
+                "service {} -> {}/{}:{}",
+                k,
+                cstr(&v.namespace),
+                cstr(&v.name),
+                cstr(&v.port_name)
+            );
+        }
+        for (k, v) in &self.backend_meta {
+            let _ = writeln!(
+                s,
+                "backend-meta {} -> node={} zone={}",
+                k,
+                cstr(&v.node_name),
+                cstr(&v.zone)
+            );
+        }
+        s
+    }
+}
+
+/// A NUL-padded name field as text.
+pub fn cstr(b: &[u8]) -> &str {
+    let end = b.iter().position(|c| *c == 0).unwrap_or(b.len());
+    std::str::from_utf8(&b[..end]).unwrap_or("<invalid utf-8>")
+}
+
+/// Text into a NUL-padded name field (cut at a char boundary if too long;
+/// Kubernetes names fit: 63 bytes for names, 15 for port names).
+pub fn fixed<const N: usize>(s: &str) -> [u8; N] {
+    let mut out = [0u8; N];
+    let mut end = s.len().min(N - 1);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    out[..end].copy_from_slice(&s.as_bytes()[..end]);
+    out
+}

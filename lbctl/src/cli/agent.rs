@@ -1,0 +1,71 @@
+//! `lbctl agent`.
+
+use std::{net::Ipv4Addr, path::PathBuf, time::Duration};
+
+use anyhow::{Result, bail};
+
+use super::PinArgs;
+use crate::agent::run::{self, AgentConfig};
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    #[command(flatten)]
+    pub pins: PinArgs,
+    /// Folder of Kubernetes manifests (Services, EndpointSlices, Endpoints,
+    /// Nodes; YAML or JSON, multi-document), watched for changes.
+    #[arg(long, env = "LBCTL_MANIFESTS")]
+    pub manifests: Option<PathBuf>,
+    /// This node's name (EndpointSlice nodeName for locality, Node object).
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: Option<String>,
+    /// Address NodePorts answer on (repeat for several); default: the Node
+    /// object's InternalIP/ExternalIP addresses.
+    #[arg(long = "node-ip")]
+    pub node_ips: Vec<Ipv4Addr>,
+    /// Source address for SNAT to backends on other nodes (default: first
+    /// node address).
+    #[arg(long)]
+    pub snat_ip: Option<Ipv4Addr>,
+    /// External device name patterns for the per-packet path (`*`, `?`),
+    /// comma-separated; attached as they appear.
+    #[arg(long, value_delimiter = ',')]
+    pub devices: Vec<String>,
+    /// cgroup (v2) whose processes get socket-level load balancing
+    /// (default: the cgroup v2 root, found from /proc/self/mountinfo).
+    #[arg(long)]
+    pub cgroup: Option<PathBuf>,
+    /// How often the manifest folder is checked.
+    #[arg(long, default_value = "200")]
+    pub poll_ms: u64,
+    /// Remove every attachment and pinned map, then exit.
+    #[arg(long)]
+    pub cleanup: bool,
+}
+
+pub async fn execute(args: Args) -> Result<()> {
+    if args.cleanup {
+        return run::cleanup(&args.pins.bpffs);
+    }
+    let Some(manifests) = args.manifests else {
+        bail!(
+            "--manifests DIR is required: the Kubernetes API source is not available in this build"
+        );
+    };
+    let node_name = match args.node_name {
+        Some(n) => n,
+        None => std::fs::read_to_string("/proc/sys/kernel/hostname")?
+            .trim()
+            .to_string(),
+    };
+    run::run(AgentConfig {
+        manifests,
+        bpffs: args.pins.bpffs,
+        node_name,
+        node_ips: args.node_ips,
+        snat_ip: args.snat_ip,
+        devices: args.devices,
+        cgroup: args.cgroup,
+        poll: Duration::from_millis(args.poll_ms.max(10)),
+    })
+    .await
+}

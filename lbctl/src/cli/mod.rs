@@ -1,0 +1,39 @@
+//! Command line: one module per subcommand (its arguments and `execute`).
+
+pub mod agent;
+pub mod render;
+pub mod services;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+use crate::datapath::pins::DEFAULT_BPFFS;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "lbctl",
+    version,
+    about = "Kubernetes Service load balancer on eBPF"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Where the agent's maps are pinned; shared by every subcommand.
+#[derive(Debug, Clone, clap::Args)]
+pub struct PinArgs {
+    /// bpffs folder of the agent's pinned maps and links.
+    #[arg(long, env = "LBCTL_BPFFS", default_value = DEFAULT_BPFFS)]
+    pub bpffs: PathBuf,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the agent: keep the datapath in sync with the Services.
+    Agent(agent::Args),
+    /// List Services as the datapath has them.
+    #[command(alias = "svc")]
+    Services(services::Args),
+}

@@ -1,0 +1,209 @@
+//! `lbctl services`: Services as the datapath has them, from the pinned
+//! maps alone (names come from the agent's meta map, not the API).
+
+use std::{collections::BTreeMap, net::Ipv4Addr};
+
+use anyhow::Result;
+use lb_common::{ip4_octets, port_host, service::*};
+use serde::Serialize;
+
+use super::{PinArgs, render};
+use crate::{
+    agent::{
+        apply::MapWriter,
+        model::{FrontendKind, Proto},
+        state::{MapState, cstr},
+    },
+    datapath::maps::ServiceMaps,
+};
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    #[command(flatten)]
+    pub pins: PinArgs,
+    #[arg(short, long, value_enum, default_value_t)]
+    pub output: render::Output,
+}
+
+/// One Service port. Field names are part of the JSON/YAML contract.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct ServiceView {
+    pub id: u32,
+    pub namespace: String,
+    pub name: String,
+    pub port_name: String,
+    #[serde(rename = "type")]
+    pub svc_type: String,
+    pub protocol: String,
+    pub frontends: Vec<FrontendView>,
+    pub backends: Vec<BackendView>,
+    pub session_affinity_timeout_s: Option<u32>,
+    pub external_traffic_policy: String,
+    pub internal_traffic_policy: String,
+    pub flows: u64,
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct FrontendView {
+    pub kind: String,
+    pub address: Ipv4Addr,
+    pub port: u16,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct BackendView {
+    pub id: u32,
+    pub address: Ipv4Addr,
+    pub port: u16,
+    pub state: String,
+    pub local: bool,
+    pub node: String,
+}
+
+fn state_label(s: u8) -> &'static str {
+    match s {
+        BACKEND_ACTIVE => "active",
+        BACKEND_TERMINATING => "terminating",
+        BACKEND_QUARANTINED => "quarantined",
+        _ => "unknown",
+    }
+}
+
+/// Builds the view from map contents and per-service counters.
+pub fn view(
+    state: &MapState,
+    stats: impl Fn(u32) -> lb_common::counters::ServiceStats,
+) -> Vec<ServiceView> {
+    let mut out: BTreeMap<u32, ServiceView> = BTreeMap::new();
+    for (id, m) in &state.service_meta {
+        let policy = |p| {
+            if p == POLICY_LOCAL {
+                "Local"
+            } else {
+                "Cluster"
+            }
+        };
+        let s = stats(*id);
+        out.insert(
+            *id,
+            ServiceView {
+                id: *id,
+                namespace: cstr(&m.namespace).into(),
+                name: cstr(&m.name).into(),
+                port_name: cstr(&m.port_name).into(),
+                svc_type: match m.svc_type {
+                    SVC_TYPE_NODE_PORT => "NodePort",
+                    SVC_TYPE_LOAD_BALANCER => "LoadBalancer",
+                    _ => "ClusterIP",
+                }
+                .into(),
+                protocol: Proto::from_number(m.proto).map_or("?".into(), |p| p.to_string()),
+                frontends: vec![],
+                backends: vec![],
+                session_affinity_timeout_s: (m.affinity_timeout_s > 0)
+                    .then_some(m.affinity_timeout_s),
+                external_traffic_policy: policy(m.external_policy).into(),
+                internal_traffic_policy: policy(m.internal_policy).into(),
+                flows: s.flows,
+                packets: s.packets,
+                bytes: s.bytes,
+            },
+        );
+    }
+    for (k, f) in &state.frontends {
+        let Some(v) = out.get_mut(&f.service_id) else {
+            continue;
+        };
+        v.frontends.push(FrontendView {
+            kind: FrontendKind::from_number(f.kind)
+                .map_or("?", |k| k.label())
+                .into(),
+            address: Ipv4Addr::from(ip4_octets(k.addr)),
+            port: port_host(k.port),
+        });
+        if !v.backends.is_empty() {
+            continue;
+        }
+        let total = f.count as u32 + f.terminating as u32;
+        for slot in 0..total {
+            let Some(id) = state.slots.get(&SlotKey {
+                backend_set: f.backend_set,
+                slot,
+            }) else {
+                continue;
+            };
+            let Some(b) = state.backends.get(id) else {
+                continue;
+            };
+            let node = state
+                .backend_meta
+                .get(id)
+                .map(|m| cstr(&m.node_name).to_string())
+                .unwrap_or_default();
+            v.backends.push(BackendView {
+                id: *id,
+                address: Ipv4Addr::from(ip4_octets(b.addr)),
+                port: port_host(b.port),
+                state: state_label(b.state).into(),
+                local: b.flags & BACKEND_LOCAL != 0,
+                node,
+            });
+        }
+    }
+    out.into_values().collect()
+}
+
+pub fn table(views: &[ServiceView]) -> String {
+    let rows = views
+        .iter()
+        .map(|v| {
+            let name = if v.port_name.is_empty() {
+                format!("{}/{}", v.namespace, v.name)
+            } else {
+                format!("{}/{}:{}", v.namespace, v.name, v.port_name)
+            };
+            let fronts: Vec<String> = v
+                .frontends
+                .iter()
+                .map(|f| format!("{}:{} ({})", f.address, f.port, f.kind))
+                .collect();
+            let active = v.backends.iter().filter(|b| b.state == "active").count();
+            vec![
+                name,
+                v.svc_type.clone(),
+                v.protocol.clone(),
+                fronts.join("\n"),
+                format!("{active}/{}", v.backends.len()),
+                v.flows.to_string(),
+                v.packets.to_string(),
+                v.bytes.to_string(),
+            ]
+        })
+        .collect();
+    render::table(
+        &[
+            "SERVICE",
+            "TYPE",
+            "PROTO",
+            "FRONTENDS",
+            "BACKENDS",
+            "FLOWS",
+            "PACKETS",
+            "BYTES",
+        ],
+        rows,
+    )
+}
+
+pub fn execute(args: Args) -> Result<()> {
+    let maps = ServiceMaps::open(&args.pins.bpffs)?;
+    let state = maps.read()?;
+    let views = view(&state, |id| maps.service_stats(id));
+    match render::structured(args.output, &views)? {
+        Some(s) => print!("{s}"),
+        None => print!("{}", table(&views)),
+    }
+    Ok(())
+}

@@ -1,0 +1,151 @@
+//! Attaching the programs: socket hooks on a cgroup, tc (tcx) hooks on
+//! devices. Every attachment is a bpf_link pinned under `<pins>/links`, so it
+//! stays when the agent exits (the datapath keeps forwarding) and a
+//! restarted agent finds it there instead of attaching twice.
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context, Result};
+use aya::{
+    Ebpf,
+    programs::{
+        CgroupAttachMode, CgroupSockAddr, LinkOrder, SchedClassifier, TcAttachType,
+        links::{FdLink, PinnedLink},
+        tc::TcAttachOptions,
+    },
+};
+
+use super::pins::links_dir;
+
+/// The socket-level programs and their hooks.
+pub const SOCK_PROGRAMS: &[&str] = &[
+    "lb_connect4",
+    "lb_sendmsg4",
+    "lb_recvmsg4",
+    "lb_getpeername4",
+];
+pub const FROM_NETDEV: &str = "lb_from_netdev";
+pub const TO_NETDEV: &str = "lb_to_netdev";
+
+fn link_path(pins: &Path, program: &str, device: Option<&str>) -> PathBuf {
+    let name = match device {
+        Some(d) => format!("{program}@{d}"),
+        None => program.to_string(),
+    };
+    links_dir(pins).join(name)
+}
+
+/// Attaches the socket programs to `cgroup` unless pinned links exist.
+/// Returns how many were newly attached.
+pub fn cgroup(ebpf: &mut Ebpf, pins: &Path, cgroup: &Path) -> Result<usize> {
+    let mut attached = 0;
+    let cg =
+        fs::File::open(cgroup).with_context(|| format!("opening cgroup {}", cgroup.display()))?;
+    for name in SOCK_PROGRAMS {
+        let path = link_path(pins, name, None);
+        if PinnedLink::from_pin(&path).is_ok() {
+            continue;
+        }
+        let prog: &mut CgroupSockAddr = ebpf
+            .program_mut(name)
+            .with_context(|| format!("program {name} missing from the object"))?
+            .try_into()?;
+        if prog.fd().is_err() {
+            prog.load().with_context(|| format!("loading {name}"))?;
+        }
+        let id = prog
+            .attach(&cg, CgroupAttachMode::Single)
+            .with_context(|| format!("attaching {name} to cgroup {}", cgroup.display()))?;
+        let link: FdLink = prog.take_link(id)?.try_into()?;
+        link.pin(&path)
+            .with_context(|| format!("pinning {}", path.display()))?;
+        attached += 1;
+    }
+    Ok(attached)
+}
+
+/// Attaches the device programs to `device` (tcx ingress and egress) unless
+/// pinned links exist. Returns how many were newly attached.
+pub fn device(ebpf: &mut Ebpf, pins: &Path, device: &str) -> Result<usize> {
+    let mut attached = 0;
+    for (name, dir) in [
+        (FROM_NETDEV, TcAttachType::Ingress),
+        (TO_NETDEV, TcAttachType::Egress),
+    ] {
+        let path = link_path(pins, name, Some(device));
+        if PinnedLink::from_pin(&path).is_ok() {
+            continue;
+        }
+        let prog: &mut SchedClassifier = ebpf
+            .program_mut(name)
+            .with_context(|| format!("program {name} missing from the object"))?
+            .try_into()?;
+        if prog.fd().is_err() {
+            prog.load().with_context(|| format!("loading {name}"))?;
+        }
+        let id = prog
+            .attach_with_options(device, dir, TcAttachOptions::TcxOrder(LinkOrder::default()))
+            .with_context(|| format!("attaching {name} to {device} ({dir:?})"))?;
+        let link: FdLink = prog.take_link(id)?.try_into()?;
+        link.pin(&path)
+            .with_context(|| format!("pinning {}", path.display()))?;
+        attached += 1;
+    }
+    Ok(attached)
+}
+
+/// Pinned attachments: (file name, program, device).
+pub fn pinned(pins: &Path) -> Vec<(String, String, Option<String>)> {
+    let mut out = Vec::new();
+    let Ok(rd) = fs::read_dir(links_dir(pins)) else {
+        return out;
+    };
+    for e in rd.flatten() {
+        let file = e.file_name().to_string_lossy().to_string();
+        let (prog, dev) = match file.split_once('@') {
+            Some((p, d)) => (p.to_string(), Some(d.to_string())),
+            None => (file.clone(), None),
+        };
+        out.push((file, prog, dev));
+    }
+    out.sort();
+    out
+}
+
+/// Detaches a device's programs (the device went away or is no longer
+/// matched): unpinning drops the last reference to the link.
+pub fn detach_device(pins: &Path, device: &str) -> Result<()> {
+    for name in [FROM_NETDEV, TO_NETDEV] {
+        let path = link_path(pins, name, Some(device));
+        if path.exists() {
+            fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
+        }
+    }
+    Ok(())
+}
+
+/// Removes every pinned link and map: the datapath stops.
+pub fn cleanup(pins: &Path) -> Result<()> {
+    if !pins.exists() {
+        return Ok(());
+    }
+    let links = links_dir(pins);
+    if links.exists() {
+        for e in fs::read_dir(&links)?.flatten() {
+            fs::remove_file(e.path())
+                .with_context(|| format!("removing {}", e.path().display()))?;
+        }
+        fs::remove_dir(&links)?;
+    }
+    for e in fs::read_dir(pins)?.flatten() {
+        let p = e.path();
+        if p.is_file() || !p.is_dir() {
+            fs::remove_file(&p).with_context(|| format!("removing {}", p.display()))?;
+        }
+    }
+    fs::remove_dir(pins).with_context(|| format!("removing {}", pins.display()))?;
+    Ok(())
+}

@@ -1,0 +1,56 @@
+//! The eBPF objects built by `build.rs` and embedded in `lbctl`.
+
+use std::path::Path;
+
+use aya::{Ebpf, EbpfLoader};
+
+/// The datapath object (every program and map).
+pub static LB_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb.bpf.o"));
+/// Do-nothing programs: the floor for benchmarks.
+pub static FLOOR_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/floor.bpf.o"));
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error(
+        "this lbctl was built with LB_SKIP_EBPF=1 and carries no eBPF datapath; \
+         rebuild it with the eBPF toolchain (cargo xtask setup)"
+    )]
+    NotBuiltIn,
+    #[error("loading the eBPF object (maps pinned under {pins}): {source}")]
+    Load {
+        pins: String,
+        #[source]
+        source: Box<aya::EbpfError>,
+    },
+}
+
+pub fn object(bytes: &'static [u8]) -> Result<&'static [u8], LoadError> {
+    if bytes.is_empty() {
+        Err(LoadError::NotBuiltIn)
+    } else {
+        Ok(bytes)
+    }
+}
+
+/// Loads the datapath object; its maps are pinned in `pin_dir`, or adopted
+/// from there when already pinned (an agent restart).
+pub fn load(pin_dir: &Path) -> Result<Ebpf, LoadError> {
+    let obj = object(LB_OBJECT)?;
+    EbpfLoader::new()
+        .default_map_pin_directory(pin_dir)
+        .load(obj)
+        .map_err(|source| LoadError::Load {
+            pins: pin_dir.display().to_string(),
+            source: Box::new(source),
+        })
+}
+
+/// Loads the floor programs (no maps).
+pub fn load_floor() -> Result<Ebpf, LoadError> {
+    let obj = object(FLOOR_OBJECT)?;
+    Ebpf::load(obj).map_err(|source| LoadError::Load {
+        pins: "-".into(),
+        source: Box::new(source),
+    })
+}

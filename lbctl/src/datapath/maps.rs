@@ -1,0 +1,195 @@
+//! Typed access to the pinned maps, for the agent (writes) and `lbctl`
+//! (reads).
+
+use std::path::{Path, PathBuf};
+
+use aya::maps::{Array, HashMap, Map, MapData, MapError as AyaMapError, PerCpuArray, PerCpuValues};
+use lb_common::{
+    config::Config,
+    conntrack::{Ct4Entry, Ct4Key},
+    counters::{MAX_VERDICTS, ServiceStats},
+    maps as names,
+    service::{Backend4, BackendMeta, Frontend, Frontend4Key, ServiceMeta, SlotKey},
+};
+
+use crate::agent::{
+    apply::{MapError, MapWriter},
+    state::{MapState, Op},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error(
+        "map {name} is not pinned in {dir}: is the agent running with this --bpffs? \
+         (a different layout version pins different names)"
+    )]
+    Missing { name: &'static str, dir: String },
+    #[error("opening pinned map {name} in {dir}: {source} (lbctl needs root or CAP_BPF)")]
+    Open {
+        name: &'static str,
+        dir: String,
+        #[source]
+        source: AyaMapError,
+    },
+}
+
+fn open(dir: &Path, name: &'static str) -> Result<Map, OpenError> {
+    let path = dir.join(name);
+    if !path.exists() {
+        return Err(OpenError::Missing {
+            name,
+            dir: dir.display().to_string(),
+        });
+    }
+    let err = |source| OpenError::Open {
+        name,
+        dir: dir.display().to_string(),
+        source,
+    };
+    let data = MapData::from_pin(&path).map_err(err)?;
+    Map::from_map_data(data).map_err(err)
+}
+
+macro_rules! typed {
+    ($dir:expr, $name:expr, $ty:ty) => {{
+        let m = open($dir, $name)?;
+        <$ty>::try_from(m).map_err(|source| OpenError::Open {
+            name: $name,
+            dir: $dir.display().to_string(),
+            source,
+        })?
+    }};
+}
+
+/// The service maps and counters.
+pub struct ServiceMaps {
+    pub dir: PathBuf,
+    pub frontends: HashMap<MapData, Frontend4Key, Frontend>,
+    pub slots: HashMap<MapData, SlotKey, u32>,
+    pub backends: HashMap<MapData, u32, Backend4>,
+    pub service_meta: HashMap<MapData, u32, ServiceMeta>,
+    pub backend_meta: HashMap<MapData, u32, BackendMeta>,
+    pub service_stats: PerCpuArray<MapData, ServiceStats>,
+    pub verdicts: PerCpuArray<MapData, u64>,
+    pub conntrack: HashMap<MapData, Ct4Key, Ct4Entry>,
+    pub config: Array<MapData, Config>,
+}
+
+impl ServiceMaps {
+    pub fn open(dir: &Path) -> Result<Self, OpenError> {
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            frontends: typed!(dir, names::FRONTENDS4, HashMap<MapData, Frontend4Key, Frontend>),
+            slots: typed!(dir, names::BACKEND_SLOTS, HashMap<MapData, SlotKey, u32>),
+            backends: typed!(dir, names::BACKENDS4, HashMap<MapData, u32, Backend4>),
+            service_meta: typed!(dir, names::SERVICE_META, HashMap<MapData, u32, ServiceMeta>),
+            backend_meta: typed!(dir, names::BACKEND_META, HashMap<MapData, u32, BackendMeta>),
+            service_stats: typed!(dir, names::SERVICE_STATS, PerCpuArray<MapData, ServiceStats>),
+            verdicts: typed!(dir, names::VERDICT_STATS, PerCpuArray<MapData, u64>),
+            conntrack: typed!(dir, names::CONNTRACK4, HashMap<MapData, Ct4Key, Ct4Entry>),
+            config: typed!(dir, names::CONFIG, Array<MapData, Config>),
+        })
+    }
+
+    /// A Service port's counters summed over CPUs.
+    pub fn service_stats(&self, id: u32) -> ServiceStats {
+        let mut sum = ServiceStats::default();
+        if let Ok(per_cpu) = self.service_stats.get(&id, 0) {
+            for s in per_cpu.iter() {
+                sum.flows += s.flows;
+                sum.packets += s.packets;
+                sum.bytes += s.bytes;
+                sum.no_backend += s.no_backend;
+            }
+        }
+        sum
+    }
+
+    /// Every verdict's count summed over CPUs, indexed by verdict number.
+    pub fn verdicts(&self) -> Vec<u64> {
+        (0..MAX_VERDICTS)
+            .map(|i| {
+                self.verdicts
+                    .get(&i, 0)
+                    .map(|v| v.iter().sum())
+                    .unwrap_or(0)
+            })
+            .collect()
+    }
+
+    pub fn set_config(&mut self, c: Config) -> Result<(), AyaMapError> {
+        self.config.set(0, c, 0)
+    }
+
+    fn reset_stats(&mut self, id: u32) -> Result<(), AyaMapError> {
+        let n = aya::util::nr_cpus().map_err(|(_, e)| {
+            AyaMapError::SyscallError(aya::sys::SyscallError {
+                call: "nr_cpus",
+                io_error: e,
+            })
+        })?;
+        let zero = PerCpuValues::try_from(vec![ServiceStats::default(); n])?;
+        self.service_stats.set(id, zero, 0)
+    }
+}
+
+fn to_io(e: AyaMapError) -> std::io::Error {
+    std::io::Error::other(e)
+}
+
+/// Deleting an absent key is a success: writes are idempotent.
+fn del<K: aya::Pod, V: aya::Pod>(m: &mut HashMap<MapData, K, V>, k: &K) -> Result<(), AyaMapError> {
+    match m.remove(k) {
+        Err(AyaMapError::KeyNotFound) => Ok(()),
+        r => r,
+    }
+}
+
+fn read_all<K: aya::Pod + Ord, V: aya::Pod>(
+    m: &HashMap<MapData, K, V>,
+    name: &'static str,
+) -> Result<std::collections::BTreeMap<K, V>, MapError> {
+    m.iter()
+        .map(|r| {
+            r.map_err(|e| MapError::Read {
+                map: name,
+                source: to_io(e),
+            })
+        })
+        .collect()
+}
+
+impl MapWriter for ServiceMaps {
+    fn apply(&mut self, op: &Op) -> Result<(), MapError> {
+        let r = match *op {
+            Op::PutBackend(k, v) => self.backends.insert(k, v, 0),
+            Op::PutBackendMeta(k, v) => self.backend_meta.insert(k, v, 0),
+            Op::PutServiceMeta(k, v, new) => {
+                // A new (or reused) id's counters start at zero.
+                let r = if new { self.reset_stats(k) } else { Ok(()) };
+                r.and_then(|_| self.service_meta.insert(k, v, 0))
+            }
+            Op::PutSlot(k, v) => self.slots.insert(k, v, 0),
+            Op::PutFrontend(k, v) => self.frontends.insert(k, v, 0),
+            Op::DelFrontend(k) => del(&mut self.frontends, &k),
+            Op::DelSlot(k) => del(&mut self.slots, &k),
+            Op::DelServiceMeta(k) => del(&mut self.service_meta, &k),
+            Op::DelBackendMeta(k) => del(&mut self.backend_meta, &k),
+            Op::DelBackend(k) => del(&mut self.backends, &k),
+        };
+        r.map_err(|e| MapError::Write {
+            op: Box::new(op.clone()),
+            source: to_io(e),
+        })
+    }
+
+    fn read(&self) -> Result<MapState, MapError> {
+        Ok(MapState {
+            frontends: read_all(&self.frontends, names::FRONTENDS4)?,
+            slots: read_all(&self.slots, names::BACKEND_SLOTS)?,
+            backends: read_all(&self.backends, names::BACKENDS4)?,
+            service_meta: read_all(&self.service_meta, names::SERVICE_META)?,
+            backend_meta: read_all(&self.backend_meta, names::BACKEND_META)?,
+        })
+    }
+}

@@ -1,0 +1,7 @@
+//! The kernel side as seen from user space: the embedded object, pins,
+//! attachment, and typed access to the pinned maps.
+
+pub mod attach;
+pub mod load;
+pub mod maps;
+pub mod pins;

@@ -1,0 +1,241 @@
+//! RAII guards. Each test names its resources with a unique prefix and a
+//! sweep at start removes leftovers of earlier runs that died.
+
+use std::{
+    ffi::CString,
+    fs,
+    os::unix::ffi::OsStrExt,
+    path::{Path, PathBuf},
+    process::{Child, Command},
+    sync::atomic::{AtomicU32, Ordering},
+};
+
+/// Prefix of everything the tests create: namespaces, bpffs folders,
+/// cgroups, interfaces.
+pub const PREFIX: &str = "lbt";
+
+static SEQ: AtomicU32 = AtomicU32::new(0);
+
+/// A short unique name: prefix, pid, tag, sequence. Keep tags to two
+/// characters: interface names have 15 at most.
+pub fn unique(tag: &str) -> String {
+    let n = SEQ.fetch_add(1, Ordering::Relaxed);
+    format!("{PREFIX}{}{tag}{n}", std::process::id())
+}
+
+pub fn run(cmd: &str, args: &[&str]) -> String {
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{cmd}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd} {args:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+pub fn run_ok(cmd: &str, args: &[&str]) -> bool {
+    Command::new(cmd)
+        .args(args)
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// A private bpffs instance mounted in a fresh folder: pins of one test
+/// never meet another's. Unmounted (dropping every pin) on drop.
+pub struct Bpffs {
+    pub dir: PathBuf,
+}
+
+impl Bpffs {
+    pub fn new() -> Self {
+        let dir = std::env::temp_dir().join(unique("bpf"));
+        fs::create_dir_all(&dir).expect("create bpffs dir");
+        let target = CString::new(dir.as_os_str().as_bytes()).unwrap();
+        // SAFETY: NUL-terminated strings.
+        let r = unsafe {
+            libc::mount(
+                c"bpf".as_ptr(),
+                target.as_ptr(),
+                c"bpf".as_ptr(),
+                0,
+                std::ptr::null(),
+            )
+        };
+        assert_eq!(
+            r,
+            0,
+            "mount bpffs at {}: {}",
+            dir.display(),
+            std::io::Error::last_os_error()
+        );
+        Self { dir }
+    }
+
+    /// The agent's pin folder inside this bpffs.
+    pub fn pins(&self) -> PathBuf {
+        self.dir.join("lb")
+    }
+}
+
+impl Default for Bpffs {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+fn umount(dir: &Path) {
+    let target = CString::new(dir.as_os_str().as_bytes()).unwrap();
+    // SAFETY: NUL-terminated string.
+    unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
+    let _ = fs::remove_dir(dir);
+}
+
+impl Drop for Bpffs {
+    fn drop(&mut self) {
+        umount(&self.dir);
+    }
+}
+
+/// A network namespace, deleted on drop.
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    pub fn new(tag: &str) -> Self {
+        let name = unique(tag);
+        run("ip", &["netns", "add", &name]);
+        run("ip", &["-n", &name, "link", "set", "lo", "up"]);
+        Self { name }
+    }
+
+    /// Runs a command inside the namespace and returns its stdout.
+    pub fn run(&self, args: &[&str]) -> String {
+        let mut all = vec!["netns", "exec", &self.name];
+        all.extend_from_slice(args);
+        run("ip", &all)
+    }
+
+    pub fn command(&self, program: &str) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.name, program]);
+        c
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
+    }
+}
+
+/// A cgroup v2 child the test creates and runs its clients in; removed on
+/// drop (after its processes are gone).
+pub struct Cgroup {
+    pub path: PathBuf,
+}
+
+impl Cgroup {
+    pub fn new() -> Self {
+        let root = lbctl::datapath::pins::cgroup2_root().expect("cgroup2 mount");
+        let path = root.join(unique("cg"));
+        fs::create_dir_all(&path).expect("create cgroup");
+        Self { path }
+    }
+
+    /// A command that moves itself into this cgroup before it executes.
+    pub fn command(&self, program: &str, args: &[&str]) -> Command {
+        let procs = self.path.join("cgroup.procs");
+        let mut script = format!("echo $$ > {} && exec", procs.display());
+        script.push(' ');
+        script.push_str(&shell_words(program, args));
+        let mut c = Command::new("sh");
+        c.args(["-c", &script]);
+        c
+    }
+}
+
+impl Default for Cgroup {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+fn shell_words(program: &str, args: &[&str]) -> String {
+    std::iter::once(program)
+        .chain(args.iter().copied())
+        .map(|a| format!("'{}'", a.replace('\'', "'\\''")))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+impl Drop for Cgroup {
+    fn drop(&mut self) {
+        // Processes started in it were ours; move any survivor out first.
+        if let Ok(procs) = fs::read_to_string(self.path.join("cgroup.procs")) {
+            let parent = self.path.parent().map(|p| p.join("cgroup.procs"));
+            for pid in procs.lines() {
+                if let Some(p) = &parent {
+                    let _ = fs::write(p, pid);
+                }
+            }
+        }
+        let _ = fs::remove_dir(&self.path);
+    }
+}
+
+/// A child process, killed (by its own PID) on drop.
+pub struct Proc(pub Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Removes leftovers of earlier runs: namespaces, bpffs mounts and cgroups
+/// whose names carry the test prefix and a PID that is no longer alive.
+pub fn sweep() {
+    // A leftover belongs to a test process that is gone.
+    let alive = |name: &str| -> bool {
+        let digits: String = name
+            .trim_start_matches(PREFIX)
+            .chars()
+            .take_while(char::is_ascii_digit)
+            .collect();
+        !digits.is_empty() && Path::new("/proc").join(&digits).exists()
+    };
+    if let Ok(out) = Command::new("ip").args(["netns", "list"]).output() {
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            let name = line.split_whitespace().next().unwrap_or("");
+            if name.starts_with(PREFIX) && !alive(name) {
+                let _ = Command::new("ip").args(["netns", "del", name]).output();
+            }
+        }
+    }
+    if let Ok(rd) = fs::read_dir(std::env::temp_dir()) {
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().to_string();
+            if name.starts_with(PREFIX) && !alive(&name) {
+                umount(&e.path());
+            }
+        }
+    }
+    if let Ok(root) = lbctl::datapath::pins::cgroup2_root()
+        && let Ok(rd) = fs::read_dir(root)
+    {
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().to_string();
+            if name.starts_with(PREFIX) && !alive(&name) {
+                let _ = fs::remove_dir(e.path());
+            }
+        }
+    }
+}

@@ -1,0 +1,18 @@
+//! Test support: guards that clean up after themselves (bpffs mounts,
+//! network namespaces, cgroups, processes), and a packet builder whose
+//! checksums are computed from scratch, independently of the datapath.
+
+pub mod fixture;
+pub mod guard;
+pub mod packet;
+
+/// Tests need root (bpf, netns, mounts). Fail with a clear message rather
+/// than a confusing EPERM deep inside.
+pub fn require_root() {
+    // SAFETY: trivial libc call.
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "these tests need root (bpf, netns, mounts): run `cargo xtask test`"
+    );
+}
