@@ -1,1 +1,100 @@
-fn main() {}
+//! Project tasks. `cargo xtask demo` and `cargo xtask test` are the two
+//! commands a fresh machine needs; each runs the set-up first.
+
+mod setup;
+mod sh;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "xtask", about = "Project tasks")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install the toolchain and tools (idempotent; seconds when done).
+    Setup,
+    /// Build lbctl with its embedded eBPF datapath (release).
+    Build,
+    /// Set up, then run every test layer that can run here.
+    Test {
+        /// Skip fmt and clippy.
+        #[arg(long)]
+        no_lint: bool,
+        /// Extra arguments for `cargo test` (a filter, `--nocapture`, ...).
+        #[arg(trailing_var_arg = true)]
+        args: Vec<String>,
+    },
+    /// Set up, build, and run the demo in network namespaces.
+    Demo,
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().task {
+        Task::Setup => setup::run(),
+        Task::Build => {
+            setup::run()?;
+            build()
+        }
+        Task::Test { no_lint, args } => {
+            setup::run()?;
+            test(!no_lint, &args)
+        }
+        Task::Demo => {
+            setup::run()?;
+            build()?;
+            sh::step(
+                "demo",
+                sh::cargo(&[
+                    "run",
+                    "--release",
+                    "--quiet",
+                    "-p",
+                    "lb-tests",
+                    "--bin",
+                    "demo",
+                ]),
+            )
+        }
+    }
+}
+
+fn build() -> Result<()> {
+    sh::step(
+        "build lbctl (release, eBPF embedded)",
+        sh::cargo(&["build", "--release", "-p", "lbctl"]),
+    )
+}
+
+fn test(lint: bool, extra: &[String]) -> Result<()> {
+    if lint {
+        sh::step("cargo fmt --check", sh::cargo(&["fmt", "--all", "--check"]))?;
+        // Clippy builds lbctl without the datapath (the documented skip
+        // switch) in its own target folder, so the test build's eBPF object
+        // is not rebuilt twice.
+        let mut clippy = sh::cargo(&[
+            "clippy",
+            "--all-targets",
+            "--target-dir",
+            "target/clippy",
+            "--",
+            "-D",
+            "warnings",
+        ]);
+        clippy.env("LB_SKIP_EBPF", "1");
+        sh::step("cargo clippy --all-targets -- -D warnings", clippy)?;
+    }
+    let mut args = vec!["test", "--workspace"];
+    if !extra.is_empty() {
+        args.push("--");
+        args.extend(extra.iter().map(String::as_str));
+    }
+    sh::step(
+        "cargo test --workspace (unit, datapath, end-to-end)",
+        sh::cargo(&args),
+    )
+}
