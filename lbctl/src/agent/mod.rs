@@ -8,3 +8,6 @@ pub mod reconcile;
 pub mod run;
 pub mod source;
 pub mod state;
+
+#[cfg(test)]
+mod tests;

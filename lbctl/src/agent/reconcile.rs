@@ -51,6 +51,10 @@ pub struct Reconciler<W> {
     svc_pool: IdPool,
     backend_pool: IdPool,
     set_pool: IdPool,
+    /// A new backend set allocated for a service id whose writes did not
+    /// all land yet: the next attempt fills the same set instead of starting
+    /// another, so progress under failing writes is kept.
+    pending_sets: BTreeMap<u32, u32>,
 }
 
 impl<W: MapWriter> Reconciler<W> {
@@ -65,6 +69,7 @@ impl<W: MapWriter> Reconciler<W> {
             svc_pool: IdPool::new(MAX_SERVICES - 1),
             backend_pool: IdPool::new(MAX_BACKENDS - 1),
             set_pool: IdPool::new(MAX_SETS),
+            pending_sets: BTreeMap::new(),
         };
         r.index();
         Ok(r)
@@ -113,6 +118,15 @@ impl<W: MapWriter> Reconciler<W> {
             .set_used(self.state.backends.keys().copied());
         let mut sets: BTreeSet<u32> = self.state.slots.keys().map(|k| k.backend_set).collect();
         sets.extend(self.state.frontends.values().map(|f| f.backend_set));
+        // A pending set is promoted or dropped once frontends point at it.
+        let current: BTreeSet<u32> = self
+            .state
+            .frontends
+            .values()
+            .map(|f| f.backend_set)
+            .collect();
+        self.pending_sets.retain(|_, set| !current.contains(set));
+        sets.extend(self.pending_sets.values().copied());
         self.set_pool.set_used(sets);
     }
 
@@ -145,25 +159,24 @@ impl<W: MapWriter> Reconciler<W> {
     /// The map contents for `desired`, allocating ids for what is new.
     fn target(&mut self, desired: &Desired) -> Result<MapState, ReconcileError> {
         let mut t = MapState::default();
-        // The current set of each service id, with its slot list.
-        let mut current_sets: BTreeMap<u32, (u32, Vec<u32>)> = BTreeMap::new();
-        for f in self.state.frontends.values() {
-            current_sets.entry(f.service_id).or_insert_with(|| {
-                let slots = self
-                    .state
-                    .slots
-                    .range(
-                        SlotKey {
-                            backend_set: f.backend_set,
-                            slot: 0,
-                        }..,
-                    )
-                    .take_while(|(k, _)| k.backend_set == f.backend_set)
-                    .map(|(_, v)| *v)
-                    .collect();
-                (f.backend_set, slots)
-            });
+        let wanted: BTreeSet<u32> = desired
+            .ports
+            .keys()
+            .filter_map(|k| self.svc_ids.get(k).copied())
+            .collect();
+        self.pending_sets.retain(|svc, _| wanted.contains(svc));
+        // Every backend set in the maps with its slot list, and the sets
+        // each service id's frontends point at (more than one while a flip
+        // is half done).
+        let mut set_slots: BTreeMap<u32, Vec<u32>> = BTreeMap::new();
+        for (k, v) in &self.state.slots {
+            set_slots.entry(k.backend_set).or_default().push(*v);
         }
+        let mut live: BTreeMap<u32, BTreeSet<u32>> = BTreeMap::new();
+        for f in self.state.frontends.values() {
+            live.entry(f.service_id).or_default().insert(f.backend_set);
+        }
+        let all_live: BTreeSet<u32> = live.values().flatten().copied().collect();
         for (key, sp) in &desired.ports {
             let svc_id = match self.svc_ids.get(key) {
                 Some(id) => *id,
@@ -206,12 +219,29 @@ impl<W: MapWriter> Reconciler<W> {
             }
             let mut slots = active.clone();
             slots.extend(&terminating);
-            let set = match current_sets.get(&svc_id) {
-                Some((set, cur)) if *cur == slots => *set,
-                _ => self
-                    .set_pool
-                    .alloc()
-                    .ok_or(ReconcileError::OutOfIds("backend set"))?,
+            // A set that already holds exactly these slots is kept (no
+            // write); otherwise a set no frontend reads is filled: the one
+            // a failed attempt began, or a new one. A set that frontends
+            // read is never changed in place.
+            let pending = self.pending_sets.get(&svc_id).copied();
+            let matching = live
+                .get(&svc_id)
+                .into_iter()
+                .flatten()
+                .copied()
+                .chain(pending)
+                .find(|set| set_slots.get(set).map_or(&[][..], Vec::as_slice) == slots.as_slice());
+            let set = match (matching, pending) {
+                (Some(set), _) => set,
+                (None, Some(p)) if !all_live.contains(&p) => p,
+                _ => {
+                    let set = self
+                        .set_pool
+                        .alloc()
+                        .ok_or(ReconcileError::OutOfIds("backend set"))?;
+                    self.pending_sets.insert(svc_id, set);
+                    set
+                }
             };
             for (i, id) in slots.iter().enumerate() {
                 t.slots.insert(

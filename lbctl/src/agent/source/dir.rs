@@ -143,6 +143,7 @@ struct Stamp {
 pub struct DirSource {
     root: PathBuf,
     files: BTreeMap<PathBuf, (Stamp, FileObjects)>,
+    polled: bool,
 }
 
 /// Everything the folder says now.
@@ -158,6 +159,7 @@ impl DirSource {
         Self {
             root: root.into(),
             files: BTreeMap::new(),
+            polled: false,
         }
     }
 
@@ -169,7 +171,8 @@ impl DirSource {
             file: self.root.display().to_string(),
             reason: e.to_string(),
         })?;
-        let first = self.files.is_empty();
+        let first = !self.polled;
+        self.polled = true;
         let mut changed = seen.len() != self.files.len();
         let mut next = BTreeMap::new();
         for (path, stamp) in seen {

@@ -1,0 +1,546 @@
+//! Unit and property tests: objects -> desired state -> map entries, the
+//! diff, id adoption, the fault-injecting writer, the directory source.
+
+use std::{collections::BTreeSet, net::Ipv4Addr};
+
+use lb_common::{ip4_octets, port_host};
+
+use super::{
+    apply::{Faulty, InMemory},
+    model::{self, BackendState, FrontendKind, NodeInfo, Objects, Proto, ServicePortKey},
+    reconcile::Reconciler,
+    source::dir,
+    state::{MapState, cstr},
+};
+
+fn objects(yaml: &str) -> Objects {
+    let f = dir::parse("test.yaml", yaml);
+    assert!(f.errors.is_empty(), "{:?}", f.errors);
+    let mut o = Objects::default();
+    dir::merge(&mut o, &mut Default::default(), &f);
+    o
+}
+
+fn node() -> NodeInfo {
+    NodeInfo {
+        name: "node-a".into(),
+        zone: None,
+        addresses: vec![Ipv4Addr::new(172, 18, 0, 2)],
+    }
+}
+
+fn key(ns: &str, name: &str, port: &str) -> ServicePortKey {
+    ServicePortKey {
+        namespace: ns.into(),
+        name: name.into(),
+        port_name: port.into(),
+    }
+}
+
+/// The map state with ids resolved to names: two states that forward the
+/// same way compare equal whatever ids they were given.
+fn canonical(s: &MapState) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    for (k, f) in &s.frontends {
+        let m = s
+            .service_meta
+            .get(&f.service_id)
+            .expect("frontend's service has meta");
+        let mut backends = Vec::new();
+        for slot in 0..(f.count as u32 + f.terminating as u32) {
+            let id = s
+                .slots
+                .get(&lb_common::service::SlotKey {
+                    backend_set: f.backend_set,
+                    slot,
+                })
+                .expect("slot");
+            let b = s.backends.get(id).expect("backend");
+            backends.push(format!(
+                "{}:{}/{}",
+                Ipv4Addr::from(ip4_octets(b.addr)),
+                port_host(b.port),
+                b.state
+            ));
+        }
+        out.insert(format!(
+            "{}:{}/{} {}/{}:{} count={} term={} kind={} flags={} -> {}",
+            Ipv4Addr::from(ip4_octets(k.addr)),
+            port_host(k.port),
+            k.proto,
+            cstr(&m.namespace),
+            cstr(&m.name),
+            cstr(&m.port_name),
+            f.count,
+            f.terminating,
+            f.kind,
+            f.flags,
+            backends.join(",")
+        ));
+    }
+    // Nothing dangling: every slot's set is pointed at, every backend used.
+    let sets: BTreeSet<u32> = s.frontends.values().map(|f| f.backend_set).collect();
+    assert!(
+        s.slots.keys().all(|k| sets.contains(&k.backend_set)),
+        "orphan backend set in {}",
+        s.dump()
+    );
+    let used: BTreeSet<u32> = s.slots.values().copied().collect();
+    assert!(
+        s.backends.keys().all(|id| used.contains(id)),
+        "orphan backend in {}",
+        s.dump()
+    );
+    out
+}
+
+const WEB: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: demo}
+spec:
+  type: NodePort
+  clusterIP: 10.96.0.10
+  externalIPs: [203.0.113.9]
+  selector: {app: web}
+  ports:
+  - {name: http, port: 80, targetPort: http, nodePort: 30080}
+  - {name: metrics, port: 9090, targetPort: 9090, protocol: TCP}
+  - {name: dns, port: 53, protocol: UDP}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: web-1
+  namespace: demo
+  labels: {kubernetes.io/service-name: web}
+addressType: IPv4
+ports:
+- {name: http, port: 8080}
+- {name: metrics, port: 9090}
+- {name: dns, port: 5353, protocol: UDP}
+endpoints:
+- {addresses: [10.244.1.11], conditions: {ready: true}, nodeName: node-a}
+- {addresses: [10.244.2.12], conditions: {ready: true}, nodeName: node-b, zone: z2}
+- {addresses: [10.244.2.13], conditions: {ready: false, serving: true, terminating: true}, nodeName: node-b}
+- {addresses: [10.244.2.14], conditions: {ready: false}, nodeName: node-b}
+"#;
+
+#[test]
+fn service_ports_get_frontends_and_named_backend_ports() {
+    let d = model::translate(&objects(WEB), &node());
+    assert!(d.errors.is_empty(), "{:?}", d.errors);
+    let http = &d.ports[&key("demo", "web", "http")];
+    let fronts: Vec<(String, u16, FrontendKind)> = http
+        .frontends
+        .iter()
+        .map(|f| (f.addr.to_string(), f.port, f.kind))
+        .collect();
+    assert_eq!(
+        fronts,
+        vec![
+            ("10.96.0.10".into(), 80, FrontendKind::ClusterIp),
+            ("172.18.0.2".into(), 30080, FrontendKind::NodePort),
+            ("203.0.113.9".into(), 80, FrontendKind::ExternalIp),
+        ]
+    );
+    // targetPort "http" resolved by the slice's port of the same name.
+    let backends: Vec<(String, u16, BackendState, bool)> = http
+        .backends
+        .iter()
+        .map(|b| (b.addr.addr.to_string(), b.addr.port, b.state, b.local))
+        .collect();
+    assert_eq!(
+        backends,
+        vec![
+            ("10.244.1.11".into(), 8080, BackendState::Active, true),
+            ("10.244.2.12".into(), 8080, BackendState::Active, false),
+            ("10.244.2.13".into(), 8080, BackendState::Terminating, false),
+        ],
+        "not ready and not serving endpoints are left out"
+    );
+    let dns = &d.ports[&key("demo", "web", "dns")];
+    assert_eq!(dns.proto, Proto::Udp);
+    assert_eq!(dns.backends[0].addr.port, 5353);
+    // A port without nodePort gets no NodePort frontend.
+    assert!(
+        d.ports[&key("demo", "web", "metrics")]
+            .frontends
+            .iter()
+            .all(|f| f.kind != FrontendKind::NodePort)
+    );
+}
+
+#[test]
+fn headless_external_name_and_foreign_proxies_get_nothing() {
+    let d = model::translate(
+        &objects(
+            r#"
+apiVersion: v1
+kind: Service
+metadata: {name: headless}
+spec: {clusterIP: None, ports: [{port: 80}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: ext}
+spec: {type: ExternalName, externalName: db.example.com}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: other, labels: {service.kubernetes.io/service-proxy-name: someone-else}}
+spec: {clusterIP: 10.96.0.30, ports: [{port: 80}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: labelled-headless, labels: {service.kubernetes.io/headless: ""}}
+spec: {clusterIP: 10.96.0.31, ports: [{port: 80}]}
+"#,
+        ),
+        &node(),
+    );
+    assert!(
+        d.ports.is_empty(),
+        "{:?}",
+        d.ports.keys().collect::<Vec<_>>()
+    );
+    assert!(d.errors.is_empty());
+}
+
+#[test]
+fn selectorless_service_uses_hand_written_endpoints() {
+    // The PostgreSQL primary outside the cluster, and twelve gateways on six
+    // hosts with two ports each behind one Service port.
+    let d = model::translate(
+        &objects(
+            r#"
+apiVersion: v1
+kind: Service
+metadata: {name: postgres, namespace: db}
+spec: {clusterIP: 10.96.5.5, ports: [{port: 5432}]}
+---
+apiVersion: v1
+kind: Endpoints
+metadata: {name: postgres, namespace: db}
+subsets: [{addresses: [{ip: 192.168.0.10}], ports: [{port: 5432}]}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: rgw, namespace: ceph}
+spec: {clusterIP: 10.96.6.6, ports: [{name: http, port: 80}]}
+---
+apiVersion: v1
+kind: Endpoints
+metadata: {name: rgw, namespace: ceph}
+subsets:
+- addresses: [{ip: 10.0.0.1}, {ip: 10.0.0.2}, {ip: 10.0.0.3}, {ip: 10.0.0.4}, {ip: 10.0.0.5}, {ip: 10.0.0.6}]
+  ports: [{name: http, port: 8080}]
+- addresses: [{ip: 10.0.0.1}, {ip: 10.0.0.2}, {ip: 10.0.0.3}, {ip: 10.0.0.4}, {ip: 10.0.0.5}, {ip: 10.0.0.6}]
+  ports: [{name: http, port: 8081}]
+"#,
+        ),
+        &node(),
+    );
+    assert!(d.errors.is_empty(), "{:?}", d.errors);
+    let pg = &d.ports[&key("db", "postgres", "")];
+    assert_eq!(pg.backends.len(), 1);
+    assert_eq!(pg.backends[0].addr.to_string(), "192.168.0.10:5432/TCP");
+    let rgw = &d.ports[&key("ceph", "rgw", "http")];
+    assert_eq!(rgw.backends.len(), 12);
+    let ports: BTreeSet<u16> = rgw.backends.iter().map(|b| b.addr.port).collect();
+    assert_eq!(ports, BTreeSet::from([8080, 8081]));
+}
+
+#[test]
+fn bad_objects_are_reported_by_name_and_skipped_alone() {
+    let d = model::translate(
+        &objects(
+            r#"
+apiVersion: v1
+kind: Service
+metadata: {name: bad-proto, namespace: x}
+spec: {clusterIP: 10.96.0.1, ports: [{port: 80, protocol: QUIC}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: bad-port, namespace: x}
+spec: {clusterIP: 10.96.0.2, ports: [{port: 70000}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: bad-ip, namespace: x}
+spec: {clusterIP: 10.96.0.300, ports: [{port: 80}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: good, namespace: x}
+spec: {clusterIP: 10.96.0.4, ports: [{port: 80}]}
+"#,
+        ),
+        &node(),
+    );
+    let errs: Vec<String> = d.errors.iter().map(ToString::to_string).collect();
+    assert_eq!(errs.len(), 3, "{errs:?}");
+    assert!(
+        errs[0].contains("x/bad-ip") && errs[0].contains("10.96.0.300"),
+        "{errs:?}"
+    );
+    assert!(
+        errs[1].contains("x/bad-port") && errs[1].contains("70000"),
+        "{errs:?}"
+    );
+    assert!(
+        errs[2].contains("x/bad-proto") && errs[2].contains("QUIC"),
+        "{errs:?}"
+    );
+    assert_eq!(
+        d.ports.keys().collect::<Vec<_>>(),
+        vec![&key("x", "good", "")]
+    );
+}
+
+#[test]
+fn manifest_from_the_kubernetes_docs_works_as_written() {
+    // "Defining a Service" (concepts/services-networking/service), with the
+    // clusterIP the API server would assign.
+    let d = model::translate(
+        &objects(
+            r#"
+apiVersion: v1
+kind: Service
+metadata:
+  name: my-service
+spec:
+  selector:
+    app.kubernetes.io/name: MyApp
+  clusterIP: 10.96.100.1
+  ports:
+    - protocol: TCP
+      port: 80
+      targetPort: 9376
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: ignored}
+spec: {}
+"#,
+        ),
+        &node(),
+    );
+    assert!(d.errors.is_empty());
+    assert_eq!(d.ports.len(), 1);
+    assert!(
+        d.ports[&key("default", "my-service", "")]
+            .backends
+            .is_empty()
+    );
+}
+
+#[test]
+fn unchanged_input_writes_nothing_and_one_endpoint_a_handful() {
+    let objs = objects(WEB);
+    let mut rec = Reconciler::adopt(InMemory::default()).unwrap();
+    let first = rec.reconcile(&model::translate(&objs, &node())).unwrap();
+    assert!(first.writes > 0);
+    assert_eq!(
+        rec.reconcile(&model::translate(&objs, &node()))
+            .unwrap()
+            .writes,
+        0
+    );
+
+    // One more ready endpoint: a backend, its meta, the port's new set
+    // (3 ready + 1 terminating slots) and its 3 frontends flipped, the old
+    // set's slots deleted. The other two ports' sets also grow.
+    let more = WEB.replace(
+        "- {addresses: [10.244.2.14], conditions: {ready: false}, nodeName: node-b}",
+        "- {addresses: [10.244.2.14], conditions: {ready: true}, nodeName: node-b}",
+    );
+    let o = rec
+        .reconcile(&model::translate(&objects(&more), &node()))
+        .unwrap();
+    assert!(o.writes < 40, "{} writes for one endpoint", o.writes);
+    assert_eq!(
+        rec.reconcile(&model::translate(&objects(&more), &node()))
+            .unwrap()
+            .writes,
+        0
+    );
+}
+
+#[test]
+fn a_restarted_agent_adopts_ids_and_writes_nothing() {
+    let desired = model::translate(&objects(WEB), &node());
+    let mut rec = Reconciler::adopt(InMemory::default()).unwrap();
+    rec.reconcile(&desired).unwrap();
+    let before = rec.state().clone();
+    let maps = InMemory {
+        state: before.clone(),
+        writes: 0,
+    };
+    let mut restarted = Reconciler::adopt(maps).unwrap();
+    assert_eq!(restarted.reconcile(&desired).unwrap().writes, 0);
+    assert_eq!(restarted.state(), &before, "ids and sets kept");
+    assert_eq!(
+        restarted.service_id(&key("demo", "web", "http")),
+        rec.service_id(&key("demo", "web", "http"))
+    );
+}
+
+#[test]
+fn dir_parse_reports_broken_documents_by_file() {
+    let f = dir::parse(
+        "broken.yaml",
+        "apiVersion: v1\nkind: Service\nmetadata: {name: a\n",
+    );
+    assert_eq!(f.errors.len(), 1);
+    assert!(
+        f.errors[0].to_string().starts_with("broken.yaml: "),
+        "{}",
+        f.errors[0]
+    );
+    let f = dir::parse(
+        "list.yaml",
+        "apiVersion: v1\nkind: List\nitems:\n- {apiVersion: v1, kind: Service, metadata: {name: a}}\n- {apiVersion: v1, kind: Service, metadata: {name: b}, spec: {ports: 7}}\n",
+    );
+    assert_eq!(f.services.len(), 1);
+    assert_eq!(f.errors.len(), 1);
+    assert!(
+        f.errors[0].to_string().contains("Service default/b"),
+        "{}",
+        f.errors[0]
+    );
+}
+
+#[test]
+fn dir_source_follows_added_changed_and_removed_files() {
+    let tmp = std::env::temp_dir().join(format!("lbctl-dir-test-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).unwrap();
+    let mut src = dir::DirSource::new(&tmp);
+    assert_eq!(src.poll().unwrap().unwrap().objects.services.len(), 0);
+    assert!(src.poll().unwrap().is_none(), "no change, no snapshot");
+    std::fs::write(
+        tmp.join("a"),
+        "apiVersion: v1\nkind: Service\nmetadata: {name: a}\n",
+    )
+    .unwrap();
+    assert_eq!(src.poll().unwrap().unwrap().objects.services.len(), 1);
+    std::fs::write(tmp.join("a"), "apiVersion: v1\nkind: Service\nmetadata: {name: a}\n---\napiVersion: v1\nkind: Service\nmetadata: {name: bb}\n").unwrap();
+    assert_eq!(src.poll().unwrap().unwrap().objects.services.len(), 2);
+    std::fs::write(tmp.join("a"), "{{{").unwrap();
+    let snap = src.poll().unwrap().unwrap();
+    assert_eq!(snap.objects.services.len(), 0);
+    assert_eq!(snap.errors.len(), 1);
+    std::fs::remove_file(tmp.join("a")).unwrap();
+    let snap = src.poll().unwrap().unwrap();
+    assert!(snap.errors.is_empty() && snap.objects.services.is_empty());
+    std::fs::remove_dir_all(&tmp).unwrap();
+}
+
+mod property {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// A random cluster: services with 1-2 ports, slices or Endpoints,
+    /// endpoints drawn from a small address pool so they are shared.
+    fn cluster_yaml(spec: &[(u8, u8, bool, Vec<(u8, u8)>)]) -> String {
+        let mut y = String::new();
+        for (i, (ports, node_port, selectorless, eps)) in spec.iter().enumerate() {
+            let ty = if *node_port % 2 == 0 {
+                "NodePort"
+            } else {
+                "ClusterIP"
+            };
+            y += &format!(
+                "---\napiVersion: v1\nkind: Service\nmetadata: {{name: s{i}, namespace: ns}}\nspec:\n  type: {ty}\n  clusterIP: 10.96.0.{}\n  ports:\n",
+                i + 1
+            );
+            for p in 0..*ports {
+                let np = if ty == "NodePort" {
+                    format!(", nodePort: {}", 30000 + i * 4 + p as usize)
+                } else {
+                    String::new()
+                };
+                y += &format!("  - {{name: p{p}, port: {}{np}}}\n", 80 + p as u16);
+            }
+            if *selectorless {
+                y += &format!(
+                    "---\napiVersion: v1\nkind: Endpoints\nmetadata: {{name: s{i}, namespace: ns}}\nsubsets:\n"
+                );
+                for (addr, _) in eps {
+                    y += &format!(
+                        "- addresses: [{{ip: 10.244.0.{addr}}}]\n  ports: [{{name: p0, port: 8080}}, {{name: p1, port: 8081}}]\n"
+                    );
+                }
+            } else {
+                y += &format!(
+                    "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: s{i}-x, namespace: ns, labels: {{kubernetes.io/service-name: s{i}}}}}\naddressType: IPv4\nports: [{{name: p0, port: 8080}}, {{name: p1, port: 8081}}]\nendpoints:\n"
+                );
+                for (addr, cond) in eps {
+                    let c = match cond % 3 {
+                        0 => "{ready: true}",
+                        1 => "{ready: false, serving: true, terminating: true}",
+                        _ => "{ready: false}",
+                    };
+                    y += &format!(
+                        "- {{addresses: [10.244.0.{addr}], conditions: {c}, nodeName: node-{}}}\n",
+                        addr % 2
+                    );
+                }
+            }
+        }
+        y
+    }
+
+    fn cluster() -> impl Strategy<Value = Vec<(u8, u8, bool, Vec<(u8, u8)>)>> {
+        prop::collection::vec(
+            (
+                1u8..=2,
+                any::<u8>(),
+                any::<bool>(),
+                prop::collection::vec((1u8..12, any::<u8>()), 0..6),
+            ),
+            0..5,
+        )
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        /// Any sequence of cluster states, written through a writer that
+        /// fails one write in `one_in`, retried until a sync succeeds,
+        /// leaves maps that forward exactly like a fresh sync of the final
+        /// state, with nothing dangling.
+        #[test]
+        fn any_sequence_converges_despite_faults(
+            steps in prop::collection::vec(cluster(), 1..6),
+            one_in in 2u64..8,
+            seed in any::<u64>(),
+        ) {
+            let n = node();
+            let mut rec = Reconciler::adopt(Faulty::new(InMemory::default(), one_in, seed)).unwrap();
+            for step in &steps {
+                let desired = model::translate(&objects(&cluster_yaml(step)), &n);
+                prop_assert!(desired.errors.is_empty(), "{:?}", desired.errors);
+                // Some steps are abandoned half-written, as when the next
+                // change arrives before a retry.
+                let _ = rec.reconcile(&desired);
+            }
+            let last = model::translate(&objects(&cluster_yaml(steps.last().unwrap())), &n);
+            let mut tries = 0;
+            while rec.reconcile(&last).is_err() {
+                tries += 1;
+                prop_assert!(tries < 1000, "never converged");
+            }
+            let mut fresh = Reconciler::adopt(InMemory::default()).unwrap();
+            fresh.reconcile(&last).unwrap();
+            prop_assert_eq!(canonical(rec.state()), canonical(fresh.state()));
+            // What the reconciler believes is what the maps hold.
+            prop_assert_eq!(rec.state(), &rec.writer.inner.state);
+            // And a converged agent writes nothing more.
+            prop_assert_eq!(rec.reconcile(&last).unwrap().writes, 0);
+        }
+    }
+}
