@@ -443,9 +443,13 @@ mod property {
 
     use super::*;
 
+    /// One random Service: port count, type selector, selector-less,
+    /// endpoints as (address suffix, condition selector).
+    type SvcSpec = (u8, u8, bool, Vec<(u8, u8)>);
+
     /// A random cluster: services with 1-2 ports, slices or Endpoints,
     /// endpoints drawn from a small address pool so they are shared.
-    fn cluster_yaml(spec: &[(u8, u8, bool, Vec<(u8, u8)>)]) -> String {
+    fn cluster_yaml(spec: &[SvcSpec]) -> String {
         let mut y = String::new();
         for (i, (ports, node_port, selectorless, eps)) in spec.iter().enumerate() {
             let ty = if *node_port % 2 == 0 {
@@ -494,7 +498,7 @@ mod property {
         y
     }
 
-    fn cluster() -> impl Strategy<Value = Vec<(u8, u8, bool, Vec<(u8, u8)>)>> {
+    fn cluster() -> impl Strategy<Value = Vec<SvcSpec>> {
         prop::collection::vec(
             (
                 1u8..=2,
