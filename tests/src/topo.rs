@@ -167,6 +167,35 @@ http.server.ThreadingHTTPServer(("0.0.0.0", int(sys.argv[1])), H).serve_forever(
         self.servers.push(Proc(child));
     }
 
+    /// A UDP server in `ns` on `port` that answers every datagram with
+    /// `name`.
+    pub fn udp_server(&mut self, ns_name: &str, port: u16, name: &str) {
+        const SERVER: &str = r#"
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("0.0.0.0", int(sys.argv[1])))
+while True:
+    _, peer = s.recvfrom(2048)
+    s.sendto(sys.argv[2].encode(), peer)
+"#;
+        let child = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                ns_name,
+                "python3",
+                "-c",
+                SERVER,
+                &port.to_string(),
+                name,
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start python3 UDP server");
+        self.servers.push(Proc(child));
+    }
+
     /// Waits until something listens on `port` in namespace `ns_name`.
     pub fn wait_listening(ns_name: &str, port: u16) {
         let deadline = Instant::now() + Duration::from_secs(10);

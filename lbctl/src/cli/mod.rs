@@ -6,6 +6,7 @@ pub mod services;
 
 use std::path::PathBuf;
 
+use anyhow::Result;
 use clap::{Parser, Subcommand};
 
 use crate::datapath::pins::DEFAULT_BPFFS;
@@ -36,4 +37,20 @@ pub enum Command {
     /// List Services as the datapath has them.
     #[command(alias = "svc")]
     Services(services::Args),
+}
+
+/// The whole program: logging to stderr, then the subcommand.
+pub fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Agent(a) => tokio::runtime::Runtime::new()?.block_on(agent::execute(a)),
+        Command::Services(a) => services::execute(a),
+    }
 }
