@@ -93,7 +93,7 @@ fn test(lint: bool, extra: &[String]) -> Result<()> {
         args.push("--");
         args.extend(extra.iter().map(String::as_str));
     }
-    sh::step(
+    sh::tests(
         "cargo test --workspace (unit, datapath, end-to-end)",
         sh::cargo(&args),
     )

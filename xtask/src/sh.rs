@@ -1,6 +1,7 @@
 //! Running commands with a line saying what runs and how long it took.
 
 use std::{
+    io::{BufRead, BufReader},
     process::{Command, Stdio},
     time::Instant,
 };
@@ -45,4 +46,51 @@ pub fn output(program: &str, args: &[&str]) -> Option<String> {
     out.status
         .success()
         .then(|| String::from_utf8_lossy(&out.stdout).to_string())
+}
+
+/// Runs a `cargo test` command, passing its output through, and closes with
+/// one line summing every test binary's result (`summary: N passed, M
+/// failed`), so the total is read from the last line rather than from the
+/// last binary's (often an empty doc-test run).
+pub fn tests(what: &str, mut cmd: Command) -> Result<()> {
+    eprintln!("==> {what}");
+    let start = Instant::now();
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting {what}"))?;
+    let (mut passed, mut failed, mut ignored) = (0u64, 0u64, 0u64);
+    let stdout = child.stdout.take().context("test output")?;
+    for line in BufReader::new(stdout).lines() {
+        let line = line?;
+        println!("{line}");
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            for part in rest.split(';') {
+                let words: Vec<&str> = part.split_whitespace().collect();
+                let n = |w: &[&str]| {
+                    w.iter()
+                        .rev()
+                        .nth(1)
+                        .and_then(|n| n.parse::<u64>().ok())
+                        .unwrap_or(0)
+                };
+                match words.last() {
+                    Some(&"passed") => passed += n(&words),
+                    Some(&"failed") => failed += n(&words),
+                    Some(&"ignored") => ignored += n(&words),
+                    _ => {}
+                }
+            }
+        }
+    }
+    let status = child.wait()?;
+    eprintln!("==> {what}: done in {:.1}s", start.elapsed().as_secs_f64());
+    println!("summary: {passed} passed, {failed} failed, {ignored} skipped");
+    if !status.success() {
+        bail!("{what} failed ({status})");
+    }
+    if passed == 0 {
+        bail!("{what}: no test ran");
+    }
+    Ok(())
 }
