@@ -224,7 +224,13 @@ pub fn sweep() {
         for e in rd.flatten() {
             let name = e.file_name().to_string_lossy().to_string();
             if name.starts_with(PREFIX) && !alive(&name) {
-                umount(&e.path());
+                let path = e.path();
+                umount(&path); // a bpffs mount, or a no-op
+                let _ = if path.is_dir() {
+                    fs::remove_dir_all(&path)
+                } else {
+                    fs::remove_file(&path)
+                };
             }
         }
     }

@@ -2,11 +2,14 @@
 //! end-to-end tests:
 //!
 //! ```text
-//!  client 172.18.0.10 ──eth0── node ──eth1── ext 192.168.0.10
-//!   (outside)          172.18.0.2  │  192.168.0.1   (outside the cluster)
-//!                               br0 10.244.1.1
-//!                        ┌─────────┼─────────┐
-//!                      pod-1     pod-2     pod-3    10.244.1.11-13
+//!   client 172.18.0.10      (outside; no route to pod networks)
+//!        │
+//!   lan ─┴─ bridge ───────────────┬─────────────────────────────┐
+//!        │ eth0 172.18.0.2        │ eth0 172.18.0.3             │
+//!      node-a (agent)           node-b                          │
+//!   eth1 192.168.0.1 ── ext 192.168.0.10 (outside the cluster)  │
+//!   br0 10.244.1.1            br0 10.244.2.1
+//!   pod-1..3 10.244.1.11-13   pod-b1.. 10.244.2.11-
 //! ```
 //!
 //! Nothing is created in the machine's own namespace: every veth is made
@@ -24,6 +27,8 @@ use std::{
 use crate::guard::{Cgroup, Netns, Proc, run};
 
 pub const NODE_IP: Ipv4Addr = Ipv4Addr::new(172, 18, 0, 2);
+pub const NODE_B_IP: Ipv4Addr = Ipv4Addr::new(172, 18, 0, 3);
+pub const NODE_B_NAME: &str = "node-b";
 pub const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(172, 18, 0, 10);
 pub const EXT_GW: Ipv4Addr = Ipv4Addr::new(192, 168, 0, 1);
 pub const EXT_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 0, 10);
@@ -37,7 +42,9 @@ pub struct Pod {
 }
 
 pub struct Topology {
+    pub lan: Netns,
     pub node: Netns,
+    pub node_b: Netns,
     pub client: Netns,
     pub ext: Netns,
     pub pods: Vec<Pod>,
@@ -64,22 +71,59 @@ fn veth(a: &Netns, a_if: &str, b: &Netns, b_if: &str) {
     ip(b, &["link", "set", b_if, "up"]);
 }
 
+/// A bridge `br0` at 10.244.<net>.1 in `node` with `n` pods on it.
+fn pod_network(node: &Netns, net: u8, n: usize, prefix: &str) -> Vec<Pod> {
+    let gw = Ipv4Addr::new(10, 244, net, 1);
+    ip(node, &["link", "add", "br0", "type", "bridge"]);
+    ip(node, &["addr", "add", &format!("{gw}/24"), "dev", "br0"]);
+    ip(node, &["link", "set", "br0", "up"]);
+    (1..=n)
+        .map(|i| {
+            let ns = Netns::new("po");
+            let pod_ip = Ipv4Addr::new(10, 244, net, 10 + i as u8);
+            let host_if = format!("veth{i}");
+            veth(&ns, "eth0", node, &host_if);
+            ip(node, &["link", "set", &host_if, "master", "br0"]);
+            ip(
+                &ns,
+                &["addr", "add", &format!("{pod_ip}/24"), "dev", "eth0"],
+            );
+            ip(&ns, &["route", "add", "default", "via", &gw.to_string()]);
+            Pod {
+                name: format!("{prefix}{i}"),
+                ip: pod_ip,
+                ns,
+            }
+        })
+        .collect()
+}
+
 impl Topology {
+    /// `pods` pods on node-a and `pods_b` on node-b.
     pub fn new(pods: usize) -> Self {
+        Self::with_remote(pods, 0)
+    }
+
+    pub fn with_remote(pods: usize, pods_b: usize) -> Self {
+        let lan = Netns::new("ln");
         let node = Netns::new("nd");
+        let node_b = Netns::new("nb");
         let client = Netns::new("cl");
         let ext = Netns::new("ex");
-        node.run(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
-
-        veth(&node, "eth0", &client, "eth0");
-        ip(
-            &node,
-            &["addr", "add", &format!("{NODE_IP}/24"), "dev", "eth0"],
-        );
-        ip(
-            &client,
-            &["addr", "add", &format!("{CLIENT_IP}/24"), "dev", "eth0"],
-        );
+        ip(&lan, &["link", "add", "lan0", "type", "bridge"]);
+        ip(&lan, &["link", "set", "lan0", "up"]);
+        for (ns, port, addr) in [
+            (&client, "p-client", CLIENT_IP),
+            (&node, "p-node-a", NODE_IP),
+            (&node_b, "p-node-b", NODE_B_IP),
+        ] {
+            veth(&lan, port, ns, "eth0");
+            ip(&lan, &["link", "set", port, "master", "lan0"]);
+            ip(ns, &["addr", "add", &format!("{addr}/24"), "dev", "eth0"]);
+        }
+        for n in [&node, &node_b] {
+            n.run(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+        }
 
         veth(&node, "eth1", &ext, "eth0");
         ip(
@@ -95,39 +139,31 @@ impl Topology {
             &["route", "add", "default", "via", &EXT_GW.to_string()],
         );
 
-        ip(&node, &["link", "add", "br0", "type", "bridge"]);
+        // Each node routes the other's pod network through it.
         ip(
             &node,
-            &["addr", "add", &format!("{POD_GW}/24"), "dev", "br0"],
+            &[
+                "route",
+                "add",
+                "10.244.2.0/24",
+                "via",
+                &NODE_B_IP.to_string(),
+            ],
         );
-        ip(&node, &["link", "set", "br0", "up"]);
-        let pods = (1..=pods)
-            .map(|i| {
-                let ns = Netns::new("po");
-                let pod_ip = Ipv4Addr::new(10, 244, 1, 10 + i as u8);
-                let host_if = format!("veth{i}");
-                veth(&ns, "eth0", &node, &host_if);
-                ip(&node, &["link", "set", &host_if, "master", "br0"]);
-                ip(
-                    &ns,
-                    &["addr", "add", &format!("{pod_ip}/24"), "dev", "eth0"],
-                );
-                ip(
-                    &ns,
-                    &["route", "add", "default", "via", &POD_GW.to_string()],
-                );
-                Pod {
-                    name: format!("pod-{i}"),
-                    ip: pod_ip,
-                    ns,
-                }
-            })
-            .collect();
+        ip(
+            &node_b,
+            &["route", "add", "10.244.1.0/24", "via", &NODE_IP.to_string()],
+        );
+
+        let mut all = pod_network(&node, 1, pods, "pod-");
+        all.extend(pod_network(&node_b, 2, pods_b, "pod-b"));
         Self {
+            lan,
             node,
+            node_b,
             client,
             ext,
-            pods,
+            pods: all,
             cgroup: Cgroup::new(),
             servers: vec![],
         }
@@ -135,14 +171,35 @@ impl Topology {
 
     /// An HTTP server in `ns` on `port` that answers every GET with `name`.
     pub fn http_server(&mut self, ns_name: &str, port: u16, name: &str) {
+        // GET /bytes/N answers N bytes of pattern() (for byte-exact
+        // transfer checks), /slow/N the same paced at about 2 MB/s (a long
+        // transfer); anything else answers the server's name. Every
+        // answer names the server in an X-Pod header.
         const SERVER: &str = r#"
-import http.server, sys
+import http.server, sys, time
+CHUNK = bytes(i % 251 for i in range(251 * 256))
 class H(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     def do_GET(self):
+        if self.path.startswith("/bytes/") or self.path.startswith("/slow/"):
+            n = int(self.path.split("/")[2])
+            pause = 0.03 if self.path.startswith("/slow/") else 0
+            self.send_response(200)
+            self.send_header("Content-Length", str(n))
+            self.send_header("X-Pod", sys.argv[2])
+            self.end_headers()
+            sent = 0
+            while sent < n:
+                part = CHUNK[: min(len(CHUNK), n - sent)]
+                self.wfile.write(part)
+                sent += len(part)
+                if pause:
+                    time.sleep(pause)
+            return
         body = (sys.argv[2] + "\n").encode()
         self.send_response(200)
         self.send_header("Content-Length", str(len(body)))
+        self.send_header("X-Pod", sys.argv[2])
         self.end_headers()
         self.wfile.write(body)
     def log_message(self, *a):
@@ -214,13 +271,19 @@ while True:
 
     /// Starts an HTTP server in every pod, answering with the pod's name.
     pub fn start_pod_servers(&mut self, port: u16) {
+        self.start_pod_servers_named(port, "");
+    }
+
+    /// Same, answering with the pod's name and `suffix` (to tell several
+    /// ports apart).
+    pub fn start_pod_servers_named(&mut self, port: u16, suffix: &str) {
         let pods: Vec<(String, String)> = self
             .pods
             .iter()
             .map(|p| (p.ns.name.clone(), p.name.clone()))
             .collect();
         for (ns, name) in &pods {
-            self.http_server(ns, port, name);
+            self.http_server(ns, port, &format!("{name}{suffix}"));
         }
         for (ns, _) in &pods {
             Self::wait_listening(ns, port);
@@ -240,6 +303,11 @@ while True:
     pub fn pod(&self, name: &str) -> &Pod {
         self.pods.iter().find(|p| p.name == name).expect("pod")
     }
+}
+
+/// What the test HTTP server sends for `/bytes/N`.
+pub fn pattern(n: usize) -> Vec<u8> {
+    (0..n).map(|i| (i % 251) as u8).collect()
 }
 
 /// `curl` a URL and return the body, or an error text.
@@ -338,4 +406,124 @@ pub fn lbctl_binary() -> PathBuf {
         "lbctl binary not found next to {}: build it first (cargo build -p lbctl)",
         exe.display()
     );
+}
+
+/// A topology with `lbctl agent` running on node-a over a manifest folder.
+/// Dropping it stops the agent, removes its datapath and every file.
+pub struct Cluster {
+    pub agent: Option<Agent>,
+    pub topo: Topology,
+    pub lbctl: PathBuf,
+    pub work: PathBuf,
+    pub manifests: PathBuf,
+    pub bpffs: crate::guard::Bpffs,
+}
+
+impl Cluster {
+    pub fn start(lbctl: &Path, topo: Topology, files: &[(&str, &str)]) -> Self {
+        let work = std::env::temp_dir().join(crate::guard::unique("wk"));
+        let manifests = work.join("manifests");
+        std::fs::create_dir_all(&manifests).expect("manifest folder");
+        let bpffs = crate::guard::Bpffs::new();
+        let mut c = Self {
+            agent: None,
+            topo,
+            lbctl: lbctl.to_path_buf(),
+            work,
+            manifests,
+            bpffs,
+        };
+        for (name, text) in files {
+            c.write(name, text);
+        }
+        c.start_agent();
+        c
+    }
+
+    pub fn pins(&self) -> PathBuf {
+        self.bpffs.pins()
+    }
+
+    pub fn start_agent(&mut self) {
+        let log = self.work.join("agent.log");
+        self.agent = Some(Agent::start(
+            &self.lbctl,
+            &self.topo.node,
+            &self.manifests,
+            &self.pins(),
+            &self.topo.cgroup.path,
+            &log,
+        ));
+    }
+
+    /// Replaces a manifest file atomically (the source skips dot-files, so
+    /// the temporary never counts).
+    pub fn write(&self, name: &str, text: &str) {
+        let tmp = self.manifests.join(format!(".{name}.tmp"));
+        std::fs::write(&tmp, text).expect("write manifest");
+        std::fs::rename(&tmp, self.manifests.join(name)).expect("rename manifest");
+    }
+
+    /// `lbctl <args> -o json --bpffs <pins>`, parsed.
+    pub fn lbctl_json(&self, args: &[&str]) -> Result<serde_json::Value, String> {
+        let out = Command::new(&self.lbctl)
+            .args(args)
+            .args(["-o", "json", "--bpffs"])
+            .arg(self.pins())
+            .output()
+            .map_err(|e| e.to_string())?;
+        if !out.status.success() {
+            return Err(String::from_utf8_lossy(&out.stderr).to_string());
+        }
+        serde_json::from_slice(&out.stdout).map_err(|e| e.to_string())
+    }
+
+    /// Waits until `lbctl services` satisfies `ok`.
+    pub fn wait_services(&self, what: &str, ok: impl Fn(&[serde_json::Value]) -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut last = String::new();
+        while Instant::now() < deadline {
+            match self.lbctl_json(&["services"]) {
+                Ok(v) if v.as_array().is_some_and(|a| ok(a)) => return,
+                Ok(v) => last = v.to_string(),
+                Err(e) => last = e,
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+        let log = std::fs::read_to_string(self.work.join("agent.log")).unwrap_or_default();
+        panic!("timed out waiting for {what}; last services: {last}\nagent log:\n{log}");
+    }
+
+    /// A command in `ns` whose process is in the socket-LB cgroup.
+    pub fn in_cgroup(&self, ns: &Netns, program: &str, args: &[&str]) -> Command {
+        self.topo.in_pod_cgroup(ns, program, args)
+    }
+
+    /// GET `url` from `ns` as a pod (in the cgroup); the body or a panic.
+    pub fn get_from_pod(&self, ns: &Netns, url: &str) -> String {
+        let args = curl_args(url);
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        curl(self.in_cgroup(ns, "curl", &refs))
+            .unwrap_or_else(|e| panic!("GET {url} from {}: {e}", ns.name))
+    }
+
+    /// GET `url` from the outside client (not in the cgroup).
+    pub fn get_from_client(&self, url: &str) -> String {
+        let mut c = self.topo.client.command("curl");
+        c.args(curl_args(url));
+        curl(c).unwrap_or_else(|e| panic!("GET {url} from the client: {e}"))
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if let Some(mut a) = self.agent.take() {
+            a.stop();
+        }
+        let _ = Command::new(&self.lbctl)
+            .args(["agent", "--cleanup", "--bpffs"])
+            .arg(self.pins())
+            .output();
+        let _ = std::fs::remove_dir_all(&self.work);
+    }
 }

@@ -3,25 +3,32 @@
 
 use std::{
     collections::BTreeSet,
-    fs,
-    process::Command,
+    path::PathBuf,
+    process::{Command, Stdio},
     thread,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use lb_tests::{
-    guard::{Bpffs, sweep, unique},
+    guard::{sweep, unique},
     require_root,
-    topo::{self, Agent, EXT_IP, NODE_IP, NODE_NAME, Topology},
+    topo::{self, Cluster, EXT_IP, NODE_B_NAME, NODE_IP, NODE_NAME, Topology},
 };
 
-const MANIFESTS: &str = r#"
-apiVersion: v1
+fn lbctl() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_lbctl-e2e"))
+}
+
+/// A Service (NodePort 30080 on port 80, UDP 53 as ClusterIP) over pods.
+fn web(endpoints: &[(&str, &str)]) -> String {
+    let mut y = String::from(
+        r#"apiVersion: v1
 kind: Service
 metadata: {name: web, namespace: e2e}
 spec:
   type: NodePort
   clusterIP: 10.96.0.10
+  externalIPs: [203.0.113.9]
   ports:
   - {name: http, port: 80, targetPort: http, nodePort: 30080}
   - {name: dns, port: 53, targetPort: 5353, protocol: UDP}
@@ -32,10 +39,15 @@ metadata: {name: web-a, namespace: e2e, labels: {kubernetes.io/service-name: web
 addressType: IPv4
 ports: [{name: http, port: 8080}, {name: dns, port: 5353, protocol: UDP}]
 endpoints:
-- {addresses: [10.244.1.11], conditions: {ready: true}, nodeName: NODE}
-- {addresses: [10.244.1.12], conditions: {ready: true}, nodeName: NODE}
-- {addresses: [10.244.1.13], conditions: {ready: true}, nodeName: NODE}
----
+"#,
+    );
+    for (addr, node) in endpoints {
+        y += &format!("- {{addresses: [{addr}], conditions: {{ready: true}}, nodeName: {node}}}\n");
+    }
+    y
+}
+
+const LEGACY: &str = r#"
 apiVersion: v1
 kind: Service
 metadata: {name: legacy, namespace: e2e}
@@ -60,30 +72,26 @@ data, peer = s.recvfrom(2048)
 print(f"{peer[0]}:{peer[1]} {data.decode()}")
 "#;
 
-fn wait_synced(lbctl: &std::path::Path, pins: &std::path::Path, ports: usize) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while Instant::now() < deadline {
-        let out = Command::new(lbctl)
-            .args(["services", "-o", "json", "--bpffs"])
-            .arg(pins)
-            .output()
-            .unwrap();
-        if out.status.success() {
-            let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-            if v.as_array().is_some_and(|a| a.len() >= ports) {
-                return;
-            }
-        }
-        thread::sleep(Duration::from_millis(50));
-    }
-    panic!("agent did not program {ports} service ports in 20s");
+fn three_local() -> String {
+    web(&[
+        ("10.244.1.11", NODE_NAME),
+        ("10.244.1.12", NODE_NAME),
+        ("10.244.1.13", NODE_NAME),
+    ])
+}
+
+fn backends_of(services: &[serde_json::Value], name: &str, port: &str) -> usize {
+    services
+        .iter()
+        .find(|s| s["name"] == name && s["port_name"] == port)
+        .and_then(|s| s["backends"].as_array())
+        .map_or(0, Vec::len)
 }
 
 #[test]
 fn services_answer_from_pods_host_and_outside() {
     require_root();
     sweep();
-    let lbctl = std::path::PathBuf::from(env!("CARGO_BIN_EXE_lbctl-e2e"));
     let mut t = Topology::new(3);
     t.start_pod_servers(8080);
     let pods: Vec<(String, String)> = t
@@ -97,40 +105,21 @@ fn services_answer_from_pods_host_and_outside() {
     let ext = t.ext.name.clone();
     t.http_server(&ext, 8000, "external");
     Topology::wait_listening(&ext, 8000);
-
-    let work = std::env::temp_dir().join(unique("e2"));
-    fs::create_dir_all(&work).unwrap();
-    fs::write(
-        work.join("services.yaml"),
-        MANIFESTS
-            .replace("NODE", NODE_NAME)
-            .replace("EXT", &EXT_IP.to_string()),
-    )
-    .unwrap();
-    let bpffs = Bpffs::new();
-    let pins = bpffs.pins();
-    let mut agent = Agent::start(
-        &lbctl,
-        &t.node,
-        &work,
-        &pins,
-        &t.cgroup.path,
-        &std::env::temp_dir().join(unique("lg")),
+    let mut c = Cluster::start(
+        &lbctl(),
+        t,
+        &[
+            ("web.yaml", &three_local()),
+            ("legacy.yaml", &LEGACY.replace("EXT", &EXT_IP.to_string())),
+        ],
     );
-    wait_synced(&lbctl, &pins, 3);
-
-    let pod1 = &t.pod("pod-1").ns;
-    let get = |cmd: Command| topo::curl(cmd).unwrap_or_else(|e| panic!("request failed: {e}"));
-    let curl_from = |ns: &lb_tests::guard::Netns, url: &str| {
-        let args = topo::curl_args(url);
-        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-        get(t.in_pod_cgroup(ns, "curl", &refs))
-    };
+    c.wait_services("3 service ports", |s| s.len() == 3);
+    let pod1 = &c.topo.pod("pod-1").ns;
 
     // ClusterIP from a pod reaches each of the three backends.
     let mut seen = BTreeSet::new();
     for _ in 0..60 {
-        seen.insert(curl_from(pod1, "http://10.96.0.10/"));
+        seen.insert(c.get_from_pod(pod1, "http://10.96.0.10/"));
         if seen.len() == 3 {
             break;
         }
@@ -142,19 +131,21 @@ fn services_answer_from_pods_host_and_outside() {
     );
 
     // From the node itself (a host-network process in the cgroup).
-    let body = curl_from(&t.node, "http://10.96.0.10/");
+    let body = c.get_from_pod(&c.topo.node, "http://10.96.0.10/");
     assert!(body.starts_with("pod-"), "host-network client got {body:?}");
 
     // NodePort from outside (not in the cgroup: the per-packet path).
-    let mut c = t.client.command("curl");
-    c.args(topo::curl_args(&format!("http://{NODE_IP}:30080/")));
-    assert!(get(c).starts_with("pod-"));
+    assert!(
+        c.get_from_client(&format!("http://{NODE_IP}:30080/"))
+            .starts_with("pod-")
+    );
 
     // A Service without selector, backed by hand-written Endpoints.
-    assert_eq!(curl_from(pod1, "http://10.96.0.20/"), "external");
+    assert_eq!(c.get_from_pod(pod1, "http://10.96.0.20/"), "external");
 
     // UDP: the client's recvfrom shows the Service address, not the pod's.
-    let reply = get(t.in_pod_cgroup(pod1, "python3", &["-c", UDP_CLIENT, "10.96.0.10", "53"]));
+    let reply = topo::curl(c.in_cgroup(pod1, "python3", &["-c", UDP_CLIENT, "10.96.0.10", "53"]))
+        .expect("UDP request");
     let (from, body) = reply.split_once(' ').expect("reply");
     assert_eq!(
         from, "10.96.0.10:53",
@@ -162,21 +153,250 @@ fn services_answer_from_pods_host_and_outside() {
     );
     assert!(body.starts_with("pod-"), "{reply}");
 
-    agent.stop();
     // Pinned: the datapath keeps forwarding with the agent gone.
+    c.agent.take().expect("agent").stop();
     assert!(
-        curl_from(pod1, "http://10.96.0.10/").starts_with("pod-"),
+        c.get_from_pod(pod1, "http://10.96.0.10/")
+            .starts_with("pod-"),
         "after the agent stopped"
     );
-    let cleanup = Command::new(&lbctl)
-        .args(["agent", "--cleanup", "--bpffs"])
-        .arg(&pins)
-        .output()
-        .unwrap();
     assert!(
-        cleanup.status.success(),
-        "{}",
-        String::from_utf8_lossy(&cleanup.stderr)
+        c.get_from_client(&format!("http://{NODE_IP}:30080/"))
+            .starts_with("pod-"),
+        "NodePort after the agent stopped"
     );
-    let _ = fs::remove_dir_all(&work);
+}
+
+#[test]
+fn nodeport_to_a_backend_on_another_node_is_snated() {
+    require_root();
+    sweep();
+    let mut t = Topology::with_remote(1, 1);
+    t.start_pod_servers(8080);
+    // Only the pod on node-b backs the Service: the client has no route to
+    // it, so only SNAT to node-a and the reverse translation make it work.
+    let c = Cluster::start(
+        &lbctl(),
+        t,
+        &[("web.yaml", &web(&[("10.244.2.11", NODE_B_NAME)]))],
+    );
+    c.wait_services("web with its remote backend", |s| {
+        backends_of(s, "web", "http") == 1
+    });
+    for _ in 0..5 {
+        assert_eq!(
+            c.get_from_client(&format!("http://{NODE_IP}:30080/")),
+            "pod-b1"
+        );
+    }
+    // And a pod on node-a reaches it through the ClusterIP.
+    assert_eq!(
+        c.get_from_pod(&c.topo.pod("pod-1").ns, "http://10.96.0.10/"),
+        "pod-b1"
+    );
+}
+
+#[test]
+fn external_ip_from_outside_and_from_pods() {
+    require_root();
+    sweep();
+    let mut t = Topology::new(2);
+    t.start_pod_servers(8080);
+    // The outside client routes the external IP to node-a, as an upstream
+    // router would.
+    t.client.run(&[
+        "ip",
+        "route",
+        "add",
+        "203.0.113.9/32",
+        "via",
+        &NODE_IP.to_string(),
+    ]);
+    let c = Cluster::start(
+        &lbctl(),
+        t,
+        &[(
+            "web.yaml",
+            &web(&[("10.244.1.11", NODE_NAME), ("10.244.1.12", NODE_NAME)]),
+        )],
+    );
+    c.wait_services("web", |s| backends_of(s, "web", "http") == 2);
+    assert!(c.get_from_client("http://203.0.113.9/").starts_with("pod-"));
+    assert!(
+        c.get_from_pod(&c.topo.pod("pod-1").ns, "http://203.0.113.9/")
+            .starts_with("pod-")
+    );
+}
+
+#[test]
+fn multi_port_service_with_named_target_ports() {
+    require_root();
+    sweep();
+    let mut t = Topology::new(2);
+    t.start_pod_servers(8080);
+    t.start_pod_servers_named(9090, "-admin");
+    let yaml = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: app, namespace: e2e}
+spec:
+  clusterIP: 10.96.0.30
+  ports:
+  - {name: web, port: 80, targetPort: http}
+  - {name: admin, port: 81, targetPort: admin-port}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: app-1, namespace: e2e, labels: {kubernetes.io/service-name: app}}
+addressType: IPv4
+ports: [{name: web, port: 8080}, {name: admin, port: 9090}]
+endpoints:
+- {addresses: [10.244.1.11], nodeName: node-a}
+- {addresses: [10.244.1.12], nodeName: node-a}
+"#;
+    let c = Cluster::start(&lbctl(), t, &[("app.yaml", yaml)]);
+    c.wait_services("both ports", |s| s.len() == 2);
+    let pod = &c.topo.pod("pod-2").ns;
+    for _ in 0..4 {
+        let web = c.get_from_pod(pod, "http://10.96.0.30:80/");
+        let admin = c.get_from_pod(pod, "http://10.96.0.30:81/");
+        assert!(web.starts_with("pod-") && !web.ends_with("-admin"), "{web}");
+        assert!(admin.ends_with("-admin"), "{admin}");
+    }
+}
+
+/// curl arguments for a download: the body goes to `out`,
+/// the headers to `out.h`.
+fn slow_download_args(url: &str, out: &std::path::Path) -> Vec<String> {
+    let headers = out.with_extension("h");
+    ["-sS", "--noproxy", "*", "--max-time", "60", "-D"]
+        .iter()
+        .map(|s| s.to_string())
+        .chain([
+            headers.display().to_string(),
+            "-o".into(),
+            out.display().to_string(),
+            url.to_string(),
+        ])
+        .collect()
+}
+
+fn spawn(mut cmd: Command) -> std::process::Child {
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start curl")
+}
+
+fn served_by(out: &std::path::Path) -> String {
+    let h = std::fs::read_to_string(out.with_extension("h")).expect("headers");
+    h.lines()
+        .find_map(|l| l.strip_prefix("X-Pod: "))
+        .map(|s| s.trim().to_string())
+        .expect("X-Pod header")
+}
+
+#[test]
+fn long_transfers_keep_their_backend_while_the_set_changes() {
+    require_root();
+    sweep();
+    let mut t = Topology::new(3);
+    t.start_pod_servers(8080);
+    let c = Cluster::start(&lbctl(), t, &[("web.yaml", &three_local())]);
+    c.wait_services("3 backends", |s| backends_of(s, "web", "http") == 3);
+
+    // 8 MB paced by the server: about four seconds in flight, full-MTU segments
+    // through the NodePort translation (checksum offload on veth) and
+    // through the socket translation.
+    const SIZE: usize = 8 << 20;
+    let dir = c.work.join(unique("dl"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let via_nodeport = dir.join("nodeport.bin");
+    let via_clusterip = dir.join("clusterip.bin");
+    let mut client_curl = c.topo.client.command("curl");
+    client_curl.args(slow_download_args(
+        &format!("http://{NODE_IP}:30080/slow/{SIZE}"),
+        &via_nodeport,
+    ));
+    let mut np = spawn(client_curl);
+    let pod_args = slow_download_args(&format!("http://10.96.0.10/slow/{SIZE}"), &via_clusterip);
+    let refs: Vec<&str> = pod_args.iter().map(String::as_str).collect();
+    let mut ci = spawn(c.in_cgroup(&c.topo.pod("pod-1").ns, "curl", &refs));
+    thread::sleep(Duration::from_millis(1500));
+    let np_pod = served_by(&via_nodeport);
+    let ci_pod = served_by(&via_clusterip);
+
+    // Replace the backend set while both transfers run: only the pods that
+    // serve neither transfer stay.
+    let keep: Vec<(&str, &str)> = [
+        ("10.244.1.11", "pod-1"),
+        ("10.244.1.12", "pod-2"),
+        ("10.244.1.13", "pod-3"),
+    ]
+    .into_iter()
+    .filter(|(_, name)| *name != np_pod && *name != ci_pod)
+    .map(|(addr, _)| (addr, NODE_NAME))
+    .collect();
+    assert!(!keep.is_empty());
+    for (child, what) in [(&mut np, "NodePort"), (&mut ci, "ClusterIP")] {
+        if child.try_wait().unwrap().is_some() {
+            let (status, err) = child.wait_with_output_ref();
+            let sizes: Vec<u64> = [&via_nodeport, &via_clusterip]
+                .iter()
+                .map(|f| std::fs::metadata(f).map_or(0, |m| m.len()))
+                .collect();
+            panic!(
+                "the {what} transfer ended before the backend set changed: {status} {err} sizes {sizes:?}"
+            );
+        }
+    }
+    c.write("web.yaml", &web(&keep));
+    c.wait_services("the reduced backend set", |s| {
+        backends_of(s, "web", "http") == keep.len()
+    });
+    // New connections go to the new set only.
+    let fresh = c.get_from_client(&format!("http://{NODE_IP}:30080/"));
+    assert!(
+        keep.iter()
+            .any(|(a, _)| *a == c.topo.pod(&fresh).ip.to_string()),
+        "new flow went to {fresh}"
+    );
+
+    for (child, file, pod) in [
+        (&mut np, &via_nodeport, &np_pod),
+        (&mut ci, &via_clusterip, &ci_pod),
+    ] {
+        let out = child.wait_with_output_ref();
+        assert!(
+            out.0.success(),
+            "download via {} failed: {}",
+            file.display(),
+            out.1
+        );
+        let got = std::fs::read(file).unwrap();
+        assert_eq!(got.len(), SIZE, "{}: length", file.display());
+        assert!(
+            got == topo::pattern(SIZE),
+            "{}: bytes differ",
+            file.display()
+        );
+        assert_eq!(&served_by(file), pod, "the transfer kept its backend");
+    }
+}
+
+trait WaitRef {
+    fn wait_with_output_ref(&mut self) -> (std::process::ExitStatus, String);
+}
+
+impl WaitRef for std::process::Child {
+    fn wait_with_output_ref(&mut self) -> (std::process::ExitStatus, String) {
+        let status = self.wait().expect("wait");
+        let mut err = String::new();
+        if let Some(mut e) = self.stderr.take() {
+            use std::io::Read;
+            let _ = e.read_to_string(&mut err);
+        }
+        (status, err)
+    }
 }
