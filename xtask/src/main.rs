@@ -31,6 +31,12 @@ enum Task {
     },
     /// Set up, build, and run the demo in network namespaces.
     Demo,
+    /// Set up, build, and print datapath cost figures (not a test).
+    Bench {
+        /// A small run that only checks the benchmark still works.
+        #[arg(long)]
+        quick: bool,
+    },
 }
 
 fn main() -> Result<()> {
@@ -43,6 +49,22 @@ fn main() -> Result<()> {
         Task::Test { no_lint, args } => {
             setup::run()?;
             test(!no_lint, &args)
+        }
+        Task::Bench { quick } => {
+            setup::run()?;
+            let mut args = vec![
+                "run",
+                "--release",
+                "--quiet",
+                "-p",
+                "lb-tests",
+                "--bin",
+                "bench",
+            ];
+            if quick {
+                args.extend(["--", "--quick"]);
+            }
+            sh::step("bench", sh::cargo(&args))
         }
         Task::Demo => {
             setup::run()?;

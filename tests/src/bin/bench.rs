@@ -1,0 +1,249 @@
+//! `cargo xtask bench`: what one packet costs in the datapath, measured by
+//! the kernel with BPF_PROG_TEST_RUN, next to programs that do nothing (the
+//! floor on this machine), with 1 and 10,000 Services in the maps; and the
+//! verifier's instruction count of every program as loaded.
+//!
+//! A benchmark, not a test: it prints figures and asserts nothing about
+//! them. `--quick` runs a small version to check it still runs.
+
+use std::{net::Ipv4Addr, time::Instant};
+
+use aya::{
+    Ebpf,
+    programs::{Program, SchedClassifier, TestRun, TestRunOptions, Xdp},
+};
+use lb_tests::{
+    fixture,
+    guard::{Bpffs, sweep},
+    packet::{ACK, Frame, SYN},
+    require_root,
+};
+use lbctl::{
+    agent::model::NodeInfo,
+    datapath::{load, pins},
+};
+
+const NODE: Ipv4Addr = Ipv4Addr::new(172, 18, 0, 2);
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    format!(
+        "{cpu}, {} cores, kernel {}",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        kernel.trim()
+    )
+}
+
+/// `n` Services of 10 backends each; service 0 is NodePort 30080.
+fn manifests(n: usize) -> String {
+    let mut y = String::with_capacity(n * 900);
+    for i in 0..n {
+        let (a, b) = ((i / 250) as u8, (i % 250) as u8 + 1);
+        let np = if i == 0 { "type: NodePort\n  " } else { "" };
+        let port = if i == 0 { ", nodePort: 30080" } else { "" };
+        y += &format!(
+            "---\napiVersion: v1\nkind: Service\nmetadata: {{name: s{i}, namespace: bench}}\nspec:\n  {np}clusterIP: 10.96.{a}.{b}\n  ports: [{{name: http, port: 80{port}}}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: s{i}-1, namespace: bench, labels: {{kubernetes.io/service-name: s{i}}}}}\naddressType: IPv4\nports: [{{name: http, port: 8080}}]\nendpoints:\n"
+        );
+        for e in 0..10u8 {
+            y += &format!(
+                "- {{addresses: [10.{}.{}.{}], nodeName: node-a}}\n",
+                100 + i / 65536,
+                (i / 256) % 256,
+                (i % 256) as u8 ^ e
+            );
+        }
+    }
+    y
+}
+
+fn tc<'a>(ebpf: &'a mut Ebpf, name: &str) -> &'a mut SchedClassifier {
+    ebpf.program_mut(name)
+        .expect("program")
+        .try_into()
+        .expect("tc program")
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+fn run_tc(p: &SchedClassifier, frame: &[u8], repeat: u32) -> f64 {
+    let mut out = vec![0u8; frame.len() + 64];
+    let r = p
+        .test_run(TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            repeat,
+            ..Default::default()
+        })
+        .expect("PROG_TEST_RUN");
+    r.duration.as_nanos() as f64
+}
+
+fn run_xdp(p: &Xdp, frame: &[u8], repeat: u32) -> f64 {
+    let mut out = vec![0u8; frame.len() + 64];
+    let r = p
+        .test_run(TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            repeat,
+            ..Default::default()
+        })
+        .expect("PROG_TEST_RUN");
+    r.duration.as_nanos() as f64
+}
+
+fn main() {
+    require_root();
+    sweep();
+    let quick = std::env::args().any(|a| a == "--quick");
+    let (sizes, repeat, rounds, new_flows): (&[usize], u32, usize, u16) = if quick {
+        (&[1, 100], 1000, 3, 200)
+    } else {
+        (&[1, 10_000], 200_000, 7, 20_000)
+    };
+    println!("# Datapath cost per packet (BPF_PROG_TEST_RUN, kernel-measured)\n");
+    println!("Machine: {}\n", machine());
+
+    let mut floor = load::load_floor().expect("floor object");
+    tc(&mut floor, "floor_tc").load().unwrap();
+    let x: &mut Xdp = floor.program_mut("floor_xdp").unwrap().try_into().unwrap();
+    x.load().unwrap();
+    let floor_tc: &SchedClassifier = floor.program("floor_tc").unwrap().try_into().unwrap();
+    let xdp: &Xdp = floor.program("floor_xdp").unwrap().try_into().unwrap();
+
+    let client = Ipv4Addr::new(192, 168, 50, 7);
+    let est = Frame::tcp((client, 40000), (NODE, 30080), ACK).bytes();
+    let other = Frame::tcp((client, 40000), (NODE, 22), ACK).bytes();
+
+    println!(
+        "| packet | {} |",
+        sizes
+            .iter()
+            .map(|n| format!("{n} Services (ns)"))
+            .collect::<Vec<_>>()
+            .join(" | ")
+    );
+    println!("|---|{}", "---|".repeat(sizes.len()));
+    let mut rows: Vec<(String, Vec<f64>)> = [
+        "new flow to a NodePort (conntrack create, backend pick, DNAT)",
+        "established flow (conntrack hit, DNAT)",
+        "reply of a local backend (egress, reverse translation)",
+        "not for a Service (passed)",
+        "floor: tc program returning TC_ACT_OK",
+        "floor: XDP program returning XDP_PASS",
+    ]
+    .iter()
+    .map(|s| (s.to_string(), vec![]))
+    .collect();
+    let mut insns = Vec::new();
+    for (si, &n) in sizes.iter().enumerate() {
+        let fs = Bpffs::new();
+        let pins = fs.pins();
+        pins::prepare(&pins).unwrap();
+        let mut ebpf = load::load(&pins).unwrap();
+        let node = NodeInfo {
+            name: "node-a".into(),
+            zone: None,
+            addresses: vec![NODE],
+        };
+        let t = Instant::now();
+        let _rec = fixture::program(&pins, &manifests(n), &node);
+        eprintln!(
+            "{n} Services programmed in {:.2}s",
+            t.elapsed().as_secs_f64()
+        );
+        for name in ["lb_from_netdev", "lb_to_netdev"] {
+            tc(&mut ebpf, name).load().unwrap();
+        }
+        if si == 0 {
+            for name in [
+                "lb_connect4",
+                "lb_sendmsg4",
+                "lb_recvmsg4",
+                "lb_getpeername4",
+            ] {
+                let p: &mut aya::programs::CgroupSockAddr =
+                    ebpf.program_mut(name).unwrap().try_into().unwrap();
+                p.load().unwrap();
+            }
+            for (name, p) in ebpf.programs() {
+                let info = match p {
+                    Program::SchedClassifier(p) => p.info(),
+                    Program::CgroupSockAddr(p) => p.info(),
+                    _ => continue,
+                };
+                if let Ok(info) = info {
+                    insns.push((
+                        name.to_string(),
+                        info.verified_instruction_count().unwrap_or(0),
+                        info.size_translated().unwrap_or(0) / 8,
+                    ));
+                }
+            }
+        }
+        let from: &SchedClassifier = ebpf.program("lb_from_netdev").unwrap().try_into().unwrap();
+        let to: &SchedClassifier = ebpf.program("lb_to_netdev").unwrap().try_into().unwrap();
+
+        // New flows: one run per distinct flow, median over many.
+        let mut news = Vec::new();
+        for sport in 0..new_flows {
+            let f = Frame::tcp((client, 1024 + sport), (NODE, 30080), SYN).bytes();
+            news.push(run_tc(from, &f, 1));
+        }
+        rows[0].1.push(median(news));
+        // The flow of `est` exists once its first packet ran.
+        run_tc(from, &est, 1);
+        rows[1].1.push(median(
+            (0..rounds).map(|_| run_tc(from, &est, repeat)).collect(),
+        ));
+        // The reply of that flow from the chosen backend.
+        let mut out = vec![0u8; est.len() + 64];
+        from.test_run(TestRunOptions {
+            data_in: Some(&est),
+            data_out: Some(&mut out),
+            ..Default::default()
+        })
+        .unwrap();
+        let be = Ipv4Addr::new(out[30], out[31], out[32], out[33]);
+        let reply = Frame::tcp((be, 8080), (client, 40000), ACK).bytes();
+        rows[2].1.push(median(
+            (0..rounds).map(|_| run_tc(to, &reply, repeat)).collect(),
+        ));
+        rows[3].1.push(median(
+            (0..rounds).map(|_| run_tc(from, &other, repeat)).collect(),
+        ));
+        rows[4].1.push(median(
+            (0..rounds)
+                .map(|_| run_tc(floor_tc, &other, repeat))
+                .collect(),
+        ));
+        rows[5].1.push(median(
+            (0..rounds).map(|_| run_xdp(xdp, &other, repeat)).collect(),
+        ));
+    }
+    for (name, v) in &rows {
+        println!(
+            "| {name} | {} |",
+            v.iter()
+                .map(|x| format!("{x:.0}"))
+                .collect::<Vec<_>>()
+                .join(" | ")
+        );
+    }
+    println!("\n# Verifier: instructions processed, and program size, as loaded\n");
+    println!("| program | verified instructions | size (instructions) |\n|---|---|---|");
+    insns.sort();
+    for (name, verified, size) in insns {
+        println!("| {name} | {verified} | {size} |");
+    }
+}
