@@ -370,3 +370,183 @@ fn device_path_cases() {
         run(&mut ebpf, &maps, c);
     }
 }
+
+/// `struct __sk_buff` as PROG_TEST_RUN's context: only the fields the
+/// kernel lets a test set are filled (offsets from the UAPI header).
+fn skb_ctx(ifindex: u32) -> Vec<u8> {
+    let mut ctx = vec![0u8; 192];
+    ctx[36..40].copy_from_slice(&ifindex.to_ne_bytes()); // ingress_ifindex
+    ctx[40..44].copy_from_slice(&ifindex.to_ne_bytes()); // ifindex
+    ctx
+}
+
+/// A NodePort whose only backend is on another node: the first packet is
+/// DNATed and SNATed to the node and redirected towards the other node; the
+/// backend's reply to the node is translated back to the client and
+/// redirected towards it. FIB lookups need routes, so the programs run in a
+/// namespace with a device, routes and fixed neighbours.
+#[test]
+fn snat_to_a_backend_on_another_node_both_ways() {
+    use lb_tests::guard::Netns;
+    require_root();
+    sweep();
+    const TC_ACT_REDIRECT: u32 = 7;
+    let ns = Netns::new("dp");
+    let peer = Netns::new("dq");
+    let node_mac = [0x02, 0, 0, 0, 0, 0x02];
+    let node_b_mac = [0x02, 0, 0, 0, 0, 0x03];
+    let router_mac = [0x02, 0, 0, 0, 0, 0x01];
+    let ipn = |args: &[&str]| {
+        let mut all = vec!["-n", ns.name.as_str()];
+        all.extend_from_slice(args);
+        lb_tests::guard::run("ip", &all);
+    };
+    ipn(&[
+        "link", "add", "eth0", "type", "veth", "peer", "name", "eth0", "netns", &peer.name,
+    ]);
+    ipn(&["link", "set", "eth0", "address", "02:00:00:00:00:02", "up"]);
+    ipn(&["addr", "add", "172.18.0.2/24", "dev", "eth0"]);
+    ipn(&[
+        "neigh",
+        "add",
+        "172.18.0.3",
+        "lladdr",
+        "02:00:00:00:00:03",
+        "dev",
+        "eth0",
+        "nud",
+        "permanent",
+    ]);
+    ipn(&[
+        "neigh",
+        "add",
+        "172.18.0.1",
+        "lladdr",
+        "02:00:00:00:00:01",
+        "dev",
+        "eth0",
+        "nud",
+        "permanent",
+    ]);
+    ipn(&["route", "add", "10.244.2.0/24", "via", "172.18.0.3"]);
+    ipn(&["route", "add", "192.168.50.0/24", "via", "172.18.0.1"]);
+    // A node forwards (the FIB lookup refuses otherwise, as on a real node
+    // without ip_forward).
+    ns.run(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+    let ifindex: u32 = ns
+        .run(&["cat", "/sys/class/net/eth0/ifindex"])
+        .trim()
+        .parse()
+        .unwrap();
+    let netns_path = format!("/run/netns/{}", ns.name);
+
+    let fs = Bpffs::new();
+    let pins = fs.pins();
+    pins::prepare(&pins).unwrap();
+    let remote = MANIFESTS.replace(
+        "endpoints: [{addresses: [10.244.1.5], nodeName: node-a}]",
+        "endpoints: [{addresses: [10.244.2.11], nodeName: node-b}]",
+    );
+    let node = NodeInfo {
+        name: "node-a".into(),
+        zone: None,
+        addresses: vec![NODE],
+    };
+    let _pinned = load::load(&pins).expect("load (pins the maps)");
+    let _rec = fixture::program(&pins, &remote, &node);
+
+    // PROG_TEST_RUN runs in the calling thread's network namespace.
+    std::thread::spawn(move || {
+        let f = std::fs::File::open(&netns_path).expect("netns");
+        use std::os::fd::AsRawFd;
+        // SAFETY: setns on this thread only, with a valid namespace fd.
+        assert_eq!(
+            unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) },
+            0,
+            "setns"
+        );
+        let mut ebpf = load::load(&pins).expect("load");
+        let prog: &mut SchedClassifier = ebpf
+            .program_mut("lb_from_netdev")
+            .unwrap()
+            .try_into()
+            .unwrap();
+        prog.load().unwrap();
+        let ctx = skb_ctx(ifindex);
+        let run = |frame: &[u8]| {
+            let mut out = vec![0u8; frame.len() + 64];
+            let r = prog
+                .test_run(TestRunOptions {
+                    data_in: Some(frame),
+                    data_out: Some(&mut out),
+                    ctx_in: Some(&ctx),
+                    ..Default::default()
+                })
+                .expect("PROG_TEST_RUN");
+            out.truncate(r.data_size_out as usize);
+            (r.return_value, out)
+        };
+        let cl = (CLIENT, 40000);
+        let backend = (Ipv4Addr::new(10, 244, 2, 11), 8080);
+
+        let mut syn = Frame::tcp(cl, (NODE, 30080), SYN);
+        syn.dst_mac = node_mac;
+        let mut want = syn.with((NODE, 40000), backend);
+        want.src_mac = node_mac;
+        want.dst_mac = node_b_mac;
+        let (verdict, out) = run(&syn.bytes());
+        assert_eq!(
+            verdict,
+            TC_ACT_REDIRECT,
+            "SNATed SYN is redirected\n{}",
+            describe(&out)
+        );
+        assert_frame(
+            "NodePort SYN to a remote backend: DNAT + SNAT to the node",
+            &out,
+            &want.bytes(),
+        );
+
+        let mut reply = Frame::tcp(backend, (NODE, 40000), SYN | ACK);
+        reply.dst_mac = node_mac;
+        let mut want = reply.with((NODE, 30080), cl);
+        want.src_mac = node_mac;
+        want.dst_mac = router_mac;
+        let (verdict, out) = run(&reply.bytes());
+        assert_eq!(
+            verdict,
+            TC_ACT_REDIRECT,
+            "reply is redirected\n{}",
+            describe(&out)
+        );
+        assert_frame(
+            "reply from the remote backend: back to the client from the NodePort",
+            &out,
+            &want.bytes(),
+        );
+
+        // RST from the client: same translation, and the flow is closing.
+        let mut rst = Frame::tcp(cl, (NODE, 30080), lb_tests::packet::RST);
+        rst.dst_mac = node_mac;
+        let mut want = rst.with((NODE, 40000), backend);
+        want.src_mac = node_mac;
+        want.dst_mac = node_b_mac;
+        let (verdict, out) = run(&rst.bytes());
+        assert_eq!(verdict, TC_ACT_REDIRECT);
+        assert_frame("RST of the SNATed flow", &out, &want.bytes());
+    })
+    .join()
+    .expect("test thread");
+    let maps = ServiceMaps::open(&fs.pins()).unwrap();
+    let closing = maps
+        .conntrack
+        .iter()
+        .filter_map(Result::ok)
+        .filter(|(_, e)| {
+            e.flags & lb_common::conntrack::CT_CLOSING != 0
+                && e.lifetime_s == lb_common::conntrack::CT_LIFETIME_TCP_CLOSING
+        })
+        .count();
+    assert_eq!(closing, 2, "both directions of the reset flow are closing");
+    drop(peer);
+}

@@ -196,35 +196,63 @@ fn nodeport_to_a_backend_on_another_node_is_snated() {
     );
 }
 
+const LOAD_BALANCER: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: public, namespace: e2e}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.0.40
+  ports: [{name: http, port: 80, targetPort: 8080, nodePort: 30081}]
+status:
+  loadBalancer:
+    ingress: [{ip: 198.51.100.5}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: public-1, namespace: e2e, labels: {kubernetes.io/service-name: public}}
+addressType: IPv4
+ports: [{name: http, port: 8080}]
+endpoints: [{addresses: [10.244.1.12], nodeName: node-a}]
+"#;
+
 #[test]
-fn external_ip_from_outside_and_from_pods() {
+fn external_and_load_balancer_ips_from_outside_and_from_pods() {
     require_root();
     sweep();
     let mut t = Topology::new(2);
     t.start_pod_servers(8080);
-    // The outside client routes the external IP to node-a, as an upstream
-    // router would.
-    t.client.run(&[
-        "ip",
-        "route",
-        "add",
-        "203.0.113.9/32",
-        "via",
-        &NODE_IP.to_string(),
-    ]);
+    // The outside client routes the external and LoadBalancer IPs to
+    // node-a, as an upstream router or a load balancer would.
+    for ip in ["203.0.113.9/32", "198.51.100.5/32"] {
+        t.client
+            .run(&["ip", "route", "add", ip, "via", &NODE_IP.to_string()]);
+    }
     let c = Cluster::start(
         &lbctl(),
         t,
-        &[(
-            "web.yaml",
-            &web(&[("10.244.1.11", NODE_NAME), ("10.244.1.12", NODE_NAME)]),
-        )],
+        &[
+            (
+                "web.yaml",
+                &web(&[("10.244.1.11", NODE_NAME), ("10.244.1.12", NODE_NAME)]),
+            ),
+            ("public.yaml", LOAD_BALANCER),
+        ],
     );
-    c.wait_services("web", |s| backends_of(s, "web", "http") == 2);
+    c.wait_services("web and public", |s| {
+        backends_of(s, "web", "http") == 2 && backends_of(s, "public", "http") == 1
+    });
+    let pod = &c.topo.pod("pod-1").ns;
     assert!(c.get_from_client("http://203.0.113.9/").starts_with("pod-"));
     assert!(
-        c.get_from_pod(&c.topo.pod("pod-1").ns, "http://203.0.113.9/")
+        c.get_from_pod(pod, "http://203.0.113.9/")
             .starts_with("pod-")
+    );
+    assert_eq!(c.get_from_client("http://198.51.100.5/"), "pod-2");
+    assert_eq!(c.get_from_pod(pod, "http://198.51.100.5/"), "pod-2");
+    assert_eq!(
+        c.get_from_client(&format!("http://{NODE_IP}:30081/")),
+        "pod-2"
     );
 }
 
