@@ -2,6 +2,7 @@
 //! kernel object declares. Every name ends in the layout version.
 
 pub const FRONTENDS4: &str = "LB4_FRONTENDS_V1";
+pub const ADDRS4: &str = "LB4_ADDRS_V1";
 pub const BACKEND_SLOTS: &str = "LB_SLOTS_V1";
 pub const BACKENDS4: &str = "LB4_BACKENDS_V1";
 pub const SERVICE_META: &str = "LB_SVC_META_V1";
@@ -16,6 +17,7 @@ pub const CONFIG: &str = "LB_CONFIG_V1";
 /// Every map the agent pins, in the order `lbctl` lists them.
 pub const ALL: &[&str] = &[
     FRONTENDS4,
+    ADDRS4,
     BACKEND_SLOTS,
     BACKENDS4,
     SERVICE_META,

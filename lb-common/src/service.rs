@@ -31,6 +31,13 @@ pub const FE_INTERNAL_LOCAL: u16 = 1 << 2;
 /// Reject (rather than drop) new flows when there is no backend.
 pub const FE_REJECT_NO_BACKEND: u16 = 1 << 3;
 
+/// `LB4_ADDRS_V1` values: why an address is there. The device path looks
+/// up a packet's destination here first, so traffic not for a Service costs
+/// one lookup.
+pub const ADDR_FRONTEND: u32 = 1 << 0;
+/// Replies of SNATed flows come back to this address.
+pub const ADDR_SNAT: u32 = 1 << 1;
+
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Frontend4Key {

@@ -23,6 +23,11 @@ use lb_common::{
 pub static FRONTENDS4: HashMap<Frontend4Key, Frontend> =
     HashMap::pinned(MAX_FRONTENDS, BPF_F_NO_PREALLOC);
 
+/// Every address the device path translates for (frontend and SNAT
+/// addresses) -> `ADDR_*` flags.
+#[map(name = "LB4_ADDRS_V1")]
+pub static ADDRS4: HashMap<u32, u32> = HashMap::pinned(MAX_FRONTENDS, BPF_F_NO_PREALLOC);
+
 /// Backend sets: (set, slot) -> backend id.
 #[map(name = "LB_SLOTS_V1")]
 pub static SLOTS: HashMap<SlotKey, u32> = HashMap::pinned(MAX_SLOTS, BPF_F_NO_PREALLOC);

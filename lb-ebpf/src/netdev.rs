@@ -20,7 +20,7 @@ use lb_common::{
 
 use crate::{
     conntrack::{self, now_s},
-    maps::CONFIG,
+    maps::{ADDRS4, CONFIG},
     nat,
     parse::{self, Packet},
     route,
@@ -38,6 +38,12 @@ pub fn from_netdev(ctx: &TcContext) -> i32 {
             return TC_ACT_OK;
         }
     };
+    // Every packet this path translates is addressed to a frontend or an
+    // SNAT address: anything else leaves after one lookup.
+    if ADDRS4.get_ptr(pkt.dst_addr).is_none() {
+        stats::verdict(V_PASS_NOT_SERVICE);
+        return TC_ACT_OK;
+    }
     let now = now_s();
     let len = ctx.len();
 

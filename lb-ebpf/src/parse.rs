@@ -1,6 +1,5 @@
 //! Packet parsing for the device path: Ethernet, IPv4 (with options), and
-//! the TCP/UDP ports. Reads go through `bpf_skb_load_bytes`, which is bounds
-//! checked by the kernel and works on non-linear packets.
+//! the TCP/UDP ports, read in place from the packet.
 
 use aya_ebpf::programs::TcContext;
 use lb_common::{
@@ -39,17 +38,48 @@ impl Packet {
     }
 }
 
+/// A pointer to a `T` at `off` in the packet's linear data, bounds-checked
+/// as the verifier requires.
+#[inline(always)]
+fn ptr_at<T>(ctx: &TcContext, off: usize) -> Option<*const T> {
+    let start = ctx.data();
+    let end = ctx.data_end();
+    if start + off + core::mem::size_of::<T>() > end {
+        return None;
+    }
+    Some((start + off) as *const T)
+}
+
 /// Parses a packet; Err carries the pass verdict for packets the device
-/// path leaves to the stack.
+/// path leaves to the stack. Reads the headers in place (direct packet
+/// access); a packet whose headers are not all in the linear area is pulled
+/// once, and one still too short is truncated.
 #[inline(always)]
 pub fn parse(ctx: &TcContext) -> Result<Packet, u32> {
-    let eth: EthHdr = ctx.load(0).map_err(|_| V_PASS_TRUNCATED)?;
+    match parse_linear(ctx) {
+        Err(V_PASS_TRUNCATED) if (ctx.len() as usize) > ctx.data_end() - ctx.data() => {
+            // Headers beyond the linear area (GRO'd or paged packets):
+            // pull the most any header chain here needs and retry.
+            let want = (EthHdr::LEN + 60 + 20).min(ctx.len() as usize) as u32;
+            ctx.pull_data(want).map_err(|_| V_PASS_TRUNCATED)?;
+            parse_linear(ctx)
+        }
+        r => r,
+    }
+}
+
+#[inline(always)]
+fn parse_linear(ctx: &TcContext) -> Result<Packet, u32> {
+    let eth = ptr_at::<EthHdr>(ctx, 0).ok_or(V_PASS_TRUNCATED)?;
     // VLAN-tagged, IPv6, ARP, ...: not ours.
-    if u16::from_be(eth.ether_type) != ETH_P_IP {
+    // SAFETY: bounds checked by ptr_at.
+    if u16::from_be(unsafe { (*eth).ether_type }) != ETH_P_IP {
         return Err(V_PASS_NOT_IPV4);
     }
     let l3_off = EthHdr::LEN as u32;
-    let ip: Ipv4Hdr = ctx.load(l3_off as usize).map_err(|_| V_PASS_TRUNCATED)?;
+    let ip = ptr_at::<Ipv4Hdr>(ctx, l3_off as usize).ok_or(V_PASS_TRUNCATED)?;
+    // SAFETY: bounds checked by ptr_at.
+    let ip = unsafe { &*ip };
     if ip.vihl >> 4 != 4 {
         return Err(V_PASS_NOT_IPV4);
     }
@@ -65,26 +95,39 @@ pub fn parse(ctx: &TcContext) -> Result<Packet, u32> {
     if ip.proto != PROTO_TCP && ip.proto != PROTO_UDP {
         return Err(V_PASS_UNSUPPORTED);
     }
+    let (src_addr, dst_addr, proto) = (
+        u32::from_ne_bytes(ip.src_addr),
+        u32::from_ne_bytes(ip.dst_addr),
+        ip.proto,
+    );
     let l4_off = l3_off + ihl;
-    // Ports are the first four bytes of both TCP and UDP; the whole L4
-    // header must be there before anything is rewritten.
-    let hdr_len: u32 = if ip.proto == PROTO_TCP { 20 } else { 8 };
-    if (ctx.len()) < l4_off + hdr_len {
-        return Err(V_PASS_TRUNCATED);
-    }
-    let ports: [u16; 2] = ctx.load(l4_off as usize).map_err(|_| V_PASS_TRUNCATED)?;
-    let tcp_flags = if ip.proto == PROTO_TCP {
-        ctx.load::<u8>(l4_off as usize + 13)
-            .map_err(|_| V_PASS_TRUNCATED)?
+    // The whole L4 header must be there before anything is rewritten; its
+    // first four bytes are the ports for TCP and UDP alike.
+    let (src_port, dst_port, tcp_flags) = if proto == PROTO_TCP {
+        let h = ptr_at::<[u8; 20]>(ctx, l4_off as usize).ok_or(V_PASS_TRUNCATED)?;
+        // SAFETY: bounds checked by ptr_at.
+        let h = unsafe { &*h };
+        (
+            u16::from_ne_bytes([h[0], h[1]]),
+            u16::from_ne_bytes([h[2], h[3]]),
+            h[13],
+        )
     } else {
-        0
+        let h = ptr_at::<[u8; 8]>(ctx, l4_off as usize).ok_or(V_PASS_TRUNCATED)?;
+        // SAFETY: bounds checked by ptr_at.
+        let h = unsafe { &*h };
+        (
+            u16::from_ne_bytes([h[0], h[1]]),
+            u16::from_ne_bytes([h[2], h[3]]),
+            0,
+        )
     };
     Ok(Packet {
-        src_addr: u32::from_ne_bytes(ip.src_addr),
-        dst_addr: u32::from_ne_bytes(ip.dst_addr),
-        src_port: ports[0],
-        dst_port: ports[1],
-        proto: ip.proto,
+        src_addr,
+        dst_addr,
+        src_port,
+        dst_port,
+        proto,
         tcp_flags,
         l3_off,
         l4_off,

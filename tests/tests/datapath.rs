@@ -164,6 +164,7 @@ fn device_path_cases() {
         name: "node-a".into(),
         zone: None,
         addresses: vec![NODE],
+        snat: None,
     };
     let _rec = fixture::program(&pins, MANIFESTS, &node);
     let maps = ServiceMaps::open(&pins).unwrap();
@@ -451,6 +452,7 @@ fn snat_to_a_backend_on_another_node_both_ways() {
         name: "node-a".into(),
         zone: None,
         addresses: vec![NODE],
+        snat: None,
     };
     let _pinned = load::load(&pins).expect("load (pins the maps)");
     let _rec = fixture::program(&pins, &remote, &node);

@@ -54,6 +54,7 @@ fn nodeport_syn_to_a_local_backend_is_rewritten() {
         name: "node-a".into(),
         zone: None,
         addresses: vec![Ipv4Addr::new(172, 18, 0, 2)],
+        snat: None,
     };
     let _rec = fixture::program(&pins, MANIFESTS, &node);
 

@@ -53,6 +53,9 @@ pub struct NodeInfo {
     pub zone: Option<String>,
     /// Addresses NodePorts answer on.
     pub addresses: Vec<Ipv4Addr>,
+    /// Source address for SNAT to backends on other nodes (replies come
+    /// back to it).
+    pub snat: Option<Ipv4Addr>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -251,12 +254,17 @@ pub struct ObjectError {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Desired {
     pub ports: BTreeMap<ServicePortKey, ServicePortState>,
+    /// Addresses SNATed flows' replies come back to.
+    pub snat_addrs: Vec<Ipv4Addr>,
     pub errors: Vec<ObjectError>,
 }
 
 /// Translates objects into the desired state.
 pub fn translate(objs: &Objects, node: &NodeInfo) -> Desired {
-    let mut out = Desired::default();
+    let mut out = Desired {
+        snat_addrs: node.snat.into_iter().collect(),
+        ..Default::default()
+    };
     // Slices by the Service they belong to.
     let mut slices: BTreeMap<ObjKey, Vec<&EndpointSlice>> = BTreeMap::new();
     for (k, s) in &objs.slices {

@@ -53,8 +53,12 @@ pub fn diff(cur: &MapState, want: &MapState) -> Vec<Op> {
         }
     }
     puts(&cur.slots, &want.slots, &mut ops, Op::PutSlot);
+    // The device path's address filter admits an address before its
+    // frontends exist and drops it after they are gone.
+    puts(&cur.addrs, &want.addrs, &mut ops, Op::PutAddr);
     puts(&cur.frontends, &want.frontends, &mut ops, Op::PutFrontend);
     dels(&cur.frontends, &want.frontends, &mut ops, Op::DelFrontend);
+    dels(&cur.addrs, &want.addrs, &mut ops, Op::DelAddr);
     dels(&cur.slots, &want.slots, &mut ops, Op::DelSlot);
     dels(
         &cur.service_meta,

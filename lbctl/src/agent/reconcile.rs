@@ -283,7 +283,11 @@ impl<W: MapWriter> Reconciler<W> {
                 // Two Services claiming one address:port: the first (by
                 // namespace/name) keeps it, as with kube-proxy's sorted rules.
                 t.frontends.entry(k).or_insert(v);
+                *t.addrs.entry(k.addr).or_default() |= ADDR_FRONTEND;
             }
+        }
+        for a in &desired.snat_addrs {
+            *t.addrs.entry(ip4(a.octets())).or_default() |= ADDR_SNAT;
         }
         Ok(t)
     }

@@ -56,10 +56,12 @@ pub fn node_info(cfg: &AgentConfig, node: Option<&Node>) -> NodeInfo {
         .and_then(|n| n.metadata.labels.as_ref())
         .and_then(|l| l.get("topology.kubernetes.io/zone"))
         .cloned();
+    let snat = cfg.snat_ip.or(addresses.first().copied());
     NodeInfo {
         name: cfg.node_name.clone(),
         zone,
         addresses,
+        snat,
     }
 }
 
@@ -134,7 +136,7 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
                     warn!("skipped: {e}");
                 }
                 let node = node_info(&cfg, snap.nodes.get(&cfg.node_name));
-                let snat = cfg.snat_ip.or(node.addresses.first().copied());
+                let snat = node.snat;
                 let config = Config {
                     snat_addr: snat.map_or(0, |a| ip4(a.octets())),
                     snat_port_min: 32768,

@@ -12,6 +12,8 @@ use lb_common::{
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct MapState {
+    /// Addresses the device path translates for -> `ADDR_*` flags.
+    pub addrs: BTreeMap<u32, u32>,
     pub frontends: BTreeMap<Frontend4Key, Frontend>,
     pub slots: BTreeMap<SlotKey, u32>,
     pub backends: BTreeMap<u32, Backend4>,
@@ -27,8 +29,10 @@ pub enum Op {
     /// A new service id: its meta, and its counters start from zero.
     PutServiceMeta(u32, ServiceMeta, bool),
     PutSlot(SlotKey, u32),
+    PutAddr(u32, u32),
     PutFrontend(Frontend4Key, Frontend),
     DelFrontend(Frontend4Key),
+    DelAddr(u32),
     DelSlot(SlotKey),
     DelServiceMeta(u32),
     DelBackendMeta(u32),
@@ -42,6 +46,8 @@ impl MapState {
             Op::PutBackendMeta(k, v) => drop(self.backend_meta.insert(k, v)),
             Op::PutServiceMeta(k, v, _) => drop(self.service_meta.insert(k, v)),
             Op::PutSlot(k, v) => drop(self.slots.insert(k, v)),
+            Op::PutAddr(k, v) => drop(self.addrs.insert(k, v)),
+            Op::DelAddr(k) => drop(self.addrs.remove(&k)),
             Op::PutFrontend(k, v) => drop(self.frontends.insert(k, v)),
             Op::DelFrontend(k) => drop(self.frontends.remove(&k)),
             Op::DelSlot(k) => drop(self.slots.remove(&k)),
@@ -52,7 +58,8 @@ impl MapState {
     }
 
     pub fn entries(&self) -> usize {
-        self.frontends.len()
+        self.addrs.len()
+            + self.frontends.len()
             + self.slots.len()
             + self.backends.len()
             + self.service_meta.len()
@@ -62,6 +69,14 @@ impl MapState {
     /// One line per entry, stable order: golden files and diffs.
     pub fn dump(&self) -> String {
         let mut s = String::new();
+        for (k, v) in &self.addrs {
+            let _ = writeln!(
+                s,
+                "addr {} -> flags={:#x}",
+                Ipv4Addr::from(ip4_octets(*k)),
+                v
+            );
+        }
         for (k, v) in &self.frontends {
             let _ = writeln!(
                 s,

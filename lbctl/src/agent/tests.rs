@@ -26,6 +26,7 @@ fn node() -> NodeInfo {
         name: "node-a".into(),
         zone: None,
         addresses: vec![Ipv4Addr::new(172, 18, 0, 2)],
+        snat: None,
     }
 }
 
@@ -78,6 +79,10 @@ fn canonical(s: &MapState) -> BTreeSet<String> {
             backends.join(",")
         ));
     }
+    // The address filter holds exactly the frontend addresses.
+    let fronts: BTreeSet<u32> = s.frontends.keys().map(|k| k.addr).collect();
+    let addrs: BTreeSet<u32> = s.addrs.keys().copied().collect();
+    assert_eq!(fronts, addrs, "address filter out of step with frontends");
     // Nothing dangling: every slot's set is pointed at, every backend used.
     let sets: BTreeSet<u32> = s.frontends.values().map(|f| f.backend_set).collect();
     assert!(

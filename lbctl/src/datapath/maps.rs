@@ -64,6 +64,7 @@ macro_rules! typed {
 /// The service maps and counters.
 pub struct ServiceMaps {
     pub dir: PathBuf,
+    pub addrs: HashMap<MapData, u32, u32>,
     pub frontends: HashMap<MapData, Frontend4Key, Frontend>,
     pub slots: HashMap<MapData, SlotKey, u32>,
     pub backends: HashMap<MapData, u32, Backend4>,
@@ -79,6 +80,7 @@ impl ServiceMaps {
     pub fn open(dir: &Path) -> Result<Self, OpenError> {
         Ok(Self {
             dir: dir.to_path_buf(),
+            addrs: typed!(dir, names::ADDRS4, HashMap<MapData, u32, u32>),
             frontends: typed!(dir, names::FRONTENDS4, HashMap<MapData, Frontend4Key, Frontend>),
             slots: typed!(dir, names::BACKEND_SLOTS, HashMap<MapData, SlotKey, u32>),
             backends: typed!(dir, names::BACKENDS4, HashMap<MapData, u32, Backend4>),
@@ -170,6 +172,8 @@ impl MapWriter for ServiceMaps {
                 r.and_then(|_| self.service_meta.insert(k, v, 0))
             }
             Op::PutSlot(k, v) => self.slots.insert(k, v, 0),
+            Op::PutAddr(k, v) => self.addrs.insert(k, v, 0),
+            Op::DelAddr(k) => del(&mut self.addrs, &k),
             Op::PutFrontend(k, v) => self.frontends.insert(k, v, 0),
             Op::DelFrontend(k) => del(&mut self.frontends, &k),
             Op::DelSlot(k) => del(&mut self.slots, &k),
@@ -185,6 +189,7 @@ impl MapWriter for ServiceMaps {
 
     fn read(&self) -> Result<MapState, MapError> {
         Ok(MapState {
+            addrs: read_all(&self.addrs, names::ADDRS4)?,
             frontends: read_all(&self.frontends, names::FRONTENDS4)?,
             slots: read_all(&self.slots, names::BACKEND_SLOTS)?,
             backends: read_all(&self.backends, names::BACKENDS4)?,
