@@ -383,6 +383,12 @@ impl Agent {
         }
     }
 
+    /// SIGKILL: the agent dies without any chance to clean up.
+    pub fn kill(&mut self) {
+        let _ = self.proc.0.kill();
+        let _ = self.proc.0.wait();
+    }
+
     /// SIGTERM, as a DaemonSet rollout would, then wait.
     pub fn stop(&mut self) {
         // SAFETY: our own child's PID.
@@ -454,6 +460,11 @@ impl Cluster {
             &self.topo.cgroup.path,
             &log,
         ));
+    }
+
+    /// The agent's log so far.
+    pub fn agent_log(&self) -> String {
+        std::fs::read_to_string(self.work.join("agent.log")).unwrap_or_default()
     }
 
     /// Replaces a manifest file atomically (the source skips dot-files, so

@@ -109,6 +109,7 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
     // Adopts ids and entries from the pinned maps: no flow moves.
     let mut reconciler = None;
     let mut pending: Option<Desired> = None;
+    let mut synced_once = false;
     let mut ticker = tokio::time::interval(cfg.poll);
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
@@ -163,6 +164,17 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         let rec = reconciler.as_mut().expect("set above");
         if let Some(desired) = &pending {
             match rec.reconcile(desired) {
+                Ok(o) if !synced_once => {
+                    // After a restart this is 0: every id and entry adopted.
+                    info!(
+                        writes = o.writes,
+                        services = desired.ports.len(),
+                        elapsed_us = o.elapsed.as_micros() as u64,
+                        "first sync done"
+                    );
+                    synced_once = true;
+                    pending = None;
+                }
                 Ok(o) => {
                     if o.writes > 0 {
                         info!(

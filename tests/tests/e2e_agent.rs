@@ -1,0 +1,161 @@
+//! The agent's life cycle end to end: it may die and restart at any moment
+//! while traffic flows, and the datapath must not notice.
+
+use std::{
+    path::PathBuf,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use lb_tests::{
+    guard::sweep,
+    require_root,
+    topo::{self, Cluster, NODE_IP, NODE_NAME, Topology},
+};
+
+const WEB: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: e2e}
+spec:
+  type: NodePort
+  clusterIP: 10.96.0.10
+  ports: [{name: http, port: 80, targetPort: 8080, nodePort: 30080}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-a, namespace: e2e, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+ports: [{name: http, port: 8080}]
+endpoints:
+- {addresses: [10.244.1.11], nodeName: NODE}
+- {addresses: [10.244.1.12], nodeName: NODE}
+"#;
+
+#[test]
+fn agent_killed_and_restarted_under_traffic_loses_no_request() {
+    require_root();
+    sweep();
+    let mut t = Topology::new(2);
+    t.start_pod_servers(8080);
+    let mut c = Cluster::start(
+        &PathBuf::from(env!("CARGO_BIN_EXE_lbctl-e2e")),
+        t,
+        &[("web.yaml", &WEB.replace("NODE", NODE_NAME))],
+    );
+    c.wait_services("web", |s| {
+        s.len() == 1 && s[0]["backends"].as_array().is_some_and(|b| b.len() == 2)
+    });
+    let before = c.lbctl_json(&["services"]).unwrap();
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let errors = Arc::new(std::sync::Mutex::new(Vec::new()));
+    // Requests in a loop from a pod (ClusterIP) and from outside (NodePort).
+    let mut loops = Vec::new();
+    for (i, url) in [
+        "http://10.96.0.10/".to_string(),
+        format!("http://{NODE_IP}:30080/"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let cmd_for = {
+            let pod_ns = c.topo.pod("pod-1").ns.name.clone();
+            let client_ns = c.topo.client.name.clone();
+            let cgroup = c.topo.cgroup.path.clone();
+            move |url: &str| -> std::process::Command {
+                let mut cmd = std::process::Command::new("sh");
+                let args = topo::curl_args(url).join("' '");
+                let script = if i == 0 {
+                    format!(
+                        "echo $$ > {}/cgroup.procs && exec nsenter --net=/run/netns/{pod_ns} curl '{args}'",
+                        cgroup.display()
+                    )
+                } else {
+                    format!("exec ip netns exec {client_ns} curl '{args}'")
+                };
+                cmd.args(["-c", &script]);
+                cmd
+            }
+        };
+        let (stop, ok, failed, errors) = (stop.clone(), ok.clone(), failed.clone(), errors.clone());
+        loops.push(thread::spawn(move || {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                match topo::curl(cmd_for(&url)) {
+                    Ok(body) if body.starts_with("pod-") => {
+                        drop(ok.fetch_add(1, Ordering::Relaxed))
+                    }
+                    Ok(body) => errors
+                        .lock()
+                        .unwrap()
+                        .push(format!("{url}: unexpected {body:?}")),
+                    Err(e) => {
+                        failed.fetch_add(1, Ordering::Relaxed);
+                        errors.lock().unwrap().push(format!("{url}: {e}"));
+                    }
+                }
+                thread::sleep(Duration::from_millis(20));
+            }
+        }));
+    }
+    thread::sleep(Duration::from_millis(700));
+    // Killed without warning, twice, and restarted each time.
+    for _ in 0..2 {
+        c.agent.as_mut().expect("agent").kill();
+        thread::sleep(Duration::from_millis(700));
+        c.start_agent();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !c.agent_log().contains("first sync done") {
+            assert!(
+                Instant::now() < deadline,
+                "restarted agent never synced:\n{}",
+                c.agent_log()
+            );
+            thread::sleep(Duration::from_millis(50));
+        }
+        let log = c.agent_log();
+        assert!(
+            log.contains("writes=0"),
+            "a restart must adopt the maps and write nothing:\n{log}"
+        );
+        thread::sleep(Duration::from_millis(500));
+    }
+    stop.store(true, Ordering::Relaxed);
+    for l in loops {
+        l.join().unwrap();
+    }
+    let errors = errors.lock().unwrap();
+    assert!(
+        errors.is_empty(),
+        "{} requests failed: {errors:#?}",
+        errors.len()
+    );
+    assert!(
+        ok.load(Ordering::Relaxed) >= 20,
+        "too few requests ran: {}",
+        ok.load(Ordering::Relaxed)
+    );
+    assert_eq!(failed.load(Ordering::Relaxed), 0);
+    // Same ids, same backends: nothing moved.
+    let after = c.lbctl_json(&["services"]).unwrap();
+    let strip = |v: &serde_json::Value| {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|s| {
+                (
+                    s["id"].clone(),
+                    s["frontends"].clone(),
+                    s["backends"].clone(),
+                )
+            })
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(strip(&before), strip(&after));
+}
