@@ -89,7 +89,7 @@ fn agent_killed_and_restarted_under_traffic_loses_no_request() {
             while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
                 match topo::curl(cmd_for(&url)) {
                     Ok(body) if body.starts_with("pod-") => {
-                        drop(ok.fetch_add(1, Ordering::Relaxed))
+                        ok.fetch_add(1, Ordering::Relaxed);
                     }
                     Ok(body) => errors
                         .lock()
