@@ -5,6 +5,7 @@
 pub mod fixture;
 pub mod guard;
 pub mod packet;
+pub mod postgres;
 pub mod topo;
 
 /// Tests need root (bpf, netns, mounts). Fail with a clear message rather
