@@ -17,16 +17,9 @@ use anyhow::{Context, Result, bail};
 use crate::sh;
 
 /// Debian packages for building (LLVM for bpf-linker) and for the tests
-/// (iproute2 for namespaces, python3 for HTTP servers, curl and socat as
-/// clients, PostgreSQL for the external-service tests).
-const PACKAGES: &[&str] = &[
-    "llvm-22-dev",
-    "iproute2",
-    "curl",
-    "socat",
-    "python3",
-    "postgresql",
-];
+/// (iproute2 for namespaces, python3 for HTTP and UDP servers and clients,
+/// curl as a client, PostgreSQL for the external-service tests).
+const PACKAGES: &[&str] = &["llvm-22-dev", "iproute2", "curl", "python3", "postgresql"];
 const LLVM_BIN: &str = "/usr/lib/llvm-22/bin";
 
 pub fn run() -> Result<()> {
