@@ -159,3 +159,120 @@ fn agent_killed_and_restarted_under_traffic_loses_no_request() {
     };
     assert_eq!(strip(&before), strip(&after));
 }
+
+/// GET on the node's loopback (the agent's listeners live in the node's
+/// network namespace): (status code, body).
+fn node_get(c: &Cluster, url: &str) -> (u16, String) {
+    let mut cmd = c.topo.node.command("curl");
+    cmd.args([
+        "-s",
+        "--max-time",
+        "3",
+        "--noproxy",
+        "*",
+        "-w",
+        "\n%{http_code}",
+        url,
+    ]);
+    let out = cmd.output().expect("curl");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+    (code.trim().parse().unwrap_or(0), body.to_string())
+}
+
+fn metric(text: &str, prefix: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no metric {prefix} in:\n{text}"))
+}
+
+#[test]
+fn health_endpoints_and_metrics_follow_the_agent() {
+    require_root();
+    sweep();
+    let mut t = Topology::new(2);
+    t.start_pod_servers(8080);
+    let web = WEB.replace("NODE", NODE_NAME);
+    let mut c = Cluster::start(
+        &PathBuf::from(env!("CARGO_BIN_EXE_lbctl-e2e")),
+        t,
+        &[("web.yaml", &web)],
+    );
+    c.wait_services("web", |s| s.len() == 1);
+
+    // A restart whose source cannot be read: alive, not ready.
+    c.agent.as_mut().expect("agent").kill();
+    std::fs::remove_dir_all(&c.manifests).unwrap();
+    c.start_agent();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while node_get(&c, "http://127.0.0.1:10256/livez").0 != 200 {
+        assert!(
+            Instant::now() < deadline,
+            "agent never served /livez:\n{}",
+            c.agent_log()
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+    while !c.agent_log().contains("reading manifests") {
+        assert!(
+            Instant::now() < deadline,
+            "agent never reported the missing folder:\n{}",
+            c.agent_log()
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(
+        node_get(&c, "http://127.0.0.1:10256/readyz").0,
+        503,
+        "ready before any sync"
+    );
+    assert_eq!(
+        node_get(&c, "http://127.0.0.1:10256/livez").0,
+        200,
+        "alive all the same"
+    );
+    // The datapath still forwards meanwhile (pinned).
+    assert!(
+        c.get_from_client(&format!("http://{NODE_IP}:30080/"))
+            .starts_with("pod-")
+    );
+
+    std::fs::create_dir_all(&c.manifests).unwrap();
+    c.write("web.yaml", &web);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while node_get(&c, "http://127.0.0.1:10256/readyz").0 != 200 {
+        assert!(Instant::now() < deadline, "never ready:\n{}", c.agent_log());
+        thread::sleep(Duration::from_millis(50));
+    }
+    let (code, body) = node_get(&c, "http://127.0.0.1:10256/healthz");
+    assert_eq!(code, 200, "{body}");
+    assert!(
+        body.contains("\"lastUpdated\": \"20") && body.contains("currentTime"),
+        "{body}"
+    );
+
+    let before = node_get(&c, "http://127.0.0.1:10249/metrics").1;
+    let flows = r#"lb_service_flows_total{namespace="e2e",name="web",port="http"}"#;
+    let new_verdicts = r#"lb_datapath_verdicts_total{verdict="forward_new"}"#;
+    let (f0, v0) = (metric(&before, flows), metric(&before, new_verdicts));
+    for _ in 0..3 {
+        c.get_from_client(&format!("http://{NODE_IP}:30080/"));
+    }
+    let after = node_get(&c, "http://127.0.0.1:10249/metrics").1;
+    assert_eq!(metric(&after, flows), f0 + 3.0, "three new NodePort flows");
+    assert_eq!(metric(&after, new_verdicts), v0 + 3.0);
+    assert_eq!(
+        metric(&after, r#"lb_map_entries{map="LB4_FRONTENDS_V1"}"#),
+        2.0,
+        "ClusterIP and NodePort"
+    );
+    assert!(metric(&after, "lb_sync_duration_seconds_count") >= 1.0);
+    assert!(metric(&after, "lb_network_programming_duration_seconds_count") >= 1.0);
+    assert!(
+        after.contains(r#"lb_errors_total{kind="source"}"#),
+        "the missing folder was counted:\n{}",
+        c.agent_log()
+    );
+}

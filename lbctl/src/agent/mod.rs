@@ -1,7 +1,9 @@
 //! `lbctl agent`: sources -> model (pure) -> reconcile (diff) -> maps.
 
 pub mod apply;
+pub mod health;
 pub mod ids;
+pub mod metrics;
 pub mod model;
 pub mod plan;
 pub mod reconcile;

@@ -2,9 +2,11 @@
 //! reconcile until told to stop.
 
 use std::{
-    net::Ipv4Addr,
+    net::{Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
+    sync::Arc,
     time::Duration,
+    time::Instant,
 };
 
 use anyhow::{Context, Result};
@@ -14,6 +16,8 @@ use tokio::signal::unix::{SignalKind, signal};
 use tracing::{debug, info, warn};
 
 use super::{
+    health::{self, Health},
+    metrics::{MapLabel, Metrics},
     model::{self, Desired, NodeInfo},
     reconcile::Reconciler,
     source::dir::DirSource,
@@ -33,6 +37,12 @@ pub struct AgentConfig {
     pub devices: Vec<String>,
     pub cgroup: Option<PathBuf>,
     pub poll: Duration,
+    /// `/healthz`, `/livez`, `/readyz` (and `/metrics`) listener.
+    pub healthz_addr: Option<SocketAddr>,
+    /// `/metrics` (and the health endpoints) listener.
+    pub metrics_addr: Option<SocketAddr>,
+    /// `/healthz` fails once a change waits longer than this.
+    pub healthz_timeout: Duration,
 }
 
 /// Node facts: flags win over the Node object.
@@ -94,6 +104,26 @@ fn matching_devices(patterns: &[String]) -> Vec<String> {
 
 pub async fn run(cfg: AgentConfig) -> Result<()> {
     pins::prepare(&cfg.bpffs)?;
+    let health = Arc::new(Health::new(cfg.healthz_timeout));
+    let metrics = Arc::new(Metrics::new(cfg.bpffs.clone()));
+    let mut addrs: Vec<SocketAddr> = cfg
+        .healthz_addr
+        .into_iter()
+        .chain(cfg.metrics_addr)
+        .collect();
+    addrs.dedup();
+    for addr in addrs {
+        let (h, m) = (health.clone(), metrics.clone());
+        // Bound here, so a taken port fails the start rather than later.
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding {addr}"))?;
+        tokio::spawn(async move {
+            if let Err(e) = health::serve(listener, h, m).await {
+                warn!("{e:#}");
+            }
+        });
+    }
     let mut ebpf = load::load(&cfg.bpffs)?;
     let cgroup = match &cfg.cgroup {
         Some(c) => c.clone(),
@@ -110,6 +140,8 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
     let mut reconciler = None;
     let mut pending: Option<Desired> = None;
     let mut synced_once = false;
+    // When the oldest change not yet in the maps was seen.
+    let mut change_seen: Option<Instant> = None;
     let mut ticker = tokio::time::interval(cfg.poll);
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
@@ -133,9 +165,18 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         }
         match source.poll() {
             Ok(Some(snap)) => {
+                metrics
+                    .source_events
+                    .get_or_create(&super::metrics::KindLabel {
+                        kind: "files".into(),
+                    })
+                    .inc();
                 for e in &snap.errors {
                     warn!("skipped: {e}");
+                    metrics.error("file");
                 }
+                health.pending();
+                change_seen.get_or_insert_with(Instant::now);
                 let node = node_info(&cfg, snap.nodes.get(&cfg.node_name));
                 let snat = node.snat;
                 let config = Config {
@@ -152,18 +193,49 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
                 let desired = model::translate(&snap.objects, &node);
                 for e in &desired.errors {
                     warn!("skipped: {e}");
+                    metrics.error("object");
                 }
                 pending = Some(desired);
             }
             Ok(None) => {}
-            Err(e) => warn!("reading manifests: {e}"),
+            Err(e) => {
+                warn!("reading manifests: {e}");
+                metrics.error("source");
+            }
         }
         if reconciler.is_none() {
             reconciler = Some(Reconciler::adopt(ServiceMaps::open(&cfg.bpffs)?)?);
         }
         let rec = reconciler.as_mut().expect("set above");
         if let Some(desired) = &pending {
-            match rec.reconcile(desired) {
+            let result = rec.reconcile(desired);
+            match &result {
+                Ok(o) => {
+                    metrics.sync_duration.observe(o.elapsed.as_secs_f64());
+                    if let Some(t) = change_seen.take() {
+                        metrics
+                            .programming_latency
+                            .observe(t.elapsed().as_secs_f64());
+                    }
+                    health.synced();
+                    let st = rec.state();
+                    for (map, n) in [
+                        (lb_common::maps::FRONTENDS4, st.frontends.len()),
+                        (lb_common::maps::ADDRS4, st.addrs.len()),
+                        (lb_common::maps::BACKEND_SLOTS, st.slots.len()),
+                        (lb_common::maps::BACKENDS4, st.backends.len()),
+                        (lb_common::maps::SERVICE_META, st.service_meta.len()),
+                        (lb_common::maps::BACKEND_META, st.backend_meta.len()),
+                    ] {
+                        metrics
+                            .map_entries
+                            .get_or_create(&MapLabel { map: map.into() })
+                            .set(n as i64);
+                    }
+                }
+                Err(_) => metrics.error("sync"),
+            }
+            match result {
                 Ok(o) if !synced_once => {
                     // After a restart this is 0: every id and entry adopted.
                     info!(

@@ -2,7 +2,7 @@
 
 use std::{net::Ipv4Addr, path::PathBuf, time::Duration};
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 
 use super::PinArgs;
 use crate::agent::run::{self, AgentConfig};
@@ -37,6 +37,16 @@ pub struct Args {
     /// How often the manifest folder is checked.
     #[arg(long, default_value = "200")]
     pub poll_ms: u64,
+    /// Listener for /healthz, /livez and /readyz ("" to disable).
+    #[arg(long, default_value = "0.0.0.0:10256")]
+    pub healthz_bind_address: String,
+    /// Listener for /metrics ("" to disable).
+    #[arg(long, default_value = "127.0.0.1:10249")]
+    pub metrics_bind_address: String,
+    /// /healthz fails once a change has waited this many seconds for the
+    /// maps.
+    #[arg(long, default_value = "60")]
+    pub healthz_timeout_s: u64,
     /// Remove every attachment and pinned map, then exit.
     #[arg(long)]
     pub cleanup: bool,
@@ -66,6 +76,18 @@ pub async fn execute(args: Args) -> Result<()> {
         devices: args.devices,
         cgroup: args.cgroup,
         poll: Duration::from_millis(args.poll_ms.max(10)),
+        healthz_addr: addr(&args.healthz_bind_address)?,
+        metrics_addr: addr(&args.metrics_bind_address)?,
+        healthz_timeout: Duration::from_secs(args.healthz_timeout_s),
     })
     .await
+}
+
+fn addr(s: &str) -> Result<Option<std::net::SocketAddr>> {
+    if s.is_empty() {
+        return Ok(None);
+    }
+    s.parse()
+        .map(Some)
+        .with_context(|| format!("{s:?} is not an address:port"))
 }

@@ -76,6 +76,14 @@ pub struct ServiceMaps {
     pub config: Array<MapData, Config>,
 }
 
+impl std::fmt::Debug for ServiceMaps {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServiceMaps")
+            .field("dir", &self.dir)
+            .finish_non_exhaustive()
+    }
+}
+
 impl ServiceMaps {
     pub fn open(dir: &Path) -> Result<Self, OpenError> {
         Ok(Self {

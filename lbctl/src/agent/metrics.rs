@@ -1,0 +1,204 @@
+//! Prometheus metrics: the agent's own (sync duration, network programming
+//! latency, map entries, source events, errors) and the datapath's counters,
+//! read from the per-CPU maps at each scrape.
+
+use std::{path::PathBuf, sync::Mutex};
+
+use lb_common::counters::VERDICTS;
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric},
+    metrics::{
+        MetricType,
+        counter::{ConstCounter, Counter},
+        family::Family,
+        gauge::Gauge,
+        histogram::{Histogram, exponential_buckets},
+    },
+    registry::Registry,
+};
+
+use super::state::cstr;
+use crate::datapath::maps::ServiceMaps;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabel {
+    pub kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MapLabel {
+    pub map: String,
+}
+
+pub struct Metrics {
+    pub registry: Registry,
+    /// Seconds one reconcile (diff and writes) took.
+    pub sync_duration: Histogram,
+    /// Seconds from a change seen in the source to its map writes done.
+    pub programming_latency: Histogram,
+    pub map_entries: Family<MapLabel, Gauge>,
+    /// Changes seen in the source, by kind (file, ...).
+    pub source_events: Family<KindLabel, Counter>,
+    /// Errors by kind: object (a bad object skipped), file (unreadable or
+    /// unparsable manifest), sync (a map write failed; retried).
+    pub errors: Family<KindLabel, Counter>,
+}
+
+impl Metrics {
+    pub fn new(pins: PathBuf) -> Self {
+        let mut registry = Registry::with_prefix("lb");
+        let sync_duration = Histogram::new(exponential_buckets(0.0001, 2.0, 18));
+        let programming_latency = Histogram::new(exponential_buckets(0.001, 2.0, 16));
+        let map_entries = Family::<MapLabel, Gauge>::default();
+        let source_events = Family::<KindLabel, Counter>::default();
+        let errors = Family::<KindLabel, Counter>::default();
+        registry.register(
+            "sync_duration_seconds",
+            "Time of one reconcile of the maps",
+            sync_duration.clone(),
+        );
+        registry.register(
+            "network_programming_duration_seconds",
+            "Time from a change seen in the source to its map writes",
+            programming_latency.clone(),
+        );
+        registry.register(
+            "map_entries",
+            "Entries the agent keeps in each map",
+            map_entries.clone(),
+        );
+        registry.register(
+            "source_events",
+            "Changes seen in the agent's source",
+            source_events.clone(),
+        );
+        registry.register("errors", "Errors by kind", errors.clone());
+        registry.register_collector(Box::new(DatapathCollector {
+            pins,
+            maps: Mutex::new(None),
+        }));
+        Self {
+            registry,
+            sync_duration,
+            programming_latency,
+            map_entries,
+            source_events,
+            errors,
+        }
+    }
+
+    pub fn error(&self, kind: &str) {
+        self.errors
+            .get_or_create(&KindLabel { kind: kind.into() })
+            .inc();
+    }
+
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+/// Reads the datapath's counters from the pinned maps at each scrape.
+#[derive(Debug)]
+struct DatapathCollector {
+    pins: PathBuf,
+    maps: Mutex<Option<ServiceMaps>>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ServiceLabels {
+    namespace: String,
+    name: String,
+    port: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct VerdictLabel {
+    verdict: String,
+}
+
+fn counter_family<L: EncodeLabelSet>(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    values: &[(L, u64)],
+) -> Result<(), std::fmt::Error> {
+    let mut m = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+    for (labels, v) in values {
+        ConstCounter::new(*v).encode(m.encode_family(labels)?)?;
+    }
+    Ok(())
+}
+
+impl Collector for DatapathCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let mut guard = self.maps.lock().unwrap_or_else(|e| e.into_inner());
+        if guard.is_none() {
+            *guard = ServiceMaps::open(&self.pins).ok();
+        }
+        let Some(maps) = guard.as_ref() else {
+            return Ok(());
+        };
+        let verdicts = maps.verdicts();
+        let v: Vec<(VerdictLabel, u64)> = VERDICTS
+            .iter()
+            .map(|(n, label)| {
+                (
+                    VerdictLabel {
+                        verdict: (*label).into(),
+                    },
+                    verdicts.get(*n as usize).copied().unwrap_or(0),
+                )
+            })
+            .collect();
+        counter_family(
+            &mut encoder,
+            "datapath_verdicts",
+            "Packets and sockets by datapath verdict",
+            &v,
+        )?;
+        let mut flows = Vec::new();
+        let mut packets = Vec::new();
+        let mut bytes = Vec::new();
+        let mut no_backend = Vec::new();
+        for (id, meta) in maps.service_meta.iter().filter_map(Result::ok) {
+            let l = ServiceLabels {
+                namespace: cstr(&meta.namespace).into(),
+                name: cstr(&meta.name).into(),
+                port: cstr(&meta.port_name).into(),
+            };
+            let s = maps.service_stats(id);
+            flows.push((l.clone(), s.flows));
+            packets.push((l.clone(), s.packets));
+            bytes.push((l.clone(), s.bytes));
+            no_backend.push((l, s.no_backend));
+        }
+        counter_family(
+            &mut encoder,
+            "service_flows",
+            "Flows given a backend, per Service port",
+            &flows,
+        )?;
+        counter_family(
+            &mut encoder,
+            "service_packets",
+            "Packets translated per packet, per Service port",
+            &packets,
+        )?;
+        counter_family(
+            &mut encoder,
+            "service_bytes",
+            "Bytes translated per packet, per Service port",
+            &bytes,
+        )?;
+        counter_family(
+            &mut encoder,
+            "service_no_backend",
+            "New flows refused for want of a backend",
+            &no_backend,
+        )
+    }
+}
