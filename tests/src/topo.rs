@@ -368,7 +368,7 @@ impl Agent {
                 "--node-ip",
                 &NODE_IP.to_string(),
                 "--devices",
-                "eth0",
+                "eth0,dum*",
                 "--poll-ms",
                 "100",
             ])

@@ -276,3 +276,100 @@ fn health_endpoints_and_metrics_follow_the_agent() {
         c.agent_log()
     );
 }
+
+/// (link id, program id) of every pinned link, by file name.
+fn links(pins: &std::path::Path) -> std::collections::BTreeMap<String, (u32, u32)> {
+    std::fs::read_dir(pins.join("links"))
+        .unwrap()
+        .flatten()
+        .map(|e| {
+            let link: aya::programs::links::FdLink =
+                aya::programs::links::PinnedLink::from_pin(e.path())
+                    .unwrap()
+                    .into();
+            let info = link.info().unwrap();
+            (
+                e.file_name().to_string_lossy().to_string(),
+                (info.id(), info.program_id()),
+            )
+        })
+        .collect()
+}
+
+fn wait_log(c: &Cluster, needle: &str, times: usize) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while c.agent_log().matches(needle).count() < times {
+        assert!(
+            Instant::now() < deadline,
+            "no {times}x {needle:?} in the agent log:\n{}",
+            c.agent_log()
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn restart_swaps_programs_under_the_links_and_reattaches_devices() {
+    require_root();
+    sweep();
+    let mut t = Topology::new(2);
+    t.start_pod_servers(8080);
+    let mut c = Cluster::start(
+        &PathBuf::from(env!("CARGO_BIN_EXE_lbctl-e2e")),
+        t,
+        &[("web.yaml", &WEB.replace("NODE", NODE_NAME))],
+    );
+    c.wait_services("web", |s| s.len() == 1);
+    wait_log(&c, "first sync done", 1);
+    let before = links(&c.pins());
+    assert_eq!(before.len(), 6, "4 socket hooks and 2 on eth0: {before:?}");
+
+    // A new agent loads its own programs and swaps them in under the same
+    // links: same link ids, new program ids.
+    c.agent.as_mut().unwrap().kill();
+    c.start_agent();
+    wait_log(&c, "first sync done", 1);
+    let log = c.agent_log();
+    assert!(
+        log.contains("replaced=4") && log.contains("replaced=2"),
+        "{log}"
+    );
+    let after = links(&c.pins());
+    for (name, (link, prog)) in &before {
+        let (link2, prog2) = after[name];
+        assert_eq!(*link, link2, "{name}: same link");
+        assert_ne!(*prog, prog2, "{name}: program swapped in");
+    }
+    let mut cmd = c.topo.client.command("curl");
+    cmd.args(topo::curl_args(&format!("http://{NODE_IP}:30080/")));
+    if let Err(e) = topo::curl(cmd) {
+        let m = node_get(&c, "http://127.0.0.1:10249/metrics").1;
+        let v: Vec<&str> = m.lines().filter(|l| l.starts_with("lb_datapath")).collect();
+        panic!("{e}\n{v:#?}\n{}", c.agent_log());
+    }
+
+    // A device that appears is attached; deleted and made again under the
+    // same name, it is attached again.
+    let node = &c.topo.node;
+    let add = || {
+        node.run(&[
+            "ip", "link", "add", "dum0", "type", "veth", "peer", "name", "dum0p",
+        ])
+    };
+    add();
+    wait_log(&c, "device=dum0", 1);
+    assert!(links(&c.pins()).contains_key("lb_from_netdev@dum0"));
+    node.run(&["ip", "link", "del", "dum0"]);
+    add();
+    wait_log(&c, "device=dum0", 2);
+    let log = c.agent_log();
+    let last = log
+        .lines()
+        .rev()
+        .find(|l| l.contains("device=dum0"))
+        .unwrap();
+    assert!(
+        last.contains("attached=2"),
+        "re-attached, not replaced under a dead link: {last}"
+    );
+}

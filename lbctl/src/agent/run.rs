@@ -89,14 +89,35 @@ pub fn glob_match(pattern: &str, name: &str) -> bool {
     m(pattern.as_bytes(), name.as_bytes())
 }
 
-fn matching_devices(patterns: &[String]) -> Vec<String> {
-    let Ok(rd) = std::fs::read_dir("/sys/class/net") else {
-        return vec![];
-    };
-    let mut out: Vec<String> = rd
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().to_string())
-        .filter(|n| patterns.iter().any(|p| glob_match(p, n)))
+/// Interfaces of the agent's network namespace, (name, index), from the
+/// kernel: not /sys, which shows the namespace of whoever mounted it.
+pub fn interfaces() -> Vec<(String, u32)> {
+    let mut out = Vec::new();
+    // SAFETY: if_nameindex returns an array ended by a zero entry, freed
+    // below; names are NUL-terminated.
+    unsafe {
+        let head = libc::if_nameindex();
+        if head.is_null() {
+            return out;
+        }
+        let mut p = head;
+        while (*p).if_index != 0 && !(*p).if_name.is_null() {
+            let name = std::ffi::CStr::from_ptr((*p).if_name)
+                .to_string_lossy()
+                .to_string();
+            out.push((name, (*p).if_index));
+            p = p.add(1);
+        }
+        libc::if_freenameindex(head);
+    }
+    out
+}
+
+/// Interfaces of this namespace whose name matches a pattern.
+fn matching_devices(patterns: &[String]) -> Vec<(String, u32)> {
+    let mut out: Vec<(String, u32)> = interfaces()
+        .into_iter()
+        .filter(|(n, _)| patterns.iter().any(|p| glob_match(p, n)))
         .collect();
     out.sort();
     out
@@ -130,11 +151,13 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         None => pins::cgroup2_root()?,
     };
     let n = attach::cgroup(&mut ebpf, &cfg.bpffs, &cgroup)?;
-    info!(cgroup = %cgroup.display(), attached = n, "socket programs in place");
+    info!(cgroup = %cgroup.display(), attached = n.attached, replaced = n.replaced, "socket programs in place");
 
     let mut maps = ServiceMaps::open(&cfg.bpffs)?;
     let mut source = DirSource::new(&cfg.manifests);
-    let mut attached_devices: Vec<String> = Vec::new();
+    // Devices done, by name and the ifindex they had: a device deleted and
+    // made again under the same name gets a new index and is attached anew.
+    let mut attached_devices: std::collections::BTreeMap<String, u32> = Default::default();
     let mut last_config = None;
     // Adopts ids and entries from the pinned maps: no flow moves.
     let mut reconciler = None;
@@ -151,14 +174,14 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
             _ = term.recv() => break,
             _ = int.recv() => break,
         }
-        for dev in matching_devices(&cfg.devices) {
-            if attached_devices.contains(&dev) {
+        for (dev, index) in matching_devices(&cfg.devices) {
+            if attached_devices.get(&dev) == Some(&index) {
                 continue;
             }
             match attach::device(&mut ebpf, &cfg.bpffs, &dev) {
                 Ok(n) => {
-                    info!(device = %dev, attached = n, "device programs in place");
-                    attached_devices.push(dev);
+                    info!(device = %dev, ifindex = index, attached = n.attached, replaced = n.replaced, "device programs in place");
+                    attached_devices.insert(dev, index);
                 }
                 Err(e) => warn!(device = %dev, "attaching: {e:#}"),
             }

@@ -1,19 +1,21 @@
 //! Attaching the programs: socket hooks on a cgroup, tc (tcx) hooks on
 //! devices. Every attachment is a bpf_link pinned under `<pins>/links`, so it
-//! stays when the agent exits (the datapath keeps forwarding) and a
-//! restarted agent finds it there instead of attaching twice.
+//! stays when the agent exits (the datapath keeps forwarding); a restarted
+//! or upgraded agent swaps its own programs in under those links with one
+//! atomic update each, so packets always meet a program.
 
 use std::{
     fs,
     path::{Path, PathBuf},
 };
 
+use std::os::fd::AsFd;
+
 use anyhow::{Context, Result};
 use aya::{
     Ebpf,
     programs::{
-        CgroupAttachMode, CgroupSockAddr, LinkOrder, SchedClassifier, TcAttachType,
-        links::{FdLink, PinnedLink},
+        CgroupAttachMode, CgroupSockAddr, LinkOrder, SchedClassifier, TcAttachType, links::FdLink,
         tc::TcAttachOptions,
     },
 };
@@ -38,17 +40,43 @@ fn link_path(pins: &Path, program: &str, device: Option<&str>) -> PathBuf {
     links_dir(pins).join(name)
 }
 
-/// Attaches the socket programs to `cgroup` unless pinned links exist.
-/// Returns how many were newly attached.
-pub fn cgroup(ebpf: &mut Ebpf, pins: &Path, cgroup: &Path) -> Result<usize> {
-    let mut attached = 0;
+/// What happened to each hook on (re)start.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Outcome {
+    /// Newly attached and pinned.
+    pub attached: usize,
+    /// A pinned link found and pointed at this agent's program, atomically.
+    pub replaced: usize,
+}
+
+/// Puts this agent's `prog` under the link pinned at `path`, if there is a
+/// live one. Returns false when there is none (or it is defunct: its device
+/// went away), after removing a defunct pin.
+fn replace_pinned(path: &Path, prog: std::os::fd::BorrowedFd<'_>) -> Result<bool> {
+    if !path.exists() {
+        return Ok(false);
+    }
+    let link =
+        super::link::open_pinned(path).with_context(|| format!("opening {}", path.display()))?;
+    match super::link::update(link.as_fd(), prog) {
+        Ok(()) => Ok(true),
+        Err(e) if e.raw_os_error() == Some(libc::ENOLINK) => {
+            fs::remove_file(path)
+                .with_context(|| format!("removing defunct {}", path.display()))?;
+            Ok(false)
+        }
+        Err(e) => Err(e).with_context(|| format!("replacing the program under {}", path.display())),
+    }
+}
+
+/// Attaches the socket programs to `cgroup`, or swaps them in under the
+/// pinned links of an earlier agent.
+pub fn cgroup(ebpf: &mut Ebpf, pins: &Path, cgroup: &Path) -> Result<Outcome> {
+    let mut out = Outcome::default();
     let cg =
         fs::File::open(cgroup).with_context(|| format!("opening cgroup {}", cgroup.display()))?;
     for name in SOCK_PROGRAMS {
         let path = link_path(pins, name, None);
-        if PinnedLink::from_pin(&path).is_ok() {
-            continue;
-        }
         let prog: &mut CgroupSockAddr = ebpf
             .program_mut(name)
             .with_context(|| format!("program {name} missing from the object"))?
@@ -56,29 +84,30 @@ pub fn cgroup(ebpf: &mut Ebpf, pins: &Path, cgroup: &Path) -> Result<usize> {
         if prog.fd().is_err() {
             prog.load().with_context(|| format!("loading {name}"))?;
         }
+        if replace_pinned(&path, prog.fd()?.as_fd())? {
+            out.replaced += 1;
+            continue;
+        }
         let id = prog
             .attach(&cg, CgroupAttachMode::Single)
             .with_context(|| format!("attaching {name} to cgroup {}", cgroup.display()))?;
         let link: FdLink = prog.take_link(id)?.try_into()?;
         link.pin(&path)
             .with_context(|| format!("pinning {}", path.display()))?;
-        attached += 1;
+        out.attached += 1;
     }
-    Ok(attached)
+    Ok(out)
 }
 
-/// Attaches the device programs to `device` (tcx ingress and egress) unless
-/// pinned links exist. Returns how many were newly attached.
-pub fn device(ebpf: &mut Ebpf, pins: &Path, device: &str) -> Result<usize> {
-    let mut attached = 0;
+/// Attaches the device programs to `device` (tcx ingress and egress), or
+/// swaps them in under live pinned links.
+pub fn device(ebpf: &mut Ebpf, pins: &Path, device: &str) -> Result<Outcome> {
+    let mut out = Outcome::default();
     for (name, dir) in [
         (FROM_NETDEV, TcAttachType::Ingress),
         (TO_NETDEV, TcAttachType::Egress),
     ] {
         let path = link_path(pins, name, Some(device));
-        if PinnedLink::from_pin(&path).is_ok() {
-            continue;
-        }
         let prog: &mut SchedClassifier = ebpf
             .program_mut(name)
             .with_context(|| format!("program {name} missing from the object"))?
@@ -86,15 +115,19 @@ pub fn device(ebpf: &mut Ebpf, pins: &Path, device: &str) -> Result<usize> {
         if prog.fd().is_err() {
             prog.load().with_context(|| format!("loading {name}"))?;
         }
+        if replace_pinned(&path, prog.fd()?.as_fd())? {
+            out.replaced += 1;
+            continue;
+        }
         let id = prog
             .attach_with_options(device, dir, TcAttachOptions::TcxOrder(LinkOrder::default()))
             .with_context(|| format!("attaching {name} to {device} ({dir:?})"))?;
         let link: FdLink = prog.take_link(id)?.try_into()?;
         link.pin(&path)
             .with_context(|| format!("pinning {}", path.display()))?;
-        attached += 1;
+        out.attached += 1;
     }
-    Ok(attached)
+    Ok(out)
 }
 
 /// Pinned attachments: (file name, program, device).

@@ -2,6 +2,7 @@
 //! attachment, and typed access to the pinned maps.
 
 pub mod attach;
+pub mod link;
 pub mod load;
 pub mod maps;
 pub mod pins;
