@@ -43,7 +43,7 @@ fn machine() -> String {
 }
 
 /// `n` Services of 10 backends each; service 0 is NodePort 30080.
-fn manifests(n: usize) -> String {
+fn manifests_text(n: usize) -> String {
     let mut y = String::with_capacity(n * 900);
     for i in 0..n {
         let (a, b) = ((i / 250) as u8, (i % 250) as u8 + 1);
@@ -163,7 +163,7 @@ fn main() {
             snat: None,
         };
         let t = Instant::now();
-        let _rec = fixture::program(&pins, &manifests(n), &node);
+        let _rec = fixture::program(&pins, &manifests_text(n), &node);
         eprintln!(
             "{n} Services programmed in {:.2}s",
             t.elapsed().as_secs_f64()
@@ -241,10 +241,143 @@ fn main() {
                 .join(" | ")
         );
     }
+    control_plane(quick);
     println!("\n# Verifier: instructions processed, and program size, as loaded\n");
     println!("| program | verified instructions | size (instructions) |\n|---|---|---|");
     insns.sort();
     for (name, verified, size) in insns {
         println!("| {name} | {verified} | {size} |");
     }
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+/// The agent's side: a full sync by the real agent from the directory
+/// source, its peak memory, and the cost of one EndpointSlice change.
+fn control_plane(quick: bool) {
+    use std::{process::Command, time::Duration};
+
+    use lbctl::{
+        agent::{model, reconcile::Reconciler, source::dir},
+        datapath::maps::ServiceMaps,
+    };
+
+    let n = if quick { 100 } else { 10_000 };
+    println!("\n# Agent: directory source, {n} Services x 10 backends\n");
+    // The real agent binary on a folder, in a namespace of its own.
+    let ns = lb_tests::guard::Netns::new("bn");
+    let cg = lb_tests::guard::Cgroup::new();
+    let fs = Bpffs::new();
+    let work = std::env::temp_dir().join(lb_tests::guard::unique("bw"));
+    let manifests = work.join("manifests");
+    std::fs::create_dir_all(&manifests).unwrap();
+    std::fs::write(manifests.join("services.yaml"), manifests_text(n)).unwrap();
+    let lbctl = std::env::current_exe().unwrap().with_file_name("lbctl");
+    let log = work.join("agent.log");
+    let start = Instant::now();
+    let mut agent = Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{}", ns.name))
+        .arg(&lbctl)
+        .args(["agent", "--manifests"])
+        .arg(&manifests)
+        .arg("--bpffs")
+        .arg(fs.pins())
+        .arg("--cgroup")
+        .arg(&cg.path)
+        .args([
+            "--node-name",
+            "node-a",
+            "--node-ip",
+            "172.18.0.2",
+            "--poll-ms",
+            "50",
+        ])
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .expect("lbctl agent (build it: cargo build --release -p lbctl)");
+    let pid = agent.id();
+    let mut peak_kb = 0u64;
+    loop {
+        if let Ok(st) = std::fs::read_to_string(format!("/proc/{pid}/status")) {
+            if let Some(v) = st.lines().find(|l| l.starts_with("VmHWM:")) {
+                peak_kb = v
+                    .split_whitespace()
+                    .nth(1)
+                    .and_then(|x| x.parse().ok())
+                    .unwrap_or(peak_kb);
+            }
+        }
+        if std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("first sync done")
+        {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(300),
+            "agent did not sync: {}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let full = start.elapsed();
+    let _ = agent.kill();
+    let _ = agent.wait();
+    println!("| figure | value |\n|---|---|");
+    println!(
+        "| agent start to all {n} Services in the maps (read, parse, translate, write) | {:.2} s |",
+        full.as_secs_f64()
+    );
+    println!(
+        "| agent peak RSS (VmHWM) | {:.1} MiB |",
+        peak_kb as f64 / 1024.0
+    );
+
+    // One EndpointSlice change (an endpoint replaced) to its map writes:
+    // translate the new state, diff, write, on the real pinned maps.
+    let objs_text = manifests_text(n);
+    let mut objs = {
+        let f = dir::parse("bench.yaml", &objs_text);
+        let mut o = model::Objects::default();
+        dir::merge(&mut o, &mut Default::default(), &f);
+        o
+    };
+    let node = NodeInfo {
+        name: "node-a".into(),
+        zone: None,
+        addresses: vec![NODE],
+        snat: None,
+    };
+    let mut rec = Reconciler::adopt(ServiceMaps::open(&fs.pins()).unwrap()).unwrap();
+    rec.reconcile(&model::translate(&objs, &node)).unwrap();
+    let changes = if quick { 20 } else { 200 };
+    let mut lat = Vec::new();
+    let mut writes = Vec::new();
+    for i in 0..changes {
+        let key = objs.slices.keys().nth((i * 7919) % n).unwrap().clone();
+        let slice = objs.slices.get_mut(&key).unwrap();
+        slice.endpoints.as_mut().unwrap()[i % 10].addresses =
+            vec![format!("10.250.{}.{}", i / 250, i % 250 + 1)];
+        let t = Instant::now();
+        let desired = model::translate(&objs, &node);
+        let o = rec.reconcile(&desired).unwrap();
+        lat.push(t.elapsed().as_secs_f64() * 1000.0);
+        writes.push(o.writes as f64);
+    }
+    lat.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    writes.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    println!(
+        "| one EndpointSlice change to its map writes (translate all, diff, write), p50 / p99 over {changes} | {:.1} / {:.1} ms |",
+        percentile(&lat, 0.5),
+        percentile(&lat, 0.99)
+    );
+    println!(
+        "| map writes per such change, p50 / max | {} / {} |",
+        percentile(&writes, 0.5),
+        writes.last().unwrap()
+    );
+    drop(rec);
+    let _ = std::fs::remove_dir_all(&work);
 }
