@@ -300,14 +300,14 @@ fn control_plane(quick: bool) {
     let pid = agent.id();
     let mut peak_kb = 0u64;
     loop {
-        if let Ok(st) = std::fs::read_to_string(format!("/proc/{pid}/status")) {
-            if let Some(v) = st.lines().find(|l| l.starts_with("VmHWM:")) {
-                peak_kb = v
-                    .split_whitespace()
-                    .nth(1)
-                    .and_then(|x| x.parse().ok())
-                    .unwrap_or(peak_kb);
-            }
+        if let Ok(st) = std::fs::read_to_string(format!("/proc/{pid}/status"))
+            && let Some(v) = st.lines().find(|l| l.starts_with("VmHWM:"))
+        {
+            peak_kb = v
+                .split_whitespace()
+                .nth(1)
+                .and_then(|x| x.parse().ok())
+                .unwrap_or(peak_kb);
         }
         if std::fs::read_to_string(&log)
             .unwrap_or_default()
