@@ -52,6 +52,11 @@ fn main() -> Result<()> {
         }
         Task::Bench { quick } => {
             setup::run()?;
+            // The bench runs the agent binary built beside it.
+            sh::step(
+                "build (release)",
+                sh::cargo(&["build", "--release", "--quiet", "-p", "lb-tests", "--bins"]),
+            )?;
             let mut args = vec![
                 "run",
                 "--release",
@@ -115,8 +120,22 @@ fn test(lint: bool, extra: &[String]) -> Result<()> {
         args.push("--");
         args.extend(extra.iter().map(String::as_str));
     }
-    sh::tests(
+    let counts = sh::tests(
         "cargo test --workspace (unit, datapath, end-to-end)",
         sh::cargo(&args),
-    )
+    )?;
+    if extra.is_empty() {
+        // The benchmark is no test: a short run only checks it still works.
+        sh::step(
+            "bench --quick (checks the benchmark runs; figures are not judged)",
+            sh::cargo(&[
+                "run", "--quiet", "-p", "lb-tests", "--bin", "bench", "--", "--quick",
+            ]),
+        )?;
+    }
+    println!(
+        "summary: {} passed, {} failed, {} skipped",
+        counts.passed, counts.failed, counts.ignored
+    );
+    Ok(())
 }

@@ -48,18 +48,26 @@ pub fn output(program: &str, args: &[&str]) -> Option<String> {
         .then(|| String::from_utf8_lossy(&out.stdout).to_string())
 }
 
-/// Runs a `cargo test` command, passing its output through, and closes with
-/// one line summing every test binary's result (`summary: N passed, M
-/// failed`), so the total is read from the last line rather than from the
-/// last binary's (often an empty doc-test run).
-pub fn tests(what: &str, mut cmd: Command) -> Result<()> {
+/// Test counts summed over every test binary.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Counts {
+    pub passed: u64,
+    pub failed: u64,
+    pub ignored: u64,
+}
+
+/// Runs a `cargo test` command, passing its output through, and sums every
+/// test binary's result line. The caller prints the total last, so CI reads
+/// it from the last line rather than from the last binary's (often an empty
+/// doc-test run).
+pub fn tests(what: &str, mut cmd: Command) -> Result<Counts> {
     eprintln!("==> {what}");
     let start = Instant::now();
     let mut child = cmd
         .stdout(Stdio::piped())
         .spawn()
         .with_context(|| format!("starting {what}"))?;
-    let (mut passed, mut failed, mut ignored) = (0u64, 0u64, 0u64);
+    let mut c = Counts::default();
     let stdout = child.stdout.take().context("test output")?;
     for line in BufReader::new(stdout).lines() {
         let line = line?;
@@ -75,9 +83,9 @@ pub fn tests(what: &str, mut cmd: Command) -> Result<()> {
                         .unwrap_or(0)
                 };
                 match words.last() {
-                    Some(&"passed") => passed += n(&words),
-                    Some(&"failed") => failed += n(&words),
-                    Some(&"ignored") => ignored += n(&words),
+                    Some(&"passed") => c.passed += n(&words),
+                    Some(&"failed") => c.failed += n(&words),
+                    Some(&"ignored") => c.ignored += n(&words),
                     _ => {}
                 }
             }
@@ -85,12 +93,17 @@ pub fn tests(what: &str, mut cmd: Command) -> Result<()> {
     }
     let status = child.wait()?;
     eprintln!("==> {what}: done in {:.1}s", start.elapsed().as_secs_f64());
-    println!("summary: {passed} passed, {failed} failed, {ignored} skipped");
     if !status.success() {
+        println!(
+            "summary: {} passed, {} failed, {} skipped",
+            c.passed,
+            c.failed.max(1),
+            c.ignored
+        );
         bail!("{what} failed ({status})");
     }
-    if passed == 0 {
+    if c.passed == 0 {
         bail!("{what}: no test ran");
     }
-    Ok(())
+    Ok(c)
 }

@@ -274,10 +274,11 @@ fn control_plane(quick: bool) {
     let manifests = work.join("manifests");
     std::fs::create_dir_all(&manifests).unwrap();
     std::fs::write(manifests.join("services.yaml"), manifests_text(n)).unwrap();
-    let lbctl = std::env::current_exe().unwrap().with_file_name("lbctl");
+    // lbctl as built with this package (always the current code).
+    let lbctl = std::env::current_exe().unwrap().with_file_name("lbctl-e2e");
     let log = work.join("agent.log");
     let start = Instant::now();
-    let mut agent = Command::new("nsenter")
+    let agent = Command::new("nsenter")
         .arg(format!("--net=/run/netns/{}", ns.name))
         .arg(&lbctl)
         .args(["agent", "--manifests"])
@@ -296,8 +297,10 @@ fn control_plane(quick: bool) {
         ])
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
-        .expect("lbctl agent (build it: cargo build --release -p lbctl)");
-    let pid = agent.id();
+        .expect("lbctl agent (build it: cargo build -p lb-tests --bins)");
+    // Killed (by its PID) even if this run panics.
+    let mut agent = lb_tests::guard::Proc(agent);
+    let pid = agent.0.id();
     let mut peak_kb = 0u64;
     loop {
         if let Ok(st) = std::fs::read_to_string(format!("/proc/{pid}/status"))
@@ -323,8 +326,8 @@ fn control_plane(quick: bool) {
         std::thread::sleep(Duration::from_millis(20));
     }
     let full = start.elapsed();
-    let _ = agent.kill();
-    let _ = agent.wait();
+    let _ = agent.0.kill();
+    let _ = agent.0.wait();
     println!("| figure | value |\n|---|---|");
     println!(
         "| agent start to all {n} Services in the maps (read, parse, translate, write) | {:.2} s |",
