@@ -153,6 +153,50 @@ fn services_answer_from_pods_host_and_outside() {
     );
     assert!(body.starts_with("pod-"), "{reply}");
 
+    // What lbctl shows of it. Conntrack: the NodePort flow from the client
+    // (both directions), translated to one of the pods.
+    let flows = c
+        .lbctl_json(&["conntrack", "--client", "172.18.0.10"])
+        .unwrap();
+    let flows = flows.as_array().unwrap();
+    assert!(
+        flows.iter().any(|f| f["direction"] == "original"
+            && f["service"] == "e2e/web"
+            && f["dst"] == "172.18.0.2:30080"),
+        "{flows:#?}"
+    );
+    assert!(
+        flows
+            .iter()
+            .any(|f| f["direction"] == "reply" && f["nat_src"] == "172.18.0.2:30080"),
+        "{flows:#?}"
+    );
+    let count = c
+        .lbctl_json(&["conntrack", "--count", "--service", "e2e/web"])
+        .unwrap();
+    assert!(count["count"].as_u64().unwrap() >= 2, "{count}");
+    let verdicts = c.lbctl_json(&["counters"]).unwrap();
+    let of = |name: &str| {
+        verdicts
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["verdict"] == name)
+            .unwrap()["count"]
+            .as_u64()
+            .unwrap()
+    };
+    assert!(
+        of("forward_new") >= 1 && of("sock_translated") >= 3,
+        "{verdicts:#?}"
+    );
+    let status = c.lbctl_json(&["status"]).unwrap();
+    assert_eq!(
+        status["attachments"].as_array().unwrap().len(),
+        6,
+        "{status:#?}"
+    );
+
     // Pinned: the datapath keeps forwarding with the agent gone.
     c.agent.take().expect("agent").stop();
     assert!(

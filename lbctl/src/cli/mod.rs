@@ -1,8 +1,11 @@
 //! Command line: one module per subcommand (its arguments and `execute`).
 
 pub mod agent;
+pub mod conntrack;
+pub mod counters;
 pub mod render;
 pub mod services;
+pub mod status;
 
 use std::path::PathBuf;
 
@@ -37,6 +40,13 @@ pub enum Command {
     /// List Services as the datapath has them.
     #[command(alias = "svc")]
     Services(services::Args),
+    /// The device path's connection-tracking entries.
+    #[command(alias = "ct")]
+    Conntrack(conntrack::Args),
+    /// The datapath's counters per verdict.
+    Counters(counters::Args),
+    /// What is attached where, and how full each map is.
+    Status(status::Args),
 }
 
 /// The whole program: logging to stderr, then the subcommand.
@@ -54,5 +64,77 @@ pub fn main() -> Result<()> {
     match cli.command {
         Command::Agent(a) => tokio::runtime::Runtime::new()?.block_on(agent::execute(a)),
         Command::Services(a) => services::execute(a),
+        Command::Conntrack(a) => conntrack::execute(a),
+        Command::Counters(a) => counters::execute(a),
+        Command::Status(a) => status::execute(a),
+    }
+}
+
+#[cfg(test)]
+mod golden {
+    //! The human tables, byte for byte: a change to a column shows here.
+
+    use std::net::Ipv4Addr;
+
+    use super::{counters, services};
+
+    #[test]
+    fn services_table() {
+        let v = vec![services::ServiceView {
+            id: 1,
+            namespace: "demo".into(),
+            name: "web".into(),
+            port_name: "http".into(),
+            svc_type: "NodePort".into(),
+            protocol: "TCP".into(),
+            frontends: vec![
+                services::FrontendView {
+                    kind: "ClusterIP".into(),
+                    address: Ipv4Addr::new(10, 96, 0, 10),
+                    port: 80,
+                },
+                services::FrontendView {
+                    kind: "NodePort".into(),
+                    address: Ipv4Addr::new(172, 18, 0, 2),
+                    port: 30080,
+                },
+            ],
+            backends: vec![services::BackendView {
+                id: 7,
+                address: Ipv4Addr::new(10, 244, 1, 11),
+                port: 8080,
+                state: "active".into(),
+                local: true,
+                node: "node-a".into(),
+            }],
+            session_affinity_timeout_s: None,
+            external_traffic_policy: "Cluster".into(),
+            internal_traffic_policy: "Cluster".into(),
+            flows: 18,
+            packets: 108,
+            bytes: 9045,
+        }];
+        let want = concat!(
+            " SERVICE        TYPE      PROTO  FRONTENDS                    BACKENDS  FLOWS  PACKETS  BYTES\n",
+            " demo/web:http  NodePort  TCP    10.96.0.10:80 (ClusterIP)    1/1       18     108      9045\n",
+            "                                 172.18.0.2:30080 (NodePort)\n",
+        );
+        assert_eq!(services::table(&v), want, "\n{}", services::table(&v));
+    }
+
+    #[test]
+    fn counters_table() {
+        let mut counts = vec![0u64; 64];
+        counts[2] = 9;
+        let v = counters::view(&counts);
+        let t = counters::table(&v[..4]);
+        let want = concat!(
+            " VERDICT              COUNT\n",
+            " pass_not_ipv4        0\n",
+            " pass_not_service     0\n",
+            " forward_new          9\n",
+            " forward_established  0\n",
+        );
+        assert_eq!(t, want, "\n{t}");
     }
 }

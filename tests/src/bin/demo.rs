@@ -140,13 +140,25 @@ fn main() -> Result<()> {
     wait_programmed(&lbctl, &pins, 2)?;
 
     let result = requests(&t, &lbctl, &pins);
-    println!("\n== lbctl services");
-    let out = Command::new(&lbctl)
-        .arg("services")
-        .arg("--bpffs")
-        .arg(&pins)
-        .output()?;
-    print!("{}", String::from_utf8_lossy(&out.stdout));
+    let views: [&[&str]; 4] = [
+        &["services"],
+        &["conntrack", "--client", "172.18.0.10"],
+        &["counters"],
+        &["status"],
+    ];
+    for args in views {
+        println!("\n== lbctl {}", args.join(" "));
+        let out = Command::new(&lbctl)
+            .args(args)
+            .arg("--bpffs")
+            .arg(&pins)
+            .output()?;
+        print!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
 
     println!("\n== Cleaning up");
     agent.stop();
