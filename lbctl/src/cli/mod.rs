@@ -3,6 +3,7 @@
 pub mod agent;
 pub mod conntrack;
 pub mod counters;
+pub mod docs;
 pub mod render;
 pub mod services;
 pub mod status;
@@ -47,6 +48,10 @@ pub enum Command {
     Counters(counters::Args),
     /// What is attached where, and how full each map is.
     Status(status::Args),
+    /// Print shell completions.
+    Completions(docs::CompletionArgs),
+    /// Print the man page (roff) of lbctl and its subcommands.
+    Man,
 }
 
 /// The whole program: logging to stderr, then the subcommand.
@@ -67,6 +72,8 @@ pub fn main() -> Result<()> {
         Command::Conntrack(a) => conntrack::execute(a),
         Command::Counters(a) => counters::execute(a),
         Command::Status(a) => status::execute(a),
+        Command::Completions(a) => docs::completions(a),
+        Command::Man => docs::man(),
     }
 }
 
