@@ -9,8 +9,19 @@ use lbctl::{
         reconcile::Reconciler,
         source::dir,
     },
-    datapath::maps::ServiceMaps,
+    datapath::{load, maps::ServiceMaps, pins},
 };
+
+use crate::guard::Bpffs;
+
+/// The embedded object loaded with its maps pinned in a private bpffs
+/// (unmounted when the returned guard drops).
+pub fn datapath() -> (Bpffs, aya::Ebpf) {
+    let fs = Bpffs::new();
+    pins::prepare(&fs.pins()).expect("pin folder");
+    let ebpf = load::load(&fs.pins()).expect("load the embedded object");
+    (fs, ebpf)
+}
 
 pub fn objects(yaml: &str) -> Objects {
     let f = dir::parse("fixture.yaml", yaml);

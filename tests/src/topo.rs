@@ -206,22 +206,7 @@ class H(http.server.BaseHTTPRequestHandler):
         pass
 http.server.ThreadingHTTPServer(("0.0.0.0", int(sys.argv[1])), H).serve_forever()
 "#;
-        let child = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                ns_name,
-                "python3",
-                "-c",
-                SERVER,
-                &port.to_string(),
-                name,
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start python3 HTTP server");
-        self.servers.push(Proc(child));
+        self.python_server(ns_name, SERVER, port, name);
     }
 
     /// A UDP server in `ns` on `port` that answers every datagram with
@@ -235,6 +220,12 @@ while True:
     _, peer = s.recvfrom(2048)
     s.sendto(sys.argv[2].encode(), peer)
 "#;
+        self.python_server(ns_name, SERVER, port, name);
+    }
+
+    /// Runs a Python server `script` in `ns_name` with (port, name) as its
+    /// arguments; stopped when the topology is dropped.
+    fn python_server(&mut self, ns_name: &str, script: &str, port: u16, name: &str) {
         let child = Command::new("ip")
             .args([
                 "netns",
@@ -242,14 +233,14 @@ while True:
                 ns_name,
                 "python3",
                 "-c",
-                SERVER,
+                script,
                 &port.to_string(),
                 name,
             ])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .expect("start python3 UDP server");
+            .expect("start a python3 server");
         self.servers.push(Proc(child));
     }
 

@@ -18,13 +18,13 @@ use lb_common::counters::{
 };
 use lb_tests::{
     fixture,
-    guard::{Bpffs, sweep},
+    guard::sweep,
     packet::{ACK, FIN, Frame, SYN, assert_frame, describe},
     require_root,
 };
 use lbctl::{
     agent::model::NodeInfo,
-    datapath::{load, maps::ServiceMaps, pins},
+    datapath::{load, maps::ServiceMaps},
 };
 
 const TC_ACT_OK: u32 = 0;
@@ -151,10 +151,8 @@ fn case(
 fn device_path_cases() {
     require_root();
     sweep();
-    let fs = Bpffs::new();
+    let (fs, mut ebpf) = fixture::datapath();
     let pins = fs.pins();
-    pins::prepare(&pins).expect("pins");
-    let mut ebpf = load::load(&pins).expect("load");
     for p in ["lb_from_netdev", "lb_to_netdev"] {
         let prog: &mut SchedClassifier = ebpf.program_mut(p).unwrap().try_into().unwrap();
         prog.load()
@@ -441,9 +439,9 @@ fn snat_to_a_backend_on_another_node_both_ways() {
         .unwrap();
     let netns_path = format!("/run/netns/{}", ns.name);
 
-    let fs = Bpffs::new();
+    // Loading pins the maps the fixture then programs.
+    let (fs, _pinned) = fixture::datapath();
     let pins = fs.pins();
-    pins::prepare(&pins).unwrap();
     let remote = MANIFESTS.replace(
         "endpoints: [{addresses: [10.244.1.5], nodeName: node-a}]",
         "endpoints: [{addresses: [10.244.2.11], nodeName: node-b}]",
@@ -454,7 +452,6 @@ fn snat_to_a_backend_on_another_node_both_ways() {
         addresses: vec![NODE],
         snat: None,
     };
-    let _pinned = load::load(&pins).expect("load (pins the maps)");
     let _rec = fixture::program(&pins, &remote, &node);
 
     // PROG_TEST_RUN runs in the calling thread's network namespace.

@@ -110,15 +110,7 @@ fn agent_killed_and_restarted_under_traffic_loses_no_request() {
         c.agent.as_mut().expect("agent").kill();
         thread::sleep(Duration::from_millis(700));
         c.start_agent();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !c.agent_log().contains("first sync done") {
-            assert!(
-                Instant::now() < deadline,
-                "restarted agent never synced:\n{}",
-                c.agent_log()
-            );
-            thread::sleep(Duration::from_millis(50));
-        }
+        wait_log(&c, "first sync done", 1);
         let log = c.agent_log();
         assert!(
             log.contains("writes=0"),

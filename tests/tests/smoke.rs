@@ -7,14 +7,11 @@ use std::net::Ipv4Addr;
 use aya::programs::{SchedClassifier, TestRun, TestRunOptions};
 use lb_tests::{
     fixture,
-    guard::{Bpffs, sweep},
+    guard::sweep,
     packet::{Frame, SYN, assert_frame},
     require_root,
 };
-use lbctl::{
-    agent::model::NodeInfo,
-    datapath::{load, pins},
-};
+use lbctl::agent::model::NodeInfo;
 
 const TC_ACT_OK: u32 = 0;
 
@@ -46,10 +43,8 @@ endpoints:
 fn nodeport_syn_to_a_local_backend_is_rewritten() {
     require_root();
     sweep();
-    let fs = Bpffs::new();
+    let (fs, mut ebpf) = fixture::datapath();
     let pins = fs.pins();
-    pins::prepare(&pins).expect("pin folder");
-    let mut ebpf = load::load(&pins).expect("load embedded object");
     let node = NodeInfo {
         name: "node-a".into(),
         zone: None,

@@ -153,14 +153,13 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
     let n = attach::cgroup(&mut ebpf, &cfg.bpffs, &cgroup)?;
     info!(cgroup = %cgroup.display(), attached = n.attached, replaced = n.replaced, "socket programs in place");
 
-    let mut maps = ServiceMaps::open(&cfg.bpffs)?;
     let mut source = DirSource::new(&cfg.manifests);
     // Devices done, by name and the ifindex they had: a device deleted and
     // made again under the same name gets a new index and is attached anew.
     let mut attached_devices: std::collections::BTreeMap<String, u32> = Default::default();
     let mut last_config = None;
     // Adopts ids and entries from the pinned maps: no flow moves.
-    let mut reconciler = None;
+    let mut rec = Reconciler::adopt(ServiceMaps::open(&cfg.bpffs)?)?;
     let mut pending: Option<Desired> = None;
     let mut synced_once = false;
     // When the oldest change not yet in the maps was seen.
@@ -210,7 +209,9 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
                     _reserved: 0,
                 };
                 if last_config != Some(config) {
-                    maps.set_config(config).context("writing datapath config")?;
+                    rec.writer
+                        .set_config(config)
+                        .context("writing datapath config")?;
                     last_config = Some(config);
                 }
                 let desired = model::translate(&snap.objects, &node);
@@ -226,10 +227,6 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
                 metrics.error("source");
             }
         }
-        if reconciler.is_none() {
-            reconciler = Some(Reconciler::adopt(ServiceMaps::open(&cfg.bpffs)?)?);
-        }
-        let rec = reconciler.as_mut().expect("set above");
         if let Some(desired) = &pending {
             let result = rec.reconcile(desired);
             match &result {

@@ -18,10 +18,7 @@ use lb_tests::{
     packet::{ACK, Frame, SYN},
     require_root,
 };
-use lbctl::{
-    agent::model::NodeInfo,
-    datapath::{load, pins},
-};
+use lbctl::{agent::model::NodeInfo, datapath::load};
 
 const NODE: Ipv4Addr = Ipv4Addr::new(172, 18, 0, 2);
 
@@ -152,10 +149,8 @@ fn main() {
     .collect();
     let mut insns = Vec::new();
     for (si, &n) in sizes.iter().enumerate() {
-        let fs = Bpffs::new();
+        let (fs, mut ebpf) = fixture::datapath();
         let pins = fs.pins();
-        pins::prepare(&pins).unwrap();
-        let mut ebpf = load::load(&pins).unwrap();
         let node = NodeInfo {
             name: "node-a".into(),
             zone: None,
