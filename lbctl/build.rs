@@ -118,7 +118,7 @@ enum Route {
 
 impl Route {
     fn detect() -> Option<Self> {
-        if nightly_has_rust_src() {
+        if nightly_has_rust_src() && nightly_llvm().is_some_and(|v| v <= LINKER_LLVM) {
             Some(Self::Nightly)
         } else if debian_has_bpf_core() {
             Some(Self::Debian)
@@ -148,6 +148,22 @@ impl Route {
             }
         }
     }
+}
+
+/// bpf-linker is built against LLVM 22 and cannot read bitcode from a
+/// newer LLVM; a nightly with a newer one is not used (xtask's set-up makes
+/// the same check).
+const LINKER_LLVM: u32 = 22;
+
+fn nightly_llvm() -> Option<u32> {
+    let out = Command::new("rustup")
+        .args(["run", "nightly", "rustc", "-vV"])
+        .output()
+        .ok()?;
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|l| l.strip_prefix("LLVM version: "))
+        .and_then(|v| v.split('.').next()?.parse().ok())
 }
 
 fn nightly_has_rust_src() -> bool {

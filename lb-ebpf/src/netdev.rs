@@ -8,6 +8,7 @@ use aya_ebpf::{
     helpers::bpf_get_prandom_u32,
     programs::TcContext,
 };
+use aya_log_ebpf::debug;
 use lb_common::{
     conntrack::{CT_LOCAL_BACKEND, CT_ORIGINAL, CT_REPLY, CT_SNAT, Ct4Entry, Ct4Key},
     counters::{
@@ -88,6 +89,16 @@ pub fn from_netdev(ctx: &TcContext) -> i32 {
             if v == V_DROP_NO_BACKEND {
                 stats::no_backend(fe.service_id);
             }
+            // Off the forwarding path: a dropped first packet. Compiled
+            // out at load unless the agent runs with --datapath-logs.
+            debug!(
+                ctx,
+                "drop new flow to {:i}:{} (service {}): verdict {}",
+                u32::from_be(pkt.dst_addr),
+                u16::from_be(pkt.dst_port),
+                fe.service_id,
+                v
+            );
             return TC_ACT_SHOT;
         }
     };
@@ -99,6 +110,13 @@ pub fn from_netdev(ctx: &TcContext) -> i32 {
         }
         Err(v) => {
             stats::verdict(v);
+            debug!(
+                ctx,
+                "drop new flow to {:i}:{}: no conntrack entry (verdict {})",
+                u32::from_be(pkt.dst_addr),
+                u16::from_be(pkt.dst_port),
+                v
+            );
             TC_ACT_SHOT
         }
     }

@@ -8,6 +8,7 @@ use aya_ebpf::{
     helpers::{bpf_get_socket_cookie, generated::bpf_set_retval},
     programs::SockAddrContext,
 };
+use aya_log_ebpf::debug;
 use lb_common::{
     PROTO_TCP, PROTO_UDP,
     counters::{V_DROP_NO_BACKEND, V_SOCK_REVERSED, V_SOCK_TRANSLATED},
@@ -108,6 +109,14 @@ pub fn translate(ctx: &SockAddrContext, sticky: bool) -> i32 {
                 if v == V_DROP_NO_BACKEND {
                     stats::no_backend(fe.service_id);
                 }
+                debug!(
+                    ctx,
+                    "refuse connect to {:i}:{} (service {}): verdict {}",
+                    u32::from_be(key.addr),
+                    u16::from_be(key.port),
+                    fe.service_id,
+                    v
+                );
                 // Refuse like kube-proxy's REJECT: the caller sees
                 // ECONNREFUSED at once instead of a timeout.
                 // SAFETY: helper with a plain integer.

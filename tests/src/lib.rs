@@ -2,6 +2,7 @@
 //! network namespaces, cgroups, processes), and a packet builder whose
 //! checksums are computed from scratch, independently of the datapath.
 
+pub mod apiserver;
 pub mod fixture;
 pub mod guard;
 pub mod packet;

@@ -63,6 +63,19 @@ fn apt(pkgs: &[&str]) -> Result<()> {
     sh::step(&format!("apt-get install {}", missing.join(" ")), install)
 }
 
+/// bpf-linker is built against this LLVM; it cannot read bitcode from a
+/// newer one ("Invalid record"), so a nightly whose LLVM is newer cannot be
+/// used. lbctl's build.rs makes the same check.
+const LINKER_LLVM: u32 = 22;
+
+/// The LLVM major version of rustup's nightly, if it is installed.
+fn nightly_llvm() -> Option<u32> {
+    let v = sh::output("rustup", &["run", "nightly", "rustc", "-vV"])?;
+    v.lines()
+        .find_map(|l| l.strip_prefix("LLVM version: "))
+        .and_then(|v| v.split('.').next()?.parse().ok())
+}
+
 fn nightly_rust_src() -> bool {
     let Some(sysroot) = sh::output("rustup", &["run", "nightly", "rustc", "--print", "sysroot"])
     else {
@@ -81,44 +94,40 @@ fn debian_bpf_core() -> bool {
     })
 }
 
-/// Returns the route taken: the same test lbctl's build.rs makes.
+/// Returns the route taken: the same test lbctl's build.rs makes. The
+/// installed nightly is used as it is (never updated: a newer nightly may
+/// carry an LLVM the linker cannot read); otherwise Debian's rustc-web.
 fn ebpf_route() -> Result<&'static str> {
-    if nightly_rust_src() {
-        eprintln!("    eBPF toolchain: nightly with rust-src present");
-        return Ok("nightly + build-std");
+    match nightly_llvm() {
+        Some(llvm) if llvm <= LINKER_LLVM => {
+            if nightly_rust_src() {
+                eprintln!("    eBPF toolchain: nightly (LLVM {llvm}) with rust-src present");
+                return Ok("nightly + build-std");
+            }
+            eprintln!("    eBPF toolchain: adding rust-src to the installed nightly");
+            let mut c = std::process::Command::new("rustup");
+            c.args(["component", "add", "rust-src", "--toolchain", "nightly"]);
+            match sh::step("rustup component add rust-src", c) {
+                Ok(()) if nightly_rust_src() => return Ok("nightly + build-std"),
+                Ok(()) => eprintln!("    rust-src still missing; trying Debian's route"),
+                Err(e) => eprintln!("    no rust-src ({e:#}); trying Debian's route"),
+            }
+        }
+        Some(llvm) => eprintln!(
+            "    eBPF toolchain: the installed nightly uses LLVM {llvm}, newer than bpf-linker's {LINKER_LLVM}; using Debian's route"
+        ),
+        None => eprintln!("    eBPF toolchain: no rustup nightly; using Debian's route"),
     }
     if debian_bpf_core() {
         eprintln!("    eBPF toolchain: Debian rustc-web with the BPF core present");
         return Ok("debian rustc-web");
-    }
-    if sh::ok("rustup", &["--version"]) {
-        eprintln!("    eBPF toolchain: installing rustup nightly with rust-src");
-        let mut c = std::process::Command::new("rustup");
-        c.args([
-            "toolchain",
-            "install",
-            "nightly",
-            "--profile",
-            "minimal",
-            "--component",
-            "rust-src",
-        ]);
-        match sh::step("rustup toolchain install nightly", c) {
-            Ok(()) if nightly_rust_src() => return Ok("nightly + build-std"),
-            Ok(()) => {
-                eprintln!("    nightly installed but rust-src is missing; trying Debian's route")
-            }
-            Err(e) => {
-                eprintln!("    rustup could not provide nightly ({e:#}); trying Debian's route")
-            }
-        }
     }
     apt(&["rustc-web", "libstd-rust-web-dev-bpf"])?;
     if debian_bpf_core() {
         return Ok("debian rustc-web");
     }
     bail!(
-        "no eBPF toolchain: neither rustup nightly + rust-src nor Debian's rustc-web + libstd-rust-web-dev-bpf could be installed"
+        "no eBPF toolchain: neither a rustup nightly with LLVM <= {LINKER_LLVM} and rust-src nor Debian's rustc-web + libstd-rust-web-dev-bpf could be installed"
     )
 }
 

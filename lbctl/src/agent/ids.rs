@@ -30,6 +30,11 @@ impl IdPool {
         }
     }
 
+    /// Gives an id back.
+    pub fn free(&mut self, id: u32) {
+        self.used.remove(&id);
+    }
+
     pub fn in_use(&self) -> usize {
         self.used.len()
     }

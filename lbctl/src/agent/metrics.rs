@@ -38,10 +38,13 @@ pub struct Metrics {
     /// Seconds from a change seen in the source to its map writes done.
     pub programming_latency: Histogram,
     pub map_entries: Family<MapLabel, Gauge>,
-    /// Changes seen in the source, by kind (file, ...).
+    /// Changes seen in the source, by kind (files; Service, EndpointSlice,
+    /// Endpoints, Node watch events).
     pub source_events: Family<KindLabel, Counter>,
     /// Errors by kind: object (a bad object skipped), file (unreadable or
-    /// unparsable manifest), sync (a map write failed; retried).
+    /// unparsable manifest), source (the folder unreadable), watch (a list
+    /// or watch call failed; retried with backoff), sync (a map write
+    /// failed; retried).
     pub errors: Family<KindLabel, Counter>,
 }
 
@@ -92,6 +95,29 @@ impl Metrics {
         self.errors
             .get_or_create(&KindLabel { kind: kind.into() })
             .inc();
+    }
+
+    pub fn event(&self, kind: &str) {
+        self.source_events
+            .get_or_create(&KindLabel { kind: kind.into() })
+            .inc();
+    }
+
+    /// Entries per map, from the reconciler's mirror of them.
+    pub fn map_entries(&self, st: &super::state::MapState) {
+        use lb_common::maps::*;
+        for (map, n) in [
+            (FRONTENDS4, st.frontends.len()),
+            (ADDRS4, st.addrs.len()),
+            (BACKEND_SLOTS, st.slots.len()),
+            (BACKENDS4, st.backends.len()),
+            (SERVICE_META, st.service_meta.len()),
+            (BACKEND_META, st.backend_meta.len()),
+        ] {
+            self.map_entries
+                .get_or_create(&MapLabel { map: map.into() })
+                .set(n as i64);
+        }
     }
 
     pub fn render(&self) -> String {

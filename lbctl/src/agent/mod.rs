@@ -3,6 +3,7 @@
 pub mod apply;
 pub mod health;
 pub mod ids;
+pub mod logs;
 pub mod metrics;
 pub mod model;
 pub mod plan;
@@ -10,6 +11,7 @@ pub mod reconcile;
 pub mod run;
 pub mod source;
 pub mod state;
+pub mod store;
 
 #[cfg(test)]
 mod tests;

@@ -14,6 +14,7 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     fmt,
     net::Ipv4Addr,
+    sync::Arc,
 };
 
 use k8s_openapi::api::{
@@ -38,12 +39,38 @@ impl fmt::Display for ObjKey {
     }
 }
 
-/// The objects the agent reads, from any source.
+impl ObjKey {
+    pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
+        Self {
+            namespace: namespace.into(),
+            name: name.into(),
+        }
+    }
+
+    /// The key of an object: without a namespace it is in `default`, as
+    /// `kubectl apply` would put it.
+    pub fn of(m: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> Self {
+        Self {
+            namespace: m.namespace.clone().unwrap_or_else(|| "default".into()),
+            name: m.name.clone().unwrap_or_default(),
+        }
+    }
+}
+
+/// The objects the agent reads, from any source. Shared, not copied: a
+/// source's snapshot and the store hold the same objects, and an unchanged
+/// object is recognised by pointer.
 #[derive(Clone, Debug, Default)]
 pub struct Objects {
-    pub services: BTreeMap<ObjKey, Service>,
-    pub slices: BTreeMap<ObjKey, EndpointSlice>,
-    pub endpoints: BTreeMap<ObjKey, Endpoints>,
+    pub services: BTreeMap<ObjKey, Arc<Service>>,
+    pub slices: BTreeMap<ObjKey, Arc<EndpointSlice>>,
+    pub endpoints: BTreeMap<ObjKey, Arc<Endpoints>>,
+}
+
+/// The Service an EndpointSlice belongs to, from its label.
+pub fn slice_service(key: &ObjKey, s: &EndpointSlice) -> Option<ObjKey> {
+    let svc = s.metadata.labels.as_ref()?.get(LABEL_SERVICE_NAME)?;
+    Some(ObjKey::new(key.namespace.clone(), svc.clone()))
 }
 
 /// What the agent knows of its node.
@@ -268,35 +295,54 @@ pub fn translate(objs: &Objects, node: &NodeInfo) -> Desired {
     // Slices by the Service they belong to.
     let mut slices: BTreeMap<ObjKey, Vec<&EndpointSlice>> = BTreeMap::new();
     for (k, s) in &objs.slices {
-        let Some(svc) = s
-            .metadata
-            .labels
-            .as_ref()
-            .and_then(|l| l.get(LABEL_SERVICE_NAME))
-        else {
-            continue;
-        };
-        if s.address_type != "IPv4" {
-            continue; // IPv6 and FQDN slices: not programmed (IPv4 datapath).
+        if let Some(svc) = slice_service(k, s) {
+            slices.entry(svc).or_default().push(s);
         }
-        slices
-            .entry(ObjKey {
-                namespace: k.namespace.clone(),
-                name: svc.clone(),
-            })
-            .or_default()
-            .push(s);
     }
     for (key, svc) in &objs.services {
-        if let Err(reason) = service(key, svc, &slices, objs, node, &mut out.ports) {
-            out.errors.push(ObjectError {
-                kind: "Service",
-                object: key.to_string(),
-                reason,
-            });
+        let svc_slices = slices.get(key).map(Vec::as_slice).unwrap_or_default();
+        let endpoints = objs.endpoints.get(key).map(|e| &**e);
+        match translate_service(key, svc, svc_slices, endpoints, node) {
+            Ok(ports) => out.ports.extend(ports),
+            Err(e) => out.errors.push(e),
         }
     }
     out
+}
+
+/// One Service's ports, from the Service, the EndpointSlices labelled with
+/// its name and its Endpoints (read only when it has no slice at all).
+pub fn translate_service(
+    key: &ObjKey,
+    svc: &Service,
+    svc_slices: &[&EndpointSlice],
+    endpoints: Option<&Endpoints>,
+    node: &NodeInfo,
+) -> Result<BTreeMap<ServicePortKey, ServicePortState>, ObjectError> {
+    let mut out = BTreeMap::new();
+    // IPv6 and FQDN slices: not programmed (IPv4 datapath).
+    let v4: Vec<&EndpointSlice> = svc_slices
+        .iter()
+        .copied()
+        .filter(|s| s.address_type == "IPv4")
+        .collect();
+    // A Service whose slices are all IPv6 still has slices: it does not
+    // fall back to Endpoints.
+    let use_endpoints = svc_slices.is_empty();
+    service(
+        key,
+        svc,
+        &v4,
+        use_endpoints.then_some(endpoints).flatten(),
+        node,
+        &mut out,
+    )
+    .map_err(|reason| ObjectError {
+        kind: "Service",
+        object: key.to_string(),
+        reason,
+    })?;
+    Ok(out)
 }
 
 fn ignored(svc: &Service) -> bool {
@@ -322,8 +368,8 @@ fn port_u16(p: i32, what: &str) -> Result<u16, String> {
 fn service(
     key: &ObjKey,
     svc: &Service,
-    slices: &BTreeMap<ObjKey, Vec<&EndpointSlice>>,
-    objs: &Objects,
+    svc_slices: &[&EndpointSlice],
+    endpoints: Option<&Endpoints>,
     node: &NodeInfo,
     out: &mut BTreeMap<ServicePortKey, ServicePortState>,
 ) -> Result<(), String> {
@@ -411,7 +457,6 @@ fn service(
         };
         parsed.push((name, proto, port, node_port));
     }
-    let svc_slices = slices.get(key).map(Vec::as_slice).unwrap_or_default();
     for (name, proto, port, node_port) in parsed {
         if proto == Proto::Sctp {
             continue; // SCTP: not in the datapath yet.
@@ -433,8 +478,8 @@ fn service(
         if let Some(np) = node_port {
             add(&node.addresses, np, FrontendKind::NodePort);
         }
-        let backends = if svc_slices.is_empty() {
-            endpoints_backends(objs.endpoints.get(key), &name, proto, node)
+        let backends = if let Some(eps) = endpoints {
+            endpoints_backends(Some(eps), &name, proto, node)
         } else {
             slice_backends(svc_slices, &name, proto, node)
         };

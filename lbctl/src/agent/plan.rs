@@ -3,18 +3,57 @@
 //! frontend will point at exists before the frontend points at it, and
 //! nothing is removed while a frontend still points at it.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
+
+use lb_common::service::{Frontend4Key, SlotKey};
 
 use super::state::{MapState, Op};
+
+/// The keys of each map that may differ between two states.
+#[derive(Clone, Debug, Default)]
+pub struct Keys {
+    pub addrs: BTreeSet<u32>,
+    pub frontends: BTreeSet<Frontend4Key>,
+    pub slots: BTreeSet<SlotKey>,
+    pub backends: BTreeSet<u32>,
+    pub service_meta: BTreeSet<u32>,
+    pub backend_meta: BTreeSet<u32>,
+}
+
+impl Keys {
+    /// Every key of a state.
+    pub fn all(s: &MapState) -> Self {
+        Self {
+            addrs: s.addrs.keys().copied().collect(),
+            frontends: s.frontends.keys().copied().collect(),
+            slots: s.slots.keys().copied().collect(),
+            backends: s.backends.keys().copied().collect(),
+            service_meta: s.service_meta.keys().copied().collect(),
+            backend_meta: s.backend_meta.keys().copied().collect(),
+        }
+    }
+
+    pub fn extend(&mut self, o: Self) {
+        self.addrs.extend(o.addrs);
+        self.frontends.extend(o.frontends);
+        self.slots.extend(o.slots);
+        self.backends.extend(o.backends);
+        self.service_meta.extend(o.service_meta);
+        self.backend_meta.extend(o.backend_meta);
+    }
+}
 
 fn puts<K: Ord + Copy, V: PartialEq + Copy>(
     cur: &BTreeMap<K, V>,
     want: &BTreeMap<K, V>,
+    keys: &BTreeSet<K>,
     out: &mut Vec<Op>,
     op: impl Fn(K, V) -> Op,
 ) {
-    for (k, v) in want {
-        if cur.get(k) != Some(v) {
+    for k in keys {
+        if let Some(v) = want.get(k)
+            && cur.get(k) != Some(v)
+        {
             out.push(op(*k, *v));
         }
     }
@@ -23,11 +62,12 @@ fn puts<K: Ord + Copy, V: PartialEq + Copy>(
 fn dels<K: Ord + Copy, V>(
     cur: &BTreeMap<K, V>,
     want: &BTreeMap<K, V>,
+    keys: &BTreeSet<K>,
     out: &mut Vec<Op>,
     op: impl Fn(K) -> Op,
 ) {
-    for k in cur.keys() {
-        if !want.contains_key(k) {
+    for k in keys {
+        if cur.contains_key(k) && !want.contains_key(k) {
             out.push(op(*k));
         }
     }
@@ -35,16 +75,33 @@ fn dels<K: Ord + Copy, V>(
 
 /// Writes that turn `cur` into `want`; empty when they are equal.
 pub fn diff(cur: &MapState, want: &MapState) -> Vec<Op> {
+    let mut keys = Keys::all(cur);
+    keys.extend(Keys::all(want));
+    diff_keys(cur, want, &keys)
+}
+
+/// Writes that turn `cur` into `want` on `keys`; the rest is taken to be
+/// equal already.
+pub fn diff_keys(cur: &MapState, want: &MapState, keys: &Keys) -> Vec<Op> {
     let mut ops = Vec::new();
-    puts(&cur.backends, &want.backends, &mut ops, Op::PutBackend);
+    puts(
+        &cur.backends,
+        &want.backends,
+        &keys.backends,
+        &mut ops,
+        Op::PutBackend,
+    );
     puts(
         &cur.backend_meta,
         &want.backend_meta,
+        &keys.backend_meta,
         &mut ops,
         Op::PutBackendMeta,
     );
-    for (k, v) in &want.service_meta {
-        if cur.service_meta.get(k) != Some(v) {
+    for k in &keys.service_meta {
+        if let Some(v) = want.service_meta.get(k)
+            && cur.service_meta.get(k) != Some(v)
+        {
             ops.push(Op::PutServiceMeta(
                 *k,
                 *v,
@@ -52,26 +109,46 @@ pub fn diff(cur: &MapState, want: &MapState) -> Vec<Op> {
             ));
         }
     }
-    puts(&cur.slots, &want.slots, &mut ops, Op::PutSlot);
+    puts(&cur.slots, &want.slots, &keys.slots, &mut ops, Op::PutSlot);
     // The device path's address filter admits an address before its
     // frontends exist and drops it after they are gone.
-    puts(&cur.addrs, &want.addrs, &mut ops, Op::PutAddr);
-    puts(&cur.frontends, &want.frontends, &mut ops, Op::PutFrontend);
-    dels(&cur.frontends, &want.frontends, &mut ops, Op::DelFrontend);
-    dels(&cur.addrs, &want.addrs, &mut ops, Op::DelAddr);
-    dels(&cur.slots, &want.slots, &mut ops, Op::DelSlot);
+    puts(&cur.addrs, &want.addrs, &keys.addrs, &mut ops, Op::PutAddr);
+    puts(
+        &cur.frontends,
+        &want.frontends,
+        &keys.frontends,
+        &mut ops,
+        Op::PutFrontend,
+    );
+    dels(
+        &cur.frontends,
+        &want.frontends,
+        &keys.frontends,
+        &mut ops,
+        Op::DelFrontend,
+    );
+    dels(&cur.addrs, &want.addrs, &keys.addrs, &mut ops, Op::DelAddr);
+    dels(&cur.slots, &want.slots, &keys.slots, &mut ops, Op::DelSlot);
     dels(
         &cur.service_meta,
         &want.service_meta,
+        &keys.service_meta,
         &mut ops,
         Op::DelServiceMeta,
     );
     dels(
         &cur.backend_meta,
         &want.backend_meta,
+        &keys.backend_meta,
         &mut ops,
         Op::DelBackendMeta,
     );
-    dels(&cur.backends, &want.backends, &mut ops, Op::DelBackend);
+    dels(
+        &cur.backends,
+        &want.backends,
+        &keys.backends,
+        &mut ops,
+        Op::DelBackend,
+    );
     ops
 }

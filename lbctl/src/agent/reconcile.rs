@@ -4,6 +4,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
     time::{Duration, Instant},
 };
 
@@ -18,11 +19,11 @@ use super::{
     apply::{MapError, MapWriter},
     ids::IdPool,
     model::{
-        Backend, BackendAddr, BackendState, Desired, Proto, ServicePortKey, ServiceType,
-        TrafficPolicy,
+        Backend, BackendAddr, BackendState, Desired, ObjKey, Proto, ServicePortKey,
+        ServicePortState, ServiceType, TrafficPolicy,
     },
-    plan,
-    state::{MapState, cstr, fixed},
+    plan::{self, Keys},
+    state::{MapState, Op, cstr, fixed},
 };
 
 /// Backend sets: at most two per service port live at once (old and new).
@@ -42,51 +43,142 @@ pub struct Outcome {
     pub elapsed: Duration,
 }
 
+/// What one service port put into the target.
+#[derive(Clone, Debug)]
+struct PortEntry {
+    input: ServicePortState,
+    svc_id: u32,
+    backends: Vec<BackendAddr>,
+    /// The backend set its frontends point at (none without frontends).
+    set: Option<u32>,
+    frontends: Vec<Frontend4Key>,
+}
+
+/// The maps' entries as the reconciler knows them, plus the indexes that
+/// let it answer "which sets do this service's frontends read in the maps"
+/// without a scan.
+#[derive(Debug, Default)]
+struct Mirror {
+    state: MapState,
+    /// service id -> its frontend keys, as written.
+    fe_by_svc: BTreeMap<u32, BTreeSet<Frontend4Key>>,
+    /// backend set -> number of frontends pointing at it, as written.
+    set_refs: BTreeMap<u32, u32>,
+}
+
+impl Mirror {
+    fn new(state: MapState) -> Self {
+        let mut m = Self {
+            state: MapState::default(),
+            ..Default::default()
+        };
+        for (k, v) in &state.frontends {
+            m.link(*k, v);
+        }
+        m.state = state;
+        m
+    }
+
+    fn link(&mut self, k: Frontend4Key, v: &Frontend) {
+        self.fe_by_svc.entry(v.service_id).or_default().insert(k);
+        *self.set_refs.entry(v.backend_set).or_default() += 1;
+    }
+
+    fn unlink(&mut self, k: Frontend4Key) {
+        let Some(old) = self.state.frontends.get(&k) else {
+            return;
+        };
+        if let Some(s) = self.fe_by_svc.get_mut(&old.service_id) {
+            s.remove(&k);
+            if s.is_empty() {
+                self.fe_by_svc.remove(&old.service_id);
+            }
+        }
+        if let Some(n) = self.set_refs.get_mut(&old.backend_set) {
+            *n -= 1;
+            if *n == 0 {
+                self.set_refs.remove(&old.backend_set);
+            }
+        }
+    }
+
+    fn apply(&mut self, op: &Op) {
+        match op {
+            Op::PutFrontend(k, v) => {
+                self.unlink(*k);
+                self.link(*k, v);
+            }
+            Op::DelFrontend(k) => self.unlink(*k),
+            _ => {}
+        }
+        self.state.apply(op);
+    }
+
+    /// The sets the maps' frontends of a service read.
+    fn live_sets(&self, svc_id: u32) -> BTreeSet<u32> {
+        self.fe_by_svc
+            .get(&svc_id)
+            .into_iter()
+            .flatten()
+            .filter_map(|k| self.state.frontends.get(k).map(|f| f.backend_set))
+            .collect()
+    }
+}
+
+/// The slots of one backend set.
+fn set_slots(slots: &BTreeMap<SlotKey, u32>, set: u32) -> impl Iterator<Item = (&SlotKey, &u32)> {
+    slots.range(
+        SlotKey {
+            backend_set: set,
+            slot: 0,
+        }..=SlotKey {
+            backend_set: set,
+            slot: u32::MAX,
+        },
+    )
+}
+
+/// Keeps the maps equal to the desired state of every service port, by
+/// writing only what a change touches.
+///
+/// The target (`want`) is maintained incrementally: each service port adds
+/// its entries to it; entries two ports share (a backend, a frontend two
+/// Services claim) go to the first port by key, as a full translation would
+/// give them. Every key the target changes is remembered until a flush
+/// writes it; a flush diffs only those keys, so one EndpointSlice update
+/// costs a handful of comparisons and writes whatever the cluster's size.
+/// Invariant: outside `touched`, the maps equal the target.
 pub struct Reconciler<W> {
     pub writer: W,
-    /// What is in the maps, as far as this agent wrote or read it.
-    state: MapState,
+    maps: Mirror,
+    want: MapState,
+    touched: Keys,
+    ports: BTreeMap<ServicePortKey, PortEntry>,
+    backend_owners: BTreeMap<u32, BTreeMap<ServicePortKey, (Backend4, BackendMeta)>>,
+    frontend_owners: BTreeMap<Frontend4Key, BTreeMap<ServicePortKey, Frontend>>,
+    /// Frontends per address in the target, and the SNAT addresses.
+    addr_frontends: BTreeMap<u32, u32>,
+    snat: BTreeSet<u32>,
     svc_ids: BTreeMap<ServicePortKey, u32>,
     backend_ids: BTreeMap<BackendAddr, u32>,
     svc_pool: IdPool,
     backend_pool: IdPool,
     set_pool: IdPool,
-    /// A new backend set allocated for a service id whose writes did not
-    /// all land yet: the next attempt fills the same set instead of starting
-    /// another, so progress under failing writes is kept.
-    pending_sets: BTreeMap<u32, u32>,
+    /// Ids the target no longer uses: freed once a flush has removed their
+    /// entries from the maps, so nothing is reused while still in a map.
+    retiring_svcs: BTreeSet<ServicePortKey>,
+    retiring_backends: BTreeSet<BackendAddr>,
+    retiring_sets: BTreeSet<u32>,
+    /// Backend set -> the port whose frontends read it in the target.
+    set_owner: BTreeMap<u32, ServicePortKey>,
 }
 
 impl<W: MapWriter> Reconciler<W> {
-    /// Adopts whatever the maps hold.
+    /// Adopts whatever the maps hold: their ids are kept for the services
+    /// and backends that still want them; the rest goes at the first flush.
     pub fn adopt(writer: W) -> Result<Self, MapError> {
         let state = writer.read()?;
-        let mut r = Self {
-            writer,
-            state,
-            svc_ids: BTreeMap::new(),
-            backend_ids: BTreeMap::new(),
-            svc_pool: IdPool::new(MAX_SERVICES - 1),
-            backend_pool: IdPool::new(MAX_BACKENDS - 1),
-            set_pool: IdPool::new(MAX_SETS),
-            pending_sets: BTreeMap::new(),
-        };
-        r.index();
-        Ok(r)
-    }
-
-    pub fn state(&self) -> &MapState {
-        &self.state
-    }
-
-    pub fn service_id(&self, k: &ServicePortKey) -> Option<u32> {
-        self.svc_ids.get(k).copied()
-    }
-
-    /// Rebuilds the id indexes from the map state.
-    fn index(&mut self) {
-        self.svc_ids = self
-            .state
+        let svc_ids: BTreeMap<ServicePortKey, u32> = state
             .service_meta
             .iter()
             .map(|(id, m)| {
@@ -98,8 +190,7 @@ impl<W: MapWriter> Reconciler<W> {
                 (k, *id)
             })
             .collect();
-        self.backend_ids = self
-            .state
+        let backend_ids: BTreeMap<BackendAddr, u32> = state
             .backends
             .iter()
             .filter_map(|(id, b)| {
@@ -111,147 +202,415 @@ impl<W: MapWriter> Reconciler<W> {
                 Some((addr, *id))
             })
             .collect();
-        let mut svc_used: BTreeSet<u32> = self.state.service_meta.keys().copied().collect();
-        svc_used.extend(self.state.frontends.values().map(|f| f.service_id));
-        self.svc_pool.set_used(svc_used);
-        self.backend_pool
-            .set_used(self.state.backends.keys().copied());
-        let mut sets: BTreeSet<u32> = self.state.slots.keys().map(|k| k.backend_set).collect();
-        sets.extend(self.state.frontends.values().map(|f| f.backend_set));
-        // A pending set is promoted or dropped once frontends point at it.
-        let current: BTreeSet<u32> = self
-            .state
-            .frontends
-            .values()
-            .map(|f| f.backend_set)
-            .collect();
-        self.pending_sets.retain(|_, set| !current.contains(set));
-        sets.extend(self.pending_sets.values().copied());
-        self.set_pool.set_used(sets);
+        let mut svc_pool = IdPool::new(MAX_SERVICES - 1);
+        let mut backend_pool = IdPool::new(MAX_BACKENDS - 1);
+        let mut set_pool = IdPool::new(MAX_SETS);
+        let mut svc_used: BTreeSet<u32> = state.service_meta.keys().copied().collect();
+        svc_used.extend(state.frontends.values().map(|f| f.service_id));
+        svc_pool.set_used(svc_used);
+        backend_pool.set_used(state.backends.keys().copied());
+        let mut sets: BTreeSet<u32> = state.slots.keys().map(|k| k.backend_set).collect();
+        sets.extend(state.frontends.values().map(|f| f.backend_set));
+        set_pool.set_used(sets.iter().copied());
+        Ok(Self {
+            writer,
+            // Everything in the maps is to be compared at the first flush.
+            touched: Keys::all(&state),
+            retiring_svcs: svc_ids.keys().cloned().collect(),
+            retiring_backends: backend_ids.keys().copied().collect(),
+            retiring_sets: sets,
+            maps: Mirror::new(state),
+            want: MapState::default(),
+            ports: BTreeMap::new(),
+            backend_owners: BTreeMap::new(),
+            frontend_owners: BTreeMap::new(),
+            addr_frontends: BTreeMap::new(),
+            snat: BTreeSet::new(),
+            svc_ids,
+            backend_ids,
+            svc_pool,
+            backend_pool,
+            set_pool,
+            set_owner: BTreeMap::new(),
+        })
     }
 
-    /// Writes what differs between the maps and `desired`. On a failed write
-    /// the state keeps what did succeed; the next call picks up from there.
+    /// What is in the maps, as far as this agent wrote or read it.
+    pub fn state(&self) -> &MapState {
+        &self.maps.state
+    }
+
+    /// What the maps should hold.
+    pub fn target(&self) -> &MapState {
+        &self.want
+    }
+
+    pub fn service_id(&self, k: &ServicePortKey) -> Option<u32> {
+        self.svc_ids.get(k).copied()
+    }
+
+    /// Service ports in the target.
+    pub fn port_count(&self) -> usize {
+        self.ports.len()
+    }
+
+    /// Makes the maps hold exactly `desired` (every Service not in it goes).
     pub fn reconcile(&mut self, desired: &Desired) -> Result<Outcome, ReconcileError> {
         let start = Instant::now();
-        let target = self.target(desired);
-        let result = match target {
-            Ok(target) => self.write(&target),
-            Err(e) => Err(e),
+        let mut by_svc: BTreeMap<ObjKey, BTreeMap<ServicePortKey, ServicePortState>> =
+            BTreeMap::new();
+        for k in self.ports.keys() {
+            by_svc
+                .entry(ObjKey::new(&k.namespace, &k.name))
+                .or_default();
+        }
+        for (k, v) in &desired.ports {
+            by_svc
+                .entry(ObjKey::new(&k.namespace, &k.name))
+                .or_default()
+                .insert(k.clone(), v.clone());
+        }
+        for (svc, ports) in by_svc {
+            self.set_service(&svc, ports)?;
+        }
+        self.set_snat_addrs(&desired.snat_addrs);
+        let mut o = self.flush()?;
+        o.elapsed = start.elapsed();
+        Ok(o)
+    }
+
+    /// The SNAT addresses replies come back to.
+    pub fn set_snat_addrs(&mut self, addrs: &[Ipv4Addr]) {
+        let next: BTreeSet<u32> = addrs.iter().map(|a| ip4(a.octets())).collect();
+        let changed: Vec<u32> = self.snat.symmetric_difference(&next).copied().collect();
+        self.snat = next;
+        for a in changed {
+            self.refresh_addr(a);
+        }
+    }
+
+    /// Sets one Service's ports in the target (empty: the Service is gone).
+    /// Nothing is written until `flush`.
+    pub fn set_service(
+        &mut self,
+        svc: &ObjKey,
+        ports: BTreeMap<ServicePortKey, ServicePortState>,
+    ) -> Result<(), ReconcileError> {
+        let lo = ServicePortKey {
+            namespace: svc.namespace.clone(),
+            name: svc.name.clone(),
+            port_name: String::new(),
         };
-        self.index();
-        let writes = result?;
+        let old: Vec<ServicePortKey> = self
+            .ports
+            .range(lo..)
+            .take_while(|(k, _)| k.namespace == svc.namespace && k.name == svc.name)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in old {
+            if !ports.contains_key(&k) {
+                self.remove_port(&k);
+            }
+        }
+        for (k, sp) in ports {
+            if self.ports.get(&k).is_some_and(|e| e.input == sp) {
+                continue;
+            }
+            self.set_port(k, sp)?;
+        }
+        Ok(())
+    }
+
+    /// Writes what the target changed since the last complete flush, in
+    /// make-before-break order. On a failed write the maps keep what did
+    /// land; the next flush goes on from there.
+    pub fn flush(&mut self) -> Result<Outcome, ReconcileError> {
+        let start = Instant::now();
+        let ops = plan::diff_keys(&self.maps.state, &self.want, &self.touched);
+        for op in &ops {
+            self.writer.apply(op)?;
+            self.maps.apply(op);
+        }
+        self.touched = Keys::default();
+        // The maps hold nothing of the retired ids now.
+        for k in std::mem::take(&mut self.retiring_svcs) {
+            if !self.ports.contains_key(&k)
+                && let Some(id) = self.svc_ids.remove(&k)
+            {
+                self.svc_pool.free(id);
+            }
+        }
+        for a in std::mem::take(&mut self.retiring_backends) {
+            if let Some(&id) = self.backend_ids.get(&a)
+                && !self.backend_owners.contains_key(&id)
+            {
+                self.backend_ids.remove(&a);
+                self.backend_pool.free(id);
+            }
+        }
+        for set in std::mem::take(&mut self.retiring_sets) {
+            if !self.set_owner.contains_key(&set) {
+                self.set_pool.free(set);
+            }
+        }
         Ok(Outcome {
-            writes,
+            writes: ops.len(),
             elapsed: start.elapsed(),
         })
     }
 
-    fn write(&mut self, target: &MapState) -> Result<usize, ReconcileError> {
-        let ops = plan::diff(&self.state, target);
-        for op in &ops {
-            self.writer.apply(op)?;
-            self.state.apply(op);
+    fn remove_port(&mut self, k: &ServicePortKey) {
+        let Some(e) = self.ports.remove(k) else {
+            return;
+        };
+        for a in &e.backends {
+            self.release_backend(k, *a);
         }
-        Ok(ops.len())
+        for fk in &e.frontends {
+            self.release_frontend(k, *fk);
+        }
+        if let Some(set) = e.set {
+            self.drop_set(set);
+        }
+        self.want.service_meta.remove(&e.svc_id);
+        self.touched.service_meta.insert(e.svc_id);
+        self.retiring_svcs.insert(k.clone());
     }
 
-    /// The map contents for `desired`, allocating ids for what is new.
-    fn target(&mut self, desired: &Desired) -> Result<MapState, ReconcileError> {
-        let mut t = MapState::default();
-        let wanted: BTreeSet<u32> = desired
-            .ports
-            .keys()
-            .filter_map(|k| self.svc_ids.get(k).copied())
-            .collect();
-        self.pending_sets.retain(|svc, _| wanted.contains(svc));
-        // Every backend set in the maps with its slot list, and the sets
-        // each service id's frontends point at (more than one while a flip
-        // is half done).
-        let mut set_slots: BTreeMap<u32, Vec<u32>> = BTreeMap::new();
-        for (k, v) in &self.state.slots {
-            set_slots.entry(k.backend_set).or_default().push(*v);
+    fn release_backend(&mut self, k: &ServicePortKey, a: BackendAddr) {
+        let Some(&id) = self.backend_ids.get(&a) else {
+            return;
+        };
+        if let Some(owners) = self.backend_owners.get_mut(&id) {
+            owners.remove(k);
+            if owners.is_empty() {
+                self.backend_owners.remove(&id);
+                self.retiring_backends.insert(a);
+            }
         }
-        let mut live: BTreeMap<u32, BTreeSet<u32>> = BTreeMap::new();
-        for f in self.state.frontends.values() {
-            live.entry(f.service_id).or_default().insert(f.backend_set);
+        self.refresh_backend(id);
+    }
+
+    fn refresh_backend(&mut self, id: u32) {
+        match self.backend_owners.get(&id).and_then(|o| o.values().next()) {
+            Some((b, m)) => {
+                self.want.backends.insert(id, *b);
+                self.want.backend_meta.insert(id, *m);
+            }
+            None => {
+                self.want.backends.remove(&id);
+                self.want.backend_meta.remove(&id);
+            }
         }
-        let all_live: BTreeSet<u32> = live.values().flatten().copied().collect();
-        for (key, sp) in &desired.ports {
-            let svc_id = match self.svc_ids.get(key) {
+        self.touched.backends.insert(id);
+        self.touched.backend_meta.insert(id);
+    }
+
+    fn release_frontend(&mut self, k: &ServicePortKey, fk: Frontend4Key) {
+        if let Some(owners) = self.frontend_owners.get_mut(&fk) {
+            owners.remove(k);
+            if owners.is_empty() {
+                self.frontend_owners.remove(&fk);
+            }
+        }
+        self.refresh_frontend(fk);
+    }
+
+    fn refresh_frontend(&mut self, fk: Frontend4Key) {
+        let had = self.want.frontends.contains_key(&fk);
+        match self
+            .frontend_owners
+            .get(&fk)
+            .and_then(|o| o.values().next())
+        {
+            Some(v) => {
+                self.want.frontends.insert(fk, *v);
+                if !had {
+                    *self.addr_frontends.entry(fk.addr).or_default() += 1;
+                }
+            }
+            None => {
+                self.want.frontends.remove(&fk);
+                if had && let Some(n) = self.addr_frontends.get_mut(&fk.addr) {
+                    *n -= 1;
+                    if *n == 0 {
+                        self.addr_frontends.remove(&fk.addr);
+                    }
+                }
+            }
+        }
+        self.touched.frontends.insert(fk);
+        self.refresh_addr(fk.addr);
+    }
+
+    fn refresh_addr(&mut self, addr: u32) {
+        let mut flags = 0;
+        if self.addr_frontends.contains_key(&addr) {
+            flags |= ADDR_FRONTEND;
+        }
+        if self.snat.contains(&addr) {
+            flags |= ADDR_SNAT;
+        }
+        if flags == 0 {
+            self.want.addrs.remove(&addr);
+        } else {
+            self.want.addrs.insert(addr, flags);
+        }
+        self.touched.addrs.insert(addr);
+    }
+
+    /// Takes a set's slots out of the target; the set id is freed after
+    /// the flush that deletes them.
+    fn drop_set(&mut self, set: u32) {
+        self.set_owner.remove(&set);
+        self.write_slots(set, &[]);
+        self.retiring_sets.insert(set);
+    }
+
+    /// Makes the target's slots of `set` exactly `slots`.
+    fn write_slots(&mut self, set: u32, slots: &[u32]) {
+        let old: Vec<SlotKey> = set_slots(&self.want.slots, set).map(|(k, _)| *k).collect();
+        for k in old {
+            if k.slot as usize >= slots.len() {
+                self.want.slots.remove(&k);
+                self.touched.slots.insert(k);
+            }
+        }
+        for (i, id) in slots.iter().enumerate() {
+            let k = SlotKey {
+                backend_set: set,
+                slot: i as u32,
+            };
+            if self.want.slots.insert(k, *id) != Some(*id) {
+                self.touched.slots.insert(k);
+            }
+        }
+    }
+
+    fn slots_equal(slots: &BTreeMap<SlotKey, u32>, set: u32, want: &[u32]) -> bool {
+        let mut n = 0;
+        for (k, id) in set_slots(slots, set) {
+            if k.slot as usize != n || want.get(n) != Some(id) {
+                return false;
+            }
+            n += 1;
+        }
+        n == want.len()
+    }
+
+    /// Puts one service port into the target, replacing what it had. Ids
+    /// are allocated before anything changes, so running out of them leaves
+    /// the target as it was.
+    fn set_port(
+        &mut self,
+        key: ServicePortKey,
+        sp: ServicePortState,
+    ) -> Result<(), ReconcileError> {
+        let svc_id = match self.svc_ids.get(&key) {
+            Some(id) => *id,
+            None => {
+                let id = self
+                    .svc_pool
+                    .alloc()
+                    .ok_or(ReconcileError::OutOfIds("service"))?;
+                self.svc_ids.insert(key.clone(), id);
+                // Freed at the next flush unless this port gets in.
+                self.retiring_svcs.insert(key.clone());
+                id
+            }
+        };
+        let mut ids = Vec::with_capacity(sp.backends.len());
+        for b in &sp.backends {
+            let id = match self.backend_ids.get(&b.addr) {
                 Some(id) => *id,
                 None => {
                     let id = self
-                        .svc_pool
+                        .backend_pool
                         .alloc()
-                        .ok_or(ReconcileError::OutOfIds("service"))?;
-                    self.svc_ids.insert(key.clone(), id);
+                        .ok_or(ReconcileError::OutOfIds("backend"))?;
+                    self.backend_ids.insert(b.addr, id);
+                    self.retiring_backends.insert(b.addr);
                     id
                 }
             };
-            t.service_meta.insert(svc_id, service_meta(key, sp));
+            ids.push((id, b));
+        }
+        let mut active = Vec::new();
+        let mut terminating = Vec::new();
+        for (id, b) in &ids {
+            match b.state {
+                BackendState::Active => active.push(*id),
+                BackendState::Terminating => terminating.push(*id),
+            }
+        }
+        // The backend set: frontends read a set that is never changed in
+        // place while the maps' frontends read it.
+        let mut slots = active.clone();
+        slots.extend(&terminating);
+        let prev_set = self.ports.get(&key).and_then(|p| p.set);
+        let set = if sp.frontends.is_empty() {
+            None // nothing would point at a backend set
+        } else if let Some(s) = prev_set.filter(|s| Self::slots_equal(&self.want.slots, *s, &slots))
+        {
+            Some(s)
+        } else if let Some(s) = self
+            .maps
+            .live_sets(svc_id)
+            .into_iter()
+            .find(|s| Self::slots_equal(&self.maps.state.slots, *s, &slots))
+        {
+            // The maps already hold this exact set (after a restart, or a
+            // change undone before it was written).
+            Some(s)
+        } else if let Some(s) = prev_set.filter(|s| !self.maps.set_refs.contains_key(s)) {
+            // Not read by any frontend in the maps yet: fill it in place.
+            Some(s)
+        } else {
+            Some(
+                self.set_pool
+                    .alloc()
+                    .ok_or(ReconcileError::OutOfIds("backend set"))?,
+            )
+        };
 
-            let mut active = Vec::new();
-            let mut terminating = Vec::new();
-            for b in &sp.backends {
-                let id = match self.backend_ids.get(&b.addr) {
-                    Some(id) => *id,
-                    None => {
-                        let id = self
-                            .backend_pool
-                            .alloc()
-                            .ok_or(ReconcileError::OutOfIds("backend"))?;
-                        self.backend_ids.insert(b.addr, id);
-                        id
-                    }
-                };
-                // A backend shared by two Services is one entry; the first
-                // Service's view of it wins for state and locality.
-                t.backends.entry(id).or_insert_with(|| backend_entry(b));
-                t.backend_meta.entry(id).or_insert_with(|| backend_meta(b));
-                match b.state {
-                    BackendState::Active => active.push(id),
-                    BackendState::Terminating => terminating.push(id),
+        // From here on nothing fails.
+        self.retiring_svcs.remove(&key);
+        let prev = self.ports.remove(&key);
+        self.want
+            .service_meta
+            .insert(svc_id, service_meta(&key, &sp));
+        self.touched.service_meta.insert(svc_id);
+        for (id, b) in &ids {
+            self.retiring_backends.remove(&b.addr);
+            self.backend_owners
+                .entry(*id)
+                .or_default()
+                .insert(key.clone(), (backend_entry(b), backend_meta(b)));
+            self.refresh_backend(*id);
+        }
+        let backends: Vec<BackendAddr> = sp.backends.iter().map(|b| b.addr).collect();
+        if let Some(p) = &prev {
+            for a in &p.backends {
+                if !backends.contains(a) {
+                    self.release_backend(&key, *a);
                 }
             }
-            if sp.frontends.is_empty() {
-                continue; // nothing would point at a backend set
-            }
-            let mut slots = active.clone();
-            slots.extend(&terminating);
-            // A set that already holds exactly these slots is kept (no
-            // write); otherwise a set no frontend reads is filled: the one
-            // a failed attempt began, or a new one. A set that frontends
-            // read is never changed in place.
-            let pending = self.pending_sets.get(&svc_id).copied();
-            let matching = live
-                .get(&svc_id)
-                .into_iter()
-                .flatten()
-                .copied()
-                .chain(pending)
-                .find(|set| set_slots.get(set).map_or(&[][..], Vec::as_slice) == slots.as_slice());
-            let set = match (matching, pending) {
-                (Some(set), _) => set,
-                (None, Some(p)) if !all_live.contains(&p) => p,
-                _ => {
-                    let set = self
-                        .set_pool
-                        .alloc()
-                        .ok_or(ReconcileError::OutOfIds("backend set"))?;
-                    self.pending_sets.insert(svc_id, set);
-                    set
-                }
-            };
-            for (i, id) in slots.iter().enumerate() {
-                t.slots.insert(
-                    SlotKey {
-                        backend_set: set,
-                        slot: i as u32,
-                    },
-                    *id,
-                );
-            }
+        }
+
+        let prev_set = prev.as_ref().and_then(|p| p.set);
+        if let Some(s) = set {
+            self.retiring_sets.remove(&s);
+            self.set_owner.insert(s, key.clone());
+            self.write_slots(s, &slots);
+        }
+        if let Some(p) = prev_set
+            && Some(p) != set
+        {
+            self.drop_set(p);
+        }
+
+        let mut frontends = Vec::with_capacity(sp.frontends.len());
+        if let Some(set) = set {
             let mut flags = 0;
             if sp.affinity_timeout_s.is_some() {
                 flags |= FE_AFFINITY_CLIENT_IP;
@@ -282,14 +641,32 @@ impl<W: MapWriter> Reconciler<W> {
                 };
                 // Two Services claiming one address:port: the first (by
                 // namespace/name) keeps it, as with kube-proxy's sorted rules.
-                t.frontends.entry(k).or_insert(v);
-                *t.addrs.entry(k.addr).or_default() |= ADDR_FRONTEND;
+                self.frontend_owners
+                    .entry(k)
+                    .or_default()
+                    .insert(key.clone(), v);
+                self.refresh_frontend(k);
+                frontends.push(k);
             }
         }
-        for a in &desired.snat_addrs {
-            *t.addrs.entry(ip4(a.octets())).or_default() |= ADDR_SNAT;
+        if let Some(p) = &prev {
+            for fk in &p.frontends {
+                if !frontends.contains(fk) {
+                    self.release_frontend(&key, *fk);
+                }
+            }
         }
-        Ok(t)
+        self.ports.insert(
+            key,
+            PortEntry {
+                input: sp,
+                svc_id,
+                backends,
+                set,
+                frontends,
+            },
+        );
+        Ok(())
     }
 }
 
@@ -327,7 +704,7 @@ fn backend_meta(b: &Backend) -> BackendMeta {
     }
 }
 
-fn service_meta(key: &ServicePortKey, sp: &super::model::ServicePortState) -> ServiceMeta {
+fn service_meta(key: &ServicePortKey, sp: &ServicePortState) -> ServiceMeta {
     let policy = |p| match p {
         TrafficPolicy::Cluster => POLICY_CLUSTER,
         TrafficPolicy::Local => POLICY_LOCAL,

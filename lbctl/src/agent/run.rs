@@ -15,18 +15,41 @@ use lb_common::{config::Config, ip4};
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{debug, info, warn};
 
+use futures::{FutureExt, StreamExt};
+
 use super::{
     health::{self, Health},
-    metrics::{MapLabel, Metrics},
-    model::{self, Desired, NodeInfo},
+    logs,
+    metrics::Metrics,
+    model::NodeInfo,
     reconcile::Reconciler,
-    source::dir::DirSource,
+    source::{
+        dir::DirSource,
+        kube::{self as kube_source, ClusterSync, Update, Updates},
+    },
+    store::Store,
 };
 use crate::datapath::{attach, load, maps::ServiceMaps, pins};
 
+/// Where the objects come from.
+#[derive(Clone, Debug)]
+pub enum SourceConfig {
+    /// A folder of manifests, polled.
+    Dir(PathBuf),
+    /// The Kubernetes API.
+    Cluster {
+        kubeconfig: Option<PathBuf>,
+        /// Also read `v1/Endpoints` (for Services without EndpointSlices).
+        watch_endpoints: bool,
+    },
+}
+
 #[derive(Clone, Debug)]
 pub struct AgentConfig {
-    pub manifests: PathBuf,
+    pub source: SourceConfig,
+    /// Forward aya-log records from the programs (else compiled out at
+    /// load).
+    pub datapath_logs: bool,
     pub bpffs: PathBuf,
     pub node_name: String,
     /// NodePort addresses given on the command line; when empty, the Node
@@ -123,6 +146,26 @@ fn matching_devices(patterns: &[String]) -> Vec<(String, u32)> {
     out
 }
 
+/// The objects' source, as the loop sees it.
+enum Source {
+    Dir(DirSource),
+    Cluster {
+        updates: Updates,
+        sync: Box<ClusterSync>,
+    },
+}
+
+/// The datapath's settings for this node.
+fn datapath_config(node: &NodeInfo) -> Config {
+    Config {
+        snat_addr: node.snat.map_or(0, |a| ip4(a.octets())),
+        snat_port_min: 32768,
+        snat_port_max: 60999,
+        flags: 0,
+        _reserved: 0,
+    }
+}
+
 pub async fn run(cfg: AgentConfig) -> Result<()> {
     pins::prepare(&cfg.bpffs)?;
     let health = Arc::new(Health::new(cfg.healthz_timeout));
@@ -145,33 +188,124 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
             }
         });
     }
-    let mut ebpf = load::load(&cfg.bpffs)?;
+    let mut source = match &cfg.source {
+        SourceConfig::Dir(dir) => {
+            info!(folder = %dir.display(), "source: manifest folder");
+            Source::Dir(DirSource::new(dir))
+        }
+        SourceConfig::Cluster {
+            kubeconfig,
+            watch_endpoints,
+        } => {
+            let client = kube_source::client(kubeconfig.as_deref()).await?;
+            info!(
+                node = %cfg.node_name,
+                endpoints = watch_endpoints,
+                "watching the Kubernetes API"
+            );
+            Source::Cluster {
+                updates: kube_source::watch(&client, &cfg.node_name, *watch_endpoints),
+                sync: Box::new(ClusterSync::new(*watch_endpoints)),
+            }
+        }
+    };
+
+    let mut ebpf = load::load_with_logs(&cfg.bpffs, cfg.datapath_logs)?;
     let cgroup = match &cfg.cgroup {
         Some(c) => c.clone(),
         None => pins::cgroup2_root()?,
     };
     let n = attach::cgroup(&mut ebpf, &cfg.bpffs, &cgroup)?;
     info!(cgroup = %cgroup.display(), attached = n.attached, replaced = n.replaced, "socket programs in place");
+    if cfg.datapath_logs {
+        logs::start(&mut ebpf);
+    }
 
-    let mut source = DirSource::new(&cfg.manifests);
     // Devices done, by name and the ifindex they had: a device deleted and
     // made again under the same name gets a new index and is attached anew.
     let mut attached_devices: std::collections::BTreeMap<String, u32> = Default::default();
-    let mut last_config = None;
     // Adopts ids and entries from the pinned maps: no flow moves.
     let mut rec = Reconciler::adopt(ServiceMaps::open(&cfg.bpffs)?)?;
-    let mut pending: Option<Desired> = None;
+    let mut store = Store::default();
+    let mut node: Option<NodeInfo> = None;
+    let mut last_config = None;
+    // The target has changes the maps do not have yet.
+    let mut unflushed = false;
     let mut synced_once = false;
+    let mut waiting_logged = false;
     // When the oldest change not yet in the maps was seen.
     let mut change_seen: Option<Instant> = None;
     let mut ticker = tokio::time::interval(cfg.poll);
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     loop {
-        tokio::select! {
-            _ = ticker.tick() => {}
-            _ = term.recv() => break,
-            _ = int.recv() => break,
+        let mut node_obj: Option<Option<Node>> = None;
+        let mut ready = true;
+        match &mut source {
+            Source::Dir(dir) => {
+                tokio::select! {
+                    _ = ticker.tick() => {}
+                    _ = term.recv() => break,
+                    _ = int.recv() => break,
+                }
+                match dir.poll() {
+                    Ok(Some(snap)) => {
+                        metrics.event("files");
+                        for e in &snap.errors {
+                            warn!("skipped: {e}");
+                            metrics.error("file");
+                        }
+                        store.replace_services(snap.objects.services);
+                        store.replace_slices(snap.objects.slices);
+                        store.replace_endpoints(snap.objects.endpoints);
+                        node_obj = Some(snap.nodes.get(&cfg.node_name).cloned());
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        warn!("reading manifests: {e}");
+                        metrics.error("source");
+                    }
+                }
+            }
+            Source::Cluster { updates, sync } => {
+                let first = tokio::select! {
+                    _ = ticker.tick() => None,
+                    u = updates.next() => u,
+                    _ = term.recv() => break,
+                    _ = int.recv() => break,
+                };
+                // Everything already waiting goes into one flush.
+                let mut batch: Vec<Update> = first.into_iter().collect();
+                while batch.len() < 10_000 {
+                    match updates.next().now_or_never() {
+                        Some(Some(u)) => batch.push(u),
+                        _ => break,
+                    }
+                }
+                let had_node = sync.node.clone();
+                let mut listed = false;
+                for u in batch {
+                    match &u {
+                        Update::Error(kind, e) => {
+                            warn!(kind = kind.label(), "watch: {e}");
+                            metrics.error("watch");
+                        }
+                        Update::Service(_) => metrics.event("Service"),
+                        Update::Slice(_) => metrics.event("EndpointSlice"),
+                        Update::Endpoints(_) => metrics.event("Endpoints"),
+                        Update::Node(_) => metrics.event("Node"),
+                    }
+                    listed |= sync.apply(&mut store, u).listed;
+                }
+                if listed || sync.node != had_node || node.is_none() {
+                    node_obj = Some(sync.node.clone());
+                }
+                ready = sync.ready();
+                if !ready && !waiting_logged {
+                    info!(waiting_for = ?sync.waiting_for(), "nothing programmed until every kind has listed once");
+                    waiting_logged = true;
+                }
+            }
         }
         for (dev, index) in matching_devices(&cfg.devices) {
             if attached_devices.get(&dev) == Some(&index) {
@@ -185,102 +319,88 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
                 Err(e) => warn!(device = %dev, "attaching: {e:#}"),
             }
         }
-        match source.poll() {
-            Ok(Some(snap)) => {
-                metrics
-                    .source_events
-                    .get_or_create(&super::metrics::KindLabel {
-                        kind: "files".into(),
-                    })
-                    .inc();
-                for e in &snap.errors {
-                    warn!("skipped: {e}");
-                    metrics.error("file");
+        if !ready {
+            continue;
+        }
+        if let Some(obj) = node_obj {
+            let info = node_info(&cfg, obj.as_ref());
+            if node.as_ref() != Some(&info) {
+                if obj.is_none() && cfg.node_ips.is_empty() {
+                    warn!(node = %cfg.node_name, "no Node object of this name: NodePorts answer on no address (set --node-ip)");
                 }
-                health.pending();
-                change_seen.get_or_insert_with(Instant::now);
-                let node = node_info(&cfg, snap.nodes.get(&cfg.node_name));
-                let snat = node.snat;
-                let config = Config {
-                    snat_addr: snat.map_or(0, |a| ip4(a.octets())),
-                    snat_port_min: 32768,
-                    snat_port_max: 60999,
-                    flags: 0,
-                    _reserved: 0,
-                };
-                if last_config != Some(config) {
-                    rec.writer
-                        .set_config(config)
-                        .context("writing datapath config")?;
-                    last_config = Some(config);
-                }
-                let desired = model::translate(&snap.objects, &node);
-                for e in &desired.errors {
-                    warn!("skipped: {e}");
-                    metrics.error("object");
-                }
-                pending = Some(desired);
-            }
-            Ok(None) => {}
-            Err(e) => {
-                warn!("reading manifests: {e}");
-                metrics.error("source");
+                info!(addresses = ?info.addresses, snat = ?info.snat, zone = ?info.zone, "node");
+                // Locality and NodePort addresses are in every Service.
+                store.all_dirty();
+                rec.set_snat_addrs(&info.snat.into_iter().collect::<Vec<_>>());
+                node = Some(info);
+                unflushed = true;
             }
         }
-        if let Some(desired) = &pending {
-            let result = rec.reconcile(desired);
-            match &result {
-                Ok(o) => {
-                    metrics.sync_duration.observe(o.elapsed.as_secs_f64());
-                    if let Some(t) = change_seen.take() {
-                        metrics
-                            .programming_latency
-                            .observe(t.elapsed().as_secs_f64());
+        let Some(node) = &node else { continue };
+        let config = datapath_config(node);
+        if last_config != Some(config) {
+            rec.writer
+                .set_config(config)
+                .context("writing datapath config")?;
+            last_config = Some(config);
+        }
+        if store.is_dirty() {
+            health.pending();
+            change_seen.get_or_insert_with(Instant::now);
+            for change in store.take_changes(node) {
+                let ports = match change.ports {
+                    Ok(p) => p,
+                    Err(e) => {
+                        // Skipped alone: its entries go, the rest stays.
+                        warn!("skipped: {e}");
+                        metrics.error("object");
+                        Default::default()
                     }
-                    health.synced();
-                    let st = rec.state();
-                    for (map, n) in [
-                        (lb_common::maps::FRONTENDS4, st.frontends.len()),
-                        (lb_common::maps::ADDRS4, st.addrs.len()),
-                        (lb_common::maps::BACKEND_SLOTS, st.slots.len()),
-                        (lb_common::maps::BACKENDS4, st.backends.len()),
-                        (lb_common::maps::SERVICE_META, st.service_meta.len()),
-                        (lb_common::maps::BACKEND_META, st.backend_meta.len()),
-                    ] {
-                        metrics
-                            .map_entries
-                            .get_or_create(&MapLabel { map: map.into() })
-                            .set(n as i64);
-                    }
+                };
+                if let Err(e) = rec.set_service(&change.service, ports) {
+                    warn!(service = %change.service, "not programmed: {e}");
+                    metrics.error("sync");
                 }
-                Err(_) => metrics.error("sync"),
             }
-            match result {
-                Ok(o) if !synced_once => {
+            unflushed = true;
+        }
+        if !unflushed {
+            continue;
+        }
+        match rec.flush() {
+            Ok(o) => {
+                unflushed = false;
+                metrics.sync_duration.observe(o.elapsed.as_secs_f64());
+                if let Some(t) = change_seen.take() {
+                    metrics
+                        .programming_latency
+                        .observe(t.elapsed().as_secs_f64());
+                }
+                health.synced();
+                metrics.map_entries(rec.state());
+                if !synced_once {
                     // After a restart this is 0: every id and entry adopted.
                     info!(
                         writes = o.writes,
-                        services = desired.ports.len(),
+                        service_ports = rec.port_count(),
                         elapsed_us = o.elapsed.as_micros() as u64,
                         "first sync done"
                     );
                     synced_once = true;
-                    pending = None;
+                } else if o.writes > 0 {
+                    info!(
+                        writes = o.writes,
+                        service_ports = rec.port_count(),
+                        elapsed_us = o.elapsed.as_micros() as u64,
+                        "maps in sync"
+                    );
+                } else {
+                    debug!("maps already in sync");
                 }
-                Ok(o) => {
-                    if o.writes > 0 {
-                        info!(
-                            writes = o.writes,
-                            services = desired.ports.len(),
-                            elapsed_us = o.elapsed.as_micros() as u64,
-                            "maps in sync"
-                        );
-                    } else {
-                        debug!("maps already in sync");
-                    }
-                    pending = None;
-                }
-                Err(e) => warn!("sync incomplete, retrying: {e}"),
+            }
+            Err(e) => {
+                metrics.error("sync");
+                warn!("sync incomplete, retrying: {e}");
             }
         }
     }

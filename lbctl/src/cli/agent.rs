@@ -2,19 +2,34 @@
 
 use std::{net::Ipv4Addr, path::PathBuf, time::Duration};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 
 use super::PinArgs;
-use crate::agent::run::{self, AgentConfig};
+use crate::agent::run::{self, AgentConfig, SourceConfig};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
     #[command(flatten)]
     pub pins: PinArgs,
     /// Folder of Kubernetes manifests (Services, EndpointSlices, Endpoints,
-    /// Nodes; YAML or JSON, multi-document), watched for changes.
-    #[arg(long, env = "LBCTL_MANIFESTS")]
+    /// Nodes; YAML or JSON, multi-document), watched for changes. Without
+    /// it, the agent watches the Kubernetes API.
+    #[arg(long, env = "LBCTL_MANIFESTS", conflicts_with_all = ["kubeconfig", "watch_endpoints"])]
     pub manifests: Option<PathBuf>,
+    /// Kubeconfig for the API source (default: $KUBECONFIG, ~/.kube/config,
+    /// then the in-cluster service account).
+    #[arg(long)]
+    pub kubeconfig: Option<PathBuf>,
+    /// Also watch v1/Endpoints, for Services that have hand-written
+    /// Endpoints and no EndpointSlice (clusters or tools without the
+    /// EndpointSlice mirroring controller).
+    #[arg(long)]
+    pub watch_endpoints: bool,
+    /// Forward the datapath's own log records (aya-log, debug level) to
+    /// the agent's log. Off: the log calls are removed from the programs
+    /// when they load, so they cost nothing.
+    #[arg(long)]
+    pub datapath_logs: bool,
     /// This node's name (EndpointSlice nodeName for locality, Node object).
     #[arg(long, env = "NODE_NAME")]
     pub node_name: Option<String>,
@@ -34,7 +49,8 @@ pub struct Args {
     /// (default: the cgroup v2 root, found from /proc/self/mountinfo).
     #[arg(long)]
     pub cgroup: Option<PathBuf>,
-    /// How often the manifest folder is checked.
+    /// How often the manifest folder is checked (and, with the API source,
+    /// how often devices are looked for and failed writes retried).
     #[arg(long, default_value = "200")]
     pub poll_ms: u64,
     /// Listener for /healthz, /livez and /readyz ("" to disable).
@@ -56,10 +72,14 @@ pub async fn execute(args: Args) -> Result<()> {
     if args.cleanup {
         return run::cleanup(&args.pins.bpffs);
     }
-    let Some(manifests) = args.manifests else {
-        bail!(
-            "--manifests DIR is required: the Kubernetes API source is not available in this build"
-        );
+    let source = match args.manifests {
+        // A folder that is not there yet (a volume still being mounted)
+        // is reported and waited for: the agent stays alive, not ready.
+        Some(dir) => SourceConfig::Dir(dir),
+        None => SourceConfig::Cluster {
+            kubeconfig: args.kubeconfig,
+            watch_endpoints: args.watch_endpoints,
+        },
     };
     let node_name = match args.node_name {
         Some(n) => n,
@@ -68,7 +88,8 @@ pub async fn execute(args: Args) -> Result<()> {
             .to_string(),
     };
     run::run(AgentConfig {
-        manifests,
+        source,
+        datapath_logs: args.datapath_logs,
         bpffs: args.pins.bpffs,
         node_name,
         node_ips: args.node_ips,

@@ -34,10 +34,20 @@ pub fn object(bytes: &'static [u8]) -> Result<&'static [u8], LoadError> {
 }
 
 /// Loads the datapath object; its maps are pinned in `pin_dir`, or adopted
-/// from there when already pinned (an agent restart).
+/// from there when already pinned (an agent restart). Kernel log records
+/// are compiled out.
 pub fn load(pin_dir: &Path) -> Result<Ebpf, LoadError> {
+    load_with_logs(pin_dir, false)
+}
+
+/// As `load`; with `logs`, the programs' debug records (aya-log) stay in.
+/// Without, the log level global is 0, so the verifier sees every log call
+/// as dead code and removes it: no cost per packet.
+pub fn load_with_logs(pin_dir: &Path, logs: bool) -> Result<Ebpf, LoadError> {
     let obj = object(LB_OBJECT)?;
+    let level: u8 = if logs { aya_log::Level::Debug as u8 } else { 0 };
     EbpfLoader::new()
+        .override_global(aya_log::LEVEL, &level, false)
         .default_map_pin_directory(pin_dir)
         .load(obj)
         .map_err(|source| LoadError::Load {

@@ -9,6 +9,7 @@ use std::{
     collections::BTreeMap,
     fs,
     path::{Path, PathBuf},
+    sync::Arc,
     time::SystemTime,
 };
 
@@ -30,9 +31,9 @@ pub struct FileError {
 /// Objects read from one file.
 #[derive(Clone, Debug, Default)]
 pub struct FileObjects {
-    pub services: Vec<Service>,
-    pub slices: Vec<EndpointSlice>,
-    pub endpoints: Vec<Endpoints>,
+    pub services: Vec<Arc<Service>>,
+    pub slices: Vec<Arc<EndpointSlice>>,
+    pub endpoints: Vec<Arc<Endpoints>>,
     pub nodes: Vec<Node>,
     /// Objects in this file that could not be read; the rest still count.
     pub errors: Vec<FileError>,
@@ -94,9 +95,13 @@ pub fn parse(file: &str, text: &str) -> FileObjects {
                 }
                 Ok(())
             }
-            "Service" => serde_yaml::from_value(v.clone()).map(|o| out.services.push(o)),
-            "EndpointSlice" => serde_yaml::from_value(v.clone()).map(|o| out.slices.push(o)),
-            "Endpoints" => serde_yaml::from_value(v.clone()).map(|o| out.endpoints.push(o)),
+            "Service" => serde_yaml::from_value(v.clone()).map(|o| out.services.push(Arc::new(o))),
+            "EndpointSlice" => {
+                serde_yaml::from_value(v.clone()).map(|o| out.slices.push(Arc::new(o)))
+            }
+            "Endpoints" => {
+                serde_yaml::from_value(v.clone()).map(|o| out.endpoints.push(Arc::new(o)))
+            }
             "Node" => serde_yaml::from_value(v.clone()).map(|o| out.nodes.push(o)),
             _ => Ok(()),
         };
@@ -110,12 +115,7 @@ pub fn parse(file: &str, text: &str) -> FileObjects {
 /// Adds one file's objects into `objs`. Objects without a namespace are in
 /// `default`, as `kubectl apply` would put them.
 pub fn merge(objs: &mut Objects, nodes: &mut BTreeMap<String, Node>, f: &FileObjects) {
-    fn key(m: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> ObjKey {
-        ObjKey {
-            namespace: m.namespace.clone().unwrap_or_else(|| "default".into()),
-            name: m.name.clone().unwrap_or_default(),
-        }
-    }
+    let key = ObjKey::of;
     for s in &f.services {
         objs.services.insert(key(&s.metadata), s.clone());
     }

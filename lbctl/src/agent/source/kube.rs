@@ -1,0 +1,282 @@
+//! The cluster source: kube-runtime watchers on Services, EndpointSlices,
+//! this node's Node and, when asked, Endpoints. Each watcher lists, then
+//! watches from the list's resourceVersion; after a dropped connection it
+//! resumes from the last version it saw (bookmarks keep that fresh), and on
+//! 410 Gone it lists again. A re-list is a full replacement: what it no
+//! longer has is deleted from the store, so nothing stale survives an
+//! outage.
+
+use std::{collections::BTreeMap, path::Path, pin::Pin, sync::Arc};
+
+use anyhow::{Context, Result};
+use futures::{Stream, StreamExt};
+use k8s_openapi::api::{
+    core::v1::{Endpoints, Node, Service},
+    discovery::v1::EndpointSlice,
+};
+use kube::{
+    Api, Client, Config, Resource,
+    config::{KubeConfigOptions, Kubeconfig},
+    runtime::{
+        WatchStreamExt,
+        watcher::{self, Event},
+    },
+};
+
+use crate::agent::{model::ObjKey, store::Store};
+
+/// Which object kind an event is about.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Kind {
+    Service,
+    EndpointSlice,
+    Endpoints,
+    Node,
+}
+
+impl Kind {
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Service => "Service",
+            Self::EndpointSlice => "EndpointSlice",
+            Self::Endpoints => "Endpoints",
+            Self::Node => "Node",
+        }
+    }
+}
+
+/// One item from the merged watch streams. Moved once, from the stream
+/// into the store: boxing would only add an allocation per event.
+#[allow(clippy::large_enum_variant)]
+pub enum Update {
+    Service(Event<Service>),
+    Slice(Event<EndpointSlice>),
+    Endpoints(Event<Endpoints>),
+    Node(Event<Node>),
+    /// A list or watch failed; the watcher retries with backoff.
+    Error(Kind, String),
+}
+
+pub type Updates = Pin<Box<dyn Stream<Item = Update> + Send>>;
+
+/// A client from `--kubeconfig`, else the usual inference ($KUBECONFIG,
+/// ~/.kube/config, then the in-cluster service account).
+pub async fn client(kubeconfig: Option<&Path>) -> Result<Client> {
+    let config = match kubeconfig {
+        Some(p) => {
+            let kc = Kubeconfig::read_from(p)
+                .with_context(|| format!("reading kubeconfig {}", p.display()))?;
+            Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+                .await
+                .with_context(|| format!("using kubeconfig {}", p.display()))?
+        }
+        None => Config::infer()
+            .await
+            .context("finding the cluster (kubeconfig or in-cluster)")?,
+    };
+    Client::try_from(config).context("building the API client")
+}
+
+fn stream<K>(
+    api: Api<K>,
+    config: watcher::Config,
+    kind: Kind,
+    wrap: fn(Event<K>) -> Update,
+) -> Updates
+where
+    K: Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + 'static,
+    K::DynamicType: Default,
+{
+    watcher::watcher(api, config)
+        .default_backoff()
+        .map(move |r| match r {
+            Ok(ev) => wrap(ev),
+            Err(e) => Update::Error(kind, e.to_string()),
+        })
+        .boxed()
+}
+
+/// The merged watch streams.
+pub fn watch(client: &Client, node_name: &str, endpoints: bool) -> Updates {
+    let mut streams = vec![
+        stream(
+            Api::<Service>::all(client.clone()),
+            watcher::Config::default(),
+            Kind::Service,
+            Update::Service,
+        ),
+        stream(
+            Api::<EndpointSlice>::all(client.clone()),
+            watcher::Config::default(),
+            Kind::EndpointSlice,
+            Update::Slice,
+        ),
+        stream(
+            Api::<Node>::all(client.clone()),
+            watcher::Config::default().fields(&format!("metadata.name={node_name}")),
+            Kind::Node,
+            Update::Node,
+        ),
+    ];
+    if endpoints {
+        streams.push(stream(
+            Api::<Endpoints>::all(client.clone()),
+            watcher::Config::default(),
+            Kind::Endpoints,
+            Update::Endpoints,
+        ));
+    }
+    futures::stream::select_all(streams).boxed()
+}
+
+/// One kind's list-then-watch progress.
+#[derive(Debug)]
+struct KindSync<K> {
+    /// Objects of a list in progress.
+    listing: Option<BTreeMap<ObjKey, Arc<K>>>,
+    /// A full list has been applied once.
+    synced: bool,
+}
+
+impl<K> Default for KindSync<K> {
+    fn default() -> Self {
+        Self {
+            listing: None,
+            synced: false,
+        }
+    }
+}
+
+/// What an event did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Applied {
+    /// A re-list completed (the first, or after a 410 / long outage).
+    pub listed: bool,
+}
+
+/// Feeds watch events into the store; tracks which kinds have synced.
+#[derive(Debug)]
+pub struct ClusterSync {
+    services: KindSync<Service>,
+    slices: KindSync<EndpointSlice>,
+    endpoints: KindSync<Endpoints>,
+    nodes: KindSync<Node>,
+    watch_endpoints: bool,
+    /// This agent's Node, once seen.
+    pub node: Option<Node>,
+}
+
+/// Applies one event of one kind to `ctx`: a live change at once; a list
+/// is buffered and replaces the kind when it is complete.
+fn step<C, K>(
+    sync: &mut KindSync<K>,
+    ev: Event<K>,
+    ctx: &mut C,
+    key: fn(&K) -> ObjKey,
+    apply: fn(&mut C, ObjKey, Option<Arc<K>>),
+    replace: fn(&mut C, BTreeMap<ObjKey, Arc<K>>),
+) -> Applied {
+    match ev {
+        Event::Init => sync.listing = Some(BTreeMap::new()),
+        Event::InitApply(o) => {
+            let k = key(&o);
+            sync.listing
+                .get_or_insert_with(BTreeMap::new)
+                .insert(k, Arc::new(o));
+        }
+        Event::InitDone => {
+            replace(ctx, sync.listing.take().unwrap_or_default());
+            sync.synced = true;
+            return Applied { listed: true };
+        }
+        Event::Apply(o) => apply(ctx, key(&o), Some(Arc::new(o))),
+        Event::Delete(o) => apply(ctx, key(&o), None),
+    }
+    Applied::default()
+}
+
+impl ClusterSync {
+    pub fn new(watch_endpoints: bool) -> Self {
+        Self {
+            services: KindSync::default(),
+            slices: KindSync::default(),
+            endpoints: KindSync::default(),
+            nodes: KindSync::default(),
+            watch_endpoints,
+            node: None,
+        }
+    }
+
+    /// Nothing is programmed before every watched kind has listed once:
+    /// a Service without its slices would look like one without backends.
+    pub fn ready(&self) -> bool {
+        self.services.synced
+            && self.slices.synced
+            && self.nodes.synced
+            && (!self.watch_endpoints || self.endpoints.synced)
+    }
+
+    /// Kinds not listed yet, for the log.
+    pub fn waiting_for(&self) -> Vec<&'static str> {
+        let mut out = Vec::new();
+        for (synced, kind) in [
+            (self.services.synced, Kind::Service),
+            (self.slices.synced, Kind::EndpointSlice),
+            (self.nodes.synced, Kind::Node),
+            (
+                !self.watch_endpoints || self.endpoints.synced,
+                Kind::Endpoints,
+            ),
+        ] {
+            if !synced {
+                out.push(kind.label());
+            }
+        }
+        out
+    }
+
+    pub fn apply(&mut self, store: &mut Store, update: Update) -> Applied {
+        match update {
+            Update::Service(ev) => step(
+                &mut self.services,
+                ev,
+                store,
+                |o| ObjKey::of(&o.metadata),
+                Store::service,
+                Store::replace_services,
+            ),
+            Update::Slice(ev) => step(
+                &mut self.slices,
+                ev,
+                store,
+                |o| ObjKey::of(&o.metadata),
+                Store::slice,
+                Store::replace_slices,
+            ),
+            Update::Endpoints(ev) => step(
+                &mut self.endpoints,
+                ev,
+                store,
+                |o| ObjKey::of(&o.metadata),
+                Store::endpoints,
+                Store::replace_endpoints,
+            ),
+            Update::Node(ev) => {
+                // The watch selects this node by name: whatever it says is
+                // this node (deleted: none).
+                let mut node = self.node.take();
+                let applied = step(
+                    &mut self.nodes,
+                    ev,
+                    &mut node,
+                    |o| ObjKey::new("", o.metadata.name.clone().unwrap_or_default()),
+                    |n, _, o| *n = o.map(|o| (*o).clone()),
+                    |n, all| *n = all.into_values().next().map(|o| (*o).clone()),
+                );
+                self.node = node;
+                applied
+            }
+            Update::Error(..) => Applied::default(),
+        }
+    }
+}
