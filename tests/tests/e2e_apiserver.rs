@@ -174,14 +174,19 @@ fn start_agent(h: &mut Harness, kubeconfig: &Path) {
     let child = Command::new("nsenter")
         .arg(format!("--net=/run/netns/{}", h.ns.name))
         .arg(&h.lbctl)
-        .args(["agent", "--watch-endpoints", "--kubeconfig"])
+        .args([
+            "agent",
+            "--watch-endpoints",
+            "--datapath-logs",
+            "--kubeconfig",
+        ])
         .arg(kubeconfig)
         .arg("--bpffs")
         .arg(h.bpffs.pins())
         .arg("--cgroup")
         .arg(&h._cg.path)
         .args(["--node-name", "node-a", "--poll-ms", "100"])
-        .env("RUST_LOG", "info")
+        .env("RUST_LOG", "info,datapath=debug")
         .stdout(log.try_clone().unwrap())
         .stderr(log)
         .spawn()
@@ -273,6 +278,32 @@ fn agent_follows_the_api_through_watches_relists_and_outages() {
         "watch event to maps: {} ms (polling every 50 ms)",
         took.as_millis()
     );
+
+    // 2b. A Service without endpoints refuses connections at connect(),
+    //     and the datapath says so in the agent's log (--datapath-logs).
+    api.apply_yaml(
+        "apiVersion: v1\nkind: Service\nmetadata: {name: empty, namespace: e2e}\nspec: {clusterIP: 10.96.0.15, ports: [{port: 80}]}\n",
+    );
+    h.wait("the empty Service", |h| h.service("empty").is_some());
+    let procs = h._cg.path.join("cgroup.procs");
+    // nsenter, not `ip netns exec`: that remounts /sys, hiding the cgroup.
+    let out = Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{}", h.ns.name))
+        .args(["sh", "-c"])
+        .arg(format!(
+            "echo $$ > {} && exec curl -s -m 2 http://10.96.0.15/",
+            procs.display()
+        ))
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(7),
+        "curl: connection refused expected"
+    );
+    h.wait("the datapath's log record", |h| {
+        h.log().contains("refuse connect to 10.96.0.15:80")
+    });
 
     // 3. Bookmarks: a watch that saw no event of its kind still advances;
     //    after a dropped connection, every watch resumes (no re-list) from

@@ -7,8 +7,32 @@ use aya_log::EbpfLogger;
 use tokio::io::{Interest, unix::AsyncFd};
 use tracing::{info, warn};
 
+/// Re-emits the programs' records as tracing events with the target
+/// `datapath` (enable with `RUST_LOG=info,datapath=debug`), the program's
+/// module in a field.
+struct ToTracing;
+
+impl log::Log for ToTracing {
+    fn enabled(&self, _: &log::Metadata) -> bool {
+        true
+    }
+
+    fn log(&self, r: &log::Record) {
+        let (module, msg) = (r.target(), r.args());
+        match r.level() {
+            log::Level::Error => tracing::error!(target: "datapath", module, "{msg}"),
+            log::Level::Warn => tracing::warn!(target: "datapath", module, "{msg}"),
+            log::Level::Info => tracing::info!(target: "datapath", module, "{msg}"),
+            log::Level::Debug => tracing::debug!(target: "datapath", module, "{msg}"),
+            log::Level::Trace => tracing::trace!(target: "datapath", module, "{msg}"),
+        }
+    }
+
+    fn flush(&self) {}
+}
+
 pub fn start(ebpf: &mut Ebpf) {
-    let logger = match EbpfLogger::init(ebpf) {
+    let logger = match EbpfLogger::init_with_logger(ebpf, ToTracing) {
         Ok(l) => l,
         Err(e) => {
             warn!("datapath logs unavailable: {e}");
@@ -24,7 +48,7 @@ pub fn start(ebpf: &mut Ebpf) {
             return;
         }
     };
-    info!("forwarding datapath log records (target lb_ebpf)");
+    info!("forwarding the datapath's log records (tracing target `datapath`, debug level)");
     tokio::spawn(async move {
         loop {
             let Ok(mut guard) = fd.readable_mut().await else {

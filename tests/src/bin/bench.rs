@@ -103,6 +103,11 @@ fn main() {
     require_root();
     sweep();
     let quick = std::env::args().any(|a| a == "--quick");
+    // `--agent`: only the agent's figures.
+    if std::env::args().any(|a| a == "--agent") {
+        control_plane(quick);
+        return;
+    }
     // Calls per figure (median), and distinct new flows.
     let (sizes, calls, new_flows): (&[usize], usize, u16) = if quick {
         (&[1, 100], 500, 200)

@@ -55,11 +55,12 @@ fn object_name(v: &serde_yaml::Value) -> String {
 /// Parses the text of one manifest file.
 pub fn parse(file: &str, text: &str) -> FileObjects {
     let mut out = FileObjects::default();
-    let mut docs = Vec::new();
+    // Each document is turned into objects before the next is parsed, so
+    // only one document's generic tree is in memory at a time.
     for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
         match serde_yaml::Value::deserialize(doc) {
             Ok(serde_yaml::Value::Null) => {}
-            Ok(v) => docs.push(v),
+            Ok(v) => objects(file, vec![v], &mut out),
             Err(e) => {
                 out.errors.push(FileError {
                     file: file.into(),
@@ -71,6 +72,11 @@ pub fn parse(file: &str, text: &str) -> FileObjects {
             }
         }
     }
+    out
+}
+
+/// Objects of one document (a `List`'s items in order).
+fn objects(file: &str, mut docs: Vec<serde_yaml::Value>, out: &mut FileObjects) {
     while let Some(v) = docs.pop() {
         let kind = v
             .get("kind")
@@ -109,7 +115,6 @@ pub fn parse(file: &str, text: &str) -> FileObjects {
             out.errors.push(err(e.to_string()));
         }
     }
-    out
 }
 
 /// Adds one file's objects into `objs`. Objects without a namespace are in
