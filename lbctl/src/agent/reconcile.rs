@@ -321,6 +321,13 @@ impl<W: MapWriter> Reconciler<W> {
         Ok(())
     }
 
+    /// The writes a flush would make now, without making them: what the
+    /// maps lack, hold stale or hold extra compared with the target
+    /// (`lbctl diff`).
+    pub fn pending_ops(&self) -> Vec<Op> {
+        plan::diff_keys(&self.maps.state, &self.want, &self.touched)
+    }
+
     /// Writes what the target changed since the last complete flush, in
     /// make-before-break order. On a failed write the maps keep what did
     /// land; the next flush goes on from there.

@@ -3,6 +3,7 @@
 pub mod agent;
 pub mod conntrack;
 pub mod counters;
+pub mod diff;
 pub mod docs;
 pub mod render;
 pub mod services;
@@ -46,6 +47,9 @@ pub enum Command {
     Conntrack(conntrack::Args),
     /// The datapath's counters per verdict.
     Counters(counters::Args),
+    /// Compare the agent's source (folder or API) with the pinned maps:
+    /// entries missing, stale or extra. Exits 1 when they differ.
+    Diff(diff::Args),
     /// What is attached where, and how full each map is.
     Status(status::Args),
     /// Print shell completions.
@@ -72,6 +76,7 @@ pub fn main() -> Result<()> {
         Command::Conntrack(a) => conntrack::execute(a),
         Command::Counters(a) => counters::execute(a),
         Command::Status(a) => status::execute(a),
+        Command::Diff(a) => tokio::runtime::Runtime::new()?.block_on(diff::execute(a)),
         Command::Completions(a) => docs::completions(a),
         Command::Man => docs::man(),
     }

@@ -1,0 +1,364 @@
+//! `lbctl diff`: what the agent's source says against what the maps hold.
+//! The source (a manifest folder, or the API read once) is translated by
+//! the agent's own code, onto a copy of the pinned maps' contents with their
+//! ids adopted, exactly as a starting agent would; every write that agent
+//! would make is a difference: an entry missing, stale or extra.
+
+use std::{net::Ipv4Addr, path::PathBuf, sync::Arc};
+
+use anyhow::{Context, Result};
+use k8s_openapi::api::{
+    core::v1::{Endpoints, Node, Service},
+    discovery::v1::EndpointSlice,
+};
+use serde::Serialize;
+
+use super::{PinArgs, render};
+use crate::{
+    agent::{
+        apply::{InMemory, MapWriter},
+        model::{NodeInfo, ObjKey},
+        reconcile::Reconciler,
+        source::{dir::DirSource, kube as kube_source},
+        state::{MapState, Op},
+        store::Store,
+    },
+    datapath::maps::ServiceMaps,
+};
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    #[command(flatten)]
+    pub pins: PinArgs,
+    /// Compare with this manifest folder (else with the Kubernetes API).
+    #[arg(long, conflicts_with_all = ["kubeconfig", "watch_endpoints"])]
+    pub manifests: Option<PathBuf>,
+    /// Kubeconfig for the API (default: as the agent finds it).
+    #[arg(long)]
+    pub kubeconfig: Option<PathBuf>,
+    /// Read v1/Endpoints too, as an agent run with --watch-endpoints.
+    #[arg(long)]
+    pub watch_endpoints: bool,
+    /// The node, as given to the agent (default: hostname).
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: Option<String>,
+    /// NodePort addresses, as given to the agent.
+    #[arg(long = "node-ip")]
+    pub node_ips: Vec<Ipv4Addr>,
+    /// SNAT address, as given to the agent.
+    #[arg(long)]
+    pub snat_ip: Option<Ipv4Addr>,
+    #[arg(short, long, value_enum, default_value_t)]
+    pub output: render::Output,
+}
+
+/// One difference. Field names are part of the JSON/YAML contract.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct DiffView {
+    /// `missing` (the source has it, the maps do not), `stale` (both, with
+    /// different values) or `extra` (the maps have it, the source does not).
+    pub change: String,
+    /// Map, as in `lbctl status`.
+    pub map: String,
+    /// The entry's key and, for missing and stale entries, the value the
+    /// source wants.
+    pub entry: String,
+    /// What the maps hold now ("" when missing).
+    pub have: String,
+}
+
+/// One line of `MapState::dump` for one entry.
+fn line(st: &MapState) -> String {
+    st.dump().trim_end().to_string()
+}
+
+fn view(cur: &MapState, op: &Op) -> DiffView {
+    use lb_common::maps::*;
+    let mut want = MapState::default();
+    want.apply(op);
+    let mut have = MapState::default();
+    let (map, present) = match op {
+        Op::PutAddr(k, _) | Op::DelAddr(k) => {
+            if let Some(v) = cur.addrs.get(k) {
+                have.addrs.insert(*k, *v);
+            }
+            (ADDRS4, cur.addrs.contains_key(k))
+        }
+        Op::PutFrontend(k, _) | Op::DelFrontend(k) => {
+            if let Some(v) = cur.frontends.get(k) {
+                have.frontends.insert(*k, *v);
+            }
+            (FRONTENDS4, cur.frontends.contains_key(k))
+        }
+        Op::PutSlot(k, _) | Op::DelSlot(k) => {
+            if let Some(v) = cur.slots.get(k) {
+                have.slots.insert(*k, *v);
+            }
+            (BACKEND_SLOTS, cur.slots.contains_key(k))
+        }
+        Op::PutBackend(k, _) | Op::DelBackend(k) => {
+            if let Some(v) = cur.backends.get(k) {
+                have.backends.insert(*k, *v);
+            }
+            (BACKENDS4, cur.backends.contains_key(k))
+        }
+        Op::PutServiceMeta(k, _, _) | Op::DelServiceMeta(k) => {
+            if let Some(v) = cur.service_meta.get(k) {
+                have.service_meta.insert(*k, *v);
+            }
+            (SERVICE_META, cur.service_meta.contains_key(k))
+        }
+        Op::PutBackendMeta(k, _) | Op::DelBackendMeta(k) => {
+            if let Some(v) = cur.backend_meta.get(k) {
+                have.backend_meta.insert(*k, *v);
+            }
+            (BACKEND_META, cur.backend_meta.contains_key(k))
+        }
+    };
+    let deleting = matches!(
+        op,
+        Op::DelAddr(_)
+            | Op::DelFrontend(_)
+            | Op::DelSlot(_)
+            | Op::DelBackend(_)
+            | Op::DelServiceMeta(_)
+            | Op::DelBackendMeta(_)
+    );
+    let change = match (deleting, present) {
+        (true, _) => "extra",
+        (false, true) => "stale",
+        (false, false) => "missing",
+    };
+    DiffView {
+        change: change.into(),
+        map: map.into(),
+        entry: if deleting { line(&have) } else { line(&want) },
+        have: if present { line(&have) } else { String::new() },
+    }
+}
+
+/// The differences between the maps (`cur`) and what `store` translates to.
+pub fn compute(cur: MapState, store: &mut Store, node: &NodeInfo) -> Result<Vec<DiffView>> {
+    let mut rec = Reconciler::adopt(InMemory {
+        state: cur.clone(),
+        writes: 0,
+    })?;
+    for c in store.take_changes(node) {
+        let ports = c.ports.unwrap_or_default();
+        rec.set_service(&c.service, ports)?;
+    }
+    rec.set_snat_addrs(&node.snat.into_iter().collect::<Vec<_>>());
+    Ok(rec.pending_ops().iter().map(|op| view(&cur, op)).collect())
+}
+
+pub fn table(v: &[DiffView]) -> String {
+    render::table(
+        &["CHANGE", "MAP", "ENTRY", "MAPS HOLD"],
+        v.iter()
+            .map(|d| {
+                vec![
+                    d.change.clone(),
+                    d.map.clone(),
+                    d.entry.clone(),
+                    d.have.clone(),
+                ]
+            })
+            .collect(),
+    )
+}
+
+fn node_info(args: &Args, node: Option<&Node>, name: String) -> NodeInfo {
+    let mut addresses = args.node_ips.clone();
+    if addresses.is_empty() {
+        for a in node
+            .and_then(|n| n.status.as_ref())
+            .and_then(|s| s.addresses.as_ref())
+            .into_iter()
+            .flatten()
+        {
+            if matches!(a.type_.as_str(), "InternalIP" | "ExternalIP")
+                && let Ok(ip) = a.address.parse()
+            {
+                addresses.push(ip);
+            }
+        }
+    }
+    let zone = node
+        .and_then(|n| n.metadata.labels.as_ref())
+        .and_then(|l| l.get("topology.kubernetes.io/zone"))
+        .cloned();
+    NodeInfo {
+        name,
+        zone,
+        snat: args.snat_ip.or(addresses.first().copied()),
+        addresses,
+    }
+}
+
+async fn from_api(args: &Args, store: &mut Store, node_name: &str) -> Result<Option<Node>> {
+    use kube::{Api, api::ListParams};
+    let client = kube_source::client(args.kubeconfig.as_deref()).await?;
+    let lp = ListParams::default();
+    let svcs = Api::<Service>::all(client.clone())
+        .list(&lp)
+        .await
+        .context("listing Services")?;
+    store.replace_services(
+        svcs.items
+            .into_iter()
+            .map(|o| (ObjKey::of(&o.metadata), Arc::new(o)))
+            .collect(),
+    );
+    let slices = Api::<EndpointSlice>::all(client.clone())
+        .list(&lp)
+        .await
+        .context("listing EndpointSlices")?;
+    store.replace_slices(
+        slices
+            .items
+            .into_iter()
+            .map(|o| (ObjKey::of(&o.metadata), Arc::new(o)))
+            .collect(),
+    );
+    if args.watch_endpoints {
+        let eps = Api::<Endpoints>::all(client.clone())
+            .list(&lp)
+            .await
+            .context("listing Endpoints")?;
+        store.replace_endpoints(
+            eps.items
+                .into_iter()
+                .map(|o| (ObjKey::of(&o.metadata), Arc::new(o)))
+                .collect(),
+        );
+    }
+    let nodes = Api::<Node>::all(client)
+        .list(&ListParams::default().fields(&format!("metadata.name={node_name}")))
+        .await
+        .context("reading this Node")?;
+    Ok(nodes.items.into_iter().next())
+}
+
+/// Prints the differences; exits 1 when there are any (as `diff` does).
+pub async fn execute(args: Args) -> Result<()> {
+    let maps = ServiceMaps::open(&args.pins.bpffs)?;
+    let cur = maps.read().context("reading the pinned maps")?;
+    let node_name = match &args.node_name {
+        Some(n) => n.clone(),
+        None => std::fs::read_to_string("/proc/sys/kernel/hostname")?
+            .trim()
+            .to_string(),
+    };
+    let mut store = Store::default();
+    let node = match &args.manifests {
+        Some(dir) => {
+            let snap = DirSource::new(dir)
+                .poll()
+                .with_context(|| format!("reading {}", dir.display()))?
+                .unwrap_or_default();
+            for e in &snap.errors {
+                eprintln!("skipped: {e}");
+            }
+            store.replace_services(snap.objects.services);
+            store.replace_slices(snap.objects.slices);
+            store.replace_endpoints(snap.objects.endpoints);
+            snap.nodes.get(&node_name).cloned()
+        }
+        None => from_api(&args, &mut store, &node_name).await?,
+    };
+    let info = node_info(&args, node.as_ref(), node_name);
+    let diffs = compute(cur, &mut store, &info)?;
+    match render::structured(args.output, &diffs)? {
+        Some(s) => print!("{s}"),
+        None if diffs.is_empty() => println!("no difference: the maps hold what the source says"),
+        None => print!("{}", table(&diffs)),
+    }
+    if !diffs.is_empty() {
+        std::process::exit(1);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::agent::source::dir;
+
+    const WEB: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: demo}
+spec: {clusterIP: 10.96.0.10, externalIPs: [203.0.113.9], ports: [{name: http, port: 80}]}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-1, namespace: demo, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+ports: [{name: http, port: 8080}]
+endpoints: [{addresses: [10.244.1.11]}]
+"#;
+
+    fn store() -> Store {
+        let f = dir::parse("web.yaml", WEB);
+        let mut o = crate::agent::model::Objects::default();
+        dir::merge(&mut o, &mut Default::default(), &f);
+        let mut s = Store::default();
+        s.replace_services(o.services);
+        s.replace_slices(o.slices);
+        s
+    }
+
+    #[test]
+    fn names_missing_stale_and_extra_entries() {
+        let node = NodeInfo::default();
+        let mut rec = Reconciler::adopt(InMemory::default()).unwrap();
+        let mut st = store();
+        for c in st.take_changes(&node) {
+            rec.set_service(&c.service, c.ports.unwrap()).unwrap();
+        }
+        rec.flush().unwrap();
+        let synced = rec.state().clone();
+        assert!(
+            compute(synced.clone(), &mut store(), &node)
+                .unwrap()
+                .is_empty()
+        );
+
+        let mut broken = synced.clone();
+        // The ClusterIP frontend (the externalIP one stays, so the backend
+        // set is still known as this Service's).
+        let fk = *broken
+            .frontends
+            .keys()
+            .find(|k| k.addr == lb_common::ip4([10, 96, 0, 10]))
+            .unwrap();
+        broken.frontends.remove(&fk);
+        let (id, mut b) = broken
+            .backends
+            .iter()
+            .map(|(k, v)| (*k, *v))
+            .next()
+            .unwrap();
+        b.flags = lb_common::service::BACKEND_LOCAL;
+        broken.backends.insert(id, b);
+        broken.addrs.insert(lb_common::ip4([10, 1, 2, 3]), 1);
+        let d = compute(broken, &mut store(), &node).unwrap();
+        let got: Vec<(&str, &str)> = d
+            .iter()
+            .map(|d| (d.change.as_str(), d.map.as_str()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("stale", lb_common::maps::BACKENDS4),
+                ("missing", lb_common::maps::FRONTENDS4),
+                ("extra", lb_common::maps::ADDRS4),
+            ],
+            "{d:#?}"
+        );
+        assert!(d[1].entry.contains("10.96.0.10:80"), "{}", d[1].entry);
+        assert!(d[0].have.contains("flags=0x1"), "{}", d[0].have);
+        let t = table(&d);
+        assert!(t.contains("CHANGE") && t.contains("missing"), "{t}");
+    }
+}
