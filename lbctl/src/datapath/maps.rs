@@ -20,10 +20,30 @@ use crate::agent::{
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {
     #[error(
+        "nothing is pinned at {dir}: is the agent running, and with this --bpffs \
+         (or LBCTL_BPFFS)?"
+    )]
+    NoPins { dir: String },
+    #[error(
+        "the maps in {dir} have layout version {found}, this lbctl reads version {ours}: \
+         use the lbctl of the agent that made them (or restart the agent with this \
+         version, which pins its own maps)"
+    )]
+    Layout {
+        dir: String,
+        found: String,
+        ours: u32,
+    },
+    #[error(
         "map {name} is not pinned in {dir}: is the agent running with this --bpffs? \
          (a different layout version pins different names)"
     )]
     Missing { name: &'static str, dir: String },
+    #[error(
+        "permission denied opening the pinned map {name} in {dir}: reading BPF maps \
+         needs root (CAP_BPF and CAP_SYS_ADMIN); run lbctl with sudo or in the agent's pod"
+    )]
+    Privileges { name: &'static str, dir: String },
     #[error("opening pinned map {name} in {dir}: {source} (lbctl needs root or CAP_BPF)")]
     Open {
         name: &'static str,
@@ -33,18 +53,62 @@ pub enum OpenError {
     },
 }
 
+/// Why `name` is not in `dir`: nothing pinned, another layout, or just
+/// that map missing.
+fn missing(dir: &Path, name: &'static str) -> OpenError {
+    let d = dir.display().to_string();
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+            return OpenError::Privileges { name, dir: d };
+        }
+        Err(_) => return OpenError::NoPins { dir: d },
+    };
+    // Map names end in _V<layout>; the same stem with another version is
+    // a layout mismatch.
+    let stem = name.rsplit_once("_V").map_or(name, |(s, _)| s);
+    for e in entries.flatten() {
+        let f = e.file_name().to_string_lossy().to_string();
+        if let Some((s, v)) = f.rsplit_once("_V")
+            && s == stem
+            && f != name
+        {
+            return OpenError::Layout {
+                dir: d,
+                found: v.to_string(),
+                ours: lb_common::LAYOUT_VERSION,
+            };
+        }
+    }
+    OpenError::Missing { name, dir: d }
+}
+
 fn open(dir: &Path, name: &'static str) -> Result<Map, OpenError> {
     let path = dir.join(name);
-    if !path.exists() {
-        return Err(OpenError::Missing {
+    match std::fs::metadata(&path) {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+            return Err(OpenError::Privileges {
+                name,
+                dir: dir.display().to_string(),
+            });
+        }
+        Err(_) => return Err(missing(dir, name)),
+    }
+    let err = |source: AyaMapError| {
+        if let AyaMapError::SyscallError(e) = &source
+            && e.io_error.kind() == std::io::ErrorKind::PermissionDenied
+        {
+            return OpenError::Privileges {
+                name,
+                dir: dir.display().to_string(),
+            };
+        }
+        OpenError::Open {
             name,
             dir: dir.display().to_string(),
-        });
-    }
-    let err = |source| OpenError::Open {
-        name,
-        dir: dir.display().to_string(),
-        source,
+            source,
+        }
     };
     let data = MapData::from_pin(&path).map_err(err)?;
     Map::from_map_data(data).map_err(err)
@@ -204,5 +268,28 @@ impl MapWriter for ServiceMaps {
             service_meta: read_all(&self.service_meta, names::SERVICE_META)?,
             backend_meta: read_all(&self.backend_meta, names::BACKEND_META)?,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn says_why_a_map_is_not_there() {
+        let dir = std::env::temp_dir().join(format!("lbctl-maps-{}", std::process::id()));
+        let e = missing(&dir, names::FRONTENDS4).to_string();
+        assert!(e.contains("nothing is pinned"), "{e}");
+        std::fs::create_dir_all(&dir).unwrap();
+        let e = missing(&dir, names::FRONTENDS4).to_string();
+        assert!(e.contains("is not pinned"), "{e}");
+        let other = names::FRONTENDS4.replace("_V1", "_V7");
+        std::fs::write(dir.join(other), "").unwrap();
+        let e = missing(&dir, names::FRONTENDS4).to_string();
+        assert!(
+            e.contains("layout version 7, this lbctl reads version 1"),
+            "{e}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
