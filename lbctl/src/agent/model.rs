@@ -85,6 +85,44 @@ pub struct NodeInfo {
     pub snat: Option<Ipv4Addr>,
 }
 
+impl NodeInfo {
+    /// Node facts from the agent's flags and, where a flag is not given,
+    /// the Node object: NodePort addresses are its InternalIP/ExternalIP
+    /// addresses, SNAT the first of them, the zone its topology label.
+    pub fn from_flags_and_node(
+        name: &str,
+        node_ips: &[Ipv4Addr],
+        snat_ip: Option<Ipv4Addr>,
+        node: Option<&k8s_openapi::api::core::v1::Node>,
+    ) -> Self {
+        let mut addresses = node_ips.to_vec();
+        if addresses.is_empty() {
+            for a in node
+                .and_then(|n| n.status.as_ref())
+                .and_then(|s| s.addresses.as_ref())
+                .into_iter()
+                .flatten()
+            {
+                if matches!(a.type_.as_str(), "InternalIP" | "ExternalIP")
+                    && let Ok(ip) = a.address.parse()
+                {
+                    addresses.push(ip);
+                }
+            }
+        }
+        let zone = node
+            .and_then(|n| n.metadata.labels.as_ref())
+            .and_then(|l| l.get("topology.kubernetes.io/zone"))
+            .cloned();
+        Self {
+            name: name.to_string(),
+            zone,
+            snat: snat_ip.or(addresses.first().copied()),
+            addresses,
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Proto {
     Tcp,

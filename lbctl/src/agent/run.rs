@@ -70,32 +70,7 @@ pub struct AgentConfig {
 
 /// Node facts: flags win over the Node object.
 pub fn node_info(cfg: &AgentConfig, node: Option<&Node>) -> NodeInfo {
-    let mut addresses = cfg.node_ips.clone();
-    if addresses.is_empty() {
-        for a in node
-            .and_then(|n| n.status.as_ref())
-            .and_then(|s| s.addresses.as_ref())
-            .into_iter()
-            .flatten()
-        {
-            if matches!(a.type_.as_str(), "InternalIP" | "ExternalIP")
-                && let Ok(ip) = a.address.parse()
-            {
-                addresses.push(ip);
-            }
-        }
-    }
-    let zone = node
-        .and_then(|n| n.metadata.labels.as_ref())
-        .and_then(|l| l.get("topology.kubernetes.io/zone"))
-        .cloned();
-    let snat = cfg.snat_ip.or(addresses.first().copied());
-    NodeInfo {
-        name: cfg.node_name.clone(),
-        zone,
-        addresses,
-        snat,
-    }
+    NodeInfo::from_flags_and_node(&cfg.node_name, &cfg.node_ips, cfg.snat_ip, node)
 }
 
 /// `*` matches any run of characters, `?` one.

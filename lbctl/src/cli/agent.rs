@@ -83,9 +83,7 @@ pub async fn execute(args: Args) -> Result<()> {
     };
     let node_name = match args.node_name {
         Some(n) => n,
-        None => std::fs::read_to_string("/proc/sys/kernel/hostname")?
-            .trim()
-            .to_string(),
+        None => hostname()?,
     };
     run::run(AgentConfig {
         source,
@@ -111,4 +109,12 @@ fn addr(s: &str) -> Result<Option<std::net::SocketAddr>> {
     s.parse()
         .map(Some)
         .with_context(|| format!("{s:?} is not an address:port"))
+}
+
+/// The default node name, as the kubelet's: the host name.
+pub fn hostname() -> Result<String> {
+    Ok(std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .context("reading the host name (give --node-name)")?
+        .trim()
+        .to_string())
 }

@@ -167,34 +167,6 @@ pub fn table(v: &[DiffView]) -> String {
     )
 }
 
-fn node_info(args: &Args, node: Option<&Node>, name: String) -> NodeInfo {
-    let mut addresses = args.node_ips.clone();
-    if addresses.is_empty() {
-        for a in node
-            .and_then(|n| n.status.as_ref())
-            .and_then(|s| s.addresses.as_ref())
-            .into_iter()
-            .flatten()
-        {
-            if matches!(a.type_.as_str(), "InternalIP" | "ExternalIP")
-                && let Ok(ip) = a.address.parse()
-            {
-                addresses.push(ip);
-            }
-        }
-    }
-    let zone = node
-        .and_then(|n| n.metadata.labels.as_ref())
-        .and_then(|l| l.get("topology.kubernetes.io/zone"))
-        .cloned();
-    NodeInfo {
-        name,
-        zone,
-        snat: args.snat_ip.or(addresses.first().copied()),
-        addresses,
-    }
-}
-
 async fn from_api(args: &Args, store: &mut Store, node_name: &str) -> Result<Option<Node>> {
     use kube::{Api, api::ListParams};
     let client = kube_source::client(args.kubeconfig.as_deref()).await?;
@@ -245,9 +217,7 @@ pub async fn execute(args: Args) -> Result<()> {
     let cur = maps.read().context("reading the pinned maps")?;
     let node_name = match &args.node_name {
         Some(n) => n.clone(),
-        None => std::fs::read_to_string("/proc/sys/kernel/hostname")?
-            .trim()
-            .to_string(),
+        None => super::agent::hostname()?,
     };
     let mut store = Store::default();
     let node = match &args.manifests {
@@ -266,7 +236,8 @@ pub async fn execute(args: Args) -> Result<()> {
         }
         None => from_api(&args, &mut store, &node_name).await?,
     };
-    let info = node_info(&args, node.as_ref(), node_name);
+    let info =
+        NodeInfo::from_flags_and_node(&node_name, &args.node_ips, args.snat_ip, node.as_ref());
     let diffs = compute(cur, &mut store, &info)?;
     match render::structured(args.output, &diffs)? {
         Some(s) => print!("{s}"),
