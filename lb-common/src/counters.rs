@@ -20,7 +20,22 @@ pub struct ServiceStats {
 }
 const _: () = assert!(core::mem::size_of::<ServiceStats>() == 32);
 
-user_pod!(ServiceStats);
+/// Per backend (`LB_BE_STATS_V1[backend_id]`, per CPU): a hash entry the
+/// agent creates with the backend and deletes with it, so memory follows
+/// the backends that exist (backends x CPUs x 24 bytes) instead of a
+/// per-CPU array sized for every possible backend id.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BackendStats {
+    /// Flows given this backend (device path flows and translated sockets).
+    pub flows: u64,
+    /// Packets and bytes of the device path's flows to and from it.
+    pub packets: u64,
+    pub bytes: u64,
+}
+const _: () = assert!(core::mem::size_of::<BackendStats>() == 24);
+
+user_pod!(ServiceStats, BackendStats);
 
 macro_rules! verdicts {
     ($($(#[$doc:meta])* $name:ident = $val:literal, $label:literal;)+) => {

@@ -18,6 +18,7 @@ pub mod hash;
 pub mod maps;
 pub mod service;
 pub mod sock;
+pub mod status;
 
 /// Version of every map layout in this crate. Map names carry it
 /// (`..._V1`), so an upgraded agent never reads old bytes with a new layout:

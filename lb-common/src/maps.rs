@@ -13,6 +13,8 @@ pub const SOCK_FLOWS4: &str = "LB4_SOCK_FLOWS_V1";
 pub const SERVICE_STATS: &str = "LB_SVC_STATS_V1";
 pub const VERDICT_STATS: &str = "LB_VERDICTS_V1";
 pub const CONFIG: &str = "LB_CONFIG_V1";
+pub const BACKEND_STATS: &str = "LB_BE_STATS_V1";
+pub const AGENT_STATUS: &str = "LB_AGENT_V1";
 
 /// Every map the agent pins, in the order `lbctl` lists them.
 pub const ALL: &[&str] = &[
@@ -28,6 +30,8 @@ pub const ALL: &[&str] = &[
     SERVICE_STATS,
     VERDICT_STATS,
     CONFIG,
+    BACKEND_STATS,
+    AGENT_STATUS,
 ];
 
 /// Frontends (address, port, protocol, scope). 100,000 Services with a

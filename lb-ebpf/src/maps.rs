@@ -4,18 +4,19 @@
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap},
 };
 use lb_common::{
     config::Config,
     conntrack::{Ct4Entry, Ct4Key},
-    counters::{MAX_VERDICTS, ServiceStats},
+    counters::{BackendStats, MAX_VERDICTS, ServiceStats},
     maps::{
         MAX_BACKENDS, MAX_CONNTRACK, MAX_FRONTENDS, MAX_SERVICES, MAX_SLOTS, MAX_SOCK_FLOWS,
         MAX_SOCK_REVNAT,
     },
     service::{Backend4, BackendMeta, Frontend, Frontend4Key, ServiceMeta, SlotKey},
     sock::{SockFlow4, SockFlow4Key, SockRevNat4, SockRevNat4Key},
+    status::AgentStatus,
 };
 
 /// Service frontends: (address, port, protocol, scope) -> backend set.
@@ -66,6 +67,16 @@ pub static SERVICE_STATS: PerCpuArray<ServiceStats> = PerCpuArray::pinned(MAX_SE
 /// Counters per verdict (`lb_common::counters::V_*`), per CPU.
 #[map(name = "LB_VERDICTS_V1")]
 pub static VERDICT_STATS: PerCpuArray<u64> = PerCpuArray::pinned(MAX_VERDICTS, 0);
+
+/// Counters per backend, per CPU: entries made and removed by the agent
+/// with their backend (never created here).
+#[map(name = "LB_BE_STATS_V1")]
+pub static BACKEND_STATS: PerCpuHashMap<u32, BackendStats> =
+    PerCpuHashMap::pinned(MAX_BACKENDS, BPF_F_NO_PREALLOC);
+
+/// The agent's sync status for `lbctl status` (never read here).
+#[map(name = "LB_AGENT_V1")]
+pub static AGENT_STATUS: Array<AgentStatus> = Array::pinned(1, 0);
 
 /// Datapath configuration, one entry.
 #[map(name = "LB_CONFIG_V1")]

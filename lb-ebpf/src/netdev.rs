@@ -54,6 +54,7 @@ pub fn from_netdev(ctx: &TcContext) -> i32 {
         conntrack::touch(&k, e, &pkt, len, now);
         let e = *e;
         stats::packet(e.service_id, len);
+        stats::backend_packet(e.backend_id, len);
         return apply(ctx, &pkt, &e, V_FORWARD_ESTABLISHED);
     }
     // A reply from a backend on another node, to the SNAT address.
@@ -62,6 +63,7 @@ pub fn from_netdev(ctx: &TcContext) -> i32 {
         conntrack::touch(&k, e, &pkt, len, now);
         let e = *e;
         stats::packet(e.service_id, len);
+        stats::backend_packet(e.backend_id, len);
         return apply(ctx, &pkt, &e, V_REPLY);
     }
 
@@ -106,6 +108,8 @@ pub fn from_netdev(ctx: &TcContext) -> i32 {
         Ok(e) => {
             stats::new_flow(fe.service_id);
             stats::packet(fe.service_id, len);
+            stats::backend_flow(chosen.backend_id);
+            stats::backend_packet(chosen.backend_id, len);
             apply(ctx, &pkt, &e, V_FORWARD_NEW)
         }
         Err(v) => {
@@ -142,6 +146,7 @@ pub fn to_netdev(ctx: &TcContext) -> i32 {
     conntrack::touch(&k, e, &pkt, len, now);
     let e = *e;
     stats::packet(e.service_id, len);
+    stats::backend_packet(e.backend_id, len);
     apply(ctx, &pkt, &e, V_REPLY)
 }
 

@@ -102,6 +102,7 @@ pub fn translate(ctx: &SockAddrContext, sticky: bool) -> i32 {
                     let _ = SOCK_FLOWS4.insert(&flow, &f, 0);
                 }
                 stats::new_flow(fe.service_id);
+                stats::backend_flow(c.backend_id);
                 (c.backend_id, c.backend)
             }
             Err(v) => {

@@ -1,8 +1,8 @@
 //! Counter updates. Per-CPU slots, so plain adds are race-free.
 
-use lb_common::counters::ServiceStats;
+use lb_common::counters::{BackendStats, ServiceStats};
 
-use crate::maps::{SERVICE_STATS, VERDICT_STATS};
+use crate::maps::{BACKEND_STATS, SERVICE_STATS, VERDICT_STATS};
 
 #[inline(always)]
 pub fn verdict(v: u32) {
@@ -37,5 +37,28 @@ pub fn packet(id: u32, bytes: u32) {
 pub fn no_backend(id: u32) {
     if let Some(s) = service(id) {
         s.no_backend += 1;
+    }
+}
+
+#[inline(always)]
+fn backend(id: u32) -> Option<&'static mut BackendStats> {
+    // SAFETY: per-CPU value, see `verdict`.
+    BACKEND_STATS.get_ptr_mut(&id).map(|p| unsafe { &mut *p })
+}
+
+/// A flow (device path) or socket was given backend `id`.
+#[inline(always)]
+pub fn backend_flow(id: u32) {
+    if let Some(b) = backend(id) {
+        b.flows += 1;
+    }
+}
+
+/// A device-path packet to or from backend `id`.
+#[inline(always)]
+pub fn backend_packet(id: u32, bytes: u32) {
+    if let Some(b) = backend(id) {
+        b.packets += 1;
+        b.bytes += bytes as u64;
     }
 }

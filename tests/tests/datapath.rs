@@ -368,6 +368,33 @@ fn device_path_cases() {
     for c in &cases {
         run(&mut ebpf, &maps, c);
     }
+
+    // Per-backend counters: the web pod got the SYN, the externalIP SYN
+    // and the SYN with options as new flows, and those three plus the ACK,
+    // the SYN-ACK reply and the FIN as packets; the DNS pod two UDP flows
+    // and their reply.
+    let id_of = |addr: Ipv4Addr, port: u16| {
+        let st = lbctl::agent::apply::MapWriter::read(&maps).unwrap();
+        *st.backends
+            .iter()
+            .find(|(_, b)| b.addr == lb_common::ip4(addr.octets()) && b.port == port.to_be())
+            .unwrap_or_else(|| panic!("backend {addr}:{port}"))
+            .0
+    };
+    let web_len = syn.bytes().len() * 4 + synack.bytes().len() + with_options.bytes().len();
+    let web = maps.backend_stats(id_of(WEB_POD, 8080));
+    assert_eq!(
+        (web.flows, web.packets, web.bytes),
+        (3, 6, web_len as u64),
+        "web backend counters"
+    );
+    let dns = maps.backend_stats(id_of(DNS_POD, 5353));
+    let dns_len = udp.bytes().len() + udp_nocsum.bytes().len() + udp_nocsum.bytes().len();
+    assert_eq!(
+        (dns.flows, dns.packets, dns.bytes),
+        (2, 3, dns_len as u64),
+        "DNS backend counters"
+    );
 }
 
 /// `struct __sk_buff` as PROG_TEST_RUN's context: only the fields the

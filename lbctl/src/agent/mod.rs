@@ -11,6 +11,7 @@ pub mod reconcile;
 pub mod run;
 pub mod source;
 pub mod state;
+pub mod status;
 pub mod store;
 
 #[cfg(test)]

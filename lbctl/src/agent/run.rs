@@ -27,6 +27,7 @@ use super::{
         dir::DirSource,
         kube::{self as kube_source, ClusterSync, Update, Updates},
     },
+    status::StatusRecord,
     store::Store,
 };
 use crate::datapath::{attach, load, maps::ServiceMaps, pins};
@@ -163,25 +164,26 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
             }
         });
     }
-    let mut source = match &cfg.source {
+    let (mut source, source_label) = match &cfg.source {
         SourceConfig::Dir(dir) => {
             info!(folder = %dir.display(), "source: manifest folder");
-            Source::Dir(DirSource::new(dir))
+            (Source::Dir(DirSource::new(dir)), dir.display().to_string())
         }
         SourceConfig::Cluster {
             kubeconfig,
             watch_endpoints,
         } => {
-            let client = kube_source::client(kubeconfig.as_deref()).await?;
+            let (client, url) = kube_source::client(kubeconfig.as_deref()).await?;
             info!(
                 node = %cfg.node_name,
                 endpoints = watch_endpoints,
                 "watching the Kubernetes API"
             );
-            Source::Cluster {
+            let src = Source::Cluster {
                 updates: kube_source::watch(&client, &cfg.node_name, *watch_endpoints),
                 sync: Box::new(ClusterSync::new(*watch_endpoints)),
-            }
+            };
+            (src, url)
         }
     };
 
@@ -200,7 +202,18 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
     // made again under the same name gets a new index and is attached anew.
     let mut attached_devices: std::collections::BTreeMap<String, u32> = Default::default();
     // Adopts ids and entries from the pinned maps: no flow moves.
-    let mut rec = Reconciler::adopt(ServiceMaps::open(&cfg.bpffs)?)?;
+    let mut maps = ServiceMaps::open(&cfg.bpffs)?;
+    // Backends adopted from an agent that predates per-backend counters
+    // get theirs now (new backends get them as they are written).
+    maps.ensure_backend_stats()
+        .context("creating per-backend counters")?;
+    let mut rec = Reconciler::adopt(maps)?;
+    let mut status = StatusRecord::new(
+        matches!(cfg.source, SourceConfig::Cluster { .. }),
+        &source_label,
+        &cfg.node_name,
+        &cgroup.display().to_string(),
+    );
     let mut store = Store::default();
     let mut node: Option<NodeInfo> = None;
     let mut last_config = None;
@@ -229,6 +242,7 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
                         for e in &snap.errors {
                             warn!("skipped: {e}");
                             metrics.error("file");
+                            status.error(&format!("skipped: {e}"));
                         }
                         store.replace_services(snap.objects.services);
                         store.replace_slices(snap.objects.slices);
@@ -239,6 +253,7 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
                     Err(e) => {
                         warn!("reading manifests: {e}");
                         metrics.error("source");
+                        status.error(&format!("reading manifests: {e}"));
                     }
                 }
             }
@@ -264,6 +279,7 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
                         Update::Error(kind, e) => {
                             warn!(kind = kind.label(), "watch: {e}");
                             metrics.error("watch");
+                            status.error(&format!("watch {}: {e}", kind.label()));
                         }
                         Update::Service(_) => metrics.event("Service"),
                         Update::Slice(_) => metrics.event("EndpointSlice"),
@@ -295,6 +311,8 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
             }
         }
         if !ready {
+            status.pending();
+            publish(&mut rec, &mut status);
             continue;
         }
         if let Some(obj) = node_obj {
@@ -329,22 +347,27 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
                         // Skipped alone: its entries go, the rest stays.
                         warn!("skipped: {e}");
                         metrics.error("object");
+                        status.error(&format!("skipped: {e}"));
                         Default::default()
                     }
                 };
                 if let Err(e) = rec.set_service(&change.service, ports) {
                     warn!(service = %change.service, "not programmed: {e}");
                     metrics.error("sync");
+                    status.error(&format!("{} not programmed: {e}", change.service));
                 }
             }
             unflushed = true;
         }
         if !unflushed {
+            status.in_sync();
+            publish(&mut rec, &mut status);
             continue;
         }
         match rec.flush() {
             Ok(o) => {
                 unflushed = false;
+                status.synced(o.writes, rec.port_count());
                 metrics.sync_duration.observe(o.elapsed.as_secs_f64());
                 if let Some(t) = change_seen.take() {
                     metrics
@@ -376,11 +399,24 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
             Err(e) => {
                 metrics.error("sync");
                 warn!("sync incomplete, retrying: {e}");
+                status.pending();
+                status.error(&format!("sync incomplete: {e}"));
             }
         }
+        publish(&mut rec, &mut status);
     }
     info!(pins = %cfg.bpffs.display(), "stopping; the datapath stays in place");
     Ok(())
+}
+
+/// Writes the status record when it changed. A failure is logged, never
+/// fatal: the record is for people, the maps are what matters.
+fn publish(rec: &mut Reconciler<ServiceMaps>, status: &mut StatusRecord) {
+    if let Some(s) = status.take_changed()
+        && let Err(e) = rec.writer.set_agent_status(s)
+    {
+        debug!("writing the status record: {e}");
+    }
 }
 
 /// `lbctl agent --cleanup`: remove everything the agent attached and pinned.

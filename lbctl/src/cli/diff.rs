@@ -169,7 +169,7 @@ pub fn table(v: &[DiffView]) -> String {
 
 async fn from_api(args: &Args, store: &mut Store, node_name: &str) -> Result<Option<Node>> {
     use kube::{Api, api::ListParams};
-    let client = kube_source::client(args.kubeconfig.as_deref()).await?;
+    let (client, _) = kube_source::client(args.kubeconfig.as_deref()).await?;
     let lp = ListParams::default();
     let svcs = Api::<Service>::all(client.clone())
         .list(&lp)

@@ -1,6 +1,7 @@
 //! Command line: one module per subcommand (its arguments and `execute`).
 
 pub mod agent;
+pub mod backends;
 pub mod conntrack;
 pub mod counters;
 pub mod diff;
@@ -42,6 +43,9 @@ pub enum Command {
     /// List Services as the datapath has them.
     #[command(alias = "svc")]
     Services(services::Args),
+    /// One Service's backends: state, conditions, node, counters.
+    #[command(alias = "be")]
+    Backends(backends::Args),
     /// The device path's connection-tracking entries.
     #[command(alias = "ct")]
     Conntrack(conntrack::Args),
@@ -73,6 +77,7 @@ pub fn main() -> Result<()> {
     match cli.command {
         Command::Agent(a) => tokio::runtime::Runtime::new()?.block_on(agent::execute(a)),
         Command::Services(a) => services::execute(a),
+        Command::Backends(a) => backends::execute(a),
         Command::Conntrack(a) => conntrack::execute(a),
         Command::Counters(a) => counters::execute(a),
         Command::Status(a) => status::execute(a),
@@ -88,7 +93,7 @@ mod golden {
 
     use std::net::Ipv4Addr;
 
-    use super::{counters, services};
+    use super::{backends, counters, services};
 
     #[test]
     fn services_table() {
@@ -111,15 +116,8 @@ mod golden {
                     port: 30080,
                 },
             ],
-            backends: vec![services::BackendView {
-                id: 7,
-                address: Ipv4Addr::new(10, 244, 1, 11),
-                port: 8080,
-                state: "active".into(),
-                local: true,
-                node: "node-a".into(),
-            }],
-            session_affinity_timeout_s: None,
+            backends: vec![backend()],
+            session_affinity_timeout_s: Some(10800),
             external_traffic_policy: "Cluster".into(),
             internal_traffic_policy: "Cluster".into(),
             flows: 18,
@@ -127,11 +125,89 @@ mod golden {
             bytes: 9045,
         }];
         let want = concat!(
-            " SERVICE        TYPE      PROTO  FRONTENDS                    BACKENDS  FLOWS  PACKETS  BYTES\n",
-            " demo/web:http  NodePort  TCP    10.96.0.10:80 (ClusterIP)    1/1       18     108      9045\n",
+            " SERVICE        TYPE      PROTO  FRONTENDS                    BACKENDS  AFFINITY         POLICY EXT/INT   FLOWS  PACKETS  BYTES\n",
+            " demo/web:http  NodePort  TCP    10.96.0.10:80 (ClusterIP)    1/1       ClientIP 10800s  Cluster/Cluster  18     108      9045\n",
             "                                 172.18.0.2:30080 (NodePort)\n",
         );
         assert_eq!(services::table(&v), want, "\n{}", services::table(&v));
+    }
+
+    fn backend() -> services::BackendView {
+        services::BackendView {
+            id: 7,
+            address: Ipv4Addr::new(10, 244, 1, 11),
+            port: 8080,
+            state: "active".into(),
+            ready: true,
+            serving: true,
+            terminating: false,
+            local: true,
+            node: "node-a".into(),
+            zone: "".into(),
+        }
+    }
+
+    #[test]
+    fn backends_table() {
+        let mut remote = backend();
+        remote.id = 8;
+        remote.address = Ipv4Addr::new(10, 244, 2, 11);
+        remote.local = false;
+        remote.node = "node-b".into();
+        remote.zone = "zone-b".into();
+        remote.state = "terminating".into();
+        remote.ready = false;
+        remote.terminating = true;
+        let v = vec![backends::ServiceBackendsView {
+            service: "demo/web".into(),
+            port_name: "http".into(),
+            port: 80,
+            protocol: "TCP".into(),
+            backends: vec![
+                backends::BackendStatsView {
+                    backend: backend(),
+                    flows: 12,
+                    packets: 70,
+                    bytes: 5120,
+                    conntrack_flows: 2,
+                },
+                backends::BackendStatsView {
+                    backend: remote,
+                    flows: 3,
+                    packets: 0,
+                    bytes: 0,
+                    conntrack_flows: 0,
+                },
+            ],
+        }];
+        let t = backends::table(&v);
+        let want = concat!(
+            "demo/web port http 80/TCP\n",
+            " ID  BACKEND           STATE        CONDITIONS           NODE            ZONE    FLOWS  CT FLOWS  PACKETS  BYTES\n",
+            " 7   10.244.1.11:8080  active       ready,serving        node-a (local)  -       12     2         70       5120\n",
+            " 8   10.244.2.11:8080  terminating  serving,terminating  node-b          zone-b  3      0         0        0\n",
+        );
+        assert_eq!(t, want, "\n{t}");
+        let json = serde_json::to_value(&v).unwrap();
+        let b = &json[0]["backends"][0];
+        for field in [
+            "id",
+            "address",
+            "port",
+            "state",
+            "ready",
+            "serving",
+            "terminating",
+            "local",
+            "node",
+            "zone",
+            "flows",
+            "packets",
+            "bytes",
+            "conntrack_flows",
+        ] {
+            assert!(b.get(field).is_some(), "JSON field {field} missing: {b}");
+        }
     }
 
     #[test]

@@ -57,9 +57,16 @@ pub struct BackendView {
     pub id: u32,
     pub address: Ipv4Addr,
     pub port: u16,
+    /// What the datapath does with it: `active` (gets new flows),
+    /// `terminating` (only when no backend is active), `quarantined`.
     pub state: String,
+    /// The endpoint's conditions as the API had them.
+    pub ready: bool,
+    pub serving: bool,
+    pub terminating: bool,
     pub local: bool,
     pub node: String,
+    pub zone: String,
 }
 
 fn state_label(s: u8) -> &'static str {
@@ -137,18 +144,18 @@ pub fn view(
             let Some(b) = state.backends.get(id) else {
                 continue;
             };
-            let node = state
-                .backend_meta
-                .get(id)
-                .map(|m| cstr(&m.node_name).to_string())
-                .unwrap_or_default();
+            let meta = state.backend_meta.get(id).copied().unwrap_or_default();
             v.backends.push(BackendView {
                 id: *id,
                 address: Ipv4Addr::from(ip4_octets(b.addr)),
                 port: port_host(b.port),
                 state: state_label(b.state).into(),
+                ready: meta.conditions & COND_READY != 0,
+                serving: meta.conditions & COND_SERVING != 0,
+                terminating: meta.conditions & COND_TERMINATING != 0,
                 local: b.flags & BACKEND_LOCAL != 0,
-                node,
+                node: cstr(&meta.node_name).into(),
+                zone: cstr(&meta.zone).into(),
             });
         }
     }
@@ -170,12 +177,21 @@ pub fn table(views: &[ServiceView]) -> String {
                 .map(|f| format!("{}:{} ({})", f.address, f.port, f.kind))
                 .collect();
             let active = v.backends.iter().filter(|b| b.state == "active").count();
+            let affinity = match v.session_affinity_timeout_s {
+                Some(t) => format!("ClientIP {t}s"),
+                None => "None".into(),
+            };
             vec![
                 name,
                 v.svc_type.clone(),
                 v.protocol.clone(),
                 fronts.join("\n"),
                 format!("{active}/{}", v.backends.len()),
+                affinity,
+                format!(
+                    "{}/{}",
+                    v.external_traffic_policy, v.internal_traffic_policy
+                ),
                 v.flows.to_string(),
                 v.packets.to_string(),
                 v.bytes.to_string(),
@@ -189,6 +205,8 @@ pub fn table(views: &[ServiceView]) -> String {
             "PROTO",
             "FRONTENDS",
             "BACKENDS",
+            "AFFINITY",
+            "POLICY EXT/INT",
             "FLOWS",
             "PACKETS",
             "BYTES",

@@ -5,8 +5,10 @@ use anyhow::{Context, Result};
 use serde::Serialize;
 
 use super::{PinArgs, render};
+use lb_common::status::{AGENT_PENDING, AGENT_READY, AGENT_SOURCE_API, AgentStatus};
+
 use crate::{
-    agent::apply::MapWriter,
+    agent::{apply::MapWriter, state::cstr},
     datapath::{attach, maps::ServiceMaps},
 };
 
@@ -23,8 +25,143 @@ pub struct Args {
 pub struct StatusView {
     pub bpffs: String,
     pub layout_version: u32,
+    /// The agent's own record; absent when no agent has written one.
+    pub agent: Option<AgentView>,
     pub attachments: Vec<AttachmentView>,
     pub maps: Vec<MapView>,
+}
+
+/// The agent's sync status, from its pinned record (`LB_AGENT_V1`).
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct AgentView {
+    pub pid: u32,
+    /// Whether that pid is a live process here (false once the agent
+    /// exited: the datapath keeps forwarding, nobody follows the source).
+    pub running: bool,
+    pub version: String,
+    pub node: String,
+    /// `api` or `manifests`, and the API server URL or the folder.
+    pub source: String,
+    pub source_location: String,
+    pub cgroup: String,
+    /// The first full sync is in the maps.
+    pub ready: bool,
+    /// Changes are waiting for the maps.
+    pub pending: bool,
+    pub started_unix_s: u64,
+    /// Seconds since the last write pass and since the maps were last
+    /// confirmed to hold what the source says (null: never).
+    pub last_sync_age_s: Option<u64>,
+    pub last_check_age_s: Option<u64>,
+    pub syncs: u64,
+    pub writes: u64,
+    pub service_ports: u32,
+    pub errors: u64,
+    pub last_error: String,
+    pub last_error_age_s: Option<u64>,
+}
+
+fn now_unix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// The view of a record; `None` for an all-zero one (no agent wrote it).
+pub fn agent_view(r: &AgentStatus, now: u64, running: bool) -> Option<AgentView> {
+    if r.started_unix_s == 0 {
+        return None;
+    }
+    let age = |t: u64| (t != 0).then(|| now.saturating_sub(t));
+    Some(AgentView {
+        pid: r.pid,
+        running,
+        version: cstr(&r.version).into(),
+        node: cstr(&r.node_name).into(),
+        source: if r.flags & AGENT_SOURCE_API != 0 {
+            "api"
+        } else {
+            "manifests"
+        }
+        .into(),
+        source_location: cstr(&r.source).into(),
+        cgroup: cstr(&r.cgroup).into(),
+        ready: r.flags & AGENT_READY != 0,
+        pending: r.flags & AGENT_PENDING != 0,
+        started_unix_s: r.started_unix_s,
+        last_sync_age_s: age(r.last_sync_unix_s),
+        last_check_age_s: age(r.last_check_unix_s),
+        syncs: r.syncs,
+        writes: r.writes,
+        service_ports: r.service_ports,
+        errors: r.errors,
+        last_error: cstr(&r.last_error).into(),
+        last_error_age_s: age(r.last_error_unix_s),
+    })
+}
+
+fn pid_running(pid: u32) -> bool {
+    // SAFETY: signal 0 only checks that the process exists.
+    pid != 0 && unsafe { libc::kill(pid as i32, 0) } == 0
+}
+
+fn ago(s: Option<u64>) -> String {
+    s.map_or("never".into(), |s| format!("{s}s ago"))
+}
+
+/// The agent part of the table: one line per fact.
+pub fn agent_table(a: Option<&AgentView>) -> String {
+    let Some(a) = a else {
+        return "agent: no record (no agent has run with this --bpffs since the maps were made)\n"
+            .into();
+    };
+    let state = match (a.running, a.ready, a.pending) {
+        (false, ..) => {
+            "not running: the datapath forwards as programmed, nobody follows the source"
+        }
+        (true, false, _) => "starting: first sync not done",
+        (true, true, true) => "running, changes waiting for the maps",
+        (true, true, false) => "running, in sync",
+    };
+    let mut rows = vec![
+        vec!["agent".into(), format!("pid {} ({state})", a.pid)],
+        vec!["version".into(), a.version.clone()],
+        vec!["node".into(), a.node.clone()],
+        vec![
+            "source".into(),
+            format!("{} {}", a.source, a.source_location),
+        ],
+        vec!["cgroup".into(), a.cgroup.clone()],
+        vec![
+            "last sync".into(),
+            format!(
+                "{} ({} passes, {} map writes, {} service ports)",
+                ago(a.last_sync_age_s),
+                a.syncs,
+                a.writes,
+                a.service_ports
+            ),
+        ],
+        vec!["last checked".into(), ago(a.last_check_age_s)],
+        vec!["errors".into(), a.errors.to_string()],
+    ];
+    if !a.last_error.is_empty() {
+        rows.push(vec![
+            "last error".into(),
+            format!("{} ({})", a.last_error, ago(a.last_error_age_s)),
+        ]);
+    }
+    let mut t = comfy_table::Table::new();
+    t.load_preset(comfy_table::presets::NOTHING);
+    for r in rows {
+        t.add_row(r);
+    }
+    let lines: Vec<String> = t
+        .to_string()
+        .lines()
+        .map(|l| l.trim_end().to_string())
+        .collect();
+    lines.join("\n") + "\n"
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -63,9 +200,14 @@ pub fn execute(args: Args) -> Result<()> {
     }
     let st = maps.read()?;
     let ct = maps.conntrack.keys().filter_map(Result::ok).count();
+    let agent = maps
+        .agent_status()
+        .ok()
+        .and_then(|r| agent_view(&r, now_unix(), pid_running(r.pid)));
     let view = StatusView {
         bpffs: pins.display().to_string(),
         layout_version: lb_common::LAYOUT_VERSION,
+        agent,
         attachments,
         maps: [
             (lb_common::maps::ADDRS4, st.addrs.len()),
@@ -75,6 +217,10 @@ pub fn execute(args: Args) -> Result<()> {
             (lb_common::maps::SERVICE_META, st.service_meta.len()),
             (lb_common::maps::BACKEND_META, st.backend_meta.len()),
             (lb_common::maps::CONNTRACK4, ct),
+            (
+                lb_common::maps::BACKEND_STATS,
+                maps.backend_stats.keys().filter_map(Result::ok).count(),
+            ),
         ]
         .into_iter()
         .map(|(m, n)| MapView {
@@ -86,6 +232,8 @@ pub fn execute(args: Args) -> Result<()> {
     match render::structured(args.output, &view)? {
         Some(s) => print!("{s}"),
         None => {
+            print!("{}", agent_table(view.agent.as_ref()));
+            println!();
             let rows = view
                 .attachments
                 .iter()
@@ -117,4 +265,51 @@ pub fn execute(args: Args) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::agent::state::fixed;
+
+    #[test]
+    fn agent_record_to_view_and_table() {
+        assert_eq!(agent_view(&AgentStatus::default(), 1000, false), None);
+        let r = AgentStatus {
+            pid: 4242,
+            flags: AGENT_READY,
+            started_unix_s: 900,
+            last_sync_unix_s: 990,
+            last_check_unix_s: 999,
+            syncs: 3,
+            writes: 42,
+            errors: 1,
+            last_error_unix_s: 950,
+            service_ports: 2,
+            version: fixed("0.1.0"),
+            node_name: fixed("node-a"),
+            source: fixed("/etc/lb/manifests"),
+            cgroup: fixed("/sys/fs/cgroup"),
+            last_error: fixed("skipped: e2e/bad: unknown protocol FOO"),
+            ..Default::default()
+        };
+        let v = agent_view(&r, 1000, true).unwrap();
+        assert_eq!(v.last_sync_age_s, Some(10));
+        assert_eq!(v.source, "manifests");
+        let t = agent_table(Some(&v));
+        let want = concat!(
+            " agent         pid 4242 (running, in sync)\n",
+            " version       0.1.0\n",
+            " node          node-a\n",
+            " source        manifests /etc/lb/manifests\n",
+            " cgroup        /sys/fs/cgroup\n",
+            " last sync     10s ago (3 passes, 42 map writes, 2 service ports)\n",
+            " last checked  1s ago\n",
+            " errors        1\n",
+            " last error    skipped: e2e/bad: unknown protocol FOO (50s ago)\n",
+        );
+        assert_eq!(t, want, "\n{t}");
+        let stopped = agent_table(agent_view(&r, 1000, false).as_ref());
+        assert!(stopped.contains("not running"), "{stopped}");
+    }
 }

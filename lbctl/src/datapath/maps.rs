@@ -3,13 +3,16 @@
 
 use std::path::{Path, PathBuf};
 
-use aya::maps::{Array, HashMap, Map, MapData, MapError as AyaMapError, PerCpuArray, PerCpuValues};
+use aya::maps::{
+    Array, HashMap, Map, MapData, MapError as AyaMapError, PerCpuArray, PerCpuHashMap, PerCpuValues,
+};
 use lb_common::{
     config::Config,
     conntrack::{Ct4Entry, Ct4Key},
-    counters::{MAX_VERDICTS, ServiceStats},
+    counters::{BackendStats, MAX_VERDICTS, ServiceStats},
     maps as names,
     service::{Backend4, BackendMeta, Frontend, Frontend4Key, ServiceMeta, SlotKey},
+    status::AgentStatus,
 };
 
 use crate::agent::{
@@ -138,6 +141,8 @@ pub struct ServiceMaps {
     pub verdicts: PerCpuArray<MapData, u64>,
     pub conntrack: HashMap<MapData, Ct4Key, Ct4Entry>,
     pub config: Array<MapData, Config>,
+    pub backend_stats: PerCpuHashMap<MapData, u32, BackendStats>,
+    pub agent: Array<MapData, AgentStatus>,
 }
 
 impl std::fmt::Debug for ServiceMaps {
@@ -162,6 +167,8 @@ impl ServiceMaps {
             verdicts: typed!(dir, names::VERDICT_STATS, PerCpuArray<MapData, u64>),
             conntrack: typed!(dir, names::CONNTRACK4, HashMap<MapData, Ct4Key, Ct4Entry>),
             config: typed!(dir, names::CONFIG, Array<MapData, Config>),
+            backend_stats: typed!(dir, names::BACKEND_STATS, PerCpuHashMap<MapData, u32, BackendStats>),
+            agent: typed!(dir, names::AGENT_STATUS, Array<MapData, AgentStatus>),
         })
     }
 
@@ -191,21 +198,72 @@ impl ServiceMaps {
             .collect()
     }
 
+    /// Gives every backend in the map a counter entry it lacks.
+    pub fn ensure_backend_stats(&mut self) -> Result<(), AyaMapError> {
+        let ids: Vec<u32> = self.backends.keys().collect::<Result<_, _>>()?;
+        for id in ids {
+            self.create_backend_stats(id)?;
+        }
+        Ok(())
+    }
+
+    /// Zeroed counters for backend `id`, unless it has some: an adopted or
+    /// changed backend keeps its counts.
+    fn create_backend_stats(&mut self, id: u32) -> Result<(), AyaMapError> {
+        let zero = PerCpuValues::try_from(vec![BackendStats::default(); nr_cpus()?])?;
+        match self.backend_stats.insert(id, zero, BPF_NOEXIST) {
+            Err(AyaMapError::SyscallError(e))
+                if e.io_error.raw_os_error() == Some(libc::EEXIST) =>
+            {
+                Ok(())
+            }
+            r => r,
+        }
+    }
+
+    /// A backend's counters summed over CPUs (zero when it has none).
+    pub fn backend_stats(&self, id: u32) -> BackendStats {
+        let mut sum = BackendStats::default();
+        if let Ok(per_cpu) = self.backend_stats.get(&id, 0) {
+            for s in per_cpu.iter() {
+                sum.flows += s.flows;
+                sum.packets += s.packets;
+                sum.bytes += s.bytes;
+            }
+        }
+        sum
+    }
+
+    /// The agent's status record (all zero before an agent wrote one).
+    pub fn agent_status(&self) -> Result<AgentStatus, AyaMapError> {
+        self.agent.get(&0, 0)
+    }
+
+    pub fn set_agent_status(&mut self, s: &AgentStatus) -> Result<(), AyaMapError> {
+        self.agent.set(0, *s, 0)
+    }
+
     pub fn set_config(&mut self, c: Config) -> Result<(), AyaMapError> {
         self.config.set(0, c, 0)
     }
 
     fn reset_stats(&mut self, id: u32) -> Result<(), AyaMapError> {
-        let n = aya::util::nr_cpus().map_err(|(_, e)| {
-            AyaMapError::SyscallError(aya::sys::SyscallError {
-                call: "nr_cpus",
-                io_error: e,
-            })
-        })?;
-        let zero = PerCpuValues::try_from(vec![ServiceStats::default(); n])?;
+        let zero = PerCpuValues::try_from(vec![ServiceStats::default(); nr_cpus()?])?;
         self.service_stats.set(id, zero, 0)
     }
 }
+
+fn nr_cpus() -> Result<usize, AyaMapError> {
+    aya::util::nr_cpus().map_err(|(_, e)| {
+        AyaMapError::SyscallError(aya::sys::SyscallError {
+            call: "nr_cpus",
+            io_error: e,
+        })
+    })
+}
+
+/// `BPF_NOEXIST`: create only.
+const BPF_NOEXIST: u64 = 1;
 
 fn to_io(e: AyaMapError) -> std::io::Error {
     std::io::Error::other(e)
@@ -236,7 +294,13 @@ fn read_all<K: aya::Pod + Ord, V: aya::Pod>(
 impl MapWriter for ServiceMaps {
     fn apply(&mut self, op: &Op) -> Result<(), MapError> {
         let r = match *op {
-            Op::PutBackend(k, v) => self.backends.insert(k, v, 0),
+            Op::PutBackend(k, v) => {
+                // Counters first, so the datapath never meets the backend
+                // without them; an existing entry (same id adopted after a
+                // restart, or a changed backend) keeps its counts.
+                self.create_backend_stats(k)
+                    .and_then(|_| self.backends.insert(k, v, 0))
+            }
             Op::PutBackendMeta(k, v) => self.backend_meta.insert(k, v, 0),
             Op::PutServiceMeta(k, v, new) => {
                 // A new (or reused) id's counters start at zero.
@@ -251,7 +315,12 @@ impl MapWriter for ServiceMaps {
             Op::DelSlot(k) => del(&mut self.slots, &k),
             Op::DelServiceMeta(k) => del(&mut self.service_meta, &k),
             Op::DelBackendMeta(k) => del(&mut self.backend_meta, &k),
-            Op::DelBackend(k) => del(&mut self.backends, &k),
+            Op::DelBackend(k) => {
+                del(&mut self.backends, &k).and_then(|_| match self.backend_stats.remove(&k) {
+                    Err(AyaMapError::KeyNotFound) => Ok(()),
+                    r => r,
+                })
+            }
         };
         r.map_err(|e| MapError::Write {
             op: Box::new(op.clone()),

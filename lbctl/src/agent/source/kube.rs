@@ -61,7 +61,8 @@ pub type Updates = Pin<Box<dyn Stream<Item = Update> + Send>>;
 
 /// A client from `--kubeconfig`, else the usual inference ($KUBECONFIG,
 /// ~/.kube/config, then the in-cluster service account).
-pub async fn client(kubeconfig: Option<&Path>) -> Result<Client> {
+/// The API client and the server's URL (for the agent's status record).
+pub async fn client(kubeconfig: Option<&Path>) -> Result<(Client, String)> {
     let config = match kubeconfig {
         Some(p) => {
             let kc = Kubeconfig::read_from(p)
@@ -74,7 +75,9 @@ pub async fn client(kubeconfig: Option<&Path>) -> Result<Client> {
             .await
             .context("finding the cluster (kubeconfig or in-cluster)")?,
     };
-    Client::try_from(config).context("building the API client")
+    let url = config.cluster_url.to_string();
+    let client = Client::try_from(config).context("building the API client")?;
+    Ok((client, url))
 }
 
 fn stream<K>(
