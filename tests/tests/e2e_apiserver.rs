@@ -104,6 +104,21 @@ impl Harness {
             .unwrap_or_default()
     }
 
+    /// `lbctl status -o json`'s agent record.
+    fn agent_status(&self) -> Value {
+        let out = Command::new(&self.lbctl)
+            .args(["status", "-o", "json", "--bpffs"])
+            .arg(self.bpffs.pins())
+            .output()
+            .expect("lbctl status");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice::<Value>(&out.stdout).unwrap()["agent"].clone()
+    }
+
     fn service(&self, name: &str) -> Option<Value> {
         self.services().into_iter().find(|s| s["name"] == name)
     }
@@ -353,6 +368,23 @@ fn agent_follows_the_api_through_watches_relists_and_outages() {
     });
     assert!(h.service("bad").is_none());
     assert_eq!(h.backends("web").len(), 2);
+    // `lbctl status` names the source and the last error, from the
+    // agent's pinned record.
+    let st = h.agent_status();
+    assert_eq!(st["source"], "api", "{st:#}");
+    assert!(
+        st["source_location"]
+            .as_str()
+            .unwrap()
+            .starts_with("http://"),
+        "{st:#}"
+    );
+    assert_eq!(st["ready"], true, "{st:#}");
+    assert!(st["errors"].as_u64().unwrap() >= 1, "{st:#}");
+    assert!(
+        st["last_error"].as_str().unwrap().contains("e2e/bad"),
+        "{st:#}"
+    );
 
     // 5. The API server goes away: the datapath keeps its state and the
     //    agent stays healthy and ready (nothing is waiting to be written).

@@ -62,7 +62,7 @@ pub struct FlowView {
     pub bytes: u64,
 }
 
-fn now_s() -> u32 {
+pub fn now_s() -> u32 {
     // The datapath stamps entries with CLOCK_MONOTONIC_COARSE seconds.
     let mut ts = libc::timespec {
         tv_sec: 0,

@@ -6,6 +6,7 @@ pub mod conntrack;
 pub mod counters;
 pub mod diff;
 pub mod docs;
+pub mod explain;
 pub mod render;
 pub mod services;
 pub mod status;
@@ -54,6 +55,9 @@ pub enum Command {
     /// Compare the agent's source (folder or API) with the pinned maps:
     /// entries missing, stale or extra. Exits 1 when they differ.
     Diff(diff::Args),
+    /// Where a packet (--src) or a pod's socket (--cookie) to a Service
+    /// address would go, and why: frontend, backend, hash, existing flow.
+    Explain(explain::Args),
     /// What is attached where, and how full each map is.
     Status(status::Args),
     /// Print shell completions.
@@ -80,6 +84,7 @@ pub fn main() -> Result<()> {
         Command::Backends(a) => backends::execute(a),
         Command::Conntrack(a) => conntrack::execute(a),
         Command::Counters(a) => counters::execute(a),
+        Command::Explain(a) => explain::execute(a),
         Command::Status(a) => status::execute(a),
         Command::Diff(a) => tokio::runtime::Runtime::new()?.block_on(diff::execute(a)),
         Command::Completions(a) => docs::completions(a),
@@ -93,7 +98,7 @@ mod golden {
 
     use std::net::Ipv4Addr;
 
-    use super::{backends, counters, services};
+    use super::{backends, counters, explain, services};
 
     #[test]
     fn services_table() {
@@ -208,6 +213,64 @@ mod golden {
         ] {
             assert!(b.get(field).is_some(), "JSON field {field} missing: {b}");
         }
+    }
+
+    #[test]
+    fn explain_table() {
+        let v = explain::ExplainView {
+            path: "device".into(),
+            program: "lb_from_netdev".into(),
+            protocol: "TCP".into(),
+            src: Some("172.18.0.10:40000".into()),
+            dst: "172.18.0.2:30080".into(),
+            cookie: None,
+            device: Some("eth0".into()),
+            frontend: Some(explain::FrontendInfo {
+                service: "demo/web".into(),
+                port_name: "http".into(),
+                service_id: 1,
+                kind: "NodePort".into(),
+                address: Ipv4Addr::new(172, 18, 0, 2),
+                port: 30080,
+                active_backends: 3,
+                terminating_backends: 0,
+                session_affinity: "None".into(),
+                external_traffic_policy: "Cluster".into(),
+                internal_traffic_policy: "Cluster".into(),
+            }),
+            decision: "new_flow".into(),
+            reason:
+                "hash 0x59f7bd2c of (src, dst, ports, protocol) % 3 backends = slot 2 -> backend 4"
+                    .into(),
+            verdicts: vec!["forward_new".into()],
+            return_code: Some("TC_ACT_OK (to the stack)".into()),
+            hash: Some(0x59f7bd2c),
+            candidates: 3,
+            slot: Some(2),
+            backend: Some(explain::BackendInfo {
+                id: 4,
+                address: Ipv4Addr::new(10, 244, 1, 13),
+                port: 8080,
+                node: "node-a".into(),
+                local: true,
+                active: true,
+            }),
+            translated_src: Some("172.18.0.10:40000".into()),
+            translated_dst: Some("10.244.1.13:8080".into()),
+            snat: false,
+            conntrack: None,
+            notes: vec![],
+        };
+        let t = explain::table(&v);
+        let want = concat!(
+            " packet    TCP 172.18.0.10:40000 -> 172.18.0.2:30080 (device path, lb_from_netdev on eth0)\n",
+            " frontend  demo/web:http NodePort 172.18.0.2:30080 (3 active, 0 terminating backends; affinity None; policy Cluster/Cluster)\n",
+            " decision  new_flow: hash 0x59f7bd2c of (src, dst, ports, protocol) % 3 backends = slot 2 -> backend 4\n",
+            " backend   10.244.1.13:8080 (id 4, node-a (local))\n",
+            " rewrite   172.18.0.10:40000 -> 10.244.1.13:8080\n",
+            " verdict   forward_new -> TC_ACT_OK (to the stack)\n",
+        );
+        assert_eq!(t, want, "\n{t}");
     }
 
     #[test]

@@ -239,7 +239,10 @@ pub fn execute(args: Args) -> Result<()> {
                 .iter()
                 .map(|a| {
                     let at = if a.device.is_empty() {
-                        "cgroup".to_string()
+                        // The agent's record names the cgroup.
+                        view.agent
+                            .as_ref()
+                            .map_or("cgroup".into(), |g| format!("cgroup {}", g.cgroup))
                     } else {
                         a.device.clone()
                     };

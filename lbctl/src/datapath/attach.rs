@@ -175,7 +175,14 @@ pub fn cleanup(pins: &Path) -> Result<()> {
     }
     for e in fs::read_dir(pins)?.flatten() {
         let p = e.path();
-        if p.is_file() || !p.is_dir() {
+        if p.is_dir() {
+            // A scratch folder of an `lbctl explain` that did not finish.
+            for f in fs::read_dir(&p)?.flatten() {
+                fs::remove_file(f.path())
+                    .with_context(|| format!("removing {}", f.path().display()))?;
+            }
+            fs::remove_dir(&p).with_context(|| format!("removing {}", p.display()))?;
+        } else {
             fs::remove_file(&p).with_context(|| format!("removing {}", p.display()))?;
         }
     }

@@ -12,6 +12,7 @@ use lb_common::{
     counters::{BackendStats, MAX_VERDICTS, ServiceStats},
     maps as names,
     service::{Backend4, BackendMeta, Frontend, Frontend4Key, ServiceMeta, SlotKey},
+    sock::{SockFlow4, SockFlow4Key, SockRevNat4, SockRevNat4Key},
     status::AgentStatus,
 };
 
@@ -264,6 +265,23 @@ fn nr_cpus() -> Result<usize, AyaMapError> {
 
 /// `BPF_NOEXIST`: create only.
 const BPF_NOEXIST: u64 = 1;
+
+/// The socket path's maps (for `lbctl explain --cookie`).
+pub struct SockMaps {
+    /// (cookie, backend) -> frontend: every translated socket.
+    pub revnat: HashMap<MapData, SockRevNat4Key, SockRevNat4>,
+    /// (cookie, frontend) -> backend: unconnected UDP sockets' choice.
+    pub flows: HashMap<MapData, SockFlow4Key, SockFlow4>,
+}
+
+impl SockMaps {
+    pub fn open(dir: &Path) -> Result<Self, OpenError> {
+        Ok(Self {
+            revnat: typed!(dir, names::SOCK_REVNAT4, HashMap<MapData, SockRevNat4Key, SockRevNat4>),
+            flows: typed!(dir, names::SOCK_FLOWS4, HashMap<MapData, SockFlow4Key, SockFlow4>),
+        })
+    }
+}
 
 fn to_io(e: AyaMapError) -> std::io::Error {
     std::io::Error::other(e)

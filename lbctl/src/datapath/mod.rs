@@ -2,7 +2,9 @@
 //! attachment, and typed access to the pinned maps.
 
 pub mod attach;
+pub mod frame;
 pub mod link;
 pub mod load;
 pub mod maps;
 pub mod pins;
+pub mod probe;

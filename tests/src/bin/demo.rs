@@ -140,15 +140,33 @@ fn main() -> Result<()> {
     wait_programmed(&lbctl, &pins, 2)?;
 
     let result = requests(&t, &lbctl, &pins);
-    let views: [&[&str]; 4] = [
+    let np = format!("{NODE_IP}:30080");
+    let views: [&[&str]; 8] = [
         &["services"],
+        &["backends", "demo/web:http"],
         &["conntrack", "--client", "172.18.0.10"],
         &["counters"],
+        // A packet from outside on a port no request used yet: the real
+        // program's answer for a new flow.
+        &["explain", "--src", "172.18.0.10:40000", "--dst", &np],
+        &[
+            "explain",
+            "--src",
+            "172.18.0.10:40000",
+            "--dst",
+            "172.18.0.2:22",
+        ],
+        // A pod's socket by its cookie (SO_COOKIE; here a made-up one).
+        &["explain", "--cookie", "4242", "--dst", "10.96.0.10:80"],
         &["status"],
     ];
     for args in views {
         println!("\n== lbctl {}", args.join(" "));
-        let out = Command::new(&lbctl)
+        // In the node's network namespace, as from the agent's pod: explain
+        // runs the packet as arriving on the node's device.
+        let out = Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", t.node.name))
+            .arg(&lbctl)
             .args(args)
             .arg("--bpffs")
             .arg(&pins)
