@@ -3,8 +3,10 @@
 //! checksums are computed from scratch, independently of the datapath.
 
 pub mod apiserver;
+pub mod bench;
 pub mod fixture;
 pub mod guard;
+pub mod kubeproxy;
 pub mod packet;
 pub mod postgres;
 pub mod topo;

@@ -53,14 +53,14 @@ pub struct Topology {
     servers: Vec<Proc>,
 }
 
-fn ip(ns: &Netns, args: &[&str]) {
+pub fn ip(ns: &Netns, args: &[&str]) {
     let mut all = vec!["-n", ns.name.as_str()];
     all.extend_from_slice(args);
     run("ip", &all);
 }
 
 /// A veth pair from `a` (named `a_if`) to `b` (named `b_if`), both up.
-fn veth(a: &Netns, a_if: &str, b: &Netns, b_if: &str) {
+pub fn veth(a: &Netns, a_if: &str, b: &Netns, b_if: &str) {
     ip(
         a,
         &[

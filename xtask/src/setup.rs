@@ -18,8 +18,20 @@ use crate::sh;
 
 /// Debian packages for building (LLVM for bpf-linker) and for the tests
 /// (iproute2 for namespaces, python3 for HTTP and UDP servers and clients,
-/// curl as a client, PostgreSQL for the external-service tests).
-const PACKAGES: &[&str] = &["llvm-22-dev", "iproute2", "curl", "python3", "postgresql"];
+/// curl as a client, PostgreSQL for the external-service tests) and the
+/// benchmark (nginx backends, wrk as the client, iptables and nftables for
+/// kube-proxy's recreated rule sets).
+const PACKAGES: &[&str] = &[
+    "llvm-22-dev",
+    "iproute2",
+    "curl",
+    "python3",
+    "postgresql",
+    "nginx-light",
+    "wrk",
+    "iptables",
+    "nftables",
+];
 const LLVM_BIN: &str = "/usr/lib/llvm-22/bin";
 
 pub fn run() -> Result<()> {

@@ -1,0 +1,329 @@
+//! The control plane: how long until the maps (or rules) hold the
+//! Services, how long one EndpointSlice change takes to reach them, and the
+//! agent's memory; beside it kube-proxy's full syncs of the same Services,
+//! recreated (`iptables-restore`, `nft -f`).
+
+use std::{
+    io::Write,
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use lbctl::{
+    agent::{reconcile::Reconciler, store::Store},
+    datapath::maps::ServiceMaps,
+};
+
+use super::{Progress, cluster, node_info, packet::NODE, percentile};
+use crate::{
+    guard::{Bpffs, Cgroup, Netns, Proc, unique},
+    kubeproxy::{self, NodeCfg},
+};
+
+/// The agent at one size.
+pub struct AgentRun {
+    pub services: usize,
+    /// Agent start to every Service in the maps (read, parse, translate,
+    /// write), seconds.
+    pub full_sync_s: f64,
+    pub peak_rss_kib: u64,
+}
+
+/// kube-proxy's recreated syncs at one size.
+pub struct RulesRun {
+    pub services: usize,
+    /// First full sync, seconds; then a change applied as a full sync
+    /// again: (p50, max) seconds over the samples.
+    pub iptables_first_s: f64,
+    pub iptables_change_s: (f64, f64),
+    pub iptables_rules: usize,
+    pub nft_first_s: f64,
+    pub nft_change_s: (f64, f64),
+}
+
+pub struct Results {
+    pub agent: Vec<AgentRun>,
+    /// One EndpointSlice change to its map writes, ms: p50, p99; samples;
+    /// map writes p50 and max.
+    pub change_ms: (f64, f64),
+    pub changes: usize,
+    pub change_writes: (f64, f64),
+    pub change_services: usize,
+    pub rules: Vec<RulesRun>,
+}
+
+/// The real agent on a folder of `n` Services: full sync time, peak RSS.
+fn agent_run(n: usize) -> AgentRun {
+    let ns = Netns::new("bn");
+    let cg = Cgroup::new();
+    let fs = Bpffs::new();
+    let work = std::env::temp_dir().join(unique("bw"));
+    let manifests = work.join("manifests");
+    std::fs::create_dir_all(&manifests).unwrap();
+    std::fs::write(
+        manifests.join("services.yaml"),
+        cluster::to_yaml(&cluster::services(n, 10), "node-a"),
+    )
+    .unwrap();
+    // lbctl as built with this package (always the current code).
+    let lbctl = std::env::current_exe().unwrap().with_file_name("lbctl-e2e");
+    let log = work.join("agent.log");
+    let start = Instant::now();
+    let agent = Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{}", ns.name))
+        .arg(&lbctl)
+        .args(["agent", "--manifests"])
+        .arg(&manifests)
+        .arg("--bpffs")
+        .arg(fs.pins())
+        .arg("--cgroup")
+        .arg(&cg.path)
+        .args([
+            "--node-name",
+            "node-a",
+            "--node-ip",
+            "172.18.0.2",
+            "--poll-ms",
+            "50",
+            "--healthz-bind-address",
+            "",
+            "--metrics-bind-address",
+            "",
+        ])
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .expect("lbctl agent (build it: cargo build -p lb-tests --bins)");
+    // Killed (by its PID) even if this run panics.
+    let mut agent = Proc(agent);
+    let pid = agent.0.id();
+    let mut peak_kib = 0u64;
+    loop {
+        if let Ok(st) = std::fs::read_to_string(format!("/proc/{pid}/status"))
+            && let Some(v) = st.lines().find(|l| l.starts_with("VmHWM:"))
+        {
+            peak_kib = v
+                .split_whitespace()
+                .nth(1)
+                .and_then(|x| x.parse().ok())
+                .unwrap_or(peak_kib);
+        }
+        if std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("first sync done")
+        {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(300),
+            "agent did not sync: {}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let full = start.elapsed();
+    let _ = agent.0.kill();
+    let _ = agent.0.wait();
+    let _ = Command::new(&lbctl)
+        .args(["agent", "--cleanup", "--bpffs"])
+        .arg(fs.pins())
+        .output();
+    let _ = std::fs::remove_dir_all(&work);
+    AgentRun {
+        services: n,
+        full_sync_s: full.as_secs_f64(),
+        peak_rss_kib: peak_kib,
+    }
+}
+
+/// One EndpointSlice change (an endpoint replaced) to its map writes, as
+/// the agent handles a watch event: the store marks the Service dirty,
+/// only it is translated, only the keys it touched are diffed and written,
+/// on real pinned maps. Returns (latencies ms sorted, writes sorted).
+fn changes(n: usize, count: usize) -> (Vec<f64>, Vec<f64>) {
+    let (fs, _ebpf) = crate::fixture::datapath();
+    let objs = cluster::to_objects(&cluster::services(n, 10), "node-a");
+    let node = node_info(NODE);
+    let mut store = Store::default();
+    store.replace_services(objs.services.clone());
+    store.replace_slices(objs.slices.clone());
+    let mut rec = Reconciler::adopt(ServiceMaps::open(&fs.pins()).unwrap()).unwrap();
+    for c in store.take_changes(&node) {
+        rec.set_service(&c.service, c.ports.unwrap()).unwrap();
+    }
+    rec.flush().unwrap();
+    let mut lat = Vec::new();
+    let mut writes = Vec::new();
+    let keys: Vec<_> = objs.slices.keys().cloned().collect();
+    for i in 0..count {
+        let key = keys[(i * 7919) % n].clone();
+        let mut slice = (**store.objects().slices.get(&key).unwrap()).clone();
+        slice.endpoints.as_mut().unwrap()[i % 10].addresses =
+            vec![format!("10.250.{}.{}", i / 250, i % 250 + 1)];
+        let slice = std::sync::Arc::new(slice);
+        let t = Instant::now();
+        store.slice(key, Some(slice));
+        for c in store.take_changes(&node) {
+            rec.set_service(&c.service, c.ports.unwrap()).unwrap();
+        }
+        let o = rec.flush().unwrap();
+        lat.push(t.elapsed().as_secs_f64() * 1000.0);
+        writes.push(o.writes as f64);
+    }
+    lat.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    writes.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    (lat, writes)
+}
+
+/// Feeds `text` to `program args` inside `ns`; the time it took.
+fn load_rules(ns: &Netns, program: &str, args: &[&str], text: &str) -> f64 {
+    let t = Instant::now();
+    let mut child = ns
+        .command(program)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{program}: {e}"));
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{program} {args:?} in {}: {}",
+        ns.name,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    t.elapsed().as_secs_f64()
+}
+
+pub fn kube_proxy_node() -> NodeCfg {
+    NodeCfg {
+        node_ip: NODE,
+        cluster_cidr: "10.244.0.0/16".into(),
+        service_cidr: Some("10.96.0.0/12".into()),
+    }
+}
+
+/// kube-proxy's full syncs of `n` Services in a namespace of their own:
+/// the first, then `samples` more after one endpoint changed each time.
+fn rules_run(n: usize, samples: usize) -> RulesRun {
+    let node = kube_proxy_node();
+    let mut svcs = cluster::services(n, 10);
+    let mut first = [0.0f64; 2];
+    let mut change: [Vec<f64>; 2] = [vec![], vec![]];
+    let mut rules = 0;
+    for (k, (program, args)) in [
+        ("iptables-restore", &["--noflush"][..]),
+        ("nft", &["-f", "-"][..]),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let ns = Netns::new("bk");
+        let text = |s: &[kubeproxy::Svc]| {
+            if k == 0 {
+                kubeproxy::iptables_restore(s, &node)
+            } else {
+                kubeproxy::nft_script(s, &node)
+            }
+        };
+        let t = text(&svcs);
+        if k == 0 {
+            rules = t.lines().filter(|l| l.starts_with("-A ")).count();
+        }
+        first[k] = load_rules(&ns, program, args, &t);
+        for i in 0..samples {
+            let s = &mut svcs[(i * 7919) % n];
+            s.endpoints[i % 10].0 =
+                std::net::Ipv4Addr::new(10, 250, (i / 250) as u8, (i % 250 + 1) as u8);
+            let t = text(&svcs);
+            change[k].push(load_rules(&ns, program, args, &t));
+        }
+        change[k].sort_by(|a, b| a.partial_cmp(b).unwrap());
+    }
+    let pm = |v: &[f64]| (percentile(v, 0.5), *v.last().unwrap());
+    RulesRun {
+        services: n,
+        iptables_first_s: first[0],
+        iptables_change_s: pm(&change[0]),
+        iptables_rules: rules,
+        nft_first_s: first[1],
+        nft_change_s: pm(&change[1]),
+    }
+}
+
+pub fn run(quick: bool, progress: &mut Progress) -> Results {
+    let sizes: &[usize] = if quick { &[100] } else { &[1_000, 10_000] };
+    let mut agent = Vec::new();
+    for &n in sizes {
+        progress.step(&format!("control plane: agent full sync of {n} Services"));
+        agent.push(agent_run(n));
+    }
+    let n = *sizes.last().unwrap();
+    let count = if quick { 20 } else { 200 };
+    progress.step(&format!(
+        "control plane: {count} EndpointSlice changes among {n} Services"
+    ));
+    let (lat, writes) = changes(n, count);
+    let mut rules = Vec::new();
+    for &n in sizes {
+        progress.step(&format!(
+            "control plane: kube-proxy iptables-restore and nft -f of {n} Services"
+        ));
+        rules.push(rules_run(n, if quick { 2 } else { 5 }));
+    }
+    Results {
+        agent,
+        change_ms: (percentile(&lat, 0.5), percentile(&lat, 0.99)),
+        changes: count,
+        change_writes: (percentile(&writes, 0.5), *writes.last().unwrap()),
+        change_services: n,
+        rules,
+    }
+}
+
+impl Results {
+    pub fn markdown(&self) -> String {
+        let mut s = String::from(
+            "| figure | this datapath | kube-proxy iptables (recreated) | kube-proxy nftables (recreated) |\n|---|---|---|---|\n",
+        );
+        for (a, r) in self.agent.iter().zip(&self.rules) {
+            s += &format!(
+                "| {} Services x 10 endpoints: start to all in the datapath | {:.2} s (agent start, read, parse, translate, write) | {:.2} s (iptables-restore, {} rules) | {:.2} s (nft -f) |\n",
+                super::thousands(a.services),
+                a.full_sync_s,
+                r.iptables_first_s,
+                super::thousands(r.iptables_rules),
+                r.nft_first_s
+            );
+        }
+        if let Some(r) = self.rules.last() {
+            s += &format!(
+                "| one EndpointSlice change among {} Services to the datapath, p50 / worst | {:.3} / {:.3} ms (p50 / p99 over {}; {} / {} map writes) | {:.2} / {:.2} s (full iptables-restore) | {:.2} / {:.2} s (full nft -f) |\n",
+                super::thousands(self.change_services),
+                self.change_ms.0,
+                self.change_ms.1,
+                self.changes,
+                self.change_writes.0,
+                self.change_writes.1,
+                r.iptables_change_s.0,
+                r.iptables_change_s.1,
+                r.nft_change_s.0,
+                r.nft_change_s.1
+            );
+        }
+        for a in &self.agent {
+            s += &format!(
+                "| agent peak RSS (VmHWM), {} Services | {:.1} MiB | | |\n",
+                super::thousands(a.services),
+                a.peak_rss_kib as f64 / 1024.0
+            );
+        }
+        s
+    }
+}

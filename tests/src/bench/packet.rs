@@ -1,0 +1,249 @@
+//! Per-packet cost of the device path, measured by the kernel with
+//! BPF_PROG_TEST_RUN, next to programs that do nothing (the floor on this
+//! machine), with growing numbers of Services in the maps; the kernel
+//! memory those maps take; the verifier's instruction counts.
+
+use std::{net::Ipv4Addr, time::Instant};
+
+use aya::{
+    Ebpf,
+    programs::{Program, SchedClassifier, TestRun, TestRunOptions, Xdp},
+};
+use lbctl::{
+    agent::{model, reconcile::Reconciler},
+    datapath::{load, maps::ServiceMaps},
+};
+
+use super::{Progress, cluster, memory, node_info};
+use crate::{
+    fixture,
+    packet::{ACK, Frame, SYN},
+};
+
+pub const NODE: Ipv4Addr = Ipv4Addr::new(172, 18, 0, 2);
+
+/// The rows, in print order.
+pub const ROWS: &[&str] = &[
+    "new flow to a NodePort (conntrack create, backend pick, DNAT)",
+    "established flow (conntrack hit, DNAT)",
+    "reply of a local backend (egress, reverse translation)",
+    "not for a Service: node address, port 22 (passed)",
+    "not for a Service: routed to a pod address (passed)",
+    "floor: tc program returning TC_ACT_OK",
+    "floor: XDP program returning XDP_PASS",
+];
+
+pub struct Results {
+    pub sizes: Vec<usize>,
+    /// ns per packet: `cost[row][size]`, median of the rounds' medians,
+    /// and the rounds' min and max.
+    pub cost: Vec<Vec<(f64, f64, f64)>>,
+    /// Seconds to program each size through the agent's translation.
+    pub program_s: Vec<f64>,
+    /// Kernel memory of all maps per size, bytes; and per map at the
+    /// largest size.
+    pub map_bytes: Vec<u64>,
+    pub maps_largest: Vec<(String, u64)>,
+    /// (program, verified instructions, size in instructions).
+    pub insns: Vec<(String, u32, u32)>,
+}
+
+fn tc<'a>(ebpf: &'a mut Ebpf, name: &str) -> &'a mut SchedClassifier {
+    ebpf.program_mut(name)
+        .expect("program")
+        .try_into()
+        .expect("tc program")
+}
+
+pub fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+/// One run of a tc program on a fresh copy of `frame`, kernel-timed.
+fn run_tc(p: &SchedClassifier, frame: &[u8]) -> (f64, Vec<u8>) {
+    let mut out = vec![0u8; frame.len() + 64];
+    let r = p
+        .test_run(TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            repeat: 1,
+            ..Default::default()
+        })
+        .expect("PROG_TEST_RUN");
+    (r.duration.as_nanos() as f64, out)
+}
+
+fn run_xdp(p: &Xdp, frame: &[u8]) -> f64 {
+    let mut out = vec![0u8; frame.len() + 64];
+    let r = p
+        .test_run(TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            repeat: 1,
+            ..Default::default()
+        })
+        .expect("PROG_TEST_RUN");
+    r.duration.as_nanos() as f64
+}
+
+/// Rounds of `calls` runs: (median of the rounds' medians, min, max).
+fn rounds(rounds: usize, calls: usize, mut one: impl FnMut(usize) -> f64) -> (f64, f64, f64) {
+    let meds: Vec<f64> = (0..rounds)
+        .map(|r| median((0..calls).map(|i| one(r * calls + i)).collect()))
+        .collect();
+    let min = meds.iter().copied().fold(f64::MAX, f64::min);
+    let max = meds.iter().copied().fold(0.0, f64::max);
+    (median(meds), min, max)
+}
+
+pub fn run(quick: bool, progress: &mut Progress) -> Results {
+    let sizes: Vec<usize> = if quick {
+        vec![1, 100]
+    } else {
+        vec![1, 1_000, 10_000, 100_000]
+    };
+    // Rounds and calls per round (one run per call: PROG_TEST_RUN's
+    // `repeat` reruns the program on the already rewritten packet, which
+    // would measure the pass-through path instead).
+    let (n_rounds, calls) = if quick { (2, 300) } else { (5, 10_000) };
+
+    let mut floor = load::load_floor().expect("floor object");
+    tc(&mut floor, "floor_tc").load().unwrap();
+    let x: &mut Xdp = floor.program_mut("floor_xdp").unwrap().try_into().unwrap();
+    x.load().unwrap();
+    let floor_tc: &SchedClassifier = floor.program("floor_tc").unwrap().try_into().unwrap();
+    let xdp: &Xdp = floor.program("floor_xdp").unwrap().try_into().unwrap();
+
+    let client = Ipv4Addr::new(192, 168, 50, 7);
+    let other = Frame::tcp((client, 40000), (NODE, 22), ACK).bytes();
+    let routed = Frame::tcp((client, 40000), (Ipv4Addr::new(10, 244, 9, 9), 8080), ACK).bytes();
+
+    let mut res = Results {
+        sizes: sizes.clone(),
+        cost: vec![vec![]; ROWS.len()],
+        program_s: vec![],
+        map_bytes: vec![],
+        maps_largest: vec![],
+        insns: vec![],
+    };
+    for (si, &n) in sizes.iter().enumerate() {
+        progress.step(&format!(
+            "per-packet cost: programming {n} Services x 10 backends"
+        ));
+        let (fs, mut ebpf) = fixture::datapath();
+        let pins = fs.pins();
+        let node = node_info(NODE);
+        let svcs = cluster::services(n, 10);
+        // Service 0 is NodePort 30000.
+        let np = svcs[0].node_port.expect("service 0 has a NodePort");
+        let t = Instant::now();
+        let desired = model::translate(&cluster::to_objects(&svcs, "node-a"), &node);
+        assert!(desired.errors.is_empty(), "{:?}", desired.errors);
+        let mut rec = Reconciler::adopt(ServiceMaps::open(&pins).unwrap()).unwrap();
+        rec.reconcile(&desired).expect("program the maps");
+        res.program_s.push(t.elapsed().as_secs_f64());
+        drop(svcs);
+        drop(desired);
+        let mem = memory::maps(&pins);
+        res.map_bytes.push(mem.iter().map(|m| m.1).sum());
+        if si + 1 == sizes.len() {
+            res.maps_largest = mem;
+        }
+
+        for name in ["lb_from_netdev", "lb_to_netdev"] {
+            tc(&mut ebpf, name).load().unwrap();
+        }
+        if si == 0 {
+            for name in [
+                "lb_connect4",
+                "lb_sendmsg4",
+                "lb_recvmsg4",
+                "lb_getpeername4",
+            ] {
+                let p: &mut aya::programs::CgroupSockAddr =
+                    ebpf.program_mut(name).unwrap().try_into().unwrap();
+                p.load().unwrap();
+            }
+            for (name, p) in ebpf.programs() {
+                let info = match p {
+                    Program::SchedClassifier(p) => p.info(),
+                    Program::CgroupSockAddr(p) => p.info(),
+                    _ => continue,
+                };
+                if let Ok(info) = info {
+                    res.insns.push((
+                        name.to_string(),
+                        info.verified_instruction_count().unwrap_or(0),
+                        info.size_translated().unwrap_or(0) / 8,
+                    ));
+                }
+            }
+            res.insns.sort();
+        }
+        progress.step(&format!("per-packet cost: measuring with {n} Services"));
+        let from: &SchedClassifier = ebpf.program("lb_from_netdev").unwrap().try_into().unwrap();
+        let to: &SchedClassifier = ebpf.program("lb_to_netdev").unwrap().try_into().unwrap();
+        // New flows: each call a flow never seen (source address and port
+        // vary), so every run creates its conntrack entries.
+        res.cost[0].push(rounds(n_rounds, calls, |i| {
+            let src = Ipv4Addr::from(u32::from(client) + (i / 60_000) as u32);
+            let f = Frame::tcp((src, 1024 + (i % 60_000) as u16), (NODE, np), SYN).bytes();
+            run_tc(from, &f).0
+        }));
+        // The flow of `est` exists once its first packet ran.
+        let est = Frame::tcp((Ipv4Addr::new(192, 168, 99, 1), 40000), (NODE, np), ACK).bytes();
+        let (_, out) = run_tc(from, &est);
+        res.cost[1].push(rounds(n_rounds, calls, |_| run_tc(from, &est).0));
+        // The reply of that flow from the chosen backend.
+        let be = Ipv4Addr::new(out[30], out[31], out[32], out[33]);
+        let reply = Frame::tcp((be, 8080), (Ipv4Addr::new(192, 168, 99, 1), 40000), ACK).bytes();
+        res.cost[2].push(rounds(n_rounds, calls, |_| run_tc(to, &reply).0));
+        res.cost[3].push(rounds(n_rounds, calls, |_| run_tc(from, &other).0));
+        res.cost[4].push(rounds(n_rounds, calls, |_| run_tc(from, &routed).0));
+        res.cost[5].push(rounds(n_rounds, calls, |_| run_tc(floor_tc, &other).0));
+        res.cost[6].push(rounds(n_rounds, calls, |_| run_xdp(xdp, &other)));
+        drop(rec);
+    }
+    res
+}
+
+impl Results {
+    pub fn markdown(&self) -> String {
+        let mut s = format!(
+            "| packet | {} |\n|---|{}\n",
+            self.sizes
+                .iter()
+                .map(|n| format!("{} Services (ns)", super::thousands(*n)))
+                .collect::<Vec<_>>()
+                .join(" | "),
+            "---|".repeat(self.sizes.len())
+        );
+        for (name, v) in ROWS.iter().zip(&self.cost) {
+            s += &format!(
+                "| {name} | {} |\n",
+                v.iter()
+                    .map(|(m, lo, hi)| format!("{m:.0} ({lo:.0}-{hi:.0})"))
+                    .collect::<Vec<_>>()
+                    .join(" | ")
+            );
+        }
+        s += &format!(
+            "| time to program the maps (agent translation and writes) | {} |\n",
+            self.program_s
+                .iter()
+                .map(|t| format!("{t:.2} s"))
+                .collect::<Vec<_>>()
+                .join(" | ")
+        );
+        s += &format!(
+            "| kernel memory of all maps (fdinfo memlock) | {} |\n",
+            self.map_bytes
+                .iter()
+                .map(|b| format!("{} MiB", memory::mib(*b)))
+                .collect::<Vec<_>>()
+                .join(" | ")
+        );
+        s
+    }
+}
