@@ -20,12 +20,12 @@
 //! `hashAndTruncate`). The nftables text format is that of `sigs.k8s.io/knftables`
 //! (`objects.go`: `add chain ... { type filter hook prerouting priority -110 ; }`,
 //! named priorities turned into numbers, `add element ... { key comment "c" : value }`).
-//! I could not map that commit to a release tag with the tools at hand. By content
-//! it is a master commit after the nftables partial-sync work (kubernetes#126013,
-//! v1.31) that already has the `filter-output-post-dnat` / `cluster-ips-check`
-//! chains, the add-then-delete of base chains on the first sync and the
-//! `nftElementStorage` map bookkeeping. It is older than the `ListAll`-based
-//! nftables sync that v1.36 has. The generated rules match the v1.31-v1.35 layout.
+//! That commit was not mapped to a release tag when this was written. By content
+//! it is a master commit from between v1.31 and v1.36: it has the nftables
+//! partial sync (kubernetes#126013, July 2024), the `filter-output-post-dnat` /
+//! `cluster-ips-check` chains, the add-then-delete of base chains on the first
+//! sync and the `nftElementStorage` map bookkeeping, and it still lists chains with
+//! `nft list chains` rather than the `ListAll` that v1.36 uses.
 //!
 //! # kube-proxy settings assumed
 //!
@@ -75,7 +75,7 @@ use std::net::Ipv4Addr;
 
 /// Where the rule layout comes from (see the module documentation).
 pub const SOURCE: &str = "kubernetes/kubernetes@b0f823e6ccd8a10b3893fc75011b9981af39285c \
-    (master, v1.32-v1.33 era layout) pkg/proxy/iptables/proxier.go, \
+    (master between v1.31 and v1.36) pkg/proxy/iptables/proxier.go, \
     pkg/proxy/nftables/proxier.go; nft text format of sigs.k8s.io/knftables";
 
 /// How many of the [`synthetic`] Services get a NodePort (the default NodePort

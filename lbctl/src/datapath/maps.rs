@@ -211,14 +211,30 @@ impl ServiceMaps {
     /// Zeroed counters for backend `id`, unless it has some: an adopted or
     /// changed backend keeps its counts.
     fn create_backend_stats(&mut self, id: u32) -> Result<(), AyaMapError> {
-        let zero = PerCpuValues::try_from(vec![BackendStats::default(); nr_cpus()?])?;
-        match self.backend_stats.insert(id, zero, BPF_NOEXIST) {
-            Err(AyaMapError::SyscallError(e))
-                if e.io_error.raw_os_error() == Some(libc::EEXIST) =>
-            {
-                Ok(())
+        let cpus = nr_cpus()?;
+        let mut tries = 0;
+        loop {
+            let zero = PerCpuValues::try_from(vec![BackendStats::default(); cpus])?;
+            match self.backend_stats.insert(id, zero, BPF_NOEXIST) {
+                Err(AyaMapError::SyscallError(e))
+                    if e.io_error.raw_os_error() == Some(libc::EEXIST) =>
+                {
+                    return Ok(());
+                }
+                // Per-CPU elements of a map without preallocation come from
+                // the kernel's BPF memory allocator, whose caches are refilled
+                // asynchronously: a burst of inserts (100,000s of backends at
+                // start) can find them empty and get ENOMEM, which clears
+                // within milliseconds (seen here: up to ~50 ms). Wait, not
+                // fail the whole pass.
+                Err(AyaMapError::SyscallError(e))
+                    if e.io_error.raw_os_error() == Some(libc::ENOMEM) && tries < 200 =>
+                {
+                    tries += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                }
+                r => return r,
             }
-            r => r,
         }
     }
 

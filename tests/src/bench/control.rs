@@ -4,8 +4,7 @@
 //! recreated (`iptables-restore`, `nft -f`).
 
 use std::{
-    io::Write,
-    process::{Command, Stdio},
+    process::Command,
     time::{Duration, Instant},
 };
 
@@ -14,7 +13,13 @@ use lbctl::{
     datapath::maps::ServiceMaps,
 };
 
-use super::{Progress, cluster, node_info, packet::NODE, percentile};
+use super::{
+    Progress, cluster,
+    e2e::{self, load_into},
+    node_info,
+    packet::NODE,
+    percentile,
+};
 use crate::{
     guard::{Bpffs, Cgroup, Netns, Proc, unique},
     kubeproxy::{self, NodeCfg},
@@ -29,16 +34,25 @@ pub struct AgentRun {
     pub peak_rss_kib: u64,
 }
 
+/// One kube-proxy backend's syncs at one size.
+#[derive(Clone, Debug, Default)]
+pub struct Sync {
+    /// The first full sync, seconds (None: not run, too slow here).
+    pub first_s: Option<f64>,
+    /// A change applied as kube-proxy's full sync does (the whole rule set
+    /// again, into the loaded namespace): p50 and worst seconds over
+    /// `samples` (0: not run).
+    pub change_s: (f64, f64),
+    pub samples: usize,
+}
+
 /// kube-proxy's recreated syncs at one size.
 pub struct RulesRun {
     pub services: usize,
-    /// First full sync, seconds; then a change applied as a full sync
-    /// again: (p50, max) seconds over the samples.
-    pub iptables_first_s: f64,
-    pub iptables_change_s: (f64, f64),
     pub iptables_rules: usize,
-    pub nft_first_s: f64,
-    pub nft_change_s: (f64, f64),
+    pub iptables_legacy: Sync,
+    pub iptables_nft: Sync,
+    pub nftables: Sync,
 }
 
 pub struct Results {
@@ -174,33 +188,6 @@ fn changes(n: usize, count: usize) -> (Vec<f64>, Vec<f64>) {
     (lat, writes)
 }
 
-/// Feeds `text` to `program args` inside `ns`; the time it took.
-fn load_rules(ns: &Netns, program: &str, args: &[&str], text: &str) -> f64 {
-    let t = Instant::now();
-    let mut child = ns
-        .command(program)
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("{program}: {e}"));
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(text.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "{program} {args:?} in {}: {}",
-        ns.name,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    t.elapsed().as_secs_f64()
-}
-
 pub fn kube_proxy_node() -> NodeCfg {
     NodeCfg {
         node_ip: NODE,
@@ -209,55 +196,93 @@ pub fn kube_proxy_node() -> NodeCfg {
     }
 }
 
-/// kube-proxy's full syncs of `n` Services in a namespace of their own:
-/// the first, then `samples` more after one endpoint changed each time.
-fn rules_run(n: usize, samples: usize) -> RulesRun {
+/// One backend's full syncs of `svcs` in a namespace of its own: the first
+/// (unless `first` is already known), then `samples` more, each after one
+/// endpoint changed.
+fn sync(
+    svcs: &mut [kubeproxy::Svc],
+    program: &str,
+    args: &[&str],
+    text: impl Fn(&[kubeproxy::Svc]) -> String,
+    first: Option<f64>,
+    samples: usize,
+) -> Sync {
+    let ns = Netns::new("bk");
+    let mut out = Sync {
+        first_s: first,
+        samples,
+        ..Default::default()
+    };
+    if first.is_none() || samples > 0 {
+        let t = load_into(&ns, program, args, &text(svcs));
+        out.first_s.get_or_insert(t);
+    }
+    let n = svcs.len();
+    let mut change = Vec::new();
+    for i in 0..samples {
+        let s = &mut svcs[(i * 7919) % n];
+        let k = i % s.endpoints.len();
+        s.endpoints[k].0 = std::net::Ipv4Addr::new(10, 250, (i / 250) as u8, (i % 250 + 1) as u8);
+        change.push(load_into(&ns, program, args, &text(svcs)));
+    }
+    change.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    if !change.is_empty() {
+        out.change_s = (percentile(&change, 0.5), *change.last().unwrap());
+    }
+    out
+}
+
+/// kube-proxy's syncs of `n` Services. iptables-nft and nftables syncs of
+/// 10,000 Services take minutes here (kernel time in the nf_tables
+/// transaction), so beyond 1,000 iptables-nft is not run and nftables'
+/// first sync is the one the end-to-end part measured, without change
+/// samples (a change is the same full sync).
+fn rules_run(n: usize, samples: usize, e2e: Option<&e2e::Results>) -> RulesRun {
     let node = kube_proxy_node();
     let mut svcs = cluster::services(n, 10);
-    let mut first = [0.0f64; 2];
-    let mut change: [Vec<f64>; 2] = [vec![], vec![]];
-    let mut rules = 0;
-    for (k, (program, args)) in [
-        ("iptables-restore", &["--noflush"][..]),
-        ("nft", &["-f", "-"][..]),
-    ]
-    .into_iter()
-    .enumerate()
-    {
-        let ns = Netns::new("bk");
-        let text = |s: &[kubeproxy::Svc]| {
-            if k == 0 {
-                kubeproxy::iptables_restore(s, &node)
-            } else {
-                kubeproxy::nft_script(s, &node)
-            }
-        };
-        let t = text(&svcs);
-        if k == 0 {
-            rules = t.lines().filter(|l| l.starts_with("-A ")).count();
-        }
-        first[k] = load_rules(&ns, program, args, &t);
-        for i in 0..samples {
-            let s = &mut svcs[(i * 7919) % n];
-            s.endpoints[i % 10].0 =
-                std::net::Ipv4Addr::new(10, 250, (i / 250) as u8, (i % 250 + 1) as u8);
-            let t = text(&svcs);
-            change[k].push(load_rules(&ns, program, args, &t));
-        }
-        change[k].sort_by(|a, b| a.partial_cmp(b).unwrap());
-    }
-    let pm = |v: &[f64]| (percentile(v, 0.5), *v.last().unwrap());
+    let ipt = |s: &[kubeproxy::Svc]| kubeproxy::iptables_restore(s, &node);
+    let nft = |s: &[kubeproxy::Svc]| kubeproxy::nft_script(s, &node);
+    let iptables_rules = ipt(&svcs).lines().filter(|l| l.starts_with("-A ")).count();
+    let big = n > 1_000;
+    let iptables_legacy = sync(
+        &mut svcs,
+        "iptables-legacy-restore",
+        &["--noflush"],
+        ipt,
+        None,
+        samples,
+    );
+    let iptables_nft = if big {
+        Sync::default()
+    } else {
+        sync(
+            &mut svcs,
+            "iptables-nft-restore",
+            &["--noflush"],
+            ipt,
+            None,
+            samples,
+        )
+    };
+    let known = e2e.and_then(|e| e.load_s(e2e::Datapath::Nftables, n));
+    let nftables = sync(
+        &mut svcs,
+        "nft",
+        &["-f", "-"],
+        nft,
+        known,
+        if big { 0 } else { samples },
+    );
     RulesRun {
         services: n,
-        iptables_first_s: first[0],
-        iptables_change_s: pm(&change[0]),
-        iptables_rules: rules,
-        nft_first_s: first[1],
-        nft_change_s: pm(&change[1]),
+        iptables_rules,
+        iptables_legacy,
+        iptables_nft,
+        nftables,
     }
 }
 
-pub fn run(quick: bool, progress: &mut Progress) -> Results {
+pub fn run(quick: bool, e2e: Option<&e2e::Results>, progress: &mut Progress) -> Results {
     let sizes: &[usize] = if quick { &[100] } else { &[1_000, 10_000] };
     let mut agent = Vec::new();
     for &n in sizes {
@@ -275,7 +300,7 @@ pub fn run(quick: bool, progress: &mut Progress) -> Results {
         progress.step(&format!(
             "control plane: kube-proxy iptables-restore and nft -f of {n} Services"
         ));
-        rules.push(rules_run(n, if quick { 2 } else { 5 }));
+        rules.push(rules_run(n, if quick { 2 } else { 3 }, e2e));
     }
     Results {
         agent,
@@ -287,39 +312,61 @@ pub fn run(quick: bool, progress: &mut Progress) -> Results {
     }
 }
 
+fn secs(s: Option<f64>) -> String {
+    s.map_or("not run (minutes here)".into(), |s| format!("{s:.2} s"))
+}
+
+fn change(s: &Sync) -> String {
+    if s.samples == 0 {
+        return "a full sync (as above)".into();
+    }
+    format!("{:.2} / {:.2} s", s.change_s.0, s.change_s.1)
+}
+
 impl Results {
     pub fn markdown(&self) -> String {
         let mut s = String::from(
-            "| figure | this datapath | kube-proxy iptables (recreated) | kube-proxy nftables (recreated) |\n|---|---|---|---|\n",
+            "| figure | this datapath | kube-proxy iptables (legacy) | kube-proxy iptables (nft backend) | kube-proxy nftables |\n|---|---|---|---|---|\n",
         );
         for (a, r) in self.agent.iter().zip(&self.rules) {
             s += &format!(
-                "| {} Services x 10 endpoints: start to all in the datapath | {:.2} s (agent start, read, parse, translate, write) | {:.2} s (iptables-restore, {} rules) | {:.2} s (nft -f) |\n",
+                "| {} Services x 10 endpoints: start to all in the datapath | {:.2} s (agent start, read, parse, translate, write) | {} (iptables-restore, {} rules) | {} | {} (nft -f) |\n",
                 super::thousands(a.services),
                 a.full_sync_s,
-                r.iptables_first_s,
+                secs(r.iptables_legacy.first_s),
                 super::thousands(r.iptables_rules),
-                r.nft_first_s
+                secs(r.iptables_nft.first_s),
+                secs(r.nftables.first_s),
             );
         }
-        if let Some(r) = self.rules.last() {
+        for r in &self.rules {
+            let ours = if r.services == self.change_services {
+                format!(
+                    "{:.3} / {:.3} ms (p50 / p99 over {}; {} / {} map writes)",
+                    self.change_ms.0,
+                    self.change_ms.1,
+                    self.changes,
+                    self.change_writes.0,
+                    self.change_writes.1
+                )
+            } else {
+                String::new()
+            };
             s += &format!(
-                "| one EndpointSlice change among {} Services to the datapath, p50 / worst | {:.3} / {:.3} ms (p50 / p99 over {}; {} / {} map writes) | {:.2} / {:.2} s (full iptables-restore) | {:.2} / {:.2} s (full nft -f) |\n",
-                super::thousands(self.change_services),
-                self.change_ms.0,
-                self.change_ms.1,
-                self.changes,
-                self.change_writes.0,
-                self.change_writes.1,
-                r.iptables_change_s.0,
-                r.iptables_change_s.1,
-                r.nft_change_s.0,
-                r.nft_change_s.1
+                "| one EndpointSlice change among {} Services to the datapath, p50 / worst | {ours} | {} | {} | {} |\n",
+                super::thousands(r.services),
+                change(&r.iptables_legacy),
+                if r.iptables_nft.first_s.is_some() {
+                    change(&r.iptables_nft)
+                } else {
+                    "not run".into()
+                },
+                change(&r.nftables),
             );
         }
         for a in &self.agent {
             s += &format!(
-                "| agent peak RSS (VmHWM), {} Services | {:.1} MiB | | |\n",
+                "| agent peak RSS (VmHWM), {} Services | {:.1} MiB | | | |\n",
                 super::thousands(a.services),
                 a.peak_rss_kib as f64 / 1024.0
             );

@@ -7,16 +7,18 @@
 //!   on the node's device for NodePort), the real agent on a folder;
 //! - `iptables` and `nftables`: kube-proxy's rule sets for the same
 //!   Services (`kubeproxy.rs`, recreated from its source), loaded into the
-//!   node's namespace with `iptables-restore` and `nft -f`.
+//!   node's namespace with `iptables-legacy-restore` (x_tables: the
+//!   backend whose full sync finishes at 10,000 Services; iptables-nft
+//!   needs over 6 minutes there, see `control`) and `nft -f`.
 //!
 //! ```text
-//!   client 172.18.0.10 ── eth0 ─ node 172.18.0.2 ─ br0 10.244.1.1 ── pods 10.244.1.11-14 (nginx :8080)
+//!   client 172.18.0.10 ── eth0 ─ node 172.18.0.2 ─ br0 10.244.1.1 ── pod 10.244.1.11 (nginx :8080)
 //!   client pod 10.244.2.10 ── vcpod 10.244.2.1 (routed, as Calico wires pods)
 //! ```
 //!
 //! The Service the clients use sits in the middle of kube-proxy's chains
-//! (`cluster::target_index`); the others have unreachable endpoints and
-//! only fill the tables.
+//! (`cluster::target_index`), with the one nginx pod as its endpoint; the
+//! others have 10 unreachable endpoints each and only fill the tables.
 
 use std::{
     net::Ipv4Addr,
@@ -34,7 +36,11 @@ use crate::{
 
 const NODE_IP: Ipv4Addr = Ipv4Addr::new(172, 18, 0, 2);
 const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(172, 18, 0, 10);
-const PODS: usize = 4;
+/// One backend: the direct floor and every datapath then reach the same
+/// single nginx, so the difference is the datapath alone (four backends on
+/// two cores would measure their competition, and the floor could only hit
+/// one of them). The backend choice itself is in the per-packet part.
+const PODS: usize = 1;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Datapath {
@@ -49,7 +55,7 @@ impl Datapath {
         match self {
             Self::Direct => "direct to the pod (floor)",
             Self::Lb => "this datapath (eBPF)",
-            Self::Iptables => "kube-proxy iptables",
+            Self::Iptables => "kube-proxy iptables (legacy)",
             Self::Nftables => "kube-proxy nftables",
         }
     }
@@ -94,7 +100,11 @@ pub struct Row {
 pub struct Results {
     pub sizes: Vec<usize>,
     pub seconds: u64,
+    pub rounds: usize,
     pub rows: Vec<Row>,
+    /// How long loading each rule set took (kube-proxy's first full sync):
+    /// (datapath, Services, seconds).
+    pub loads: Vec<(Datapath, usize, f64)>,
 }
 
 /// The namespaces, the nginx backends, and the cgroup the client pod's
@@ -241,8 +251,6 @@ impl Bench {
     /// The three runs against `url`.
     fn measure(&self, via: Via, url: &str, seconds: u64) -> Measure {
         let d = format!("{seconds}s");
-        // Warm-up: caches, ARP, the first flows.
-        self.wrk(via, &["-t1", "-c4", "-d1s", url]);
         let keep = parse_wrk(&self.wrk(via, &["-t1", "-c16", &format!("-d{d}"), url]));
         let new = parse_wrk(&self.wrk(
             via,
@@ -373,8 +381,10 @@ fn start_agent(b: &Bench, svcs: &[kubeproxy::Svc], pins: &Path) -> Proc {
     agent
 }
 
-fn load_into(ns: &Netns, program: &str, args: &[&str], text: &str) {
+/// Feeds `text` to `program args` inside `ns`; how long it took.
+pub fn load_into(ns: &Netns, program: &str, args: &[&str], text: &str) -> f64 {
     use std::io::Write;
+    let t = Instant::now();
     let mut child = ns
         .command(program)
         .args(args)
@@ -394,103 +404,164 @@ fn load_into(ns: &Netns, program: &str, args: &[&str], text: &str) {
         "{program}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+    t.elapsed().as_secs_f64()
 }
 
-/// One datapath at one size: fresh namespaces, the datapath set up, both
-/// frontends measured, everything removed.
-fn one(dp: Datapath, n: usize, seconds: u64, progress: &mut Progress) -> [Measure; 2] {
-    progress.step(&format!(
-        "end to end: {} with {} Services",
-        dp.label(),
-        super::thousands(n)
-    ));
-    let b = Bench::new();
-    let (svcs, t) = services(n);
-    let target = &svcs[t];
-    let node_port = target.node_port.expect("target has a NodePort");
-    let bpffs = Bpffs::new();
-    let _agent = match dp {
-        Datapath::Lb => Some(start_agent(&b, &svcs, &bpffs.pins())),
-        _ => None,
-    };
-    match dp {
-        Datapath::Iptables => load_into(
-            &b.node,
-            "iptables-restore",
-            &["--noflush"],
-            &kubeproxy::iptables_restore(&svcs, &kube_proxy_node()),
-        ),
-        Datapath::Nftables => load_into(
-            &b.node,
-            "nft",
-            &["-f", "-"],
-            &kubeproxy::nft_script(&svcs, &kube_proxy_node()),
-        ),
-        _ => {}
+/// One datapath at one size, set up in namespaces of its own (so all four
+/// can stand side by side and be measured in turns).
+struct Setup {
+    dp: Datapath,
+    bench: Bench,
+    bpffs: Bpffs,
+    agent: Option<Proc>,
+    urls: [String; 2],
+    load_s: f64,
+}
+
+impl Setup {
+    fn new(dp: Datapath, n: usize, progress: &mut Progress) -> Self {
+        progress.step(&format!(
+            "end to end: setting up {} with {} Services",
+            dp.label(),
+            super::thousands(n)
+        ));
+        let bench = Bench::new();
+        let (svcs, t) = services(n);
+        let target = &svcs[t];
+        let node_port = target.node_port.expect("target has a NodePort");
+        let bpffs = Bpffs::new();
+        let agent = (dp == Datapath::Lb).then(|| start_agent(&bench, &svcs, &bpffs.pins()));
+        let load_s = match dp {
+            Datapath::Iptables => load_into(
+                &bench.node,
+                "iptables-legacy-restore",
+                &["--noflush"],
+                &kubeproxy::iptables_restore(&svcs, &kube_proxy_node()),
+            ),
+            Datapath::Nftables => load_into(
+                &bench.node,
+                "nft",
+                &["-f", "-"],
+                &kubeproxy::nft_script(&svcs, &kube_proxy_node()),
+            ),
+            _ => 0.0,
+        };
+        let urls = match dp {
+            Datapath::Direct => [
+                "http://10.244.1.11:8080/".to_string(),
+                "http://10.244.1.11:8080/".to_string(),
+            ],
+            _ => [
+                format!("http://{}:{}/", target.cluster_ip, target.port),
+                format!("http://{NODE_IP}:{node_port}/"),
+            ],
+        };
+        // Warm-up: caches, neighbours, the first flows.
+        for (via, url) in VIAS.iter().zip(&urls) {
+            bench.wrk(*via, &["-t1", "-c4", "-d1s", url]);
+        }
+        Self {
+            dp,
+            bench,
+            bpffs,
+            agent,
+            urls,
+            load_s,
+        }
     }
-    let (cip, np) = match dp {
-        Datapath::Direct => (
-            "http://10.244.1.11:8080/".to_string(),
-            "http://10.244.1.11:8080/".to_string(),
-        ),
-        _ => (
-            format!("http://{}:{}/", target.cluster_ip, target.port),
-            format!("http://{NODE_IP}:{node_port}/"),
-        ),
-    };
-    let out = [
-        b.measure(Via::ClusterIp, &cip, seconds),
-        b.measure(Via::NodePort, &np, seconds),
-    ];
-    if dp == Datapath::Lb {
-        let lbctl = std::env::current_exe().unwrap().with_file_name("lbctl-e2e");
-        drop(_agent);
-        let _ = Command::new(lbctl)
-            .args(["agent", "--cleanup", "--bpffs"])
-            .arg(bpffs.pins())
-            .output();
+}
+
+impl Drop for Setup {
+    fn drop(&mut self) {
+        if self.agent.take().is_some() {
+            let lbctl = std::env::current_exe().unwrap().with_file_name("lbctl-e2e");
+            let _ = Command::new(lbctl)
+                .args(["agent", "--cleanup", "--bpffs"])
+                .arg(self.bpffs.pins())
+                .output();
+        }
     }
-    out
+}
+
+const VIAS: [Via; 2] = [Via::ClusterIp, Via::NodePort];
+const DATAPATHS: [Datapath; 4] = [
+    Datapath::Direct,
+    Datapath::Lb,
+    Datapath::Iptables,
+    Datapath::Nftables,
+];
+
+/// Median of each figure over the rounds.
+fn median_of(ms: &[Measure]) -> Measure {
+    let med = |f: &dyn Fn(&Measure) -> f64| super::packet::median(ms.iter().map(f).collect());
+    Measure {
+        keepalive_rps: med(&|m| m.keepalive_rps),
+        new_conn_per_s: med(&|m| m.new_conn_per_s),
+        p50_us: med(&|m| m.p50_us),
+        p99_us: med(&|m| m.p99_us),
+        errors: ms.iter().map(|m| m.errors).sum(),
+    }
 }
 
 pub fn run(quick: bool, progress: &mut Progress) -> Results {
-    let (sizes, seconds): (Vec<usize>, u64) = if quick {
-        (vec![10], 1)
+    let (sizes, seconds, rounds): (Vec<usize>, u64, usize) = if quick {
+        (vec![10], 1, 1)
     } else {
-        (vec![1, 1_000, 10_000], 3)
+        (vec![1, 1_000, 10_000], 1, 4)
     };
     let mut rows = Vec::new();
-    // The floor does not depend on the Services: measured once.
-    let direct = one(Datapath::Direct, sizes[0], seconds, progress);
+    let mut loads = Vec::new();
     for &n in &sizes {
-        for (via, m) in [Via::ClusterIp, Via::NodePort].into_iter().zip(direct) {
-            rows.push(Row {
-                datapath: Datapath::Direct,
-                via,
-                services: n,
-                m,
-            });
+        // All four side by side, measured in turns, so a drift of the
+        // machine (other tenants, frequency) touches each alike.
+        let setups: Vec<Setup> = DATAPATHS
+            .iter()
+            .map(|dp| Setup::new(*dp, n, progress))
+            .collect();
+        let mut got: Vec<[Vec<Measure>; 2]> = vec![[vec![], vec![]]; setups.len()];
+        for r in 0..rounds {
+            progress.step(&format!(
+                "end to end: {} Services, round {} of {rounds}",
+                super::thousands(n),
+                r + 1
+            ));
+            for (i, s) in setups.iter().enumerate() {
+                for (k, via) in VIAS.iter().enumerate() {
+                    got[i][k].push(s.bench.measure(*via, &s.urls[k], seconds));
+                }
+            }
         }
-        for dp in [Datapath::Lb, Datapath::Iptables, Datapath::Nftables] {
-            let ms = one(dp, n, seconds, progress);
-            for (via, m) in [Via::ClusterIp, Via::NodePort].into_iter().zip(ms) {
+        for (s, g) in setups.iter().zip(&got) {
+            for (k, via) in VIAS.iter().enumerate() {
                 rows.push(Row {
-                    datapath: dp,
-                    via,
+                    datapath: s.dp,
+                    via: *via,
                     services: n,
-                    m,
+                    m: median_of(&g[k]),
                 });
+            }
+            if matches!(s.dp, Datapath::Iptables | Datapath::Nftables) {
+                loads.push((s.dp, n, s.load_s));
             }
         }
     }
     Results {
         sizes,
         seconds,
+        rounds,
         rows,
+        loads,
     }
 }
 
 impl Results {
+    pub fn load_s(&self, dp: Datapath, n: usize) -> Option<f64> {
+        self.loads
+            .iter()
+            .find(|l| l.0 == dp && l.1 == n)
+            .map(|l| l.2)
+    }
+
     pub fn get(&self, dp: Datapath, via: Via, n: usize) -> Option<&Measure> {
         self.rows
             .iter()
@@ -502,8 +573,9 @@ impl Results {
         let mut s = String::new();
         for via in [Via::ClusterIp, Via::NodePort] {
             s += &format!(
-                "\n**{}** (wrk, {} s per figure; new connections: one request each, 16 at a time; keep-alive: 16 connections; latency: one request at a time)\n\n",
+                "\n**{}** (wrk; each figure the median of {} rounds of {} s, the four datapaths measured in turns; new connections: one request each, 16 at a time; keep-alive: 16 connections; latency: one request at a time)\n\n",
                 via.label(),
+                self.rounds,
                 self.seconds
             );
             s += "| datapath | Services | new connections/s | requests/s kept alive | latency p50 (µs) | latency p99 (µs) | vs floor (new conn/s) | errors |\n|---|---|---|---|---|---|---|---|\n";
@@ -511,18 +583,10 @@ impl Results {
                 let floor = self
                     .get(Datapath::Direct, via, n)
                     .map_or(0.0, |m| m.new_conn_per_s);
-                for dp in [
-                    Datapath::Direct,
-                    Datapath::Lb,
-                    Datapath::Iptables,
-                    Datapath::Nftables,
-                ] {
+                for dp in DATAPATHS {
                     let Some(m) = self.get(dp, via, n) else {
                         continue;
                     };
-                    if dp == Datapath::Direct && n != self.sizes[0] {
-                        continue;
-                    }
                     let ratio = if floor > 0.0 {
                         m.new_conn_per_s / floor
                     } else {
@@ -531,11 +595,7 @@ impl Results {
                     s += &format!(
                         "| {} | {} | {:.0} | {:.0} | {:.0} | {:.0} | {:.2} | {} |\n",
                         dp.label(),
-                        if dp == Datapath::Direct {
-                            "-".into()
-                        } else {
-                            super::thousands(n)
-                        },
+                        super::thousands(n),
                         m.new_conn_per_s,
                         m.keepalive_rps,
                         m.p50_us,

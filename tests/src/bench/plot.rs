@@ -126,12 +126,38 @@ pub fn write(
                 })
                 .collect()
             };
+            // Relative to the direct floor measured in the same turns: the
+            // machine's drift between sizes cancels out.
+            let ratio: Vec<Series> = [
+                Datapath::Direct,
+                Datapath::Lb,
+                Datapath::Iptables,
+                Datapath::Nftables,
+            ]
+            .iter()
+            .map(|dp| {
+                (
+                    dp.label().to_string(),
+                    e.sizes
+                        .iter()
+                        .filter_map(|n| {
+                            let floor = e.get(Datapath::Direct, via, *n)?.new_conn_per_s;
+                            let m = e.get(*dp, via, *n)?;
+                            (floor > 0.0).then(|| (*n as f64, m.new_conn_per_s / floor))
+                        })
+                        .collect(),
+                )
+            })
+            .collect();
             let name = format!("new-connections-{tag}.svg");
             lines(
                 &dir.join(&name),
-                &format!("New connections per second through a {}", via.label()),
-                "connections/s",
-                &per(&|m| m.new_conn_per_s),
+                &format!(
+                    "New connections per second through a {}, relative to direct",
+                    via.label()
+                ),
+                "fraction of the direct-to-pod rate",
+                &ratio,
             )?;
             files.push(name);
             let mut lat = per(&|m| m.p50_us);
