@@ -21,8 +21,16 @@ const COLOURS: [RGBColor; 7] = [
 
 type Series = (String, Vec<(f64, f64)>);
 
-/// One line chart over a log x axis of Service counts.
-fn lines(path: &Path, title: &str, y_label: &str, series: &[Series]) -> anyhow::Result<()> {
+/// One line chart over a log x axis of Service counts. `paired`: the
+/// second half of the series are companions of the first (p99 of p50):
+/// same colour, thin line, hollow points.
+fn lines(
+    path: &Path,
+    title: &str,
+    y_label: &str,
+    series: &[Series],
+    paired: bool,
+) -> anyhow::Result<()> {
     let xs: Vec<f64> = series
         .iter()
         .flat_map(|s| s.1.iter().map(|p| p.0))
@@ -50,13 +58,23 @@ fn lines(path: &Path, title: &str, y_label: &str, series: &[Series]) -> anyhow::
         .y_desc(y_label)
         .x_label_formatter(&|x| super::thousands(x.round() as usize))
         .draw()?;
+    let half = series.len().div_ceil(2);
     for (i, (name, pts)) in series.iter().enumerate() {
-        let c = COLOURS[i % COLOURS.len()];
+        let companion = paired && i >= half;
+        let c = COLOURS[if paired { i % half } else { i } % COLOURS.len()];
+        let width = if companion { 1 } else { 3 };
         chart
-            .draw_series(LineSeries::new(pts.iter().copied(), c.stroke_width(2)))?
+            .draw_series(LineSeries::new(pts.iter().copied(), c.stroke_width(width)))?
             .label(name.clone())
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2)));
-        chart.draw_series(pts.iter().map(|p| Circle::new(*p, 4, c.filled())))?;
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(width))
+            });
+        let style = if companion {
+            c.stroke_width(1)
+        } else {
+            c.filled()
+        };
+        chart.draw_series(pts.iter().map(|p| Circle::new(*p, 4, style)))?;
     }
     chart
         .configure_series_labels()
@@ -97,6 +115,7 @@ pub fn write(
             "Per-packet cost of the device path (BPF_PROG_TEST_RUN)",
             "ns per packet",
             &series,
+            false,
         )?;
         files.push("packet-cost.svg".into());
     }
@@ -158,6 +177,7 @@ pub fn write(
                 ),
                 "fraction of the direct-to-pod rate",
                 &ratio,
+                false,
             )?;
             files.push(name);
             let mut lat = per(&|m| m.p50_us);
@@ -173,8 +193,9 @@ pub fn write(
             lines(
                 &dir.join(&name),
                 &format!("Request latency through a {}", via.label()),
-                "µs",
+                "µs (thick: p50, thin: p99)",
                 &lat,
+                true,
             )?;
             files.push(name);
         }
