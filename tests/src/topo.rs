@@ -480,6 +480,21 @@ impl Cluster {
         serde_json::from_slice(&out.stdout).map_err(|e| e.to_string())
     }
 
+    /// `lbctl counters`: every verdict's count by its label.
+    pub fn verdicts(&self) -> std::collections::BTreeMap<String, u64> {
+        let v = self.lbctl_json(&["counters"]).expect("lbctl counters");
+        v.as_array()
+            .expect("a list of verdicts")
+            .iter()
+            .map(|c| {
+                (
+                    c["verdict"].as_str().unwrap_or_default().to_string(),
+                    c["count"].as_u64().unwrap_or_default(),
+                )
+            })
+            .collect()
+    }
+
     /// Waits until `lbctl services` satisfies `ok`.
     pub fn wait_services(&self, what: &str, ok: impl Fn(&[serde_json::Value]) -> bool) {
         let deadline = Instant::now() + Duration::from_secs(20);

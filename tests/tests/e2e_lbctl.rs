@@ -225,19 +225,9 @@ fn explain_backends_and_status_agree_with_real_traffic() {
     // explain runs counted in their scratch maps only).
     let svc = c.lbctl_json(&["services"]).unwrap();
     assert_eq!(svc[0]["flows"], 16, "{svc:#}");
-    let verdicts = c.lbctl_json(&["counters"]).unwrap();
-    let of = |name: &str| {
-        verdicts
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|v| v["verdict"] == name)
-            .unwrap()["count"]
-            .as_u64()
-            .unwrap()
-    };
-    assert_eq!(of("forward_new"), 12, "{verdicts:#}");
-    assert_eq!(of("sock_translated"), 4, "{verdicts:#}");
+    let verdicts = c.verdicts();
+    assert_eq!(verdicts["forward_new"], 12, "{verdicts:#?}");
+    assert_eq!(verdicts["sock_translated"], 4, "{verdicts:#?}");
 
     // Not a Service: passed untouched, by the program's own verdict.
     let other = explain(

@@ -175,19 +175,9 @@ fn services_answer_from_pods_host_and_outside() {
         .lbctl_json(&["conntrack", "--count", "--service", "e2e/web"])
         .unwrap();
     assert!(count["count"].as_u64().unwrap() >= 2, "{count}");
-    let verdicts = c.lbctl_json(&["counters"]).unwrap();
-    let of = |name: &str| {
-        verdicts
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|v| v["verdict"] == name)
-            .unwrap()["count"]
-            .as_u64()
-            .unwrap()
-    };
+    let verdicts = c.verdicts();
     assert!(
-        of("forward_new") >= 1 && of("sock_translated") >= 3,
+        verdicts["forward_new"] >= 1 && verdicts["sock_translated"] >= 3,
         "{verdicts:#?}"
     );
     let status = c.lbctl_json(&["status"]).unwrap();

@@ -157,6 +157,55 @@ pub struct ConntrackInfo {
     pub backend_id: u32,
 }
 
+impl ExplainView {
+    /// What every answer starts with: the question and the frontend it
+    /// meets; the path fills in the rest.
+    fn new(
+        path: &str,
+        program: &str,
+        proto: u8,
+        dst: SocketAddrV4,
+        st: &MapState,
+        key: &Frontend4Key,
+        fe: Option<Frontend>,
+    ) -> Self {
+        Self {
+            path: path.into(),
+            program: program.into(),
+            protocol: if proto == PROTO_TCP { "TCP" } else { "UDP" }.into(),
+            src: None,
+            dst: dst.to_string(),
+            cookie: None,
+            device: None,
+            frontend: fe.map(|f| frontend_info(st, key, &f)),
+            decision: String::new(),
+            reason: String::new(),
+            verdicts: vec![],
+            return_code: None,
+            hash: None,
+            candidates: fe.map_or(0, |f| f.count),
+            slot: None,
+            backend: None,
+            translated_src: None,
+            translated_dst: None,
+            snat: false,
+            conntrack: None,
+            notes: vec![],
+        }
+    }
+}
+
+/// The frontend (all-traffic scope) a packet or socket to `dst` meets.
+fn frontend(st: &MapState, proto: u8, dst: SocketAddrV4) -> (Frontend4Key, Option<Frontend>) {
+    let key = Frontend4Key {
+        addr: ip4(dst.ip().octets()),
+        port: port(dst.port()),
+        proto,
+        scope: SCOPE_ALL,
+    };
+    (key, st.frontends.get(&key).copied())
+}
+
 fn ep(addr: u32, p: u16) -> String {
     format!("{}:{}", Ipv4Addr::from(ip4_octets(addr)), port_host(p))
 }
@@ -252,13 +301,7 @@ pub fn device(
     device: Option<(String, u32)>,
 ) -> Result<ExplainView> {
     let now = super::conntrack::now_s();
-    let key = Frontend4Key {
-        addr: ip4(dst.ip().octets()),
-        port: port(dst.port()),
-        proto,
-        scope: SCOPE_ALL,
-    };
-    let fe = st.frontends.get(&key).copied();
+    let (key, fe) = frontend(st, proto, dst);
     let okey = Ct4Key {
         src_addr: ip4(src.ip().octets()),
         dst_addr: key.addr,
@@ -293,32 +336,17 @@ pub fn device(
     let probe = probe::from_netdev(&maps.dir, &input, ifindex, &seed)?;
 
     let mut v = ExplainView {
-        path: "device".into(),
-        program: attach::FROM_NETDEV.into(),
-        protocol: if proto == PROTO_TCP { "TCP" } else { "UDP" }.into(),
         src: Some(src.to_string()),
-        dst: dst.to_string(),
-        cookie: None,
         device: device.as_ref().map(|d| d.0.clone()),
-        frontend: fe.map(|f| frontend_info(st, &key, &f)),
-        decision: String::new(),
-        reason: String::new(),
         verdicts: probe.verdicts.iter().map(|v| verdict_label(*v)).collect(),
         return_code: Some(tc_code(probe.return_code)),
-        hash: None,
-        candidates: fe.map_or(0, |f| f.count),
-        slot: None,
-        backend: None,
-        translated_src: None,
-        translated_dst: None,
-        snat: false,
         conntrack: existing.map(|e| ConntrackInfo {
             age_s: now.wrapping_sub(e.created_s),
             idle_s: now.wrapping_sub(e.last_seen_s),
             packets: e.packets,
             backend_id: e.backend_id,
         }),
-        notes: vec![],
+        ..ExplainView::new("device", attach::FROM_NETDEV, proto, dst, st, &key, fe)
     };
     if let Some((s, d)) = frame::tuple(&probe.frame)
         && (s, d) != (src, dst)
@@ -414,40 +442,15 @@ pub fn socket(
     cookie: u64,
     dst: SocketAddrV4,
 ) -> ExplainView {
-    let key = Frontend4Key {
-        addr: ip4(dst.ip().octets()),
-        port: port(dst.port()),
-        proto,
-        scope: SCOPE_ALL,
-    };
-    let fe = st.frontends.get(&key).copied();
+    let (key, fe) = frontend(st, proto, dst);
     let program = if proto == PROTO_UDP {
         "lb_connect4 / lb_sendmsg4"
     } else {
         "lb_connect4"
     };
     let mut v = ExplainView {
-        path: "socket".into(),
-        program: program.into(),
-        protocol: if proto == PROTO_TCP { "TCP" } else { "UDP" }.into(),
-        src: None,
-        dst: dst.to_string(),
         cookie: Some(cookie),
-        device: None,
-        frontend: fe.map(|f| frontend_info(st, &key, &f)),
-        decision: String::new(),
-        reason: String::new(),
-        verdicts: vec![],
-        return_code: None,
-        hash: None,
-        candidates: fe.map_or(0, |f| f.count),
-        slot: None,
-        backend: None,
-        translated_src: None,
-        translated_dst: None,
-        snat: false,
-        conntrack: None,
-        notes: vec![],
+        ..ExplainView::new("socket", program, proto, dst, st, &key, fe)
     };
     let Some(fe) = fe else {
         v.decision = "not_a_service".into();
@@ -607,17 +610,7 @@ pub fn table(v: &ExplainView) -> String {
     for n in &v.notes {
         rows.push(vec!["note".into(), n.clone()]);
     }
-    let mut t = comfy_table::Table::new();
-    t.load_preset(comfy_table::presets::NOTHING);
-    for r in rows {
-        t.add_row(r);
-    }
-    let lines: Vec<String> = t
-        .to_string()
-        .lines()
-        .map(|l| l.trim_end().to_string())
-        .collect();
-    lines.join("\n") + "\n"
+    render::pairs(rows)
 }
 
 /// The device to run as: the one named, else the first the agent attached.

@@ -21,9 +21,21 @@ pub fn structured<T: Serialize>(out: Output, view: &T) -> Result<Option<String>>
 }
 
 pub fn table(header: &[&str], rows: Vec<Vec<String>>) -> String {
+    render(Some(header), rows)
+}
+
+/// A table without a header: one "what  value" line per row, for a
+/// single object (`lbctl explain`, the agent part of `lbctl status`).
+pub fn pairs(rows: Vec<Vec<String>>) -> String {
+    render(None, rows)
+}
+
+fn render(header: Option<&[&str]>, rows: Vec<Vec<String>>) -> String {
     let mut t = comfy_table::Table::new();
     t.load_preset(comfy_table::presets::NOTHING);
-    t.set_header(header.iter().copied());
+    if let Some(h) = header {
+        t.set_header(h.iter().copied());
+    }
     for r in rows {
         t.add_row(r);
     }

@@ -151,17 +151,7 @@ pub fn agent_table(a: Option<&AgentView>) -> String {
             format!("{} ({})", a.last_error, ago(a.last_error_age_s)),
         ]);
     }
-    let mut t = comfy_table::Table::new();
-    t.load_preset(comfy_table::presets::NOTHING);
-    for r in rows {
-        t.add_row(r);
-    }
-    let lines: Vec<String> = t
-        .to_string()
-        .lines()
-        .map(|l| l.trim_end().to_string())
-        .collect();
-    lines.join("\n") + "\n"
+    render::pairs(rows)
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]

@@ -3,10 +3,7 @@
 //! agent's memory; beside it kube-proxy's full syncs of the same Services,
 //! recreated (`iptables-restore`, `nft -f`).
 
-use std::{
-    process::Command,
-    time::{Duration, Instant},
-};
+use std::time::Instant;
 
 use lbctl::{
     agent::{reconcile::Reconciler, store::Store},
@@ -14,14 +11,14 @@ use lbctl::{
 };
 
 use super::{
-    Progress, cluster,
+    Progress, agent, cluster,
     e2e::{self, load_into},
     node_info,
     packet::NODE,
     percentile,
 };
 use crate::{
-    guard::{Bpffs, Cgroup, Netns, Proc, unique},
+    guard::{Bpffs, Cgroup, Netns, unique},
     kubeproxy::{self, NodeCfg},
 };
 
@@ -72,75 +69,27 @@ fn agent_run(n: usize) -> AgentRun {
     let cg = Cgroup::new();
     let fs = Bpffs::new();
     let work = std::env::temp_dir().join(unique("bw"));
-    let manifests = work.join("manifests");
-    std::fs::create_dir_all(&manifests).unwrap();
-    std::fs::write(
-        manifests.join("services.yaml"),
-        cluster::to_yaml(&cluster::services(n, 10), "node-a"),
-    )
-    .unwrap();
-    // lbctl as built with this package (always the current code).
-    let lbctl = std::env::current_exe().unwrap().with_file_name("lbctl-e2e");
-    let log = work.join("agent.log");
-    let start = Instant::now();
-    let agent = Command::new("nsenter")
-        .arg(format!("--net=/run/netns/{}", ns.name))
-        .arg(&lbctl)
-        .args(["agent", "--manifests"])
-        .arg(&manifests)
-        .arg("--bpffs")
-        .arg(fs.pins())
-        .arg("--cgroup")
-        .arg(&cg.path)
-        .args([
-            "--node-name",
-            "node-a",
-            "--node-ip",
-            "172.18.0.2",
-            "--poll-ms",
-            "50",
-            "--healthz-bind-address",
-            "",
-            "--metrics-bind-address",
-            "",
-        ])
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .expect("lbctl agent (build it: cargo build -p lb-tests --bins)");
-    // Killed (by its PID) even if this run panics.
-    let mut agent = Proc(agent);
-    let pid = agent.0.id();
     let mut peak_kib = 0u64;
-    loop {
-        if let Ok(st) = std::fs::read_to_string(format!("/proc/{pid}/status"))
-            && let Some(v) = st.lines().find(|l| l.starts_with("VmHWM:"))
-        {
-            peak_kib = v
-                .split_whitespace()
-                .nth(1)
-                .and_then(|x| x.parse().ok())
-                .unwrap_or(peak_kib);
-        }
-        if std::fs::read_to_string(&log)
-            .unwrap_or_default()
-            .contains("first sync done")
-        {
-            break;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(300),
-            "agent did not sync: {}",
-            std::fs::read_to_string(&log).unwrap_or_default()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let full = start.elapsed();
-    let _ = agent.0.kill();
-    let _ = agent.0.wait();
-    let _ = Command::new(&lbctl)
-        .args(["agent", "--cleanup", "--bpffs"])
-        .arg(fs.pins())
-        .output();
+    let (agent, full) = agent::start(
+        &ns,
+        &work,
+        &cluster::services(n, 10),
+        &fs.pins(),
+        &cg.path,
+        None,
+        |pid| {
+            if let Ok(st) = std::fs::read_to_string(format!("/proc/{pid}/status"))
+                && let Some(v) = st.lines().find(|l| l.starts_with("VmHWM:"))
+            {
+                peak_kib = v
+                    .split_whitespace()
+                    .nth(1)
+                    .and_then(|x| x.parse().ok())
+                    .unwrap_or(peak_kib);
+            }
+        },
+    );
+    agent::stop(agent, &fs.pins());
     let _ = std::fs::remove_dir_all(&work);
     AgentRun {
         services: n,

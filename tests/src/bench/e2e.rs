@@ -20,14 +20,9 @@
 //! (`cluster::target_index`), with the one nginx pod as its endpoint; the
 //! others have 10 unreachable endpoints each and only fill the tables.
 
-use std::{
-    net::Ipv4Addr,
-    path::Path,
-    process::{Command, Stdio},
-    time::{Duration, Instant},
-};
+use std::{net::Ipv4Addr, process::Stdio, time::Instant};
 
-use super::{Progress, cluster, control::kube_proxy_node};
+use super::{Progress, agent, cluster, control::kube_proxy_node};
 use crate::{
     guard::{Bpffs, Cgroup, Netns, Proc, unique},
     kubeproxy,
@@ -329,58 +324,6 @@ fn services(n: usize) -> (Vec<kubeproxy::Svc>, usize) {
     (svcs, t)
 }
 
-/// Starts the real agent in the node namespace on a folder holding `svcs`
-/// and waits for its first sync.
-fn start_agent(b: &Bench, svcs: &[kubeproxy::Svc], pins: &Path) -> Proc {
-    let manifests = b.work.join("manifests");
-    std::fs::create_dir_all(&manifests).unwrap();
-    std::fs::write(
-        manifests.join("services.yaml"),
-        cluster::to_yaml(svcs, "node-a"),
-    )
-    .unwrap();
-    let lbctl = std::env::current_exe().unwrap().with_file_name("lbctl-e2e");
-    let log = b.work.join("agent.log");
-    let child = Command::new("nsenter")
-        .arg(format!("--net=/run/netns/{}", b.node.name))
-        .arg(&lbctl)
-        .args(["agent", "--manifests"])
-        .arg(&manifests)
-        .arg("--bpffs")
-        .arg(pins)
-        .arg("--cgroup")
-        .arg(&b.cgroup.path)
-        .args([
-            "--node-name",
-            "node-a",
-            "--node-ip",
-            &NODE_IP.to_string(),
-            "--devices",
-            "eth0",
-            "--healthz-bind-address",
-            "",
-            "--metrics-bind-address",
-            "",
-        ])
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .expect("lbctl agent");
-    let agent = Proc(child);
-    let start = Instant::now();
-    while !std::fs::read_to_string(&log)
-        .unwrap_or_default()
-        .contains("first sync done")
-    {
-        assert!(
-            start.elapsed() < Duration::from_secs(300),
-            "agent did not sync: {}",
-            std::fs::read_to_string(&log).unwrap_or_default()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    agent
-}
-
 /// Feeds `text` to `program args` inside `ns`; how long it took.
 pub fn load_into(ns: &Netns, program: &str, args: &[&str], text: &str) -> f64 {
     use std::io::Write;
@@ -430,7 +373,18 @@ impl Setup {
         let target = &svcs[t];
         let node_port = target.node_port.expect("target has a NodePort");
         let bpffs = Bpffs::new();
-        let agent = (dp == Datapath::Lb).then(|| start_agent(&bench, &svcs, &bpffs.pins()));
+        let agent = (dp == Datapath::Lb).then(|| {
+            let (proc, _) = agent::start(
+                &bench.node,
+                &bench.work,
+                &svcs,
+                &bpffs.pins(),
+                &bench.cgroup.path,
+                Some("eth0"),
+                |_| {},
+            );
+            proc
+        });
         let load_s = match dp {
             Datapath::Iptables => load_into(
                 &bench.node,
@@ -473,18 +427,14 @@ impl Setup {
 
 impl Drop for Setup {
     fn drop(&mut self) {
-        if self.agent.take().is_some() {
-            let lbctl = std::env::current_exe().unwrap().with_file_name("lbctl-e2e");
-            let _ = Command::new(lbctl)
-                .args(["agent", "--cleanup", "--bpffs"])
-                .arg(self.bpffs.pins())
-                .output();
+        if let Some(a) = self.agent.take() {
+            agent::stop(a, &self.bpffs.pins());
         }
     }
 }
 
 const VIAS: [Via; 2] = [Via::ClusterIp, Via::NodePort];
-const DATAPATHS: [Datapath; 4] = [
+pub const DATAPATHS: [Datapath; 4] = [
     Datapath::Direct,
     Datapath::Lb,
     Datapath::Iptables,

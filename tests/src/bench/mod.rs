@@ -11,6 +11,7 @@
 //!   iptables-restore and nft -f of the same Services.
 //! - `plot`: SVG plots of the above.
 
+pub mod agent;
 pub mod cluster;
 pub mod control;
 pub mod e2e;

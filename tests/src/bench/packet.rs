@@ -7,7 +7,7 @@ use std::{net::Ipv4Addr, time::Instant};
 
 use aya::{
     Ebpf,
-    programs::{Program, SchedClassifier, TestRun, TestRunOptions, Xdp},
+    programs::{Program, SchedClassifier, TestRun, TestRunOptions, TestRunResult, Xdp},
 };
 use lbctl::{
     agent::{model, reconcile::Reconciler},
@@ -60,8 +60,12 @@ pub fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-/// One run of a tc program on a fresh copy of `frame`, kernel-timed.
-fn run_tc(p: &SchedClassifier, frame: &[u8]) -> (f64, Vec<u8>) {
+/// One run of a program on a fresh copy of `frame`, kernel-timed; the
+/// frame as the program left it.
+fn run_once<P>(p: &P, frame: &[u8]) -> (f64, Vec<u8>)
+where
+    P: for<'a> TestRun<Opts<'a> = TestRunOptions<'a>, Result = TestRunResult>,
+{
     let mut out = vec![0u8; frame.len() + 64];
     let r = p
         .test_run(TestRunOptions {
@@ -72,19 +76,6 @@ fn run_tc(p: &SchedClassifier, frame: &[u8]) -> (f64, Vec<u8>) {
         })
         .expect("PROG_TEST_RUN");
     (r.duration.as_nanos() as f64, out)
-}
-
-fn run_xdp(p: &Xdp, frame: &[u8]) -> f64 {
-    let mut out = vec![0u8; frame.len() + 64];
-    let r = p
-        .test_run(TestRunOptions {
-            data_in: Some(frame),
-            data_out: Some(&mut out),
-            repeat: 1,
-            ..Default::default()
-        })
-        .expect("PROG_TEST_RUN");
-    r.duration.as_nanos() as f64
 }
 
 /// Rounds of `calls` runs: (median of the rounds' medians, min, max).
@@ -189,20 +180,20 @@ pub fn run(quick: bool, progress: &mut Progress) -> Results {
         res.cost[0].push(rounds(n_rounds, calls, |i| {
             let src = Ipv4Addr::from(u32::from(client) + (i / 60_000) as u32);
             let f = Frame::tcp((src, 1024 + (i % 60_000) as u16), (NODE, np), SYN).bytes();
-            run_tc(from, &f).0
+            run_once(from, &f).0
         }));
         // The flow of `est` exists once its first packet ran.
         let est = Frame::tcp((Ipv4Addr::new(192, 168, 99, 1), 40000), (NODE, np), ACK).bytes();
-        let (_, out) = run_tc(from, &est);
-        res.cost[1].push(rounds(n_rounds, calls, |_| run_tc(from, &est).0));
+        let (_, out) = run_once(from, &est);
+        res.cost[1].push(rounds(n_rounds, calls, |_| run_once(from, &est).0));
         // The reply of that flow from the chosen backend.
         let be = Ipv4Addr::new(out[30], out[31], out[32], out[33]);
         let reply = Frame::tcp((be, 8080), (Ipv4Addr::new(192, 168, 99, 1), 40000), ACK).bytes();
-        res.cost[2].push(rounds(n_rounds, calls, |_| run_tc(to, &reply).0));
-        res.cost[3].push(rounds(n_rounds, calls, |_| run_tc(from, &other).0));
-        res.cost[4].push(rounds(n_rounds, calls, |_| run_tc(from, &routed).0));
-        res.cost[5].push(rounds(n_rounds, calls, |_| run_tc(floor_tc, &other).0));
-        res.cost[6].push(rounds(n_rounds, calls, |_| run_xdp(xdp, &other)));
+        res.cost[2].push(rounds(n_rounds, calls, |_| run_once(to, &reply).0));
+        res.cost[3].push(rounds(n_rounds, calls, |_| run_once(from, &other).0));
+        res.cost[4].push(rounds(n_rounds, calls, |_| run_once(from, &routed).0));
+        res.cost[5].push(rounds(n_rounds, calls, |_| run_once(floor_tc, &other).0));
+        res.cost[6].push(rounds(n_rounds, calls, |_| run_once(xdp, &other).0));
         drop(rec);
     }
     res

@@ -126,48 +126,27 @@ pub fn write(
             } else {
                 "nodeport"
             };
-            let per = |f: &dyn Fn(&e2e::Measure) -> f64| -> Vec<Series> {
-                [
-                    Datapath::Direct,
-                    Datapath::Lb,
-                    Datapath::Iptables,
-                    Datapath::Nftables,
-                ]
-                .iter()
-                .map(|dp| {
-                    (
-                        dp.label().to_string(),
-                        e.sizes
-                            .iter()
-                            .filter_map(|n| e.get(*dp, via, *n).map(|m| (*n as f64, f(m))))
-                            .collect(),
-                    )
-                })
-                .collect()
+            // One series per datapath of `f(measure, floor)` over the sizes.
+            let per = |f: &dyn Fn(&e2e::Measure, f64) -> Option<f64>| -> Vec<Series> {
+                e2e::DATAPATHS
+                    .iter()
+                    .map(|dp| {
+                        (
+                            dp.label().to_string(),
+                            e.sizes
+                                .iter()
+                                .filter_map(|n| {
+                                    let floor = e.get(Datapath::Direct, via, *n)?.new_conn_per_s;
+                                    Some((*n as f64, f(e.get(*dp, via, *n)?, floor)?))
+                                })
+                                .collect(),
+                        )
+                    })
+                    .collect()
             };
             // Relative to the direct floor measured in the same turns: the
             // machine's drift between sizes cancels out.
-            let ratio: Vec<Series> = [
-                Datapath::Direct,
-                Datapath::Lb,
-                Datapath::Iptables,
-                Datapath::Nftables,
-            ]
-            .iter()
-            .map(|dp| {
-                (
-                    dp.label().to_string(),
-                    e.sizes
-                        .iter()
-                        .filter_map(|n| {
-                            let floor = e.get(Datapath::Direct, via, *n)?.new_conn_per_s;
-                            let m = e.get(*dp, via, *n)?;
-                            (floor > 0.0).then(|| (*n as f64, m.new_conn_per_s / floor))
-                        })
-                        .collect(),
-                )
-            })
-            .collect();
+            let ratio = per(&|m, floor| (floor > 0.0).then(|| m.new_conn_per_s / floor));
             let name = format!("new-connections-{tag}.svg");
             lines(
                 &dir.join(&name),
@@ -180,11 +159,11 @@ pub fn write(
                 false,
             )?;
             files.push(name);
-            let mut lat = per(&|m| m.p50_us);
+            let mut lat = per(&|m, _| Some(m.p50_us));
             for s in &mut lat {
                 s.0 += " p50";
             }
-            let mut p99 = per(&|m| m.p99_us);
+            let mut p99 = per(&|m, _| Some(m.p99_us));
             for s in &mut p99 {
                 s.0 += " p99";
             }

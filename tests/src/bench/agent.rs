@@ -1,0 +1,100 @@
+//! The real agent for the benchmark: `lbctl-e2e` (lbctl built with this
+//! package, so always the current code) in a node namespace on a folder
+//! of Services, until its first sync is in the maps.
+
+use std::{
+    path::Path,
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use crate::{
+    guard::{Netns, Proc},
+    kubeproxy::Svc,
+};
+
+use super::{cluster, packet::NODE};
+
+fn lbctl() -> std::path::PathBuf {
+    std::env::current_exe().unwrap().with_file_name("lbctl-e2e")
+}
+
+/// Starts the agent in `node` on `work/manifests` holding `svcs`, with
+/// its maps in `pins`, socket programs on `cgroup` and tc on `devices`
+/// (if any); waits for "first sync done", calling `waiting(pid)` at each
+/// poll. Returns the agent (killed by its PID on drop) and the time from
+/// start to the first sync.
+pub fn start(
+    node: &Netns,
+    work: &Path,
+    svcs: &[Svc],
+    pins: &Path,
+    cgroup: &Path,
+    devices: Option<&str>,
+    mut waiting: impl FnMut(u32),
+) -> (Proc, Duration) {
+    let manifests = work.join("manifests");
+    std::fs::create_dir_all(&manifests).unwrap();
+    std::fs::write(
+        manifests.join("services.yaml"),
+        cluster::to_yaml(svcs, "node-a"),
+    )
+    .unwrap();
+    let log = work.join("agent.log");
+    let start = Instant::now();
+    let mut cmd = Command::new("nsenter");
+    cmd.arg(format!("--net=/run/netns/{}", node.name))
+        .arg(lbctl())
+        .args(["agent", "--manifests"])
+        .arg(&manifests)
+        .arg("--bpffs")
+        .arg(pins)
+        .arg("--cgroup")
+        .arg(cgroup)
+        .args([
+            "--node-name",
+            "node-a",
+            "--node-ip",
+            &NODE.to_string(),
+            "--poll-ms",
+            "50",
+            "--healthz-bind-address",
+            "",
+            "--metrics-bind-address",
+            "",
+        ]);
+    if let Some(d) = devices {
+        cmd.args(["--devices", d]);
+    }
+    let agent = Proc(
+        cmd.stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("lbctl agent (build it: cargo build -p lb-tests --bins)"),
+    );
+    let pid = agent.0.id();
+    loop {
+        waiting(pid);
+        if std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("first sync done")
+        {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(300),
+            "agent did not sync: {}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    (agent, start.elapsed())
+}
+
+/// Stops `agent` and removes its attachments and maps.
+pub fn stop(agent: Proc, pins: &Path) {
+    drop(agent);
+    let _ = Command::new(lbctl())
+        .args(["agent", "--cleanup", "--bpffs"])
+        .arg(pins)
+        .output();
+}
