@@ -107,7 +107,13 @@ pub struct Netns {
 
 impl Netns {
     pub fn new(tag: &str) -> Self {
-        let name = unique(tag);
+        Self::named(&unique(tag))
+    }
+
+    /// A namespace with this exact name (outside the sweep's prefix when
+    /// it must outlive the process, as `cargo xtask cluster up`'s).
+    pub fn named(name: &str) -> Self {
+        let name = name.to_string();
         run("ip", &["netns", "add", &name]);
         run("ip", &["-n", &name, "link", "set", "lo", "up"]);
         Self { name }

@@ -4,11 +4,14 @@
 
 pub mod apiserver;
 pub mod bench;
+pub mod controlplane;
 pub mod fixture;
 pub mod guard;
+pub mod kubelet;
 pub mod kubeproxy;
 pub mod packet;
 pub mod postgres;
+pub mod realcluster;
 pub mod topo;
 
 /// Tests need root (bpf, netns, mounts). Fail with a clear message rather

@@ -74,7 +74,14 @@ pub fn veth(a: &Netns, a_if: &str, b: &Netns, b_if: &str) {
 /// A bridge `br0` at 10.244.<net>.1 in `node` with `n` pods on it.
 fn pod_network(node: &Netns, net: u8, n: usize, prefix: &str) -> Vec<Pod> {
     let gw = Ipv4Addr::new(10, 244, net, 1);
-    ip(node, &["link", "add", "br0", "type", "bridge"]);
+    // A fixed MAC: a bridge without one takes its lowest port's, so it
+    // would change as pods come and go, and pods would keep sending to
+    // their gateway's old address.
+    let mac = format!("02:00:0a:f4:{net:02x}:01");
+    ip(
+        node,
+        &["link", "add", "br0", "address", &mac, "type", "bridge"],
+    );
     ip(node, &["addr", "add", &format!("{gw}/24"), "dev", "br0"]);
     ip(node, &["link", "set", "br0", "up"]);
     (1..=n)
@@ -171,42 +178,7 @@ impl Topology {
 
     /// An HTTP server in `ns` on `port` that answers every GET with `name`.
     pub fn http_server(&mut self, ns_name: &str, port: u16, name: &str) {
-        // GET /bytes/N answers N bytes of pattern() (for byte-exact
-        // transfer checks), /slow/N the same paced at about 2 MB/s (a long
-        // transfer); anything else answers the server's name. Every
-        // answer names the server in an X-Pod header.
-        const SERVER: &str = r#"
-import http.server, sys, time
-CHUNK = bytes(i % 251 for i in range(251 * 256))
-class H(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    def do_GET(self):
-        if self.path.startswith("/bytes/") or self.path.startswith("/slow/"):
-            n = int(self.path.split("/")[2])
-            pause = 0.03 if self.path.startswith("/slow/") else 0
-            self.send_response(200)
-            self.send_header("Content-Length", str(n))
-            self.send_header("X-Pod", sys.argv[2])
-            self.end_headers()
-            sent = 0
-            while sent < n:
-                part = CHUNK[: min(len(CHUNK), n - sent)]
-                self.wfile.write(part)
-                sent += len(part)
-                if pause:
-                    time.sleep(pause)
-            return
-        body = (sys.argv[2] + "\n").encode()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("X-Pod", sys.argv[2])
-        self.end_headers()
-        self.wfile.write(body)
-    def log_message(self, *a):
-        pass
-http.server.ThreadingHTTPServer(("0.0.0.0", int(sys.argv[1])), H).serve_forever()
-"#;
-        self.python_server(ns_name, SERVER, port, name);
+        self.python_server(ns_name, HTTP_SERVER, port, name);
     }
 
     /// A UDP server in `ns` on `port` that answers every datagram with
@@ -226,28 +198,20 @@ while True:
     /// Runs a Python server `script` in `ns_name` with (port, name) as its
     /// arguments; stopped when the topology is dropped.
     fn python_server(&mut self, ns_name: &str, script: &str, port: u16, name: &str) {
-        let child = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                ns_name,
-                "python3",
-                "-c",
-                script,
-                &port.to_string(),
-                name,
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start a python3 server");
-        self.servers.push(Proc(child));
+        self.servers
+            .push(python_server(ns_name, script, port, name));
     }
 
     /// Waits until something listens on `port` in namespace `ns_name`.
     pub fn wait_listening(ns_name: &str, port: u16) {
+        Self::wait_listening_on(ns_name, "", port);
+    }
+
+    /// Waits until something listens on `addr:port` (any address when
+    /// `addr` is empty) in namespace `ns_name`.
+    pub fn wait_listening_on(ns_name: &str, addr: &str, port: u16) {
         let deadline = Instant::now() + Duration::from_secs(10);
-        let want = format!(":{port} ");
+        let want = format!("{addr}:{port} ");
         while Instant::now() < deadline {
             let out = Command::new("ip")
                 .args(["netns", "exec", ns_name, "ss", "-ltnH"])
@@ -257,7 +221,7 @@ while True:
             }
             thread::sleep(Duration::from_millis(50));
         }
-        panic!("nothing listens on port {port} in {ns_name}");
+        panic!("nothing listens on {addr}:{port} in {ns_name}");
     }
 
     /// Starts an HTTP server in every pod, answering with the pod's name.
@@ -294,6 +258,76 @@ while True:
     pub fn pod(&self, name: &str) -> &Pod {
         self.pods.iter().find(|p| p.name == name).expect("pod")
     }
+}
+
+/// The test HTTP server: GET /bytes/N answers N bytes of pattern() (for
+/// byte-exact transfer checks), /slow/N the same paced at about 2 MB/s (a
+/// long transfer); anything else answers the server's name. Every answer
+/// names the server in an X-Pod header.
+const HTTP_SERVER: &str = r#"
+import http.server, sys, time
+CHUNK = bytes(i % 251 for i in range(251 * 256))
+class H(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_GET(self):
+        if self.path.startswith("/bytes/") or self.path.startswith("/slow/"):
+            n = int(self.path.split("/")[2])
+            pause = 0.03 if self.path.startswith("/slow/") else 0
+            self.send_response(200)
+            self.send_header("Content-Length", str(n))
+            self.send_header("X-Pod", sys.argv[2])
+            self.end_headers()
+            sent = 0
+            while sent < n:
+                part = CHUNK[: min(len(CHUNK), n - sent)]
+                self.wfile.write(part)
+                sent += len(part)
+                if pause:
+                    time.sleep(pause)
+            return
+        body = (sys.argv[2] + "\n").encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("X-Pod", sys.argv[2])
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *a):
+        pass
+bind = sys.argv[3] if len(sys.argv) > 3 else "0.0.0.0"
+http.server.ThreadingHTTPServer((bind, int(sys.argv[1])), H).serve_forever()
+"#;
+
+/// The test HTTP server in `ns_name` on `port`, answering `name`; stopped
+/// when the returned guard drops.
+pub fn http_server(ns_name: &str, port: u16, name: &str) -> Proc {
+    python_server(ns_name, HTTP_SERVER, port, name)
+}
+
+/// The test HTTP server bound to one address of `ns_name` (several
+/// "hosts" sharing one namespace).
+pub fn http_server_on(ns_name: &str, addr: Ipv4Addr, port: u16, name: &str) -> Proc {
+    spawn_python(
+        ns_name,
+        HTTP_SERVER,
+        &[&port.to_string(), name, &addr.to_string()],
+    )
+}
+
+/// Runs a Python server `script` in `ns_name` with (port, name) as its
+/// arguments.
+fn python_server(ns_name: &str, script: &str, port: u16, name: &str) -> Proc {
+    spawn_python(ns_name, script, &[&port.to_string(), name])
+}
+
+fn spawn_python(ns_name: &str, script: &str, args: &[&str]) -> Proc {
+    let child = Command::new("ip")
+        .args(["netns", "exec", ns_name, "python3", "-c", script])
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start a python3 server");
+    Proc(child)
 }
 
 /// What the test HTTP server sends for `/bytes/N`.
@@ -343,26 +377,42 @@ impl Agent {
         cgroup: &Path,
         log: &Path,
     ) -> Self {
-        let logf = std::fs::File::create(log).expect("agent log");
+        let source = [
+            "--manifests".to_string(),
+            manifests.display().to_string(),
+            "--node-name".into(),
+            NODE_NAME.into(),
+            "--node-ip".into(),
+            NODE_IP.to_string(),
+        ];
+        Self::start_with(lbctl, node, &source, pins, cgroup, log)
+    }
+
+    /// Starts `lbctl agent` with `source` (its source and node flags) in
+    /// the node's namespace.
+    pub fn start_with(
+        lbctl: &Path,
+        node: &Netns,
+        source: &[String],
+        pins: &Path,
+        cgroup: &Path,
+        log: &Path,
+    ) -> Self {
+        let logf = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .expect("agent log");
         let child = Command::new("nsenter")
             .arg("--net=".to_string() + &format!("/run/netns/{}", node.name))
             .arg(lbctl)
-            .args(["agent", "--manifests"])
-            .arg(manifests)
+            .arg("agent")
+            .args(source)
             .arg("--bpffs")
             .arg(pins)
             .arg("--cgroup")
             .arg(cgroup)
-            .args([
-                "--node-name",
-                NODE_NAME,
-                "--node-ip",
-                &NODE_IP.to_string(),
-                "--devices",
-                "eth0,dum*",
-                "--poll-ms",
-                "100",
-            ])
+            .args(["--devices", "eth0,dum*", "--poll-ms", "100"])
             .env("RUST_LOG", "info")
             .stdout(logf.try_clone().expect("log"))
             .stderr(logf)
@@ -414,27 +464,44 @@ pub struct Cluster {
     pub work: PathBuf,
     pub manifests: PathBuf,
     pub bpffs: crate::guard::Bpffs,
+    /// The agent's source and node flags (a manifest folder, or a
+    /// kubeconfig for a real API server).
+    pub source: Vec<String>,
 }
 
 impl Cluster {
     pub fn start(lbctl: &Path, topo: Topology, files: &[(&str, &str)]) -> Self {
-        let work = std::env::temp_dir().join(crate::guard::unique("wk"));
-        let manifests = work.join("manifests");
-        std::fs::create_dir_all(&manifests).expect("manifest folder");
-        let bpffs = crate::guard::Bpffs::new();
-        let mut c = Self {
-            agent: None,
-            topo,
-            lbctl: lbctl.to_path_buf(),
-            work,
-            manifests,
-            bpffs,
-        };
+        let mut c = Self::new(lbctl, topo);
+        c.source = vec![
+            "--manifests".into(),
+            c.manifests.display().to_string(),
+            "--node-name".into(),
+            NODE_NAME.into(),
+            "--node-ip".into(),
+            NODE_IP.to_string(),
+        ];
         for (name, text) in files {
             c.write(name, text);
         }
         c.start_agent();
         c
+    }
+
+    /// The folders and bpffs of a cluster, no agent yet (`source` and
+    /// `start_agent` start one).
+    pub fn new(lbctl: &Path, topo: Topology) -> Self {
+        let work = std::env::temp_dir().join(crate::guard::unique("wk"));
+        let manifests = work.join("manifests");
+        std::fs::create_dir_all(&manifests).expect("manifest folder");
+        Self {
+            agent: None,
+            topo,
+            lbctl: lbctl.to_path_buf(),
+            work,
+            manifests,
+            bpffs: crate::guard::Bpffs::new(),
+            source: vec![],
+        }
     }
 
     pub fn pins(&self) -> PathBuf {
@@ -443,10 +510,10 @@ impl Cluster {
 
     pub fn start_agent(&mut self) {
         let log = self.work.join("agent.log");
-        self.agent = Some(Agent::start(
+        self.agent = Some(Agent::start_with(
             &self.lbctl,
             &self.topo.node,
-            &self.manifests,
+            &self.source,
             &self.pins(),
             &self.topo.cgroup.path,
             &log,

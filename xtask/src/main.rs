@@ -1,6 +1,8 @@
 //! Project tasks. `cargo xtask demo` and `cargo xtask test` are the two
 //! commands a fresh machine needs; each runs the set-up first.
 
+mod gobuild;
+mod lint;
 mod setup;
 mod sh;
 
@@ -31,6 +33,15 @@ enum Task {
     },
     /// Set up, build, and run the demo in network namespaces.
     Demo,
+    /// Lint what users install: shell scripts (shellcheck), workflows
+    /// (GitHub's schema), deploy/Dockerfile (hadolint), the Helm chart
+    /// (helm lint; its objects must be deploy/'s).
+    Lint,
+    /// A real Kubernetes control plane built from upstream (tests/cluster).
+    Cluster {
+        #[command(subcommand)]
+        action: ClusterAction,
+    },
     /// Set up, build, and print datapath cost figures (not a test).
     Bench {
         /// A small run that only checks the benchmark still works.
@@ -39,15 +50,40 @@ enum Task {
     },
 }
 
+#[derive(Subcommand)]
+enum ClusterAction {
+    /// Rewrite tests/cluster/kubernetes/go.mod for a release (replaces of
+    /// every staging module from the release's own go.mod) and tidy it.
+    Gomod {
+        /// The k8s.io/kubernetes release, e.g. v1.37.2.
+        version: String,
+    },
+    /// Build (or find cached) etcd, the control plane, kubectl and helm.
+    Build,
+    /// Start etcd, kube-apiserver, kube-controller-manager and
+    /// kube-scheduler in a network namespace of their own; prints how to
+    /// reach them. Runs until `down` (or Ctrl-C).
+    Up,
+    /// Stop the cluster `up` started (by PID) and remove its folder.
+    Down,
+    /// Show whether the cluster runs and what it serves.
+    Status,
+}
+
 fn main() -> Result<()> {
     match Cli::parse().task {
-        Task::Setup => setup::run(),
+        Task::Setup => {
+            setup::run()?;
+            gobuild::build_all()
+        }
         Task::Build => {
             setup::run()?;
             build()
         }
         Task::Test { no_lint, args } => {
             setup::run()?;
+            // The control plane the cluster tests run against, and helm.
+            gobuild::build_all()?;
             test(!no_lint, &args)
         }
         Task::Bench { quick } => {
@@ -71,6 +107,37 @@ fn main() -> Result<()> {
             }
             sh::step("bench", sh::cargo(&args))
         }
+        Task::Lint => {
+            gobuild::build_all()?;
+            lint::run(Some(&gobuild::bin_dir().join("helm")))
+        }
+        Task::Cluster { action } => match action {
+            ClusterAction::Gomod { version } => gobuild::generate_kubernetes_gomod(&version),
+            ClusterAction::Build => gobuild::build_all(),
+            ClusterAction::Up | ClusterAction::Down | ClusterAction::Status => {
+                setup::run()?;
+                gobuild::build_all()?;
+                let verb = match action {
+                    ClusterAction::Up => "up",
+                    ClusterAction::Down => "down",
+                    _ => "status",
+                };
+                sh::step(
+                    &format!("cluster {verb}"),
+                    sh::cargo(&[
+                        "run",
+                        "--release",
+                        "--quiet",
+                        "-p",
+                        "lb-tests",
+                        "--bin",
+                        "cluster",
+                        "--",
+                        verb,
+                    ]),
+                )
+            }
+        },
         Task::Demo => {
             setup::run()?;
             build()?;
@@ -114,6 +181,7 @@ fn test(lint: bool, extra: &[String]) -> Result<()> {
         ]);
         clippy.env("LB_SKIP_EBPF", "1");
         sh::step("cargo clippy --all-targets -- -D warnings", clippy)?;
+        lint::run(Some(&gobuild::bin_dir().join("helm")))?;
     }
     let mut args = vec!["test", "--workspace"];
     if !extra.is_empty() {

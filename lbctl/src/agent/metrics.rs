@@ -41,6 +41,9 @@ pub struct Metrics {
     /// Changes seen in the source, by kind (files; Service, EndpointSlice,
     /// Endpoints, Node watch events).
     pub source_events: Family<KindLabel, Counter>,
+    /// Complete lists by kind: the first, then each re-list (after a 410
+    /// Gone from compacted history, or a watch that could not resume).
+    pub source_lists: Family<KindLabel, Counter>,
     /// Errors by kind: object (a bad object skipped), file (unreadable or
     /// unparsable manifest), source (the folder unreadable), watch (a list
     /// or watch call failed; retried with backoff), sync (a map write
@@ -55,6 +58,7 @@ impl Metrics {
         let programming_latency = Histogram::new(exponential_buckets(0.001, 2.0, 16));
         let map_entries = Family::<MapLabel, Gauge>::default();
         let source_events = Family::<KindLabel, Counter>::default();
+        let source_lists = Family::<KindLabel, Counter>::default();
         let errors = Family::<KindLabel, Counter>::default();
         registry.register(
             "sync_duration_seconds",
@@ -76,6 +80,11 @@ impl Metrics {
             "Changes seen in the agent's source",
             source_events.clone(),
         );
+        registry.register(
+            "source_lists",
+            "Complete lists of a kind from the API (the first and every re-list)",
+            source_lists.clone(),
+        );
         registry.register("errors", "Errors by kind", errors.clone());
         registry.register_collector(Box::new(DatapathCollector {
             pins,
@@ -87,12 +96,19 @@ impl Metrics {
             programming_latency,
             map_entries,
             source_events,
+            source_lists,
             errors,
         }
     }
 
     pub fn error(&self, kind: &str) {
         self.errors
+            .get_or_create(&KindLabel { kind: kind.into() })
+            .inc();
+    }
+
+    pub fn listed(&self, kind: &str) {
+        self.source_lists
             .get_or_create(&KindLabel { kind: kind.into() })
             .inc();
     }

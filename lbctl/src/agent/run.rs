@@ -275,18 +275,26 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
                 let had_node = sync.node.clone();
                 let mut listed = false;
                 for u in batch {
-                    match &u {
+                    let kind = match &u {
                         Update::Error(kind, e) => {
                             warn!(kind = kind.label(), "watch: {e}");
                             metrics.error("watch");
                             status.error(&format!("watch {}: {e}", kind.label()));
+                            kind.label()
                         }
-                        Update::Service(_) => metrics.event("Service"),
-                        Update::Slice(_) => metrics.event("EndpointSlice"),
-                        Update::Endpoints(_) => metrics.event("Endpoints"),
-                        Update::Node(_) => metrics.event("Node"),
+                        Update::Service(_) => "Service",
+                        Update::Slice(_) => "EndpointSlice",
+                        Update::Endpoints(_) => "Endpoints",
+                        Update::Node(_) => "Node",
+                    };
+                    if !matches!(u, Update::Error(..)) {
+                        metrics.event(kind);
                     }
-                    listed |= sync.apply(&mut store, u).listed;
+                    if sync.apply(&mut store, u).listed {
+                        info!(kind, "listed");
+                        metrics.listed(kind);
+                        listed = true;
+                    }
                 }
                 if listed || sync.node != had_node || node.is_none() {
                     node_obj = Some(sync.node.clone());

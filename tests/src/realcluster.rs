@@ -1,0 +1,217 @@
+//! The test topology (nodes, pods, an outside client, hosts outside the
+//! cluster, all in network namespaces) with a real control plane on its
+//! LAN, the nodes registered as `v1/Node` objects, the project's own
+//! manifests applied from `deploy/` with `kubectl apply -f`, and the agent
+//! on node-a running with the credentials of its own ServiceAccount.
+
+use std::{
+    path::{Path, PathBuf},
+    thread,
+    time::{Duration, Instant},
+};
+
+use crate::{
+    controlplane::{CP_IP, ControlPlane},
+    kubelet::Kubelets,
+    topo::{self, Cluster, NODE_B_IP, NODE_B_NAME, NODE_IP, NODE_NAME, Topology},
+};
+
+/// The repository's deploy/ folder.
+pub fn deploy_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .join("deploy")
+}
+
+pub struct RealCluster {
+    /// Dropped first: pods, then the agent and topology, then the control
+    /// plane.
+    pub kubelets: Kubelets,
+    pub c: Cluster,
+    pub cp: ControlPlane,
+}
+
+impl RealCluster {
+    /// `pods_a`/`pods_b` static pods (Topology's) on node-a/node-b; pods
+    /// made through the API run on either node via `kubelets`.
+    pub fn start(lbctl: &Path, pods_a: usize, pods_b: usize) -> Self {
+        let t = Topology::with_remote(pods_a, pods_b);
+        let cp = ControlPlane::start(&t.lan, "lan0", CP_IP);
+        // The control plane answers pods too (the `kubernetes` Service).
+        for (net, via) in [("10.244.1.0/24", NODE_IP), ("10.244.2.0/24", NODE_B_IP)] {
+            topo::ip(&cp.netns, &["route", "add", net, "via", &via.to_string()]);
+        }
+        cp.register_node(NODE_NAME, NODE_IP, "zone-a");
+        cp.register_node(NODE_B_NAME, NODE_B_IP, "zone-b");
+        // The product's own manifests, as users apply them.
+        cp.kubectl_ok(&["apply", "-f", &deploy_dir().display().to_string()]);
+        let mut c = Cluster::new(lbctl, t);
+        let kubeconfig = c.work.join("agent.kubeconfig");
+        std::fs::write(
+            &kubeconfig,
+            cp.service_account_kubeconfig("lb-system", "lbctl"),
+        )
+        .expect("write the agent's kubeconfig");
+        // No --node-ip: NodePorts answer on the Node object's addresses.
+        c.source = vec![
+            "--kubeconfig".into(),
+            kubeconfig.display().to_string(),
+            "--node-name".into(),
+            NODE_NAME.into(),
+        ];
+        c.start_agent();
+        let rc = Self {
+            kubelets: Kubelets::new(),
+            c,
+            cp,
+        };
+        rc.wait_agent_ready();
+        rc
+    }
+
+    pub fn kubeconfig(&self) -> PathBuf {
+        self.c.work.join("agent.kubeconfig")
+    }
+
+    /// GET on the agent's health listener in node-a: (status, body).
+    pub fn agent_get(&self, path: &str) -> (u16, String) {
+        let out = self
+            .c
+            .topo
+            .node
+            .command("curl")
+            .args(["-s", "-m", "2", "-w", "\n%{http_code}"])
+            .arg(format!("http://127.0.0.1:10256{path}"))
+            .output()
+            .expect("curl");
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+        (code.trim().parse().unwrap_or(0), body.to_string())
+    }
+
+    /// The value of one metric line (`name{labels}`) of the agent's
+    /// /metrics, 0 when absent.
+    pub fn agent_metric(&self, series: &str) -> f64 {
+        let out = self
+            .c
+            .topo
+            .node
+            .command("curl")
+            .args(["-s", "-m", "2", "http://127.0.0.1:10249/metrics"])
+            .output()
+            .expect("curl");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+            .unwrap_or(0.0)
+    }
+
+    pub fn wait_agent_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            if self.agent_get("/readyz").0 == 200 {
+                return;
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+        panic!(
+            "the agent never became ready against kube-apiserver\nagent log:\n{}",
+            self.c.agent_log()
+        );
+    }
+
+    /// One of the Service's fields through kubectl's jsonpath.
+    pub fn service_field(&self, namespace: &str, name: &str, path: &str) -> String {
+        self.cp.kubectl_ok(&[
+            "get",
+            "service",
+            name,
+            "-n",
+            namespace,
+            "-o",
+            &format!("jsonpath={{{path}}}"),
+        ])
+    }
+
+    /// Waits until the agent programs `ns/name` with exactly `backends`
+    /// (address:port, sorted) on every port.
+    pub fn wait_backends(&self, service: &str, want: &[String]) {
+        self.wait_backends_where(service, want, |_| true);
+    }
+
+    /// As `wait_backends`, counting only backends that take new flows.
+    pub fn wait_backends_ready(&self, service: &str, want: &[String]) {
+        self.wait_backends_where(service, want, |b| b["state"] == "active");
+    }
+
+    fn wait_backends_where(
+        &self,
+        service: &str,
+        want: &[String],
+        keep: impl Fn(&serde_json::Value) -> bool,
+    ) {
+        let mut want = want.to_vec();
+        want.sort();
+        let matches = |svcs: &[serde_json::Value]| {
+            let mine: Vec<&serde_json::Value> = svcs
+                .iter()
+                .filter(|s| {
+                    let ns = s["namespace"].as_str().unwrap_or_default();
+                    let name = s["name"].as_str().unwrap_or_default();
+                    format!("{ns}/{name}") == service
+                })
+                .collect();
+            !mine.is_empty()
+                && mine.iter().all(|s| {
+                    let mut got: Vec<String> = s["backends"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .filter(|b| keep(b))
+                        .filter_map(|b| Some(format!("{}:{}", b["address"].as_str()?, b["port"])))
+                        .collect();
+                    got.sort();
+                    got == want
+                })
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut last = String::new();
+        while Instant::now() < deadline {
+            match self.c.lbctl_json(&["services"]) {
+                Ok(v) if v.as_array().is_some_and(|a| matches(a)) => return,
+                Ok(v) => last = v.to_string(),
+                Err(e) => last = e,
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+        // What the API itself says, to tell a slow controller from a
+        // stuck agent.
+        let (ns, name) = service.split_once('/').unwrap_or(("default", service));
+        let slices = self.cp.kubectl(&[
+            "get",
+            "endpointslices",
+            "-n",
+            ns,
+            "-l",
+            &format!("kubernetes.io/service-name={name}"),
+            "-o",
+            "yaml",
+        ]);
+        panic!(
+            "timed out waiting for {service} -> {want:?}\nlbctl services: {last}\n\
+             --- EndpointSlices in the API:\n{}\n--- agent log:\n{}\n--- kube-controller-manager:\n{}",
+            String::from_utf8_lossy(&slices.stdout),
+            self.c.agent_log(),
+            self.cp.log_tail("kube-controller-manager"),
+        );
+    }
+}
+
+impl Drop for RealCluster {
+    fn drop(&mut self) {
+        // Pods first (their servers and namespaces), while the API
+        // server still answers.
+        self.kubelets = Kubelets::new();
+    }
+}

@@ -1,0 +1,389 @@
+//! Upstream Kubernetes pieces built from their Go modules at pinned
+//! versions (the product stays Rust; Go only builds what the tests run
+//! against). Each module under `tests/cluster/<name>/` pins one upstream
+//! release with `tool` directives; its binaries are built once into a cache
+//! folder keyed by the module's go.mod, go.sum and the Go version, and
+//! linked into `target/cluster-bin/` where the tests find them.
+//!
+//! `k8s.io/kubernetes` requires its staging modules at `v0.0.0` and replaces
+//! them with folders of its own repository; those replace directives do not
+//! apply to a module that depends on it, so ours replaces each with its
+//! published `v0.X.Y` twin. `generate_kubernetes_gomod` writes that list
+//! from the pinned release's own go.mod (`cargo xtask cluster gomod`).
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+    time::Instant,
+};
+
+use anyhow::{Context, Result, bail};
+
+use crate::sh;
+
+/// One Go module of ours and the binaries it builds: (output name, package).
+pub struct GoModule {
+    pub dir: &'static str,
+    pub binaries: &'static [(&'static str, &'static str)],
+    /// `-X` link flags stamping the release into the binaries (as the
+    /// upstream release builds do), from the module version it pins.
+    pub stamp: fn(&str) -> Vec<String>,
+}
+
+/// Kubernetes' version stamps: without them the binaries report
+/// `v0.0.0-master` and kubectl warns of version skew.
+fn kubernetes_stamp(v: &str) -> Vec<String> {
+    let minor = v.split('.').nth(1).unwrap_or("0");
+    [
+        "k8s.io/component-base/version",
+        "k8s.io/client-go/pkg/version",
+    ]
+    .iter()
+    .flat_map(|pkg| {
+        [
+            format!("{pkg}.gitVersion={v}"),
+            format!("{pkg}.gitMajor=1"),
+            format!("{pkg}.gitMinor={minor}"),
+            format!("{pkg}.gitTreeState=clean"),
+        ]
+    })
+    .collect()
+}
+
+fn etcd_stamp(_: &str) -> Vec<String> {
+    vec![]
+}
+
+fn helm_stamp(v: &str) -> Vec<String> {
+    vec![format!("helm.sh/helm/v3/internal/version.version={v}")]
+}
+
+pub const MODULES: &[GoModule] = &[
+    GoModule {
+        dir: "kubernetes",
+        binaries: &[
+            ("kube-apiserver", "k8s.io/kubernetes/cmd/kube-apiserver"),
+            (
+                "kube-controller-manager",
+                "k8s.io/kubernetes/cmd/kube-controller-manager",
+            ),
+            ("kube-scheduler", "k8s.io/kubernetes/cmd/kube-scheduler"),
+            ("kubectl", "k8s.io/kubernetes/cmd/kubectl"),
+        ],
+        stamp: kubernetes_stamp,
+    },
+    GoModule {
+        dir: "etcd",
+        binaries: &[("etcd", "go.etcd.io/etcd/server/v3")],
+        stamp: etcd_stamp,
+    },
+    GoModule {
+        dir: "helm",
+        binaries: &[("helm", "helm.sh/helm/v3/cmd/helm")],
+        stamp: helm_stamp,
+    },
+];
+
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_path_buf()
+}
+
+fn module_dir(m: &GoModule) -> PathBuf {
+    root().join("tests/cluster").join(m.dir)
+}
+
+/// Where built binaries are kept between runs: `$LB_CACHE_DIR`, else
+/// `$XDG_CACHE_HOME/lb`, else `~/.cache/lb`.
+fn cache_root() -> PathBuf {
+    if let Some(d) = std::env::var_os("LB_CACHE_DIR") {
+        return PathBuf::from(d);
+    }
+    if let Some(d) = std::env::var_os("XDG_CACHE_HOME") {
+        return PathBuf::from(d).join("lb");
+    }
+    PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into())).join(".cache/lb")
+}
+
+/// The folder tests read: one link per binary.
+pub fn bin_dir() -> PathBuf {
+    root().join("target/cluster-bin")
+}
+
+/// FNV-1a: a stable key for the cache folder (no need for a crypto hash:
+/// the inputs are our own files).
+fn fnv(bytes: &[u8], mut h: u64) -> u64 {
+    for b in bytes {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x100_0000_01b3);
+    }
+    h
+}
+
+fn go_env() -> Vec<(&'static str, &'static str)> {
+    // Never fetch another Go toolchain; never stamp VCS data (the module
+    // cache has none).
+    vec![("GOTOOLCHAIN", "local"), ("GOFLAGS", "-buildvcs=false")]
+}
+
+fn go_version() -> Result<String> {
+    sh::output("go", &["version"]).context("Go is not installed (`go version` failed)")
+}
+
+/// Bump when the build recipe changes (flags, environment), so cached
+/// binaries built the old way are not reused.
+const RECIPE: &str = "go build -trimpath, stamped, v2";
+
+fn cache_key(m: &GoModule, go: &str) -> Result<String> {
+    let dir = module_dir(m);
+    let mut h = fnv(go.as_bytes(), 0xcbf2_9ce4_8422_2325);
+    h = fnv(RECIPE.as_bytes(), h);
+    for f in ["go.mod", "go.sum"] {
+        let p = dir.join(f);
+        h = fnv(
+            &std::fs::read(&p).with_context(|| format!("reading {}", p.display()))?,
+            h,
+        );
+    }
+    Ok(format!("{}-{h:016x}", m.dir))
+}
+
+/// Builds every module whose cache folder is missing and links the
+/// binaries into `target/cluster-bin/`. Seconds when all are cached.
+pub fn build_all() -> Result<()> {
+    let go = go_version()?;
+    eprintln!(
+        "    upstream: Kubernetes {} ({})",
+        kubernetes_version()?,
+        go.trim()
+    );
+    let links = bin_dir();
+    std::fs::create_dir_all(&links).with_context(|| format!("creating {}", links.display()))?;
+    for m in MODULES {
+        let out = cache_root().join("go").join(cache_key(m, &go)?);
+        if out.is_dir() {
+            eprintln!("    {}: cached in {}", m.dir, out.display());
+        } else {
+            build(m, &out)?;
+            prune(m, &out);
+        }
+        for (name, _) in m.binaries {
+            let link = links.join(name);
+            let _ = std::fs::remove_file(&link);
+            std::os::unix::fs::symlink(out.join(name), &link)
+                .with_context(|| format!("linking {}", link.display()))?;
+        }
+    }
+    Ok(())
+}
+
+/// Removes this module's older builds (another go.mod, Go or recipe).
+fn prune(m: &GoModule, keep: &Path) {
+    let Some(parent) = keep.parent() else { return };
+    let Ok(rd) = std::fs::read_dir(parent) else {
+        return;
+    };
+    for e in rd.flatten() {
+        let name = e.file_name().to_string_lossy().to_string();
+        if name.starts_with(&format!("{}-", m.dir)) && e.path() != keep {
+            eprintln!("    {}: removing the older build {name}", m.dir);
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+}
+
+fn build(m: &GoModule, out: &Path) -> Result<()> {
+    let start = Instant::now();
+    // Built into a temporary folder renamed at the end, so an interrupted
+    // build never looks finished.
+    let tmp = out.with_extension("partial");
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    // One `go build` for all of a module's binaries: packages shared
+    // between them compile once, in parallel.
+    let version = required_version(m)?;
+    let ldflags: Vec<String> = (m.stamp)(&version)
+        .into_iter()
+        .map(|x| format!("-X {x}"))
+        .collect();
+    let mut c = Command::new("go");
+    c.current_dir(module_dir(m))
+        .envs(go_env())
+        .args(["build", "-trimpath"])
+        .arg(format!("-ldflags={}", ldflags.join(" ")))
+        .arg("-o")
+        .arg(format!("{}/", tmp.display()))
+        .args(m.binaries.iter().map(|(_, pkg)| pkg));
+    sh::step(&format!("go build ({})", m.dir), c)?;
+    for (name, pkg) in m.binaries {
+        let built = tmp.join(default_name(pkg));
+        if built != tmp.join(name) {
+            std::fs::rename(&built, tmp.join(name))
+                .with_context(|| format!("renaming {}", built.display()))?;
+        }
+    }
+    std::fs::rename(&tmp, out).with_context(|| format!("renaming to {}", out.display()))?;
+    eprintln!(
+        "    {}: built in {:.0}s into {}",
+        m.dir,
+        start.elapsed().as_secs_f64(),
+        out.display()
+    );
+    Ok(())
+}
+
+/// The file `go build -o DIR/` writes for `pkg`: its last path element,
+/// or the one before a major-version suffix (`.../server/v3` -> `server`).
+fn default_name(pkg: &str) -> &str {
+    let mut parts = pkg.rsplit('/');
+    let last = parts.next().unwrap_or(pkg);
+    let is_major =
+        last.len() > 1 && last.starts_with('v') && last[1..].bytes().all(|b| b.is_ascii_digit());
+    if is_major {
+        parts.next().unwrap_or(last)
+    } else {
+        last
+    }
+}
+
+/// The Kubernetes release our module pins (`require k8s.io/kubernetes vX`).
+pub fn kubernetes_version() -> Result<String> {
+    required_version(&MODULES[0])
+}
+
+/// The version of the upstream module a module of ours pins: the module
+/// of its first binary's package.
+fn required_version(m: &GoModule) -> Result<String> {
+    let pkg = m.binaries[0].1;
+    let p = module_dir(m).join("go.mod");
+    let text = std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
+    text.lines()
+        .find_map(|l| {
+            let mut w = l.split_whitespace();
+            // Inside or outside a require block.
+            let first = w.next()?;
+            let (module, version) = if first == "require" {
+                (w.next()?, w.next()?)
+            } else {
+                (first, w.next()?)
+            };
+            (pkg == module || pkg.starts_with(&format!("{module}/"))).then(|| version.to_string())
+        })
+        .with_context(|| format!("{} requires no module of {pkg}", p.display()))
+}
+
+/// Our go.mod for `k8s.io/kubernetes` at `version`, from the release's own
+/// go.mod text: every `k8s.io/X => ./staging/...` replace becomes
+/// `k8s.io/X => k8s.io/X v0.<minor>.<patch>`.
+pub fn kubernetes_gomod(version: &str, upstream: &str) -> Result<String> {
+    let Some(rest) = version.strip_prefix("v1.") else {
+        bail!("{version}: expected a v1.Y.Z release");
+    };
+    let twin = format!("v0.{rest}");
+    let go = upstream
+        .lines()
+        .find_map(|l| l.strip_prefix("go "))
+        .context("the upstream go.mod has no go line")?
+        .trim();
+    let mut staging: Vec<&str> = upstream
+        .lines()
+        .filter_map(|l| {
+            let (module, target) = l.trim().split_once("=>")?;
+            target
+                .trim()
+                .starts_with("./staging/")
+                .then(|| module.trim())
+        })
+        .collect();
+    staging.sort_unstable();
+    staging.dedup();
+    if staging.is_empty() {
+        bail!("the upstream go.mod of {version} replaces no staging module");
+    }
+    let mut s = String::new();
+    s.push_str(
+        "// Generated by `cargo xtask cluster gomod` from k8s.io/kubernetes's own go.mod;\n\
+         // regenerate with `cargo xtask cluster gomod vX.Y.Z`, never by hand.\n",
+    );
+    s.push_str("module lb.test/cluster/kubernetes\n\n");
+    s.push_str(&format!(
+        "go {go}\n\nrequire k8s.io/kubernetes {version}\n\n"
+    ));
+    s.push_str("replace (\n");
+    for m in &staging {
+        s.push_str(&format!("\t{m} => {m} {twin}\n"));
+    }
+    s.push_str(")\n\ntool (\n");
+    for (_, pkg) in MODULES[0].binaries {
+        s.push_str(&format!("\t{pkg}\n"));
+    }
+    s.push_str(")\n");
+    Ok(s)
+}
+
+/// Rewrites tests/cluster/kubernetes/go.mod for `version` and tidies it.
+pub fn generate_kubernetes_gomod(version: &str) -> Result<()> {
+    let json = Command::new("go")
+        .envs(go_env())
+        .args(["mod", "download", "-json"])
+        .arg(format!("k8s.io/kubernetes@{version}"))
+        .output()
+        .context("go mod download")?;
+    if !json.status.success() {
+        bail!(
+            "go mod download k8s.io/kubernetes@{version}: {}",
+            String::from_utf8_lossy(&json.stdout)
+        );
+    }
+    let text = String::from_utf8_lossy(&json.stdout);
+    // The JSON's "GoMod" field: the path of the release's go.mod.
+    let gomod = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("\"GoMod\": \""))
+        .and_then(|l| l.strip_suffix("\","))
+        .context("no GoMod in go mod download's answer")?;
+    let upstream = std::fs::read_to_string(gomod).with_context(|| format!("reading {gomod}"))?;
+    let dir = root().join("tests/cluster/kubernetes");
+    std::fs::write(dir.join("go.mod"), kubernetes_gomod(version, &upstream)?)?;
+    let mut tidy = Command::new("go");
+    tidy.current_dir(&dir).envs(go_env()).args(["mod", "tidy"]);
+    sh::step("go mod tidy (tests/cluster/kubernetes)", tidy)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn staging_replaces_become_published_twins() {
+        let upstream = "module k8s.io/kubernetes\n\ngo 1.26.0\n\nrequire (\n\tk8s.io/api v0.0.0\n)\n\n\
+                        replace (\n\tk8s.io/client-go => ./staging/src/k8s.io/client-go\n\
+                        \tk8s.io/api => ./staging/src/k8s.io/api\n\tgithub.com/x/y => github.com/x/y v1.0.0\n)\n";
+        let out = kubernetes_gomod("v1.37.2", upstream).unwrap();
+        assert!(out.contains("go 1.26.0\n"));
+        assert!(out.contains("require k8s.io/kubernetes v1.37.2\n"));
+        assert!(out.contains(
+            "replace (\n\tk8s.io/api => k8s.io/api v0.37.2\n\tk8s.io/client-go => k8s.io/client-go v0.37.2\n)"
+        ));
+        assert!(!out.contains("github.com/x/y"));
+        assert!(out.contains("\tk8s.io/kubernetes/cmd/kubectl\n"));
+    }
+
+    #[test]
+    fn binary_names_skip_major_version_suffixes() {
+        assert_eq!(default_name("go.etcd.io/etcd/server/v3"), "server");
+        assert_eq!(default_name("k8s.io/kubernetes/cmd/kubectl"), "kubectl");
+        assert_eq!(default_name("helm.sh/helm/v3/cmd/helm"), "helm");
+    }
+
+    #[test]
+    fn the_committed_gomod_pins_a_release() {
+        let v = kubernetes_version().unwrap();
+        assert!(v.starts_with("v1."), "{v}");
+        let text = std::fs::read_to_string(root().join("tests/cluster/kubernetes/go.mod")).unwrap();
+        let twin = format!("v0.{}", &v[3..]);
+        assert!(text.contains(&format!("k8s.io/api => k8s.io/api {twin}")));
+    }
+}
