@@ -4,7 +4,8 @@
 //! each TCP containerPort (answering the pod's name), and a status written
 //! through the status subresource (podIP, Running, Ready) exactly as a
 //! kubelet writes it. A pod being deleted is stopped and then removed with
-//! grace period 0, as a kubelet confirms a deletion. The EndpointSlices
+//! grace period 0, as a kubelet confirms a deletion, after serving on for
+//! two seconds (what a preStop sleep gives a real app). The EndpointSlices
 //! that follow are the real endpointslice controller's.
 //!
 //! The test drives it (`sync`, `wait_ready`): no thread, so every step a
@@ -40,7 +41,12 @@ pub struct Kubelets {
     /// Pod names by UID, for lookups by name.
     names: BTreeMap<String, String>,
     next_host: [u8; 2],
+    /// Pods being deleted, since when.
+    terminating: BTreeMap<String, Instant>,
 }
+
+/// How long a deleted pod's servers go on answering (a preStop sleep).
+const DRAIN: Duration = Duration::from_secs(2);
 
 /// Node name -> (index of its pod network, its address).
 fn node_of(name: &str) -> Option<(usize, Ipv4Addr)> {
@@ -74,7 +80,19 @@ impl Kubelets {
             let namespace = pod["metadata"]["namespace"].as_str().unwrap_or_default();
             let name = pod["metadata"]["name"].as_str().unwrap_or_default();
             if !pod["metadata"]["deletionTimestamp"].is_null() {
-                // Stop the containers, then confirm the deletion.
+                // The endpointslice controller marks a deleted pod's
+                // endpoint terminating at once; its containers serve on
+                // for DRAIN (as a preStop sleep lets a real app), then
+                // stop, and the deletion is confirmed.
+                let since = *self
+                    .terminating
+                    .entry(uid.clone())
+                    .or_insert_with(Instant::now);
+                if since.elapsed() < DRAIN {
+                    seen.push(uid);
+                    continue;
+                }
+                self.terminating.remove(&uid);
                 self.pods.remove(&uid);
                 self.names.remove(&uid);
                 let _ = cp.kubectl(&[

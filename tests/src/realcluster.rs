@@ -175,7 +175,10 @@ impl RealCluster {
                     got == want
                 })
         };
-        let deadline = Instant::now() + Duration::from_secs(30);
+        // After an API server outage a watcher may sit in its backoff
+        // (kube-runtime's default, as client-go's: up to 30 s, jittered)
+        // before it reconnects; give that room.
+        let deadline = Instant::now() + Duration::from_secs(75);
         let mut last = String::new();
         while Instant::now() < deadline {
             match self.c.lbctl_json(&["services"]) {

@@ -221,7 +221,12 @@ while True:
             }
             thread::sleep(Duration::from_millis(50));
         }
-        panic!("nothing listens on {addr}:{port} in {ns_name}");
+        let out = Command::new("ip")
+            .args(["netns", "exec", ns_name, "ss", "-ltnpH"])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).to_string())
+            .unwrap_or_default();
+        panic!("nothing listens on {addr}:{port} in {ns_name}; listening:\n{out}");
     }
 
     /// Starts an HTTP server in every pod, answering with the pod's name.
@@ -265,7 +270,7 @@ while True:
 /// long transfer); anything else answers the server's name. Every answer
 /// names the server in an X-Pod header.
 const HTTP_SERVER: &str = r#"
-import http.server, sys, time
+import http.server, socketserver, sys, time
 CHUNK = bytes(i % 251 for i in range(251 * 256))
 class H(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
@@ -293,8 +298,15 @@ class H(http.server.BaseHTTPRequestHandler):
         self.wfile.write(body)
     def log_message(self, *a):
         pass
+class S(http.server.ThreadingHTTPServer):
+    # HTTPServer.server_bind looks the bound address up in DNS (getfqdn)
+    # between bind() and listen(): with no resolver in a test namespace
+    # that waits out resolver timeouts with the port bound, not listening.
+    def server_bind(self):
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = "test", self.server_address[1]
 bind = sys.argv[3] if len(sys.argv) > 3 else "0.0.0.0"
-http.server.ThreadingHTTPServer((bind, int(sys.argv[1])), H).serve_forever()
+S((bind, int(sys.argv[1])), H).serve_forever()
 "#;
 
 /// The test HTTP server in `ns_name` on `port`, answering `name`; stopped
@@ -324,7 +336,7 @@ fn spawn_python(ns_name: &str, script: &str, args: &[&str]) -> Proc {
         .args(["netns", "exec", ns_name, "python3", "-c", script])
         .args(args)
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(Stdio::inherit()) // a server that fails says why
         .spawn()
         .expect("start a python3 server");
     Proc(child)

@@ -669,6 +669,64 @@ fn deployments_exposed_scaled_flipped_and_retyped() {
         set(&["named-a", "named-b"]),
         "named targetPort resolved per pod"
     );
+
+    // The Node's address moves: NodePorts follow the Node object.
+    let moved = Ipv4Addr::new(172, 18, 0, 20);
+    rc.c.topo
+        .node
+        .run(&["ip", "addr", "add", &format!("{moved}/24"), "dev", "eth0"]);
+    rc.cp.kubectl_ok(&[
+        "patch",
+        "node",
+        "node-a",
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        &format!(
+            r#"{{"status":{{"addresses":[{{"type":"InternalIP","address":"{moved}"}},{{"type":"Hostname","address":"node-a"}}]}}}}"#
+        ),
+    ]);
+    rc.cp.kubectl_ok(&[
+        "patch",
+        "service",
+        "web",
+        "-p",
+        r#"{"spec":{"type":"NodePort"}}"#,
+    ]);
+    let np = rc.service_field("default", "web", ".spec.ports[0].nodePort");
+    let moved_url = format!("http://{moved}:{np}/");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let mut c = rc.c.topo.client.command("curl");
+        c.args(topo::curl_args(&moved_url));
+        if topo::curl(c).is_ok_and(|b| two.contains(b.trim())) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the NodePort never answered on the Node's new address"
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+
+    // lbctl diff, against the real API with the agent's credentials: the
+    // maps hold exactly what the API says.
+    let out =
+        rc.c.topo
+            .node
+            .command(&rc.c.lbctl.display().to_string())
+            .args(["diff", "--kubeconfig"])
+            .arg(rc.kubeconfig())
+            .args(["--node-name", "node-a", "--bpffs"])
+            .arg(rc.c.pins())
+            .output()
+            .expect("lbctl diff");
+    assert!(
+        out.status.success(),
+        "lbctl diff against kube-apiserver: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// Requests sent steadily through `url` from the outside client and from
