@@ -59,6 +59,8 @@ impl RealCluster {
             kubeconfig.display().to_string(),
             "--node-name".into(),
             NODE_NAME.into(),
+            // The datapath's own records (a refused connect) in the log.
+            "--datapath-logs".into(),
         ];
         c.start_agent();
         let rc = Self {

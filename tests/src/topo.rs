@@ -425,7 +425,8 @@ impl Agent {
             .arg("--cgroup")
             .arg(cgroup)
             .args(["--devices", "eth0,dum*", "--poll-ms", "100"])
-            .env("RUST_LOG", "info")
+            // The datapath's records (with --datapath-logs) are debug level.
+            .env("RUST_LOG", "info,datapath=debug")
             .stdout(logf.try_clone().expect("log"))
             .stderr(logf)
             .spawn()

@@ -709,6 +709,65 @@ fn deployments_exposed_scaled_flipped_and_retyped() {
         thread::sleep(Duration::from_millis(50));
     }
 
+    // A Service whose selector matches no pod: connect() is refused at
+    // once, and the datapath's own log record reaches the agent's log.
+    rc.cp.apply(
+        "apiVersion: v1\nkind: Service\nmetadata: {name: empty}\nspec: {selector: {app: none}, ports: [{port: 80}]}\n",
+    );
+    let empty = rc.service_field("default", "empty", ".spec.clusterIP");
+    rc.wait_backends("default/empty", &[]);
+    let args = topo::curl_args(&format!("http://{empty}/"));
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out =
+        rc.c.in_cgroup(&rc.c.topo.pod("pod-1").ns, "curl", &refs)
+            .output()
+            .expect("curl");
+    assert_eq!(
+        out.status.code(),
+        Some(7),
+        "curl: connection refused expected"
+    );
+    let record = format!("refuse connect to {empty}:80");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !rc.c.agent_log().contains(&record) {
+        assert!(
+            Instant::now() < deadline,
+            "no datapath record {record:?} in the agent's log"
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+
+    // `lbctl status` names the API source; /metrics counted watch events
+    // of every kind the agent watches.
+    let st = rc.c.lbctl_json(&["status"]).expect("lbctl status")["agent"].clone();
+    assert_eq!(st["source"], "api", "{st:#}");
+    assert_eq!(
+        st["source_location"]
+            .as_str()
+            .unwrap_or_default()
+            .trim_end_matches('/'),
+        format!("https://{}:6443", controlplane::CP_IP),
+        "{st:#}"
+    );
+    for kind in ["Service", "EndpointSlice", "Node"] {
+        let series = format!("lb_source_events_total{{kind=\"{kind}\"}}");
+        assert!(rc.agent_metric(&series) > 0.0, "no {kind} events counted");
+    }
+
+    // lbctl as an unprivileged user: a clear word, not EPERM.
+    let out = std::process::Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(&rc.c.lbctl)
+        .args(["services", "--bpffs"])
+        .arg(rc.c.pins())
+        .output()
+        .expect("setpriv lbctl");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("root"),
+        "lbctl services without privileges: {err}"
+    );
+
     // lbctl diff, against the real API with the agent's credentials: the
     // maps hold exactly what the API says.
     let out =
@@ -901,6 +960,10 @@ fn forwarding_survives_agent_apiserver_and_etcd_disruption() {
         .collect();
     rc.wait_backends("default/web", &three);
 
+    assert!(
+        rc.agent_metric(r#"lb_errors_total{kind="watch"}"#) > 0.0,
+        "the outages were not counted as watch errors"
+    );
     let (sent, failed) = steady.finish();
     eprintln!(
         "{sent} requests through the disruptions, {} failed",
