@@ -213,7 +213,7 @@ fn agent_follows_the_api_through_watches_relists_and_outages() {
     require_root();
     sweep();
     let ns = Netns::new("api");
-    let mut api = ApiServer::start_in(Some(&ns.name));
+    let api = ApiServer::start_in(Some(&ns.name));
     api.apply_yaml(OBJECTS);
     let work = std::env::temp_dir().join(unique("ap"));
     std::fs::create_dir_all(&work).unwrap();
