@@ -123,7 +123,10 @@ pub struct ServiceMeta {
     pub port: u16,
     pub node_port: u16,
     pub affinity_timeout_s: u32,
-    pub _reserved: u32,
+    /// `NE_*`: fields of this Service port the agent accepted but the
+    /// datapath does not act on yet (was `_reserved`, always 0 before, so
+    /// an older agent's entries read as "nothing to report").
+    pub not_enforced: u32,
 }
 const _: () = assert!(core::mem::size_of::<ServiceMeta>() == 160);
 
@@ -140,9 +143,41 @@ impl Default for ServiceMeta {
             port: 0,
             node_port: 0,
             affinity_timeout_s: 0,
-            _reserved: 0,
+            not_enforced: 0,
         }
     }
+}
+
+/// `ServiceMeta::not_enforced` bits: what a Service asks for that the
+/// datapath does not do yet. The agent logs them and `lbctl services`
+/// shows them, so nothing is silently ignored. Append only.
+pub const NE_SESSION_AFFINITY: u32 = 1 << 0;
+pub const NE_EXTERNAL_TRAFFIC_LOCAL: u32 = 1 << 1;
+pub const NE_INTERNAL_TRAFFIC_LOCAL: u32 = 1 << 2;
+pub const NE_HEALTH_CHECK_NODE_PORT: u32 = 1 << 3;
+pub const NE_SOURCE_RANGES: u32 = 1 << 4;
+pub const NE_TOPOLOGY: u32 = 1 << 5;
+pub const NE_LB_IP_MODE_PROXY: u32 = 1 << 6;
+pub const NE_PROTOCOL_SCTP: u32 = 1 << 7;
+
+/// Each `NE_*` bit and the Service field it stands for, as users write it.
+pub const NOT_ENFORCED: &[(u32, &str)] = &[
+    (NE_SESSION_AFFINITY, "sessionAffinity: ClientIP"),
+    (NE_EXTERNAL_TRAFFIC_LOCAL, "externalTrafficPolicy: Local"),
+    (NE_INTERNAL_TRAFFIC_LOCAL, "internalTrafficPolicy: Local"),
+    (NE_HEALTH_CHECK_NODE_PORT, "healthCheckNodePort"),
+    (NE_SOURCE_RANGES, "loadBalancerSourceRanges"),
+    (NE_TOPOLOGY, "trafficDistribution / topology hints"),
+    (NE_LB_IP_MODE_PROXY, "loadBalancer ipMode: Proxy"),
+    (NE_PROTOCOL_SCTP, "protocol: SCTP"),
+];
+
+/// The names of the bits set in `bits`, in `NOT_ENFORCED` order.
+pub fn not_enforced_names(bits: u32) -> impl Iterator<Item = &'static str> {
+    NOT_ENFORCED
+        .iter()
+        .filter(move |(b, _)| bits & b != 0)
+        .map(|(_, n)| *n)
 }
 
 pub const SVC_TYPE_CLUSTER_IP: u8 = 1;

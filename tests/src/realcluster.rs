@@ -2,7 +2,8 @@
 //! cluster, all in network namespaces) with a real control plane on its
 //! LAN, the nodes registered as `v1/Node` objects, the project's own
 //! manifests applied from `deploy/` with `kubectl apply -f`, and the agent
-//! on node-a running with the credentials of its own ServiceAccount.
+//! on each node (node-a's is the one the tests inspect) running with the
+//! credentials of its own ServiceAccount.
 
 use std::{
     path::{Path, PathBuf},
@@ -12,9 +13,17 @@ use std::{
 
 use crate::{
     controlplane::{CP_IP, ControlPlane},
+    guard::{Bpffs, Cgroup},
     kubelet::Kubelets,
-    topo::{self, Cluster, NODE_B_IP, NODE_B_NAME, NODE_IP, NODE_NAME, Topology},
+    topo::{self, Agent, Cluster, NODE_B_IP, NODE_B_NAME, NODE_IP, NODE_NAME, Topology},
 };
+
+/// The agent on node-b: its own pins and cgroup, the same credentials.
+pub struct NodeB {
+    pub agent: Agent,
+    pub bpffs: Bpffs,
+    pub cgroup: Cgroup,
+}
 
 /// The repository's deploy/ folder.
 pub fn deploy_dir() -> PathBuf {
@@ -25,9 +34,10 @@ pub fn deploy_dir() -> PathBuf {
 }
 
 pub struct RealCluster {
-    /// Dropped first: pods, then the agent and topology, then the control
+    /// Dropped first: pods, then the agents and topology, then the control
     /// plane.
     pub kubelets: Kubelets,
+    pub node_b: NodeB,
     pub c: Cluster,
     pub cp: ControlPlane,
 }
@@ -63,13 +73,41 @@ impl RealCluster {
             "--datapath-logs".into(),
         ];
         c.start_agent();
+        let bpffs = Bpffs::new();
+        let cgroup = Cgroup::new();
+        let source_b: Vec<String> = vec![
+            "--kubeconfig".into(),
+            kubeconfig.display().to_string(),
+            "--node-name".into(),
+            NODE_B_NAME.into(),
+        ];
+        let agent = Agent::start_with(
+            lbctl,
+            &c.topo.node_b,
+            &source_b,
+            &bpffs.pins(),
+            &cgroup.path,
+            &c.work.join("agent-b.log"),
+        );
         let rc = Self {
             kubelets: Kubelets::new(),
+            node_b: NodeB {
+                agent,
+                bpffs,
+                cgroup,
+            },
             c,
             cp,
         };
         rc.wait_agent_ready();
         rc
+    }
+
+    /// Runs the kubelets' stand-in until `n` pods of `selector` in
+    /// `namespace` are ready.
+    pub fn wait_pods(&mut self, namespace: &str, selector: &str, n: usize) {
+        self.kubelets
+            .wait_ready(&self.cp, &self.c.topo, namespace, selector, n);
     }
 
     pub fn kubeconfig(&self) -> PathBuf {
@@ -78,18 +116,7 @@ impl RealCluster {
 
     /// GET on the agent's health listener in node-a: (status, body).
     pub fn agent_get(&self, path: &str) -> (u16, String) {
-        let out = self
-            .c
-            .topo
-            .node
-            .command("curl")
-            .args(["-s", "-m", "2", "-w", "\n%{http_code}"])
-            .arg(format!("http://127.0.0.1:10256{path}"))
-            .output()
-            .expect("curl");
-        let text = String::from_utf8_lossy(&out.stdout).to_string();
-        let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
-        (code.trim().parse().unwrap_or(0), body.to_string())
+        get_in(&self.c.topo.node, path)
     }
 
     /// The value of one metric line (`name{labels}`) of the agent's
@@ -109,17 +136,20 @@ impl RealCluster {
             .unwrap_or(0.0)
     }
 
+    /// Waits until node-a's agent (and node-b's) answer /readyz 200.
     pub fn wait_agent_ready(&self) {
         let deadline = Instant::now() + Duration::from_secs(60);
         while Instant::now() < deadline {
-            if self.agent_get("/readyz").0 == 200 {
+            if self.agent_get("/readyz").0 == 200 && get_in(&self.c.topo.node_b, "/readyz").0 == 200
+            {
                 return;
             }
             thread::sleep(Duration::from_millis(100));
         }
         panic!(
-            "the agent never became ready against kube-apiserver\nagent log:\n{}",
-            self.c.agent_log()
+            "the agents never became ready against kube-apiserver\nnode-a's log:\n{}\nnode-b's log:\n{}",
+            self.c.agent_log(),
+            std::fs::read_to_string(self.c.work.join("agent-b.log")).unwrap_or_default()
         );
     }
 
@@ -213,10 +243,28 @@ impl RealCluster {
     }
 }
 
+/// GET on an agent's health listener in `ns`: (status, body).
+fn get_in(ns: &crate::guard::Netns, path: &str) -> (u16, String) {
+    let out = ns
+        .command("curl")
+        .args(["-s", "-m", "2", "-w", "\n%{http_code}"])
+        .arg(format!("http://127.0.0.1:10256{path}"))
+        .output()
+        .expect("curl");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+    (code.trim().parse().unwrap_or(0), body.to_string())
+}
+
 impl Drop for RealCluster {
     fn drop(&mut self) {
         // Pods first (their servers and namespaces), while the API
         // server still answers.
         self.kubelets = Kubelets::new();
+        self.node_b.agent.stop();
+        let _ = std::process::Command::new(&self.c.lbctl)
+            .args(["agent", "--cleanup", "--bpffs"])
+            .arg(self.node_b.bpffs.pins())
+            .output();
     }
 }

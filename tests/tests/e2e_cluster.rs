@@ -28,7 +28,7 @@ use lb_tests::{
     postgres::{Postgres, which_server},
     realcluster::{RealCluster, deploy_dir},
     require_root,
-    topo::{self, EXT_IP, NODE_IP},
+    topo::{self, EXT_IP, NODE_B_IP, NODE_IP},
 };
 
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
@@ -497,10 +497,7 @@ fn deployments_exposed_scaled_flipped_and_retyped() {
 
     // kubectl create deployment + expose --type NodePort.
     rc.cp.apply(&web_deployment(3));
-    {
-        let RealCluster { kubelets, c, cp } = &mut rc;
-        kubelets.wait_ready(cp, &c.topo, "default", "app=web", 3);
-    }
+    rc.wait_pods("default", "app=web", 3);
     rc.cp.kubectl_ok(&[
         "expose",
         "deployment",
@@ -523,14 +520,16 @@ fn deployments_exposed_scaled_flipped_and_retyped() {
         names,
         "NodePort on the Node object's address"
     );
+    assert_eq!(
+        answers_from_client(&rc, &format!("http://{NODE_B_IP}:{node_port}/"), 60),
+        names,
+        "NodePort through node-b's agent"
+    );
 
     // Scale up, then down: the real controllers and scheduler decide.
     rc.cp
         .kubectl_ok(&["scale", "deployment", "web", "--replicas=5"]);
-    {
-        let RealCluster { kubelets, c, cp } = &mut rc;
-        kubelets.wait_ready(cp, &c.topo, "default", "app=web", 5);
-    }
+    rc.wait_pods("default", "app=web", 5);
     let five = pod_names(&rc, "default", "app=web");
     assert_eq!(five.len(), 5);
     let five_ips: Vec<String> = five
@@ -545,10 +544,7 @@ fn deployments_exposed_scaled_flipped_and_retyped() {
     );
     rc.cp
         .kubectl_ok(&["scale", "deployment", "web", "--replicas=2"]);
-    {
-        let RealCluster { kubelets, c, cp } = &mut rc;
-        kubelets.wait_ready(cp, &c.topo, "default", "app=web", 2);
-    }
+    rc.wait_pods("default", "app=web", 2);
     let two = pod_names(&rc, "default", "app=web");
     let two_ips: Vec<String> = two
         .iter()
@@ -656,10 +652,7 @@ fn deployments_exposed_scaled_flipped_and_retyped() {
 
     // A named targetPort that differs per pod.
     rc.cp.apply(NAMED_PORTS);
-    {
-        let RealCluster { kubelets, c, cp } = &mut rc;
-        kubelets.wait_ready(cp, &c.topo, "default", "app=named", 2);
-    }
+    rc.wait_pods("default", "app=named", 2);
     let a = rc.kubelets.pod("default", "named-a").ip;
     let b = rc.kubelets.pod("default", "named-b").ip;
     rc.wait_backends("default/named", &[format!("{a}:8080"), format!("{b}:9090")]);
@@ -668,6 +661,28 @@ fn deployments_exposed_scaled_flipped_and_retyped() {
         answers_from_pod(&rc, &format!("http://{named_ip}/"), 40),
         set(&["named-a", "named-b"]),
         "named targetPort resolved per pod"
+    );
+
+    // A field the datapath does not act on yet is said, not ignored: the
+    // agent logs it and lbctl shows it.
+    rc.cp.kubectl_ok(&[
+        "patch",
+        "service",
+        "named",
+        "-p",
+        r#"{"spec":{"sessionAffinity":"ClientIP"}}"#,
+    ]);
+    rc.c.wait_services("named: affinity shown as not enforced", |s| {
+        s.iter().any(|v| {
+            v["name"] == "named"
+                && v["not_enforced"]
+                    .as_array()
+                    .is_some_and(|a| a.iter().any(|f| f == "sessionAffinity: ClientIP"))
+        })
+    });
+    assert!(
+        rc.c.agent_log().contains("accepted but not enforced yet"),
+        "the agent did not log the field it ignores"
     );
 
     // The Node's address moves: NodePorts follow the Node object.
@@ -869,10 +884,7 @@ fn forwarding_survives_agent_apiserver_and_etcd_disruption() {
     sweep();
     let mut rc = RealCluster::start(&lbctl(), 1, 0);
     rc.cp.apply(&web_deployment(2));
-    {
-        let RealCluster { kubelets, c, cp } = &mut rc;
-        kubelets.wait_ready(cp, &c.topo, "default", "app=web", 2);
-    }
+    rc.wait_pods("default", "app=web", 2);
     rc.cp.kubectl_ok(&[
         "expose",
         "deployment",
@@ -904,10 +916,7 @@ fn forwarding_survives_agent_apiserver_and_etcd_disruption() {
     rc.cp.start_apiserver();
     rc.cp
         .kubectl_ok(&["scale", "deployment", "web", "--replicas=3"]);
-    {
-        let RealCluster { kubelets, c, cp } = &mut rc;
-        kubelets.wait_ready(cp, &c.topo, "default", "app=web", 3);
-    }
+    rc.wait_pods("default", "app=web", 3);
     let three: Vec<String> = pod_names(&rc, "default", "app=web")
         .iter()
         .map(|n| format!("{}:8080", rc.kubelets.pod("default", n).ip))
@@ -923,10 +932,7 @@ fn forwarding_survives_agent_apiserver_and_etcd_disruption() {
     rc.cp.start_apiserver();
     rc.cp
         .kubectl_ok(&["scale", "deployment", "web", "--replicas=2"]);
-    {
-        let RealCluster { kubelets, c, cp } = &mut rc;
-        kubelets.wait_ready(cp, &c.topo, "default", "app=web", 2);
-    }
+    rc.wait_pods("default", "app=web", 2);
     let two: Vec<String> = pod_names(&rc, "default", "app=web")
         .iter()
         .map(|n| format!("{}:8080", rc.kubelets.pod("default", n).ip))
@@ -950,10 +956,7 @@ fn forwarding_survives_agent_apiserver_and_etcd_disruption() {
         thread::sleep(Duration::from_secs(1));
     }
     topo::ip(&rc.cp.netns, &["link", "set", "eth0", "up"]);
-    {
-        let RealCluster { kubelets, c, cp } = &mut rc;
-        kubelets.wait_ready(cp, &c.topo, "default", "app=web", 3);
-    }
+    rc.wait_pods("default", "app=web", 3);
     let three: Vec<String> = pod_names(&rc, "default", "app=web")
         .iter()
         .map(|n| format!("{}:8080", rc.kubelets.pod("default", n).ip))

@@ -13,6 +13,7 @@ pub mod source;
 pub mod state;
 pub mod status;
 pub mod store;
+pub mod unenforced;
 
 #[cfg(test)]
 mod tests;

@@ -21,10 +21,17 @@ use k8s_openapi::api::{
     core::v1::{Endpoints, Service},
     discovery::v1::EndpointSlice,
 };
+use lb_common::service::{
+    NE_EXTERNAL_TRAFFIC_LOCAL, NE_HEALTH_CHECK_NODE_PORT, NE_INTERNAL_TRAFFIC_LOCAL,
+    NE_LB_IP_MODE_PROXY, NE_PROTOCOL_SCTP, NE_SESSION_AFFINITY, NE_SOURCE_RANGES, NE_TOPOLOGY,
+};
 
 pub const LABEL_SERVICE_NAME: &str = "kubernetes.io/service-name";
 pub const LABEL_PROXY_NAME: &str = "service.kubernetes.io/service-proxy-name";
 pub const LABEL_HEADLESS: &str = "service.kubernetes.io/headless";
+/// Topology Aware Routing's switch (`Auto`), the older form of
+/// `trafficDistribution`.
+pub const ANNOTATION_TOPOLOGY_MODE: &str = "service.kubernetes.io/topology-mode";
 
 /// Namespace and name of an object.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -305,6 +312,9 @@ pub struct ServicePortState {
     pub internal_policy: TrafficPolicy,
     pub health_check_node_port: Option<u16>,
     pub source_ranges: Vec<String>,
+    /// `NE_*` bits: what this port asks for that the datapath does not do
+    /// yet.
+    pub not_enforced: u32,
 }
 
 /// A problem with one object: it is skipped, everything else goes on.
@@ -439,6 +449,7 @@ fn service(
         external_v4.extend(parse_v4(ip, "externalIP")?);
     }
     let mut lb_v4 = Vec::new();
+    let mut ip_mode_proxy = false;
     if svc_type == ServiceType::LoadBalancer {
         let ingress = svc.status.as_ref().and_then(|s| s.load_balancer.as_ref());
         for ing in ingress
@@ -446,6 +457,7 @@ fn service(
             .into_iter()
             .flatten()
         {
+            ip_mode_proxy |= ing.ip_mode.as_deref() == Some("Proxy");
             if let Some(ip) = &ing.ip {
                 lb_v4.extend(parse_v4(ip, "loadBalancer ingress IP")?);
             }
@@ -479,6 +491,34 @@ fn service(
         Some(p) => Some(port_u16(p, "healthCheckNodePort")?),
         None => None,
     };
+    let source_ranges = spec.load_balancer_source_ranges.clone().unwrap_or_default();
+    // What the Service asks for that the datapath does not do yet: logged
+    // by the agent and shown by lbctl, never silently ignored.
+    let topology = spec.traffic_distribution.is_some()
+        || svc
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(ANNOTATION_TOPOLOGY_MODE))
+            .is_some_and(|m| !m.is_empty() && m != "Disabled");
+    let not_enforced = [
+        (affinity_timeout_s.is_some(), NE_SESSION_AFFINITY),
+        (
+            external_policy == TrafficPolicy::Local,
+            NE_EXTERNAL_TRAFFIC_LOCAL,
+        ),
+        (
+            internal_policy == TrafficPolicy::Local,
+            NE_INTERNAL_TRAFFIC_LOCAL,
+        ),
+        (health_check_node_port.is_some(), NE_HEALTH_CHECK_NODE_PORT),
+        (!source_ranges.is_empty(), NE_SOURCE_RANGES),
+        (topology, NE_TOPOLOGY),
+        (ip_mode_proxy, NE_LB_IP_MODE_PROXY),
+    ]
+    .iter()
+    .filter(|(on, _)| *on)
+    .fold(0, |bits, (_, bit)| bits | bit);
 
     // Validate every port before emitting any, so a bad port skips the
     // whole Service rather than half of it.
@@ -496,8 +536,33 @@ fn service(
         parsed.push((name, proto, port, node_port));
     }
     for (name, proto, port, node_port) in parsed {
+        let state = |frontends, backends, not_enforced| ServicePortState {
+            svc_type,
+            proto,
+            port,
+            node_port,
+            frontends,
+            backends,
+            affinity_timeout_s,
+            external_policy,
+            internal_policy,
+            health_check_node_port,
+            source_ranges: source_ranges.clone(),
+            not_enforced,
+        };
+        let port_key = ServicePortKey {
+            namespace: key.namespace.clone(),
+            name: key.name.clone(),
+            port_name: name.clone(),
+        };
         if proto == Proto::Sctp {
-            continue; // SCTP: not in the datapath yet.
+            // Not in the datapath yet: recorded without frontends (nothing
+            // is translated), so the agent and lbctl name it.
+            out.insert(
+                port_key,
+                state(BTreeSet::new(), vec![], not_enforced | NE_PROTOCOL_SCTP),
+            );
+            continue;
         }
         let mut frontends = BTreeSet::new();
         let mut add = |addrs: &[Ipv4Addr], port: u16, kind| {
@@ -521,26 +586,7 @@ fn service(
         } else {
             slice_backends(svc_slices, &name, proto, node)
         };
-        out.insert(
-            ServicePortKey {
-                namespace: key.namespace.clone(),
-                name: key.name.clone(),
-                port_name: name,
-            },
-            ServicePortState {
-                svc_type,
-                proto,
-                port,
-                node_port,
-                frontends,
-                backends,
-                affinity_timeout_s,
-                external_policy,
-                internal_policy,
-                health_check_node_port,
-                source_ranges: spec.load_balancer_source_ranges.clone().unwrap_or_default(),
-            },
-        );
+        out.insert(port_key, state(frontends, backends, not_enforced));
     }
     Ok(())
 }

@@ -731,6 +731,6 @@ fn service_meta(key: &ServicePortKey, sp: &ServicePortState) -> ServiceMeta {
         port: sp.port,
         node_port: sp.node_port.unwrap_or(0),
         affinity_timeout_s: sp.affinity_timeout_s.unwrap_or(0),
-        _reserved: 0,
+        not_enforced: sp.not_enforced,
     }
 }

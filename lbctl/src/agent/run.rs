@@ -215,6 +215,7 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         &cgroup.display().to_string(),
     );
     let mut store = Store::default();
+    let mut not_enforced = super::unenforced::NotEnforced::default();
     let mut node: Option<NodeInfo> = None;
     let mut last_config = None;
     // The target has changes the maps do not have yet.
@@ -359,6 +360,7 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
                         Default::default()
                     }
                 };
+                not_enforced.log(&change.service, &ports);
                 if let Err(e) = rec.set_service(&change.service, ports) {
                     warn!(service = %change.service, "not programmed: {e}");
                     metrics.error("sync");

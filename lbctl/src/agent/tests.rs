@@ -415,6 +415,82 @@ fn unchanged_input_writes_nothing_and_one_endpoint_a_handful() {
     );
 }
 
+#[test]
+fn fields_not_enforced_are_named_and_sctp_ports_recorded_without_frontends() {
+    use lb_common::service::*;
+    let objs = objects(
+        r#"
+apiVersion: v1
+kind: Service
+metadata: {name: lb, namespace: x}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.0.30
+  sessionAffinity: ClientIP
+  externalTrafficPolicy: Local
+  healthCheckNodePort: 31000
+  loadBalancerSourceRanges: [10.0.0.0/8]
+  trafficDistribution: PreferClose
+  ports:
+  - {name: http, port: 80, nodePort: 30080}
+  - {name: sig, port: 5060, protocol: SCTP, nodePort: 30081}
+status: {loadBalancer: {ingress: [{ip: 192.0.2.1, ipMode: Proxy}]}}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: plain, namespace: x}
+spec: {clusterIP: 10.96.0.31, ports: [{port: 80}]}
+"#,
+    );
+    let d = model::translate(&objs, &node());
+    assert!(d.errors.is_empty(), "{:?}", d.errors);
+    let http = &d.ports[&key("x", "lb", "http")];
+    let want = NE_SESSION_AFFINITY
+        | NE_EXTERNAL_TRAFFIC_LOCAL
+        | NE_HEALTH_CHECK_NODE_PORT
+        | NE_SOURCE_RANGES
+        | NE_TOPOLOGY
+        | NE_LB_IP_MODE_PROXY;
+    assert_eq!(http.not_enforced, want);
+    assert_eq!(
+        not_enforced_names(http.not_enforced).collect::<Vec<_>>(),
+        [
+            "sessionAffinity: ClientIP",
+            "externalTrafficPolicy: Local",
+            "healthCheckNodePort",
+            "loadBalancerSourceRanges",
+            "trafficDistribution / topology hints",
+            "loadBalancer ipMode: Proxy",
+        ]
+    );
+    assert!(!http.frontends.is_empty());
+    let sctp = &d.ports[&key("x", "lb", "sig")];
+    assert_eq!(sctp.not_enforced, want | NE_PROTOCOL_SCTP);
+    assert!(sctp.frontends.is_empty() && sctp.backends.is_empty());
+    assert_eq!(d.ports[&key("x", "plain", "")].not_enforced, 0);
+
+    // In the maps: the SCTP port has its names (for lbctl) and nothing a
+    // packet could meet.
+    let mut rec = Reconciler::adopt(InMemory::default()).unwrap();
+    rec.reconcile(&d).unwrap();
+    let st = &rec.writer.state;
+    let metas: Vec<(String, u32)> = st
+        .service_meta
+        .values()
+        .map(|m| (cstr(&m.port_name).to_string(), m.not_enforced))
+        .collect();
+    assert!(
+        metas.contains(&("sig".into(), want | NE_PROTOCOL_SCTP)),
+        "{metas:?}"
+    );
+    assert!(
+        !st.frontends
+            .keys()
+            .any(|k| k.proto == lb_common::PROTO_SCTP),
+        "an SCTP frontend was written"
+    );
+}
+
 /// A cluster of `n` Services, each with a slice of 10 endpoints.
 fn big_cluster(n: usize) -> String {
     let mut y = String::new();

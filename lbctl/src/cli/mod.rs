@@ -125,13 +125,14 @@ mod golden {
             session_affinity_timeout_s: Some(10800),
             external_traffic_policy: "Cluster".into(),
             internal_traffic_policy: "Cluster".into(),
+            not_enforced: vec!["sessionAffinity: ClientIP".into()],
             flows: 18,
             packets: 108,
             bytes: 9045,
         }];
         let want = concat!(
-            " SERVICE        TYPE      PROTO  FRONTENDS                    BACKENDS  AFFINITY         POLICY EXT/INT   FLOWS  PACKETS  BYTES\n",
-            " demo/web:http  NodePort  TCP    10.96.0.10:80 (ClusterIP)    1/1       ClientIP 10800s  Cluster/Cluster  18     108      9045\n",
+            " SERVICE        TYPE      PROTO  FRONTENDS                    BACKENDS  AFFINITY         POLICY EXT/INT   NOT ENFORCED               FLOWS  PACKETS  BYTES\n",
+            " demo/web:http  NodePort  TCP    10.96.0.10:80 (ClusterIP)    1/1       ClientIP 10800s  Cluster/Cluster  sessionAffinity: ClientIP  18     108      9045\n",
             "                                 172.18.0.2:30080 (NodePort)\n",
         );
         assert_eq!(services::table(&v), want, "\n{}", services::table(&v));

@@ -40,6 +40,8 @@ pub struct ServiceView {
     pub session_affinity_timeout_s: Option<u32>,
     pub external_traffic_policy: String,
     pub internal_traffic_policy: String,
+    /// Fields the Service sets that the datapath does not act on yet.
+    pub not_enforced: Vec<String>,
     pub flows: u64,
     pub packets: u64,
     pub bytes: u64,
@@ -113,6 +115,9 @@ pub fn view(
                     .then_some(m.affinity_timeout_s),
                 external_traffic_policy: policy(m.external_policy).into(),
                 internal_traffic_policy: policy(m.internal_policy).into(),
+                not_enforced: not_enforced_names(m.not_enforced)
+                    .map(str::to_string)
+                    .collect(),
                 flows: s.flows,
                 packets: s.packets,
                 bytes: s.bytes,
@@ -192,6 +197,11 @@ pub fn table(views: &[ServiceView]) -> String {
                     "{}/{}",
                     v.external_traffic_policy, v.internal_traffic_policy
                 ),
+                if v.not_enforced.is_empty() {
+                    "-".into()
+                } else {
+                    v.not_enforced.join("\n")
+                },
                 v.flows.to_string(),
                 v.packets.to_string(),
                 v.bytes.to_string(),
@@ -207,6 +217,7 @@ pub fn table(views: &[ServiceView]) -> String {
             "BACKENDS",
             "AFFINITY",
             "POLICY EXT/INT",
+            "NOT ENFORCED",
             "FLOWS",
             "PACKETS",
             "BYTES",
