@@ -164,6 +164,42 @@ fn build() -> Result<()> {
     )
 }
 
+/// lb-ebpf is no default member (it builds only for bpfel-unknown-none):
+/// it is linted for its own target with the nightly the build uses.
+fn clippy_ebpf() -> Result<()> {
+    if !setup::nightly_route() {
+        eprintln!(
+            "    clippy lb-ebpf: skipped (the eBPF build takes Debian's rustc-web route here, which has no clippy)"
+        );
+        return Ok(());
+    }
+    if !setup::nightly_clippy() {
+        anyhow::bail!("clippy for the nightly could not be installed to lint lb-ebpf");
+    }
+    let mut c = std::process::Command::new("rustup");
+    c.current_dir(gobuild::root().join("lb-ebpf")).args([
+        "run",
+        "nightly",
+        "cargo",
+        "clippy",
+        "--target",
+        "bpfel-unknown-none",
+        "-Z",
+        "build-std=core",
+        "--release",
+        "--all-targets",
+        "--target-dir",
+        "../target/clippy-ebpf",
+        "--",
+        "-D",
+        "warnings",
+    ]);
+    sh::step(
+        "cargo clippy lb-ebpf (bpfel-unknown-none) -- -D warnings",
+        c,
+    )
+}
+
 fn test(lint: bool, extra: &[String]) -> Result<()> {
     if lint {
         sh::step("cargo fmt --check", sh::cargo(&["fmt", "--all", "--check"]))?;
@@ -181,6 +217,7 @@ fn test(lint: bool, extra: &[String]) -> Result<()> {
         ]);
         clippy.env("LB_SKIP_EBPF", "1");
         sh::step("cargo clippy --all-targets -- -D warnings", clippy)?;
+        clippy_ebpf()?;
         lint::run(Some(&gobuild::bin_dir().join("helm")))?;
     }
     let mut args = vec!["test", "--workspace"];

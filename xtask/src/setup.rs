@@ -98,6 +98,30 @@ fn nightly_rust_src() -> bool {
         .exists()
 }
 
+/// True when lb-ebpf builds with rustup's nightly (the route lbctl's
+/// build.rs takes first): its LLVM is bpf-linker's or older and rust-src
+/// is there.
+pub fn nightly_route() -> bool {
+    nightly_llvm().is_some_and(|l| l <= LINKER_LLVM) && nightly_rust_src()
+}
+
+/// Clippy for the nightly, to lint lb-ebpf for its own target. Added when
+/// missing (rustup's component, no new nightly).
+pub fn nightly_clippy() -> bool {
+    let has = || {
+        sh::ok(
+            "rustup",
+            &["run", "nightly", "cargo", "clippy", "--version"],
+        )
+    };
+    if has() {
+        return true;
+    }
+    let mut c = std::process::Command::new("rustup");
+    c.args(["component", "add", "clippy", "--toolchain", "nightly"]);
+    sh::step("rustup component add clippy (nightly)", c).is_ok() && has()
+}
+
 fn debian_bpf_core() -> bool {
     sh::output("/usr/bin/rustc", &["--print", "sysroot"]).is_some_and(|s| {
         PathBuf::from(s.trim())
