@@ -486,6 +486,18 @@ impl ControlPlane {
     /// older resourceVersion then gets 410 Gone from the API server, as
     /// after a long disconnection in a busy cluster.
     pub fn compact_etcd(&self) {
+        // etcd's JSON gateway: a one-key range read gives the revision.
+        let v = self.etcd_post("range", r#"{"key":"AA==","limit":1}"#);
+        let rev = v["header"]["revision"].as_str().expect("etcd revision");
+        self.etcd_post(
+            "compaction",
+            &format!(r#"{{"revision":"{rev}","physical":true}}"#),
+        );
+    }
+
+    /// POST to etcd's JSON gateway (`/v3/kv/<call>`) from the control
+    /// plane's namespace; the answer, parsed.
+    fn etcd_post(&self, call: &str, body: &str) -> serde_json::Value {
         let out = self.in_netns(
             "curl",
             &[
@@ -493,28 +505,12 @@ impl ControlPlane {
                 "-X",
                 "POST",
                 "-d",
-                r#"{"key":"AA==","limit":1}"#,
-                "http://127.0.0.1:2379/v3/kv/range",
+                body,
+                &format!("http://127.0.0.1:2379/v3/kv/{call}"),
             ],
         );
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("etcd range answer");
-        let rev = v["header"]["revision"]
-            .as_str()
-            .expect("etcd revision")
-            .to_string();
-        let body = format!(r#"{{"revision":"{rev}","physical":true}}"#);
-        let out = self.in_netns(
-            "curl",
-            &[
-                "-sf",
-                "-X",
-                "POST",
-                "-d",
-                &body,
-                "http://127.0.0.1:2379/v3/kv/compaction",
-            ],
-        );
-        assert!(out.status.success(), "etcd compaction failed");
+        assert!(out.status.success(), "etcd {call} failed");
+        serde_json::from_slice(&out.stdout).expect("etcd's JSON answer")
     }
 
     /// Waits for `ok`, with a deadline; panics with the API server's log.

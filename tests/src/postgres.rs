@@ -136,3 +136,22 @@ pub fn which_server(host: &str) -> Vec<String> {
         "show cluster_name".into(),
     ]
 }
+
+/// After a switch from server `from` to server `to` began: connects with
+/// `psql` (which returns the answering server's name) until `to` answers,
+/// and returns how long that took. Every connection meanwhile must reach
+/// `from` or `to`: a failed one, or another server, panics.
+pub fn time_switch(psql: impl Fn() -> Result<String, String>, from: &str, to: &str) -> Duration {
+    let changed = Instant::now();
+    loop {
+        match psql() {
+            Ok(s) if s == to => return changed.elapsed(),
+            Ok(s) => assert_eq!(s, from, "unexpected server"),
+            Err(e) => panic!("a connection failed during the switch: {e}"),
+        }
+        assert!(
+            changed.elapsed() < Duration::from_secs(10),
+            "never reached {to}"
+        );
+    }
+}

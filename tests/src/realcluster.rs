@@ -116,7 +116,7 @@ impl RealCluster {
 
     /// GET on the agent's health listener in node-a: (status, body).
     pub fn agent_get(&self, path: &str) -> (u16, String) {
-        get_in(&self.c.topo.node, path)
+        topo::agent_get(&self.c.topo.node, path)
     }
 
     /// The value of one metric line (`name{labels}`) of the agent's
@@ -140,7 +140,8 @@ impl RealCluster {
     pub fn wait_agent_ready(&self) {
         let deadline = Instant::now() + Duration::from_secs(60);
         while Instant::now() < deadline {
-            if self.agent_get("/readyz").0 == 200 && get_in(&self.c.topo.node_b, "/readyz").0 == 200
+            if self.agent_get("/readyz").0 == 200
+                && topo::agent_get(&self.c.topo.node_b, "/readyz").0 == 200
             {
                 return;
             }
@@ -241,19 +242,6 @@ impl RealCluster {
             self.cp.log_tail("kube-controller-manager"),
         );
     }
-}
-
-/// GET on an agent's health listener in `ns`: (status, body).
-fn get_in(ns: &crate::guard::Netns, path: &str) -> (u16, String) {
-    let out = ns
-        .command("curl")
-        .args(["-s", "-m", "2", "-w", "\n%{http_code}"])
-        .arg(format!("http://127.0.0.1:10256{path}"))
-        .output()
-        .expect("curl");
-    let text = String::from_utf8_lossy(&out.stdout).to_string();
-    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
-    (code.trim().parse().unwrap_or(0), body.to_string())
 }
 
 impl Drop for RealCluster {

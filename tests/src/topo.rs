@@ -410,11 +410,8 @@ impl Agent {
         cgroup: &Path,
         log: &Path,
     ) -> Self {
-        let logf = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(log)
-            .expect("agent log");
+        // A fresh log per start: tests wait for lines of this run.
+        let logf = std::fs::File::create(log).expect("agent log");
         let child = Command::new("nsenter")
             .arg("--net=".to_string() + &format!("/run/netns/{}", node.name))
             .arg(lbctl)
@@ -449,6 +446,20 @@ impl Agent {
         unsafe { libc::kill(self.proc.0.id() as i32, libc::SIGTERM) };
         let _ = self.proc.0.wait();
     }
+}
+
+/// GET on the health listener of the agent running in `ns`:
+/// (status, body).
+pub fn agent_get(ns: &Netns, path: &str) -> (u16, String) {
+    let out = ns
+        .command("curl")
+        .args(["-s", "-m", "2", "-w", "\n%{http_code}"])
+        .arg(format!("http://127.0.0.1:10256{path}"))
+        .output()
+        .expect("curl");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+    (code.trim().parse().unwrap_or(0), body.to_string())
 }
 
 /// The lbctl binary next to the running test or demo binary.

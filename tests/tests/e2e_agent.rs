@@ -365,3 +365,98 @@ fn restart_swaps_programs_under_the_links_and_reattaches_devices() {
         "re-attached, not replaced under a dead link: {last}"
     );
 }
+
+/// A tutorial's manifest, as written: no clusterIP, no nodePort.
+const TUTORIAL: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: hello}
+spec:
+  type: NodePort
+  selector: {app: hello}
+  ports: [{port: 80, targetPort: 8080}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: hello-a, labels: {kubernetes.io/service-name: hello}}
+addressType: IPv4
+ports: [{port: 8080}]
+endpoints:
+- {addresses: [10.244.1.11], nodeName: NODE}
+"#;
+
+/// The ClusterIP and NodePort `lbctl services` shows for the one Service.
+fn allocated(c: &Cluster) -> (String, u64) {
+    let v = c.lbctl_json(&["services"]).unwrap();
+    let fronts = v[0]["frontends"].as_array().unwrap().clone();
+    let of = |kind: &str| {
+        fronts
+            .iter()
+            .find(|f| f["kind"] == kind)
+            .unwrap_or_else(|| panic!("no {kind} frontend: {fronts:?}"))
+            .clone()
+    };
+    (
+        of("ClusterIP")["address"].as_str().unwrap().to_string(),
+        of("NodePort")["port"].as_u64().unwrap(),
+    )
+}
+
+#[test]
+fn manifests_without_cluster_ip_get_one_that_survives_restarts() {
+    require_root();
+    sweep();
+    let mut t = Topology::new(1);
+    t.start_pod_servers(8080);
+    let mut c = Cluster::start(
+        &PathBuf::from(env!("CARGO_BIN_EXE_lbctl-e2e")),
+        t,
+        &[("hello.yaml", &TUTORIAL.replace("NODE", NODE_NAME))],
+    );
+    c.wait_services("hello with a ClusterIP and a NodePort", |s| {
+        s.len() == 1 && s[0]["frontends"].as_array().is_some_and(|f| f.len() == 2)
+    });
+    let (ip, np) = allocated(&c);
+    let addr: std::net::Ipv4Addr = ip.parse().unwrap();
+    // The default --service-cidr, 10.96.0.0/12; the default NodePort range.
+    assert_eq!(
+        u32::from(addr) >> 20,
+        u32::from(std::net::Ipv4Addr::new(10, 96, 0, 0)) >> 20
+    );
+    assert!((30000..=32767).contains(&np), "{np}");
+    let pod = &c.topo.pod("pod-1").ns;
+    assert_eq!(
+        c.get_from_pod(pod, &format!("http://{ip}/")).trim(),
+        "pod-1"
+    );
+    assert_eq!(
+        c.get_from_client(&format!("http://{NODE_IP}:{np}/")).trim(),
+        "pod-1"
+    );
+    // `lbctl diff` completes the folder as the agent does: no difference.
+    let out = std::process::Command::new(&c.lbctl)
+        .args([
+            "diff",
+            "--node-name",
+            NODE_NAME,
+            "--node-ip",
+            &NODE_IP.to_string(),
+        ])
+        .arg("--manifests")
+        .arg(&c.manifests)
+        .arg("--bpffs")
+        .arg(c.pins())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Restarted: the same address and port, nothing rewritten.
+    c.agent.as_mut().unwrap().stop();
+    c.start_agent();
+    wait_log(&c, "first sync done writes=0", 1);
+    assert_eq!(allocated(&c), (ip, np));
+}

@@ -156,16 +156,7 @@ impl Harness {
 
     /// GET on the agent's health listener, inside its namespace.
     fn get(&self, path: &str) -> (u16, String) {
-        let out = self
-            .ns
-            .command("curl")
-            .args(["-s", "-m", "2", "-w", "\n%{http_code}"])
-            .arg(format!("http://127.0.0.1:10256{path}"))
-            .output()
-            .expect("curl");
-        let text = String::from_utf8_lossy(&out.stdout).to_string();
-        let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
-        (code.trim().parse().unwrap_or(0), body.to_string())
+        lb_tests::topo::agent_get(&self.ns, path)
     }
 }
 

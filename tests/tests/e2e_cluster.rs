@@ -25,7 +25,7 @@ use std::{
 use lb_tests::{
     controlplane::{self, SERVICE_CIDR},
     guard::{Proc, sweep},
-    postgres::{Postgres, which_server},
+    postgres::{Postgres, time_switch, which_server},
     realcluster::{RealCluster, deploy_dir},
     require_root,
     topo::{self, EXT_IP, NODE_B_IP, NODE_IP},
@@ -41,16 +41,36 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
     ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// GET through `url` from pod-1 (socket path) until `ok` holds for the
-/// answer, with a deadline.
-fn wait_answer(rc: &RealCluster, url: &str, what: &str, ok: impl Fn(&str) -> bool) {
+/// Where a test request comes from.
+#[derive(Clone, Copy)]
+enum From {
+    /// pod-1, in the socket-LB cgroup (translated at connect()).
+    Pod,
+    /// The outside client (translated per packet on the node's device).
+    Client,
+}
+
+fn get(rc: &RealCluster, from: From, url: &str) -> Result<String, String> {
+    let args = topo::curl_args(url);
+    match from {
+        From::Pod => {
+            let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+            topo::curl(rc.c.in_cgroup(&rc.c.topo.pod("pod-1").ns, "curl", &refs))
+        }
+        From::Client => {
+            let mut c = rc.c.topo.client.command("curl");
+            c.args(args);
+            topo::curl(c)
+        }
+    }
+}
+
+/// GET `url` until `ok` holds for the answer, with a deadline.
+fn wait_answer(rc: &RealCluster, from: From, url: &str, what: &str, ok: impl Fn(&str) -> bool) {
     let deadline = Instant::now() + Duration::from_secs(20);
-    let pod = &rc.c.topo.pod("pod-1").ns;
     let mut last = String::new();
     while Instant::now() < deadline {
-        let args = topo::curl_args(url);
-        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-        match topo::curl(rc.c.in_cgroup(pod, "curl", &refs)) {
+        match get(rc, from, url) {
             Ok(body) if ok(body.trim()) => return,
             Ok(body) => last = body,
             Err(e) => last = e,
@@ -64,60 +84,37 @@ fn wait_answer(rc: &RealCluster, url: &str, what: &str, ok: impl Fn(&str) -> boo
 }
 
 /// What a failed request leaves to look at: the same request again, each
-/// pod directly, the nodes' neighbours and node-b's links.
-fn diagnose(rc: &RealCluster, url: &str) -> String {
-    let pod = &rc.c.topo.pod("pod-1").ns;
+/// pod directly from pod-1, the nodes' neighbours.
+fn diagnose(rc: &RealCluster, from: From, url: &str) -> String {
     let mut out = String::new();
-    for _ in 0..6 {
-        let args = topo::curl_args(url);
-        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-        out.push_str(&format!(
-            "again: {:?}\n",
-            topo::curl(rc.c.in_cgroup(pod, "curl", &refs))
-        ));
+    for _ in 0..3 {
+        out.push_str(&format!("again: {:?}\n", get(rc, from, url)));
     }
     for p in rc.kubelets.running() {
         let (ns, name) = p.split_once('/').unwrap();
         let ip = rc.kubelets.pod(ns, name).ip;
-        let args = topo::curl_args(&format!("http://{ip}:8080/"));
-        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-        out.push_str(&format!(
-            "direct {ip}: {:?}\n",
-            topo::curl(rc.c.in_cgroup(pod, "curl", &refs))
-        ));
+        let direct = get(rc, From::Pod, &format!("http://{ip}:8080/"));
+        out.push_str(&format!("pod-1 -> {ip}:8080 directly: {direct:?}\n"));
     }
     out.push_str(&rc.c.topo.node.run(&["ip", "neigh"]));
     out.push_str(&rc.c.topo.node_b.run(&["ip", "neigh"]));
-    out.push_str(&rc.c.topo.node_b.run(&["ip", "link"]));
     out
 }
 
-/// The names that answer `n` new connections to `url` from pod-1.
-fn answers_from_pod(rc: &RealCluster, url: &str, n: usize) -> BTreeSet<String> {
-    let pod = &rc.c.topo.pod("pod-1").ns;
+/// The names that answer `n` new connections to `url`; a failure panics
+/// with what there is to see.
+fn answers(rc: &RealCluster, from: From, url: &str, n: usize) -> BTreeSet<String> {
     (0..n)
-        .map(|i| {
-            let args = topo::curl_args(url);
-            let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-            match topo::curl(rc.c.in_cgroup(pod, "curl", &refs)) {
-                Ok(body) => body.trim().to_string(),
-                Err(e) => panic!(
-                    "request {i} to {url} from pod-1: {e}\n{}\nverdicts: {:?}\nservices: {}\nagent log:\n{}",
-                    diagnose(rc, url),
-                    rc.c.verdicts(),
-                    rc.c.lbctl_json(&["services"]).unwrap_or_default(),
-                    rc.c.agent_log()
-                ),
-            }
+        .map(|i| match get(rc, from, url) {
+            Ok(body) => body.trim().to_string(),
+            Err(e) => panic!(
+                "request {i} to {url}: {e}\n{}\nverdicts: {:?}\nservices: {}\nagent log:\n{}",
+                diagnose(rc, from, url),
+                rc.c.verdicts(),
+                rc.c.lbctl_json(&["services"]).unwrap_or_default(),
+                rc.c.agent_log()
+            ),
         })
-        .collect()
-}
-
-/// The names that answer `n` new connections to `url` from the outside
-/// client (device path).
-fn answers_from_client(rc: &RealCluster, url: &str, n: usize) -> BTreeSet<String> {
-    (0..n)
-        .map(|_| rc.c.get_from_client(url).trim().to_string())
         .collect()
 }
 
@@ -333,18 +330,7 @@ fn rbac_and_the_seed_manifests_against_kube_apiserver() {
     };
     assert_eq!(psql().expect("psql to the primary"), "primary");
     cp.apply(&postgres_endpoints(&replica.to_string()));
-    let changed = Instant::now();
-    let took = loop {
-        match psql() {
-            Ok(s) if s == "replica" => break changed.elapsed(),
-            Ok(s) => assert_eq!(s, "primary", "unexpected server"),
-            Err(e) => panic!("a connection failed during the switch: {e}"),
-        }
-        assert!(
-            changed.elapsed() < Duration::from_secs(10),
-            "never reached the replica"
-        );
-    };
+    let took = time_switch(psql, "primary", "replica");
     eprintln!(
         "kubectl apply of the Endpoints -> new connections at the replica: {} ms",
         took.as_millis()
@@ -382,7 +368,7 @@ fn rbac_and_the_seed_manifests_against_kube_apiserver() {
     cp.apply(&gateways_slices("ceph-rgw", &hosts));
     rc.wait_backends("default/ceph-rgw", &want);
     let rgw = rc.service_field("default", "ceph-rgw", ".spec.clusterIP");
-    let seen = answers_from_pod(&rc, &format!("http://{rgw}/"), 150);
+    let seen = answers(&rc, From::Pod, &format!("http://{rgw}/"), 150);
     assert_eq!(seen, all, "150 requests did not reach all twelve gateways");
 
     // The Endpoints form: the mirroring controller of this release cannot
@@ -422,7 +408,7 @@ fn rbac_and_the_seed_manifests_against_kube_apiserver() {
     rc.wait_agent_ready();
     rc.wait_backends("default/ceph-legacy", &want);
     let legacy = rc.service_field("default", "ceph-legacy", ".spec.clusterIP");
-    let seen = answers_from_pod(&rc, &format!("http://{legacy}/"), 150);
+    let seen = answers(&rc, From::Pod, &format!("http://{legacy}/"), 150);
     assert_eq!(seen, all, "the Endpoints form did not reach all twelve");
     drop(servers);
 }
@@ -452,6 +438,23 @@ spec:
         - containerPort: 8080
 "#
     )
+}
+
+/// A cluster with Deployment `web` of `replicas` ready pods, exposed as a
+/// NodePort Service the way users do it (`kubectl expose`).
+fn web_exposed(replicas: usize) -> RealCluster {
+    let mut rc = RealCluster::start(&lbctl(), 1, 0);
+    rc.cp.apply(&web_deployment(replicas as u32));
+    rc.wait_pods("default", "app=web", replicas);
+    rc.cp.kubectl_ok(&[
+        "expose",
+        "deployment",
+        "web",
+        "--type=NodePort",
+        "--port=80",
+        "--target-port=8080",
+    ]);
+    rc
 }
 
 /// Two pods whose container port named `http` has different numbers.
@@ -493,35 +496,37 @@ fn deployments_exposed_scaled_flipped_and_retyped() {
     require_root();
     let _one = serial();
     sweep();
-    let mut rc = RealCluster::start(&lbctl(), 1, 0);
-
     // kubectl create deployment + expose --type NodePort.
-    rc.cp.apply(&web_deployment(3));
-    rc.wait_pods("default", "app=web", 3);
-    rc.cp.kubectl_ok(&[
-        "expose",
-        "deployment",
-        "web",
-        "--type=NodePort",
-        "--port=80",
-        "--target-port=8080",
-    ]);
+    let mut rc = web_exposed(3);
     let names = pod_names(&rc, "default", "app=web");
     let ip = rc.service_field("default", "web", ".spec.clusterIP");
     let node_port = rc.service_field("default", "web", ".spec.ports[0].nodePort");
     let cluster_url = format!("http://{ip}/");
     let node_url = format!("http://{NODE_IP}:{node_port}/");
-    wait_answer(&rc, &cluster_url, "web through its ClusterIP", |b| {
-        names.contains(b)
-    });
-    assert_eq!(answers_from_pod(&rc, &cluster_url, 60), names, "ClusterIP");
+    wait_answer(
+        &rc,
+        From::Pod,
+        &cluster_url,
+        "web through its ClusterIP",
+        |b| names.contains(b),
+    );
     assert_eq!(
-        answers_from_client(&rc, &node_url, 60),
+        answers(&rc, From::Pod, &cluster_url, 60),
+        names,
+        "ClusterIP"
+    );
+    assert_eq!(
+        answers(&rc, From::Client, &node_url, 60),
         names,
         "NodePort on the Node object's address"
     );
     assert_eq!(
-        answers_from_client(&rc, &format!("http://{NODE_B_IP}:{node_port}/"), 60),
+        answers(
+            &rc,
+            From::Client,
+            &format!("http://{NODE_B_IP}:{node_port}/"),
+            60
+        ),
         names,
         "NodePort through node-b's agent"
     );
@@ -538,7 +543,7 @@ fn deployments_exposed_scaled_flipped_and_retyped() {
         .collect();
     rc.wait_backends("default/web", &five_ips);
     assert_eq!(
-        answers_from_pod(&rc, &cluster_url, 100),
+        answers(&rc, From::Pod, &cluster_url, 100),
         five,
         "scaled to 5"
     );
@@ -551,8 +556,16 @@ fn deployments_exposed_scaled_flipped_and_retyped() {
         .map(|n| format!("{}:8080", rc.kubelets.pod("default", n).ip))
         .collect();
     rc.wait_backends("default/web", &two_ips);
-    assert_eq!(answers_from_pod(&rc, &cluster_url, 40), two, "scaled to 2");
-    assert_eq!(answers_from_client(&rc, &node_url, 40), two, "scaled to 2");
+    assert_eq!(
+        answers(&rc, From::Pod, &cluster_url, 40),
+        two,
+        "scaled to 2"
+    );
+    assert_eq!(
+        answers(&rc, From::Client, &node_url, 40),
+        two,
+        "scaled to 2"
+    );
 
     // Readiness flips: a pod that is not ready gets no new connection.
     let flipped = two.iter().next().unwrap().clone();
@@ -563,10 +576,18 @@ fn deployments_exposed_scaled_flipped_and_retyped() {
         rc.kubelets.pod("default", other.iter().next().unwrap()).ip
     );
     rc.wait_backends_ready("default/web", &[other_ip]);
-    assert_eq!(answers_from_pod(&rc, &cluster_url, 30), other, "not ready");
+    assert_eq!(
+        answers(&rc, From::Pod, &cluster_url, 30),
+        other,
+        "not ready"
+    );
     rc.kubelets.set_ready(&rc.cp, "default", &flipped, true);
     rc.wait_backends_ready("default/web", &two_ips);
-    assert_eq!(answers_from_pod(&rc, &cluster_url, 40), two, "ready again");
+    assert_eq!(
+        answers(&rc, From::Pod, &cluster_url, 40),
+        two,
+        "ready again"
+    );
 
     // Deleted and recreated: a new ClusterIP; the old one answers no more.
     rc.cp.kubectl_ok(&["delete", "service", "web"]);
@@ -584,6 +605,7 @@ fn deployments_exposed_scaled_flipped_and_retyped() {
     let ip2 = rc.service_field("default", "web", ".spec.clusterIP");
     wait_answer(
         &rc,
+        From::Pod,
         &format!("http://{ip2}/"),
         "the recreated Service",
         |b| two.contains(b),
@@ -610,16 +632,9 @@ fn deployments_exposed_scaled_flipped_and_retyped() {
     let np = rc.service_field("default", "web", ".spec.ports[0].nodePort");
     assert!(!np.is_empty(), "no nodePort allocated");
     let np_url = format!("http://{NODE_IP}:{np}/");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let mut c = rc.c.topo.client.command("curl");
-        c.args(topo::curl_args(&np_url));
-        if topo::curl(c).is_ok_and(|b| two.contains(b.trim())) {
-            break;
-        }
-        assert!(Instant::now() < deadline, "NodePort {np} never answered");
-        thread::sleep(Duration::from_millis(50));
-    }
+    wait_answer(&rc, From::Client, &np_url, "the new NodePort", |b| {
+        two.contains(b)
+    });
     rc.cp.kubectl_ok(&[
         "patch",
         "service",
@@ -645,9 +660,13 @@ fn deployments_exposed_scaled_flipped_and_retyped() {
     ]);
     let ip3 = rc.service_field("default", "web", ".spec.clusterIP");
     assert!(in_service_cidr(&ip3), "no ClusterIP after ExternalName");
-    wait_answer(&rc, &format!("http://{ip3}/"), "ClusterIP again", |b| {
-        two.contains(b)
-    });
+    wait_answer(
+        &rc,
+        From::Pod,
+        &format!("http://{ip3}/"),
+        "ClusterIP again",
+        |b| two.contains(b),
+    );
     let _ = url2;
 
     // A named targetPort that differs per pod.
@@ -658,7 +677,7 @@ fn deployments_exposed_scaled_flipped_and_retyped() {
     rc.wait_backends("default/named", &[format!("{a}:8080"), format!("{b}:9090")]);
     let named_ip = rc.service_field("default", "named", ".spec.clusterIP");
     assert_eq!(
-        answers_from_pod(&rc, &format!("http://{named_ip}/"), 40),
+        answers(&rc, From::Pod, &format!("http://{named_ip}/"), 40),
         set(&["named-a", "named-b"]),
         "named targetPort resolved per pod"
     );
@@ -710,64 +729,13 @@ fn deployments_exposed_scaled_flipped_and_retyped() {
     ]);
     let np = rc.service_field("default", "web", ".spec.ports[0].nodePort");
     let moved_url = format!("http://{moved}:{np}/");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let mut c = rc.c.topo.client.command("curl");
-        c.args(topo::curl_args(&moved_url));
-        if topo::curl(c).is_ok_and(|b| two.contains(b.trim())) {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the NodePort never answered on the Node's new address"
-        );
-        thread::sleep(Duration::from_millis(50));
-    }
-
-    // A Service whose selector matches no pod: connect() is refused at
-    // once, and the datapath's own log record reaches the agent's log.
-    rc.cp.apply(
-        "apiVersion: v1\nkind: Service\nmetadata: {name: empty}\nspec: {selector: {app: none}, ports: [{port: 80}]}\n",
+    wait_answer(
+        &rc,
+        From::Client,
+        &moved_url,
+        "the NodePort on the Node's new address",
+        |b| two.contains(b),
     );
-    let empty = rc.service_field("default", "empty", ".spec.clusterIP");
-    rc.wait_backends("default/empty", &[]);
-    let args = topo::curl_args(&format!("http://{empty}/"));
-    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-    let out =
-        rc.c.in_cgroup(&rc.c.topo.pod("pod-1").ns, "curl", &refs)
-            .output()
-            .expect("curl");
-    assert_eq!(
-        out.status.code(),
-        Some(7),
-        "curl: connection refused expected"
-    );
-    let record = format!("refuse connect to {empty}:80");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !rc.c.agent_log().contains(&record) {
-        assert!(
-            Instant::now() < deadline,
-            "no datapath record {record:?} in the agent's log"
-        );
-        thread::sleep(Duration::from_millis(50));
-    }
-
-    // `lbctl status` names the API source; /metrics counted watch events
-    // of every kind the agent watches.
-    let st = rc.c.lbctl_json(&["status"]).expect("lbctl status")["agent"].clone();
-    assert_eq!(st["source"], "api", "{st:#}");
-    assert_eq!(
-        st["source_location"]
-            .as_str()
-            .unwrap_or_default()
-            .trim_end_matches('/'),
-        format!("https://{}:6443", controlplane::CP_IP),
-        "{st:#}"
-    );
-    for kind in ["Service", "EndpointSlice", "Node"] {
-        let series = format!("lb_source_events_total{{kind=\"{kind}\"}}");
-        assert!(rc.agent_metric(&series) > 0.0, "no {kind} events counted");
-    }
 
     // lbctl as an unprivileged user: a clear word, not EPERM.
     let out = std::process::Command::new("setpriv")
@@ -882,21 +850,13 @@ fn forwarding_survives_agent_apiserver_and_etcd_disruption() {
     require_root();
     let _one = serial();
     sweep();
-    let mut rc = RealCluster::start(&lbctl(), 1, 0);
-    rc.cp.apply(&web_deployment(2));
-    rc.wait_pods("default", "app=web", 2);
-    rc.cp.kubectl_ok(&[
-        "expose",
-        "deployment",
-        "web",
-        "--type=NodePort",
-        "--port=80",
-        "--target-port=8080",
-    ]);
+    let mut rc = web_exposed(2);
     let ip = rc.service_field("default", "web", ".spec.clusterIP");
     let np = rc.service_field("default", "web", ".spec.ports[0].nodePort");
     let names = pod_names(&rc, "default", "app=web");
-    wait_answer(&rc, &format!("http://{ip}/"), "web", |b| names.contains(b));
+    wait_answer(&rc, From::Pod, &format!("http://{ip}/"), "web", |b| {
+        names.contains(b)
+    });
     let steady = Steady::start(
         &rc,
         format!("http://{NODE_IP}:{np}/"),

@@ -3,14 +3,11 @@
 //! object naming the primary. Pointing the Endpoints file at the replica
 //! moves new connections there within a second, restarting nothing.
 
-use std::{
-    path::PathBuf,
-    time::{Duration, Instant},
-};
+use std::{path::PathBuf, time::Duration};
 
 use lb_tests::{
     guard::sweep,
-    postgres::{Postgres, which_server},
+    postgres::{Postgres, time_switch, which_server},
     require_root,
     topo::{self, Cluster, EXT_IP, Topology},
 };
@@ -63,18 +60,7 @@ fn psql_through_a_clusterip_follows_the_endpoints_file() {
     assert_eq!(psql().expect("psql to the primary"), "primary");
 
     c.write("postgres.yaml", &manifests(REPLICA));
-    let changed = Instant::now();
-    let took = loop {
-        match psql() {
-            Ok(s) if s == "replica" => break changed.elapsed(),
-            Ok(s) => assert_eq!(s, "primary", "unexpected server"),
-            Err(e) => panic!("a connection failed during the switch: {e}"),
-        }
-        assert!(
-            changed.elapsed() < Duration::from_secs(10),
-            "never reached the replica"
-        );
-    };
+    let took = time_switch(psql, "primary", "replica");
     eprintln!(
         "new connections reached the replica {} ms after the Endpoints file changed",
         took.as_millis()

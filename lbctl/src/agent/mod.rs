@@ -1,5 +1,6 @@
 //! `lbctl agent`: sources -> model (pure) -> reconcile (diff) -> maps.
 
+pub mod allocate;
 pub mod apply;
 pub mod health;
 pub mod ids;

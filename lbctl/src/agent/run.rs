@@ -18,6 +18,7 @@ use tracing::{debug, info, warn};
 use futures::{FutureExt, StreamExt};
 
 use super::{
+    allocate::Allocator,
     health::{self, Health},
     logs,
     metrics::Metrics,
@@ -48,6 +49,9 @@ pub enum SourceConfig {
 #[derive(Clone, Debug)]
 pub struct AgentConfig {
     pub source: SourceConfig,
+    /// ClusterIPs and nodePorts for manifests written without them
+    /// (manifest folder only: the API server does this for its own).
+    pub allocator: Allocator,
     /// Forward aya-log records from the programs (else compiled out at
     /// load).
     pub datapath_logs: bool,
@@ -208,6 +212,9 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
     maps.ensure_backend_stats()
         .context("creating per-backend counters")?;
     let mut rec = Reconciler::adopt(maps)?;
+    // Addresses and ports given out by a previous agent stay the same.
+    let mut allocator = cfg.allocator.clone();
+    allocator.adopt(rec.state());
     let mut status = StatusRecord::new(
         matches!(cfg.source, SourceConfig::Cluster { .. }),
         &source_label,
@@ -238,12 +245,17 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
                     _ = int.recv() => break,
                 }
                 match dir.poll() {
-                    Ok(Some(snap)) => {
+                    Ok(Some(mut snap)) => {
                         metrics.event("files");
                         for e in &snap.errors {
                             warn!("skipped: {e}");
                             metrics.error("file");
                             status.error(&format!("skipped: {e}"));
+                        }
+                        for e in allocator.complete(&mut snap.objects.services) {
+                            warn!("not completed: {e}");
+                            metrics.error("object");
+                            status.error(&format!("not completed: {e}"));
                         }
                         store.replace_services(snap.objects.services);
                         store.replace_slices(snap.objects.slices);

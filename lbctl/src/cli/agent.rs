@@ -5,7 +5,10 @@ use std::{net::Ipv4Addr, path::PathBuf, time::Duration};
 use anyhow::{Context, Result};
 
 use super::PinArgs;
-use crate::agent::run::{self, AgentConfig, SourceConfig};
+use crate::agent::{
+    allocate::Allocator,
+    run::{self, AgentConfig, SourceConfig},
+};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -63,6 +66,15 @@ pub struct Args {
     /// maps.
     #[arg(long, default_value = "60")]
     pub healthz_timeout_s: u64,
+    /// The API server's service CIDR: with a manifest folder, Services
+    /// written without `clusterIP` get one from here, as the API server
+    /// would give them (kube's `--service-cluster-ip-range`).
+    #[arg(long, default_value = "10.96.0.0/12")]
+    pub service_cidr: String,
+    /// With a manifest folder, NodePort and LoadBalancer ports written
+    /// without `nodePort` get one from this range (FIRST-LAST).
+    #[arg(long, default_value = "30000-32767")]
+    pub service_node_port_range: String,
     /// Remove every attachment and pinned map, then exit.
     #[arg(long)]
     pub cleanup: bool,
@@ -85,8 +97,10 @@ pub async fn execute(args: Args) -> Result<()> {
         Some(n) => n,
         None => hostname()?,
     };
+    let allocator = Allocator::new(&args.service_cidr, &args.service_node_port_range)?;
     run::run(AgentConfig {
         source,
+        allocator,
         datapath_logs: args.datapath_logs,
         bpffs: args.pins.bpffs,
         node_name,

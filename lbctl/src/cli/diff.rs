@@ -16,6 +16,7 @@ use serde::Serialize;
 use super::{PinArgs, render};
 use crate::{
     agent::{
+        allocate::Allocator,
         apply::{InMemory, MapWriter},
         model::{NodeInfo, ObjKey},
         reconcile::Reconciler,
@@ -48,6 +49,12 @@ pub struct Args {
     /// SNAT address, as given to the agent.
     #[arg(long)]
     pub snat_ip: Option<Ipv4Addr>,
+    /// Service CIDR, as given to the agent (manifests without clusterIP).
+    #[arg(long, default_value = "10.96.0.0/12")]
+    pub service_cidr: String,
+    /// NodePort range, as given to the agent (manifests without nodePort).
+    #[arg(long, default_value = "30000-32767")]
+    pub service_node_port_range: String,
     #[arg(short, long, value_enum, default_value_t)]
     pub output: render::Output,
 }
@@ -222,12 +229,19 @@ pub async fn execute(args: Args) -> Result<()> {
     let mut store = Store::default();
     let node = match &args.manifests {
         Some(dir) => {
-            let snap = DirSource::new(dir)
+            let mut snap = DirSource::new(dir)
                 .poll()
                 .with_context(|| format!("reading {}", dir.display()))?
                 .unwrap_or_default();
             for e in &snap.errors {
                 eprintln!("skipped: {e}");
+            }
+            // Completed as the agent completes them: what the maps were
+            // programmed with first.
+            let mut alloc = Allocator::new(&args.service_cidr, &args.service_node_port_range)?;
+            alloc.adopt(&cur);
+            for e in alloc.complete(&mut snap.objects.services) {
+                eprintln!("not completed: {e}");
             }
             store.replace_services(snap.objects.services);
             store.replace_slices(snap.objects.slices);
