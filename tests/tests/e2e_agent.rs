@@ -240,8 +240,13 @@ fn health_endpoints_and_metrics_follow_the_agent() {
     }
     let (code, body) = node_get(&c, "http://127.0.0.1:10256/healthz");
     assert_eq!(code, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).expect("healthz JSON");
     assert!(
-        body.contains("\"lastUpdated\": \"20") && body.contains("currentTime"),
+        v["lastUpdated"]
+            .as_str()
+            .is_some_and(|t| t.starts_with("20"))
+            && v["currentTime"].is_string()
+            && v["nodeEligible"] == true,
         "{body}"
     );
 

@@ -737,6 +737,49 @@ fn deployments_exposed_scaled_flipped_and_retyped() {
         |b| two.contains(b),
     );
 
+    // kube-proxy's endpoints: a Node tainted for deletion by the cluster
+    // autoscaler fails /healthz (load balancers drain it) but not /livez;
+    // /proxyMode answers on the metrics port.
+    let taint = "ToBeDeletedByClusterAutoscaler=1:NoSchedule";
+    rc.cp.kubectl_ok(&["taint", "node", "node-a", taint]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while rc.agent_get("/healthz").0 != 503 {
+        assert!(
+            Instant::now() < deadline,
+            "/healthz stayed 200 on a node being deleted"
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+    let (_, body) = rc.agent_get("/healthz");
+    let v: serde_json::Value = serde_json::from_str(&body).expect("healthz JSON");
+    assert_eq!(v["nodeEligible"], false, "{body}");
+    assert!(
+        v["lastUpdated"].is_string() && v["currentTime"].is_string(),
+        "{body}"
+    );
+    assert_eq!(rc.agent_get("/livez").0, 200, "/livez looks at the node");
+    rc.cp.kubectl_ok(&[
+        "taint",
+        "node",
+        "node-a",
+        "ToBeDeletedByClusterAutoscaler:NoSchedule-",
+    ]);
+    while rc.agent_get("/healthz").0 != 200 {
+        assert!(
+            Instant::now() < deadline,
+            "/healthz stayed 503 after the taint went"
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+    let out =
+        rc.c.topo
+            .node
+            .command("curl")
+            .args(["-s", "-m", "2", "http://127.0.0.1:10249/proxyMode"])
+            .output()
+            .expect("curl");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "ebpf");
+
     // lbctl as an unprivileged user: a clear word, not EPERM.
     let out = std::process::Command::new("setpriv")
         .args(["--reuid=65534", "--regid=65534", "--clear-groups"])

@@ -1,10 +1,15 @@
-//! The agent's HTTP endpoints, as kube-proxy has them:
+//! The agent's HTTP endpoints, as kube-proxy has them (its
+//! `pkg/proxy/healthcheck`), on both listeners:
 //!
-//! - `/healthz`: 200 with `lastUpdated`/`currentTime` while the maps keep up
-//!   with the source; 503 when a change has waited longer than the timeout
-//!   (writes keep failing, or the loop is stuck).
-//! - `/livez`: 200 while the process serves (same body).
+//! - `/healthz`: JSON `lastUpdated`, `currentTime`, `nodeEligible`,
+//!   `healthy`, `status.IPv4`; 503 when a change has waited longer than the
+//!   timeout (writes keep failing, or the loop is stuck) or when this node
+//!   is not eligible (its Node is being deleted or carries the cluster
+//!   autoscaler's `ToBeDeletedByClusterAutoscaler` taint), so load
+//!   balancers drain it.
+//! - `/livez`: the same without the node: 503 only when unhealthy.
 //! - `/readyz`: 200 once the first full sync is in the maps, 503 before.
+//! - `/proxyMode`: `ebpf` (kube-proxy answers its mode there).
 //! - `/metrics`: Prometheus text format.
 
 use std::{
@@ -15,16 +20,43 @@ use std::{
 
 use anyhow::{Context, Result};
 use axum::{Router, extract::State, http::StatusCode, response::IntoResponse, routing::get};
+use k8s_openapi::api::core::v1::Node;
 use tracing::info;
 
 use super::metrics::Metrics;
 
-#[derive(Debug, Default)]
+/// The cluster autoscaler's taint on a node it is about to delete.
+pub const TO_BE_DELETED_TAINT: &str = "ToBeDeletedByClusterAutoscaler";
+
+/// Whether load balancers should keep sending to this node: not while its
+/// Node is being deleted or tainted for deletion (kube-proxy's rule).
+pub fn node_eligible(node: &Node) -> bool {
+    node.metadata.deletion_timestamp.is_none()
+        && !node
+            .spec
+            .as_ref()
+            .and_then(|s| s.taints.as_ref())
+            .is_some_and(|t| t.iter().any(|t| t.key == TO_BE_DELETED_TAINT))
+}
+
+#[derive(Debug)]
 struct HealthState {
     ready: bool,
+    node_eligible: bool,
     last_updated: Option<SystemTime>,
     /// Since when a change seen in the source waits for its writes.
     pending_since: Option<Instant>,
+}
+
+impl Default for HealthState {
+    fn default() -> Self {
+        Self {
+            ready: false,
+            node_eligible: true,
+            last_updated: None,
+            pending_since: None,
+        }
+    }
 }
 
 /// Shared between the agent loop and the HTTP server.
@@ -64,6 +96,14 @@ impl Health {
         self.lock().ready
     }
 
+    pub fn set_node_eligible(&self, eligible: bool) {
+        self.lock().node_eligible = eligible;
+    }
+
+    fn node_is_eligible(&self) -> bool {
+        self.lock().node_eligible
+    }
+
     /// Healthy unless a change has waited longer than the timeout.
     pub fn healthy(&self) -> bool {
         self.lock()
@@ -71,17 +111,26 @@ impl Health {
             .is_none_or(|t| t.elapsed() <= self.timeout)
     }
 
-    fn body(&self) -> String {
+    /// kube-proxy's JSON; `node_eligible` only on `/healthz`. A healthy
+    /// answer says `lastUpdated` is now, as kube-proxy's does.
+    fn body(&self, node_eligible: Option<bool>, healthy: bool) -> String {
         let fmt = |t: SystemTime| {
             jiff::Timestamp::try_from(t)
                 .map(|t| t.to_string())
                 .unwrap_or_default()
         };
-        let last = self.lock().last_updated.map(fmt).unwrap_or_default();
-        format!(
-            "{{\"lastUpdated\": \"{last}\",\"currentTime\": \"{}\"}}\n",
-            fmt(SystemTime::now())
-        )
+        let now = SystemTime::now();
+        let updated = self.lock().last_updated.map(fmt).unwrap_or_default();
+        let mut v = serde_json::json!({
+            "lastUpdated": if healthy { fmt(now) } else { updated.clone() },
+            "currentTime": fmt(now),
+            "healthy": self.healthy(),
+            "status": {"IPv4": {"lastUpdated": updated, "healthy": self.healthy()}},
+        });
+        if let Some(e) = node_eligible {
+            v["nodeEligible"] = e.into();
+        }
+        format!("{v}\n")
     }
 }
 
@@ -92,24 +141,34 @@ struct App {
 }
 
 async fn healthz(State(app): State<App>) -> impl IntoResponse {
-    let code = if app.health.healthy() {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
-    };
+    let eligible = app.health.node_is_eligible();
+    let healthy = app.health.healthy() && eligible;
     (
-        code,
+        code(healthy),
         [("content-type", "application/json")],
-        app.health.body(),
+        app.health.body(Some(eligible), healthy),
     )
 }
 
 async fn livez(State(app): State<App>) -> impl IntoResponse {
+    let healthy = app.health.healthy();
     (
-        StatusCode::OK,
+        code(healthy),
         [("content-type", "application/json")],
-        app.health.body(),
+        app.health.body(None, healthy),
     )
+}
+
+fn code(ok: bool) -> StatusCode {
+    if ok {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    }
+}
+
+async fn proxy_mode() -> &'static str {
+    "ebpf"
 }
 
 async fn readyz(State(app): State<App>) -> impl IntoResponse {
@@ -149,10 +208,11 @@ pub async fn serve(
         .route("/healthz", get(healthz))
         .route("/livez", get(livez))
         .route("/readyz", get(readyz))
+        .route("/proxyMode", get(proxy_mode))
         .route("/metrics", get(metrics_text))
         .with_state(App { health, metrics });
     let addr: Option<SocketAddr> = listener.local_addr().ok();
-    info!(?addr, "serving /healthz /livez /readyz /metrics");
+    info!(?addr, "serving /healthz /livez /readyz /proxyMode /metrics");
     axum::serve(listener, app).await.context("HTTP server")
 }
 
@@ -170,6 +230,34 @@ mod tests {
         assert!(!h.healthy(), "a change waiting past the timeout is not");
         h.synced();
         assert!(h.ready() && h.healthy());
-        assert!(h.body().contains("\"lastUpdated\": \"20"), "{}", h.body());
+        let v: serde_json::Value = serde_json::from_str(&h.body(Some(true), true)).unwrap();
+        assert!(v["lastUpdated"].as_str().unwrap().starts_with("20"), "{v}");
+        assert_eq!(v["nodeEligible"], true);
+        assert_eq!(v["status"]["IPv4"]["healthy"], true);
+        let v: serde_json::Value = serde_json::from_str(&h.body(None, true)).unwrap();
+        assert!(
+            v.get("nodeEligible").is_none(),
+            "/livez says nothing of the node"
+        );
+    }
+
+    #[test]
+    fn a_node_being_deleted_is_not_eligible() {
+        let mut n = Node::default();
+        assert!(node_eligible(&n));
+        n.spec = Some(k8s_openapi::api::core::v1::NodeSpec {
+            taints: Some(vec![k8s_openapi::api::core::v1::Taint {
+                key: TO_BE_DELETED_TAINT.into(),
+                effect: "NoSchedule".into(),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        });
+        assert!(!node_eligible(&n));
+        let mut n = Node::default();
+        n.metadata.deletion_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+            k8s_openapi::jiff::Timestamp::now(),
+        ));
+        assert!(!node_eligible(&n));
     }
 }

@@ -337,6 +337,13 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
             continue;
         }
         if let Some(obj) = node_obj {
+            // kube-proxy's /healthz fails on a Node being deleted (load
+            // balancers then drain it) and, with the API, on a missing
+            // Node; a manifest folder may simply have no Node.
+            health.set_node_eligible(match &obj {
+                Some(n) => health::node_eligible(n),
+                None => matches!(cfg.source, SourceConfig::Dir(_)),
+            });
             let info = node_info(&cfg, obj.as_ref());
             if node.as_ref() != Some(&info) {
                 if obj.is_none() && cfg.node_ips.is_empty() {
