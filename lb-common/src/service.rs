@@ -154,6 +154,8 @@ impl Default for ServiceMeta {
 pub const NE_SESSION_AFFINITY: u32 = 1 << 0;
 pub const NE_EXTERNAL_TRAFFIC_LOCAL: u32 = 1 << 1;
 pub const NE_INTERNAL_TRAFFIC_LOCAL: u32 = 1 << 2;
+/// No longer set: the agent serves health check node ports. Kept so the
+/// bit keeps its meaning in maps an older agent wrote.
 pub const NE_HEALTH_CHECK_NODE_PORT: u32 = 1 << 3;
 pub const NE_SOURCE_RANGES: u32 = 1 << 4;
 pub const NE_TOPOLOGY: u32 = 1 << 5;

@@ -682,6 +682,83 @@ fn deployments_exposed_scaled_flipped_and_retyped() {
         "named targetPort resolved per pod"
     );
 
+    // Health check node ports: a LoadBalancer Service with
+    // externalTrafficPolicy Local gets one from the API server; each
+    // node's agent answers it with its own count of ready endpoints.
+    rc.cp.apply(
+        "apiVersion: v1\nkind: Service\nmetadata: {name: local}\nspec: {type: LoadBalancer, externalTrafficPolicy: Local, selector: {app: named}, ports: [{port: 80, targetPort: http}]}\n",
+    );
+    let hc = rc.service_field("default", "local", ".spec.healthCheckNodePort");
+    assert!(!hc.is_empty(), "no healthCheckNodePort allocated");
+    let on = |node: &str| {
+        ["named-a", "named-b"]
+            .iter()
+            .filter(|p| rc.kubelets.pod("default", p).node == node)
+            .count()
+    };
+    for (ns, node) in [(&rc.c.topo.node, "node-a"), (&rc.c.topo.node_b, "node-b")] {
+        let want = on(node);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let (code, headers, body) = loop {
+            let out = ns
+                .command("curl")
+                .args([
+                    "-s",
+                    "-m",
+                    "2",
+                    "-D",
+                    "-",
+                    "-o",
+                    "-",
+                    "-w",
+                    "\n%{http_code}",
+                ])
+                .arg(format!("http://127.0.0.1:{hc}/"))
+                .output()
+                .expect("curl");
+            let text = String::from_utf8_lossy(&out.stdout).to_string();
+            let (rest, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+            let (headers, body) = rest.split_once("\r\n\r\n").unwrap_or(("", rest));
+            let code: u16 = code.trim().parse().unwrap_or(0);
+            let v: serde_json::Value = serde_json::from_str(body).unwrap_or_default();
+            if code != 0 && v["localEndpoints"] == want {
+                break (code, headers.to_lowercase(), v);
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{node}: health check node port {hc}: {code} {text}"
+            );
+            thread::sleep(Duration::from_millis(50));
+        };
+        assert_eq!(code, if want > 0 { 200 } else { 503 }, "{node}: {body}");
+        assert_eq!(body["service"]["name"], "local", "{body}");
+        assert_eq!(body["serviceProxyHealthy"], true, "{body}");
+        assert!(
+            headers.contains(&format!("x-load-balancing-endpoint-weight: {want}")),
+            "{node}: {headers}"
+        );
+    }
+    rc.cp.kubectl_ok(&["delete", "service", "local"]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let out =
+            rc.c.topo
+                .node
+                .command("curl")
+                .args(["-s", "-m", "2"])
+                .arg(format!("http://127.0.0.1:{hc}/"))
+                .output()
+                .expect("curl");
+        if out.status.code() == Some(7) {
+            break; // refused: the listener went with the Service
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the health check node port outlived its Service"
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+
     // A field the datapath does not act on yet is said, not ignored: the
     // agent logs it and lbctl shows it.
     rc.cp.kubectl_ok(&[

@@ -100,7 +100,7 @@ impl Health {
         self.lock().node_eligible = eligible;
     }
 
-    fn node_is_eligible(&self) -> bool {
+    pub fn node_is_eligible(&self) -> bool {
         self.lock().node_eligible
     }
 

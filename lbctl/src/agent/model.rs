@@ -22,8 +22,8 @@ use k8s_openapi::api::{
     discovery::v1::EndpointSlice,
 };
 use lb_common::service::{
-    NE_EXTERNAL_TRAFFIC_LOCAL, NE_HEALTH_CHECK_NODE_PORT, NE_INTERNAL_TRAFFIC_LOCAL,
-    NE_LB_IP_MODE_PROXY, NE_PROTOCOL_SCTP, NE_SESSION_AFFINITY, NE_SOURCE_RANGES, NE_TOPOLOGY,
+    NE_EXTERNAL_TRAFFIC_LOCAL, NE_INTERNAL_TRAFFIC_LOCAL, NE_LB_IP_MODE_PROXY, NE_PROTOCOL_SCTP,
+    NE_SESSION_AFFINITY, NE_SOURCE_RANGES, NE_TOPOLOGY,
 };
 
 pub const LABEL_SERVICE_NAME: &str = "kubernetes.io/service-name";
@@ -511,7 +511,6 @@ fn service(
             internal_policy == TrafficPolicy::Local,
             NE_INTERNAL_TRAFFIC_LOCAL,
         ),
-        (health_check_node_port.is_some(), NE_HEALTH_CHECK_NODE_PORT),
         (!source_ranges.is_empty(), NE_SOURCE_RANGES),
         (topology, NE_TOPOLOGY),
         (ip_mode_proxy, NE_LB_IP_MODE_PROXY),

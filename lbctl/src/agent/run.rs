@@ -223,6 +223,7 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
     );
     let mut store = Store::default();
     let mut not_enforced = super::unenforced::NotEnforced::default();
+    let mut health_checks = super::hcnp::HealthCheckServers::new(health.clone());
     let mut node: Option<NodeInfo> = None;
     let mut last_config = None;
     // The target has changes the maps do not have yet.
@@ -380,6 +381,7 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
                     }
                 };
                 not_enforced.log(&change.service, &ports);
+                health_checks.update(&change.service, &ports).await;
                 if let Err(e) = rec.set_service(&change.service, ports) {
                     warn!(service = %change.service, "not programmed: {e}");
                     metrics.error("sync");

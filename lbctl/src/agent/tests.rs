@@ -445,9 +445,9 @@ spec: {clusterIP: 10.96.0.31, ports: [{port: 80}]}
     let d = model::translate(&objs, &node());
     assert!(d.errors.is_empty(), "{:?}", d.errors);
     let http = &d.ports[&key("x", "lb", "http")];
+    // healthCheckNodePort is served (agent/hcnp.rs): not in the list.
     let want = NE_SESSION_AFFINITY
         | NE_EXTERNAL_TRAFFIC_LOCAL
-        | NE_HEALTH_CHECK_NODE_PORT
         | NE_SOURCE_RANGES
         | NE_TOPOLOGY
         | NE_LB_IP_MODE_PROXY;
@@ -457,7 +457,6 @@ spec: {clusterIP: 10.96.0.31, ports: [{port: 80}]}
         [
             "sessionAffinity: ClientIP",
             "externalTrafficPolicy: Local",
-            "healthCheckNodePort",
             "loadBalancerSourceRanges",
             "trafficDistribution / topology hints",
             "loadBalancer ipMode: Proxy",
