@@ -341,7 +341,7 @@ impl ControlPlane {
     /// Stops the API server (SIGTERM, by PID) and waits for it to exit.
     pub fn stop_apiserver(&mut self) {
         if let Some(p) = self.apiserver.take() {
-            stop(p);
+            stop(p, Duration::from_secs(20));
         }
     }
 
@@ -578,11 +578,11 @@ pub fn now() -> String {
         .to_string()
 }
 
-/// SIGTERM by PID, then wait (SIGKILL after 20 s).
-fn stop(mut p: Proc) {
+/// SIGTERM by PID, then wait (SIGKILL after `grace`).
+fn stop(mut p: Proc, grace: Duration) {
     // SAFETY: our own child's PID.
     unsafe { libc::kill(p.0.id() as i32, libc::SIGTERM) };
-    let deadline = Instant::now() + Duration::from_secs(20);
+    let deadline = Instant::now() + grace;
     while Instant::now() < deadline {
         if let Ok(Some(_)) = p.0.try_wait() {
             return;
@@ -629,7 +629,9 @@ impl Drop for ControlPlane {
         .into_iter()
         .flatten()
         {
-            stop(p);
+            // Tearing down: a graceful API server shutdown (up to half a
+            // minute, waiting out its watches) serves nobody here.
+            stop(p, Duration::from_secs(3));
         }
         if !self.dir.as_os_str().is_empty() && std::env::var_os("LB_KEEP_CLUSTER_LOGS").is_none() {
             let _ = std::fs::remove_dir_all(&self.dir);

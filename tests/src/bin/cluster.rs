@@ -83,12 +83,19 @@ fn down() -> Result<()> {
                 unsafe { libc::kill(pid as i32, libc::SIGTERM) };
             }
         }
+        // kube-apiserver can take half a minute to shut down gracefully;
+        // what is still ours after 10 s gets SIGKILL, so nothing outlives
+        // `down`.
         for pid in text.lines().filter_map(|l| l.trim().parse::<u32>().ok()) {
             for _ in 0..200 {
                 if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
                     break;
                 }
                 std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            if ours(pid) {
+                // SAFETY: a PID this tool started, checked again just now.
+                unsafe { libc::kill(pid as i32, libc::SIGKILL) };
             }
         }
     }
