@@ -61,8 +61,8 @@ enum ClusterAction {
     /// Build (or find cached) etcd, the control plane, kubectl and helm.
     Build,
     /// Start etcd, kube-apiserver, kube-controller-manager and
-    /// kube-scheduler in a network namespace of their own; prints how to
-    /// reach them. Runs until `down` (or Ctrl-C).
+    /// kube-scheduler in a network namespace of their own and print how to
+    /// reach them; they run on until `down`.
     Up,
     /// Stop the cluster `up` started (by PID) and remove its folder.
     Down,
@@ -93,19 +93,8 @@ fn main() -> Result<()> {
                 "build (release)",
                 sh::cargo(&["build", "--release", "--quiet", "-p", "lb-tests", "--bins"]),
             )?;
-            let mut args = vec![
-                "run",
-                "--release",
-                "--quiet",
-                "-p",
-                "lb-tests",
-                "--bin",
-                "bench",
-            ];
-            if quick {
-                args.extend(["--", "--quick"]);
-            }
-            sh::step("bench", sh::cargo(&args))
+            let args: &[&str] = if quick { &["--quick"] } else { &[] };
+            sh::step("bench", release_bin("bench", args))
         }
         Task::Lint => {
             gobuild::build_all()?;
@@ -122,39 +111,33 @@ fn main() -> Result<()> {
                     ClusterAction::Down => "down",
                     _ => "status",
                 };
-                sh::step(
-                    &format!("cluster {verb}"),
-                    sh::cargo(&[
-                        "run",
-                        "--release",
-                        "--quiet",
-                        "-p",
-                        "lb-tests",
-                        "--bin",
-                        "cluster",
-                        "--",
-                        verb,
-                    ]),
-                )
+                sh::step(&format!("cluster {verb}"), release_bin("cluster", &[verb]))
             }
         },
         Task::Demo => {
             setup::run()?;
             build()?;
-            sh::step(
-                "demo",
-                sh::cargo(&[
-                    "run",
-                    "--release",
-                    "--quiet",
-                    "-p",
-                    "lb-tests",
-                    "--bin",
-                    "demo",
-                ]),
-            )
+            sh::step("demo", release_bin("demo", &[]))
         }
     }
+}
+
+/// `cargo run --release` of one of lb-tests' binaries (demo, bench,
+/// cluster) with `args`.
+fn release_bin(bin: &str, args: &[&str]) -> std::process::Command {
+    let mut c = sh::cargo(&[
+        "run",
+        "--release",
+        "--quiet",
+        "-p",
+        "lb-tests",
+        "--bin",
+        bin,
+    ]);
+    if !args.is_empty() {
+        c.arg("--").args(args);
+    }
+    c
 }
 
 fn build() -> Result<()> {
