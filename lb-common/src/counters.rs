@@ -74,6 +74,18 @@ verdicts! {
     V_DROP_CT_FULL = 12, "drop_ct_full";
     /// Rewriting the packet failed.
     V_DROP_REWRITE = 13, "drop_rewrite";
+    /// New flow to a Service that has endpoints, but none this traffic
+    /// may use here (`externalTrafficPolicy`/`internalTrafficPolicy:
+    /// Local` with no endpoint on this node): dropped, as kube-proxy does.
+    V_DROP_NO_LOCAL_BACKEND = 14, "drop_no_local_backend";
+    /// New flow to a Service with no endpoint at all, refused: a TCP RST
+    /// or an ICMP port unreachable sent back (device path), ECONNREFUSED
+    /// (socket path). `drop_no_backend` counts the ones that could not be
+    /// answered (IP options, a reply that could not be built).
+    V_REJECT_NO_BACKEND = 15, "reject_no_backend";
+    /// To a ClusterIP on a port its Service does not define: refused
+    /// (kube-proxy's nftables mode does the same).
+    V_REJECT_UNDEFINED_PORT = 16, "reject_undefined_port";
 }
 
 /// Size of the verdict counter array; room to append.

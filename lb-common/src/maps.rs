@@ -4,6 +4,8 @@
 pub const FRONTENDS4: &str = "LB4_FRONTENDS_V1";
 pub const ADDRS4: &str = "LB4_ADDRS_V1";
 pub const BACKEND_SLOTS: &str = "LB_SLOTS_V1";
+pub const SERVICE_BACKENDS: &str = "LB_SVC_BACKENDS_V1";
+pub const AFFINITY4: &str = "LB4_AFFINITY_V1";
 pub const BACKENDS4: &str = "LB4_BACKENDS_V1";
 pub const SERVICE_META: &str = "LB_SVC_META_V1";
 pub const BACKEND_META: &str = "LB_BE_META_V1";
@@ -21,10 +23,12 @@ pub const ALL: &[&str] = &[
     FRONTENDS4,
     ADDRS4,
     BACKEND_SLOTS,
+    SERVICE_BACKENDS,
     BACKENDS4,
     SERVICE_META,
     BACKEND_META,
     CONNTRACK4,
+    AFFINITY4,
     SOCK_REVNAT4,
     SOCK_FLOWS4,
     SERVICE_STATS,
@@ -50,3 +54,6 @@ pub const MAX_CONNTRACK: u32 = 1 << 18;
 pub const MAX_SOCK_REVNAT: u32 = 1 << 18;
 /// Unconnected UDP sockets' chosen backend per frontend.
 pub const MAX_SOCK_FLOWS: u32 = 1 << 17;
+/// Session affinity entries (client, Service port), least recently used
+/// evicted first.
+pub const MAX_AFFINITY: u32 = 1 << 16;

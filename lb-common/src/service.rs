@@ -12,9 +12,14 @@
 
 use crate::user_pod;
 
-/// Frontend scope: which traffic a frontend entry serves. Reserved for
-/// traffic policies: when external and internal backend sets differ, the
-/// agent writes an `INTERNAL` entry beside the `ALL` one.
+/// Frontend scope: which traffic a frontend entry serves. `ALL` serves
+/// everything unless the entry has `FE_TWO_SCOPES`: then traffic from
+/// inside the node (pods and host processes, the socket path) reads the
+/// `INTERNAL` entry of the same address instead. That is how an external
+/// frontend (NodePort, LoadBalancer, external IP) under
+/// `externalTrafficPolicy: Local` sends outside clients to this node's
+/// endpoints only while pods and the node reach every endpoint, as
+/// kube-proxy's short-circuit rules do.
 pub const SCOPE_ALL: u8 = 0;
 pub const SCOPE_INTERNAL: u8 = 1;
 
@@ -28,8 +33,15 @@ pub const KIND_LOAD_BALANCER: u8 = 4;
 pub const FE_AFFINITY_CLIENT_IP: u16 = 1 << 0;
 pub const FE_EXTERNAL_LOCAL: u16 = 1 << 1;
 pub const FE_INTERNAL_LOCAL: u16 = 1 << 2;
-/// Reject (rather than drop) new flows when there is no backend.
+/// Reject (rather than drop) new flows when there is no backend: the
+/// Service has no usable endpoint anywhere (kube-proxy's REJECT). Without
+/// it, `count == 0` means a traffic policy left this node none (DROP).
 pub const FE_REJECT_NO_BACKEND: u16 = 1 << 3;
+/// Traffic from inside the node reads the `SCOPE_INTERNAL` entry instead.
+pub const FE_TWO_SCOPES: u16 = 1 << 4;
+/// The entry's backend set is the Local-policy list (`SB_LOCAL`), else
+/// the Cluster-policy one (`SB_CLUSTER`).
+pub const FE_LOCAL_LIST: u16 = 1 << 5;
 
 /// `LB4_ADDRS_V1` values: why an address is there. The device path looks
 /// up a packet's destination here first, so traffic not for a Service costs
@@ -37,6 +49,8 @@ pub const FE_REJECT_NO_BACKEND: u16 = 1 << 3;
 pub const ADDR_FRONTEND: u32 = 1 << 0;
 /// Replies of SNATed flows come back to this address.
 pub const ADDR_SNAT: u32 = 1 << 1;
+/// Some Service's ClusterIP: a port no Service defines on it is refused.
+pub const ADDR_CLUSTER_IP: u32 = 1 << 2;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -57,10 +71,11 @@ pub struct Frontend {
     pub service_id: u32,
     /// Id of the backend set serving this frontend now.
     pub backend_set: u32,
-    /// Serving backends in slots `0..count`; 0 = no backend.
+    /// Backends for new flows in slots `0..count`; 0 = no backend.
     pub count: u16,
-    /// Terminating-but-serving backends in slots `count..count+terminating`,
-    /// used only when `count == 0` (terminating endpoints fallback).
+    /// How many of those `count` are terminating-but-serving endpoints,
+    /// used because no endpoint is ready (kube-proxy's fallback): 0 or
+    /// `count`. The datapath does not read it; `lbctl` shows it.
     pub terminating: u16,
     pub flags: u16,
     pub kind: u8,
@@ -78,6 +93,59 @@ pub struct SlotKey {
     pub slot: u32,
 }
 const _: () = assert!(core::mem::size_of::<SlotKey>() == 8);
+
+/// `LB_SVC_BACKENDS_V1`: (Service port, backend) -> `SB_*` flags. Every
+/// endpoint of a Service port the maps keep a backend for (ready, or
+/// serving and terminating), and what the port does with it. Session
+/// affinity asks it "may this frontend still give the client's backend new
+/// flows"; `lbctl` shows why a backend gets no new flows.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServiceBackendKey {
+    pub service_id: u32,
+    pub backend_id: u32,
+}
+const _: () = assert!(core::mem::size_of::<ServiceBackendKey>() == 8);
+
+/// `LB4_AFFINITY_V1` key: a client of a Service port under
+/// `sessionAffinity: ClientIP`. Outside clients (device path) are their
+/// IPv4 address; pods and host processes (socket path, where the source
+/// address is not chosen yet at connect) their network namespace's
+/// cookie: one per pod, as its address is.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct AffinityKey {
+    pub client: u64,
+    pub service_id: u32,
+    /// `AFFINITY_BY_*`.
+    pub kind: u8,
+    pub _pad: [u8; 3],
+}
+const _: () = assert!(core::mem::size_of::<AffinityKey>() == 16);
+
+/// `LB_SVC_BACKENDS_V1` values: the backend gets new flows of frontends
+/// that read the Cluster-policy list, of ones that read the Local-policy
+/// list; it is in them as a terminating fallback (no endpoint was ready);
+/// topology hints left it out of the Cluster list.
+pub const SB_CLUSTER: u32 = 1 << 0;
+pub const SB_LOCAL: u32 = 1 << 1;
+pub const SB_FALLBACK: u32 = 1 << 2;
+pub const SB_TOPOLOGY_FILTERED: u32 = 1 << 3;
+
+pub const AFFINITY_BY_ADDR: u8 = 1;
+pub const AFFINITY_BY_NETNS: u8 = 2;
+
+/// The backend a client was last given and when (seconds of the coarse
+/// monotonic clock); it holds while `now - last_s <= timeout`, and each
+/// new connection that uses it moves `last_s`, as iptables' `recent`
+/// match does for kube-proxy.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct AffinityEntry {
+    pub backend_id: u32,
+    pub last_s: u32,
+}
+const _: () = assert!(core::mem::size_of::<AffinityEntry>() == 8);
 
 /// `Backend4::state`.
 pub const BACKEND_ACTIVE: u8 = 0;
@@ -220,6 +288,9 @@ user_pod!(
     Frontend4Key,
     Frontend,
     SlotKey,
+    ServiceBackendKey,
+    AffinityKey,
+    AffinityEntry,
     Backend4,
     ServiceMeta,
     BackendMeta

@@ -23,6 +23,7 @@ mod maps;
 mod nat;
 mod netdev;
 mod parse;
+mod reject;
 mod route;
 mod select;
 mod sock;

@@ -11,10 +11,13 @@ use lb_common::{
     conntrack::{Ct4Entry, Ct4Key},
     counters::{BackendStats, MAX_VERDICTS, ServiceStats},
     maps::{
-        MAX_BACKENDS, MAX_CONNTRACK, MAX_FRONTENDS, MAX_SERVICES, MAX_SLOTS, MAX_SOCK_FLOWS,
-        MAX_SOCK_REVNAT,
+        MAX_AFFINITY, MAX_BACKENDS, MAX_CONNTRACK, MAX_FRONTENDS, MAX_SERVICES, MAX_SLOTS,
+        MAX_SOCK_FLOWS, MAX_SOCK_REVNAT,
     },
-    service::{Backend4, BackendMeta, Frontend, Frontend4Key, ServiceMeta, SlotKey},
+    service::{
+        AffinityEntry, AffinityKey, Backend4, BackendMeta, Frontend, Frontend4Key,
+        ServiceBackendKey, ServiceMeta, SlotKey,
+    },
     sock::{SockFlow4, SockFlow4Key, SockRevNat4, SockRevNat4Key},
     status::AgentStatus,
 };
@@ -32,6 +35,16 @@ pub static ADDRS4: HashMap<u32, u32> = HashMap::pinned(MAX_FRONTENDS, BPF_F_NO_P
 /// Backend sets: (set, slot) -> backend id.
 #[map(name = "LB_SLOTS_V1")]
 pub static SLOTS: HashMap<SlotKey, u32> = HashMap::pinned(MAX_SLOTS, BPF_F_NO_PREALLOC);
+
+/// (Service port, backend) -> `SB_*`: what the port does with each of
+/// its backends.
+#[map(name = "LB_SVC_BACKENDS_V1")]
+pub static SERVICE_BACKENDS: HashMap<ServiceBackendKey, u32> =
+    HashMap::pinned(MAX_SLOTS, BPF_F_NO_PREALLOC);
+
+/// Session affinity: (client, Service port) -> backend and last use.
+#[map(name = "LB4_AFFINITY_V1")]
+pub static AFFINITY4: LruHashMap<AffinityKey, AffinityEntry> = LruHashMap::pinned(MAX_AFFINITY, 0);
 
 /// Backends: id -> address, port, state.
 #[map(name = "LB4_BACKENDS_V1")]

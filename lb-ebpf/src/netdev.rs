@@ -12,11 +12,14 @@ use aya_log_ebpf::debug;
 use lb_common::{
     conntrack::{CT_LOCAL_BACKEND, CT_ORIGINAL, CT_REPLY, CT_SNAT, Ct4Entry, Ct4Key},
     counters::{
-        V_DROP_CT_FULL, V_DROP_NO_BACKEND, V_DROP_REWRITE, V_FORWARD_ESTABLISHED, V_FORWARD_NEW,
-        V_PASS_NOT_SERVICE, V_REPLY,
+        V_DROP_CT_FULL, V_DROP_NO_LOCAL_BACKEND, V_DROP_REWRITE, V_FORWARD_ESTABLISHED,
+        V_FORWARD_NEW, V_PASS_NOT_SERVICE, V_REJECT_NO_BACKEND, V_REJECT_UNDEFINED_PORT, V_REPLY,
     },
     hash,
-    service::{BACKEND_LOCAL, Frontend, Frontend4Key, KIND_NODE_PORT, SCOPE_ALL},
+    service::{
+        ADDR_CLUSTER_IP, AFFINITY_BY_ADDR, BACKEND_LOCAL, Frontend, Frontend4Key, KIND_NODE_PORT,
+        SCOPE_ALL,
+    },
 };
 
 use crate::{
@@ -24,8 +27,8 @@ use crate::{
     maps::{ADDRS4, CONFIG},
     nat,
     parse::{self, Packet},
-    route,
-    select::{self, Chosen},
+    reject, route,
+    select::{self, Chosen, Client},
     stats,
 };
 
@@ -41,10 +44,11 @@ pub fn from_netdev(ctx: &TcContext) -> i32 {
     };
     // Every packet this path translates is addressed to a frontend or an
     // SNAT address: anything else leaves after one lookup.
-    if ADDRS4.get_ptr(pkt.dst_addr).is_none() {
+    // SAFETY: copied out at once.
+    let Some(addr_flags) = (unsafe { ADDRS4.get(pkt.dst_addr) }).copied() else {
         stats::verdict(V_PASS_NOT_SERVICE);
         return TC_ACT_OK;
-    }
+    };
     let now = now_s();
     let len = ctx.len();
 
@@ -74,6 +78,11 @@ pub fn from_netdev(ctx: &TcContext) -> i32 {
         scope: SCOPE_ALL,
     };
     let Some(fe) = select::frontend(&fkey) else {
+        // A ClusterIP on a port its Service does not define: refused, as
+        // kube-proxy's nftables mode does.
+        if addr_flags & ADDR_CLUSTER_IP != 0 {
+            return reject::refuse(ctx, &pkt, V_REJECT_UNDEFINED_PORT);
+        }
         stats::verdict(V_PASS_NOT_SERVICE);
         return TC_ACT_OK;
     };
@@ -84,13 +93,20 @@ pub fn from_netdev(ctx: &TcContext) -> i32 {
         pkt.dst_port,
         pkt.proto,
     );
-    let chosen = match select::pick(&fkey, &fe, h) {
+    let client = Client {
+        kind: AFFINITY_BY_ADDR,
+        id: pkt.src_addr as u64,
+    };
+    let chosen = match select::choose(&fkey, &fe, h, &client) {
         Ok(c) => c,
         Err(v) => {
-            stats::verdict(v);
-            if v == V_DROP_NO_BACKEND {
+            if v == V_REJECT_NO_BACKEND || v == V_DROP_NO_LOCAL_BACKEND {
                 stats::no_backend(fe.service_id);
             }
+            if v == V_REJECT_NO_BACKEND {
+                return reject::refuse(ctx, &pkt, v);
+            }
+            stats::verdict(v);
             // Off the forwarding path: a dropped first packet. Compiled
             // out at load unless the agent runs with --datapath-logs.
             debug!(

@@ -11,7 +11,9 @@ use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 const ETH_P_IP: u16 = 0x0800;
 /// TCP flags byte bits.
 pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
 pub const TCP_RST: u8 = 0x04;
+pub const TCP_ACK: u8 = 0x10;
 
 /// What the device path needs of a packet. Addresses and ports in wire order.
 pub struct Packet {

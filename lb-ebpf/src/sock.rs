@@ -5,28 +5,43 @@
 //! Service address as its peer.
 
 use aya_ebpf::{
-    helpers::{bpf_get_socket_cookie, generated::bpf_set_retval},
+    helpers::{
+        bpf_get_socket_cookie,
+        generated::{bpf_get_netns_cookie, bpf_set_retval},
+    },
     programs::SockAddrContext,
 };
 use aya_log_ebpf::debug;
 use lb_common::{
     PROTO_TCP, PROTO_UDP,
-    counters::{V_DROP_NO_BACKEND, V_SOCK_REVERSED, V_SOCK_TRANSLATED},
+    counters::{
+        V_DROP_NO_LOCAL_BACKEND, V_REJECT_NO_BACKEND, V_REJECT_UNDEFINED_PORT, V_SOCK_REVERSED,
+        V_SOCK_TRANSLATED,
+    },
     hash,
-    service::BACKEND_ACTIVE,
-    service::{Frontend4Key, SCOPE_ALL},
+    service::{ADDR_CLUSTER_IP, AFFINITY_BY_NETNS, BACKEND_ACTIVE, Frontend4Key, SCOPE_ALL},
     sock::{SockFlow4, SockFlow4Key, SockRevNat4, SockRevNat4Key},
 };
 
 use crate::{
-    maps::{BACKENDS4, SOCK_FLOWS4, SOCK_REVNAT4},
-    select, stats,
+    maps::{ADDRS4, BACKENDS4, SOCK_FLOWS4, SOCK_REVNAT4},
+    select::{self, Client},
+    stats,
 };
 
 /// Return values of cgroup sock_addr programs.
 const SOCK_ALLOW: i32 = 1;
 const SOCK_DENY: i32 = 0;
 const ECONNREFUSED: i32 = 111;
+const EHOSTUNREACH: i32 = 113;
+
+/// Fails the connect or send at once with `errno`.
+#[inline(always)]
+fn deny(errno: i32) -> i32 {
+    // SAFETY: helper with a plain integer.
+    unsafe { bpf_set_retval(-errno) };
+    SOCK_DENY
+}
 
 #[inline(always)]
 fn frontend_key(ctx: &SockAddrContext) -> Option<Frontend4Key> {
@@ -59,7 +74,14 @@ pub fn translate(ctx: &SockAddrContext, sticky: bool) -> i32 {
     let Some(key) = frontend_key(ctx) else {
         return SOCK_ALLOW;
     };
-    let Some(fe) = select::frontend(&key) else {
+    let Some((key, fe)) = select::frontend_internal(&key) else {
+        // A ClusterIP on a port its Service does not define: refused, as
+        // kube-proxy's nftables mode does, rather than sent off the node.
+        // SAFETY: copied out at once.
+        if unsafe { ADDRS4.get(key.addr) }.is_some_and(|f| f & ADDR_CLUSTER_IP != 0) {
+            stats::verdict(V_REJECT_UNDEFINED_PORT);
+            return deny(ECONNREFUSED);
+        }
         return SOCK_ALLOW;
     };
     let cookie = cookie(ctx);
@@ -86,10 +108,15 @@ pub fn translate(ctx: &SockAddrContext, sticky: bool) -> i32 {
     };
     let (_backend_id, backend) = match kept {
         Some(k) => k,
-        None => match select::pick(
+        None => match select::choose(
             &key,
             &fe,
             hash::sock4(cookie, key.addr, key.port, key.proto),
+            &Client {
+                kind: AFFINITY_BY_NETNS,
+                // SAFETY: valid context pointer.
+                id: unsafe { bpf_get_netns_cookie(ctx.sock_addr.cast()) },
+            },
         ) {
             Ok(c) => {
                 if sticky {
@@ -107,7 +134,7 @@ pub fn translate(ctx: &SockAddrContext, sticky: bool) -> i32 {
             }
             Err(v) => {
                 stats::verdict(v);
-                if v == V_DROP_NO_BACKEND {
+                if v == V_REJECT_NO_BACKEND || v == V_DROP_NO_LOCAL_BACKEND {
                     stats::no_backend(fe.service_id);
                 }
                 debug!(
@@ -118,11 +145,15 @@ pub fn translate(ctx: &SockAddrContext, sticky: bool) -> i32 {
                     fe.service_id,
                     v
                 );
-                // Refuse like kube-proxy's REJECT: the caller sees
-                // ECONNREFUSED at once instead of a timeout.
-                // SAFETY: helper with a plain integer.
-                unsafe { bpf_set_retval(-ECONNREFUSED) };
-                return SOCK_DENY;
+                // No endpoint at all: refused like kube-proxy's REJECT, the
+                // caller sees ECONNREFUSED at once. None this node may use
+                // (a Local policy; kube-proxy drops): EHOSTUNREACH at once,
+                // as a socket cannot be left waiting for a dropped SYN.
+                return deny(if v == V_REJECT_NO_BACKEND {
+                    ECONNREFUSED
+                } else {
+                    EHOSTUNREACH
+                });
             }
         },
     };

@@ -6,6 +6,7 @@ use std::net::Ipv4Addr;
 
 pub const TCP: u8 = 6;
 pub const UDP: u8 = 17;
+pub const ICMP: u8 = 1;
 pub const SYN: u8 = 0x02;
 pub const ACK: u8 = 0x10;
 pub const FIN: u8 = 0x01;
@@ -51,6 +52,13 @@ pub struct Frame {
     pub payload: Vec<u8>,
     /// UDP only: send a zero checksum ("none").
     pub udp_zero_csum: bool,
+    /// TCP only: sequence number, acknowledgment number (None: 2000 when
+    /// the ACK flag is set, else 0) and window.
+    pub seq: u32,
+    pub ack_seq: Option<u32>,
+    pub window: u16,
+    /// Any other protocol: the whole L4 message, checksum included.
+    pub raw_l4: Vec<u8>,
 }
 
 impl Frame {
@@ -78,6 +86,55 @@ impl Frame {
             frag: 0,
             payload: b"hello".to_vec(),
             udp_zero_csum: false,
+            seq: 1000,
+            ack_seq: None,
+            window: 64240,
+            raw_l4: vec![],
+        }
+    }
+
+    /// The RST a host that refuses `orig` sends back (RFC 9293 3.10.7.1):
+    /// the sequence number from its ACK, else an ACK of everything it
+    /// carried (SYN and FIN count one each), no payload, a fresh IP header
+    /// (id 0, TTL 64, no options).
+    pub fn rst_for(orig: &Frame) -> Self {
+        let mut len = orig.payload.len() as u32;
+        len += u32::from(orig.tcp_flags & SYN != 0) + u32::from(orig.tcp_flags & FIN != 0);
+        let (seq, ack, flags) = if orig.tcp_flags & ACK != 0 {
+            (orig.ack_seq.unwrap_or(2000), 0, RST)
+        } else {
+            (0, orig.seq.wrapping_add(len), RST | ACK)
+        };
+        Self {
+            src_mac: orig.dst_mac,
+            dst_mac: orig.src_mac,
+            ip_id: 0,
+            ttl: 64,
+            seq,
+            ack_seq: Some(ack),
+            window: 0,
+            payload: vec![],
+            ..Self::tcp((orig.dst, orig.dport), (orig.src, orig.sport), flags)
+        }
+    }
+
+    /// An ICMP error of `kind`/`code` about `orig`, from its destination
+    /// back to its source, quoting its IP header and the first 8 bytes
+    /// after it (RFC 792).
+    pub fn icmp_error_for(orig: &Frame, kind: u8, code: u8) -> Self {
+        let o = orig.bytes();
+        let ihl = 20 + orig.options.len();
+        let mut msg = vec![kind, code, 0, 0, 0, 0, 0, 0];
+        msg.extend(&o[14..14 + ihl + 8]);
+        let c = checksum(&[&msg]);
+        msg[2..4].copy_from_slice(&c.to_be_bytes());
+        Self {
+            src_mac: orig.dst_mac,
+            dst_mac: orig.src_mac,
+            ip_id: 0,
+            ttl: 64,
+            raw_l4: msg,
+            ..Self::new(ICMP, (orig.dst, 0), (orig.src, 0), 0)
         }
     }
 
@@ -93,22 +150,21 @@ impl Frame {
     }
 
     fn l4(&self) -> Vec<u8> {
+        if self.proto != TCP && self.proto != UDP {
+            return self.raw_l4.clone();
+        }
         let mut h = Vec::new();
         h.extend(self.sport.to_be_bytes());
         h.extend(self.dport.to_be_bytes());
         if self.proto == TCP {
-            h.extend(1000u32.to_be_bytes()); // seq
-            h.extend(
-                if self.tcp_flags & ACK != 0 {
-                    2000u32
-                } else {
-                    0
-                }
-                .to_be_bytes(),
-            );
+            h.extend(self.seq.to_be_bytes());
+            let ack = self
+                .ack_seq
+                .unwrap_or(if self.tcp_flags & ACK != 0 { 2000 } else { 0 });
+            h.extend(ack.to_be_bytes());
             h.push(5 << 4); // data offset
             h.push(self.tcp_flags);
-            h.extend(64240u16.to_be_bytes()); // window
+            h.extend(self.window.to_be_bytes());
             h.extend([0, 0]); // checksum
             h.extend([0, 0]); // urgent
         } else {

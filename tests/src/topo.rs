@@ -267,8 +267,9 @@ while True:
 
 /// The test HTTP server: GET /bytes/N answers N bytes of pattern() (for
 /// byte-exact transfer checks), /slow/N the same paced at about 2 MB/s (a
-/// long transfer); anything else answers the server's name. Every answer
-/// names the server in an X-Pod header.
+/// long transfer); /client the client's address as the server sees it;
+/// anything else answers the server's name. Every answer names the server
+/// in an X-Pod header.
 const HTTP_SERVER: &str = r#"
 import http.server, socketserver, sys, time
 CHUNK = bytes(i % 251 for i in range(251 * 256))
@@ -290,7 +291,8 @@ class H(http.server.BaseHTTPRequestHandler):
                 if pause:
                     time.sleep(pause)
             return
-        body = (sys.argv[2] + "\n").encode()
+        text = self.client_address[0] if self.path == "/client" else sys.argv[2]
+        body = (text + "\n").encode()
         self.send_response(200)
         self.send_header("Content-Length", str(len(body)))
         self.send_header("X-Pod", sys.argv[2])

@@ -14,12 +14,13 @@ use aya::{
     programs::{SchedClassifier, TestRun, TestRunOptions},
 };
 use lb_common::counters::{
-    V_DROP_NO_BACKEND, V_FORWARD_ESTABLISHED, V_FORWARD_NEW, V_PASS_NOT_SERVICE, V_REPLY,
+    V_DROP_NO_BACKEND, V_DROP_NO_LOCAL_BACKEND, V_FORWARD_ESTABLISHED, V_FORWARD_NEW,
+    V_PASS_NOT_SERVICE, V_REJECT_NO_BACKEND, V_REJECT_UNDEFINED_PORT, V_REPLY,
 };
 use lb_tests::{
     fixture,
     guard::sweep,
-    packet::{ACK, FIN, Frame, SYN, assert_frame, describe},
+    packet::{ACK, FIN, Frame, RST, SYN, assert_frame, describe},
     require_root,
 };
 use lbctl::{
@@ -29,6 +30,9 @@ use lbctl::{
 
 const TC_ACT_OK: u32 = 0;
 const TC_ACT_SHOT: u32 = 2;
+/// bpf_redirect's verdict: the answer to a refused flow leaves by the
+/// device it came in on.
+const TC_ACT_REDIRECT: u32 = 7;
 
 const NODE: Ipv4Addr = Ipv4Addr::new(172, 18, 0, 2);
 const CLIENT: Ipv4Addr = Ipv4Addr::new(192, 168, 50, 7);
@@ -74,7 +78,43 @@ metadata: {name: empty, namespace: demo}
 spec:
   type: NodePort
   clusterIP: 10.96.0.99
-  ports: [{port: 80, nodePort: 30099}]
+  ports: [{port: 80, nodePort: 30099}, {name: udp, port: 53, protocol: UDP, nodePort: 30099}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: local, namespace: demo}
+spec:
+  type: NodePort
+  clusterIP: 10.96.0.77
+  externalTrafficPolicy: Local
+  ports: [{port: 80, nodePort: 30077}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: local-1, namespace: demo, labels: {kubernetes.io/service-name: local}}
+addressType: IPv4
+ports: [{port: 8080}]
+endpoints: [{addresses: [10.244.2.5], nodeName: node-b}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: sticky, namespace: demo}
+spec:
+  type: NodePort
+  clusterIP: 10.96.0.88
+  sessionAffinity: ClientIP
+  ports: [{port: 80, nodePort: 30088}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: sticky-1, namespace: demo, labels: {kubernetes.io/service-name: sticky}}
+addressType: IPv4
+ports: [{port: 8080}]
+endpoints:
+- {addresses: [10.244.1.21], nodeName: node-a}
+- {addresses: [10.244.1.22], nodeName: node-a}
+- {addresses: [10.244.1.23], nodeName: node-a}
+- {addresses: [10.244.1.24], nodeName: node-a}
 "#;
 
 enum Want {
@@ -183,6 +223,11 @@ fn device_path_cases() {
     let mut udp_nocsum = Frame::udp((CLIENT, 5001), (NODE, 30053));
     udp_nocsum.udp_zero_csum = true;
     let other = Frame::tcp(cl, (NODE, 22), SYN);
+    let empty_syn = Frame::tcp(cl, (NODE, 30099), SYN);
+    let mut empty_ack = Frame::tcp((CLIENT, 40010), (NODE, 30099), ACK | 0x08);
+    empty_ack.ack_seq = Some(777_777);
+    let empty_udp = Frame::udp((CLIENT, 5003), (NODE, 30099));
+    let undefined = Frame::tcp(cl, (Ipv4Addr::new(10, 96, 0, 10), 81), SYN);
 
     let mut vlan = syn.bytes();
     vlan.splice(12..12, [0x81, 0x00, 0x00, 0x64]);
@@ -265,11 +310,61 @@ fn device_path_cases() {
             Want::Frame(Frame::udp((NODE, 30053), (CLIENT, 5000)).bytes()),
         ),
         Case {
+            counts: Some(V_REJECT_NO_BACKEND),
+            ..case(
+                "TCP SYN to a Service without endpoints: a RST back",
+                "lb_from_netdev",
+                empty_syn.bytes(),
+                TC_ACT_REDIRECT,
+                Want::Frame(Frame::rst_for(&empty_syn).bytes()),
+            )
+        },
+        Case {
+            counts: Some(V_REJECT_NO_BACKEND),
+            ..case(
+                "TCP ACK to a Service without endpoints: a RST from its ACK",
+                "lb_from_netdev",
+                empty_ack.bytes(),
+                TC_ACT_REDIRECT,
+                Want::Frame(Frame::rst_for(&empty_ack).bytes()),
+            )
+        },
+        Case {
             counts: Some(V_DROP_NO_BACKEND),
             ..case(
-                "Service without endpoints: dropped",
+                "TCP RST to a Service without endpoints: never answered",
                 "lb_from_netdev",
-                Frame::tcp(cl, (NODE, 30099), SYN).bytes(),
+                Frame::tcp(cl, (NODE, 30099), RST).bytes(),
+                TC_ACT_SHOT,
+                Want::Same,
+            )
+        },
+        Case {
+            counts: Some(V_REJECT_NO_BACKEND),
+            ..case(
+                "UDP to a Service without endpoints: ICMP port unreachable",
+                "lb_from_netdev",
+                empty_udp.bytes(),
+                TC_ACT_REDIRECT,
+                Want::Frame(Frame::icmp_error_for(&empty_udp, 3, 3).bytes()),
+            )
+        },
+        Case {
+            counts: Some(V_REJECT_UNDEFINED_PORT),
+            ..case(
+                "TCP SYN to a ClusterIP port no Service defines: a RST back",
+                "lb_from_netdev",
+                undefined.bytes(),
+                TC_ACT_REDIRECT,
+                Want::Frame(Frame::rst_for(&undefined).bytes()),
+            )
+        },
+        Case {
+            counts: Some(V_DROP_NO_LOCAL_BACKEND),
+            ..case(
+                "externalTrafficPolicy Local, no endpoint on this node: dropped",
+                "lb_from_netdev",
+                Frame::tcp(cl, (NODE, 30077), SYN).bytes(),
                 TC_ACT_SHOT,
                 Want::Same,
             )
@@ -395,6 +490,36 @@ fn device_path_cases() {
         (2, 3, dns_len as u64),
         "DNS backend counters"
     );
+
+    // sessionAffinity ClientIP: every new flow of one client (40 source
+    // ports) goes to one backend; other clients spread over the four.
+    let prog: &mut SchedClassifier = ebpf
+        .program_mut("lb_from_netdev")
+        .unwrap()
+        .try_into()
+        .unwrap();
+    let dst_of = |src: (Ipv4Addr, u16)| {
+        let input = Frame::tcp(src, (NODE, 30088), SYN).bytes();
+        let mut out = vec![0u8; input.len() + 128];
+        let r = prog
+            .test_run(TestRunOptions {
+                data_in: Some(&input),
+                data_out: Some(&mut out),
+                ..Default::default()
+            })
+            .expect("PROG_TEST_RUN");
+        assert_eq!(r.return_value, TC_ACT_OK, "{}", describe(&out));
+        Ipv4Addr::new(out[30], out[31], out[32], out[33])
+    };
+    let one: std::collections::BTreeSet<Ipv4Addr> =
+        (0..40).map(|i| dst_of((CLIENT, 41000 + i))).collect();
+    assert_eq!(one.len(), 1, "one client, several backends: {one:?}");
+    let many: std::collections::BTreeSet<Ipv4Addr> = (0..40)
+        .map(|i| dst_of((Ipv4Addr::new(192, 168, 60, i as u8 + 1), 41000)))
+        .collect();
+    assert_eq!(many.len(), 4, "clients not spread: {many:?}");
+    let entries = maps.affinity.keys().filter_map(Result::ok).count();
+    assert_eq!(entries, 41, "one affinity entry per client");
 }
 
 /// `struct __sk_buff` as PROG_TEST_RUN's context: only the fields the

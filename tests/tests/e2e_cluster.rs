@@ -759,8 +759,9 @@ fn deployments_exposed_scaled_flipped_and_retyped() {
         thread::sleep(Duration::from_millis(50));
     }
 
-    // A field the datapath does not act on yet is said, not ignored: the
-    // agent logs it and lbctl shows it.
+    // sessionAffinity set with kubectl: the API server's default timeout
+    // (10800 s) reaches the maps, and every connection of one pod goes to
+    // one backend.
     rc.cp.kubectl_ok(&[
         "patch",
         "service",
@@ -768,17 +769,18 @@ fn deployments_exposed_scaled_flipped_and_retyped() {
         "-p",
         r#"{"spec":{"sessionAffinity":"ClientIP"}}"#,
     ]);
-    rc.c.wait_services("named: affinity shown as not enforced", |s| {
+    rc.c.wait_services("named with session affinity", |s| {
         s.iter().any(|v| {
             v["name"] == "named"
-                && v["not_enforced"]
-                    .as_array()
-                    .is_some_and(|a| a.iter().any(|f| f == "sessionAffinity: ClientIP"))
+                && v["session_affinity_timeout_s"] == 10800
+                && v["not_enforced"].as_array().is_some_and(Vec::is_empty)
         })
     });
-    assert!(
-        rc.c.agent_log().contains("accepted but not enforced yet"),
-        "the agent did not log the field it ignores"
+    let sticky = answers(&rc, From::Pod, &format!("http://{named_ip}/"), 20);
+    assert_eq!(
+        sticky.len(),
+        1,
+        "one pod, two backends under affinity: {sticky:?}"
     );
 
     // The Node's address moves: NodePorts follow the Node object.

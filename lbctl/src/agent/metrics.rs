@@ -126,6 +126,7 @@ impl Metrics {
             (FRONTENDS4, st.frontends.len()),
             (ADDRS4, st.addrs.len()),
             (BACKEND_SLOTS, st.slots.len()),
+            (SERVICE_BACKENDS, st.svc_backends.len()),
             (BACKENDS4, st.backends.len()),
             (SERVICE_META, st.service_meta.len()),
             (BACKEND_META, st.backend_meta.len()),

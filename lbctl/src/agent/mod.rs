@@ -2,6 +2,7 @@
 
 pub mod allocate;
 pub mod apply;
+pub mod categorize;
 pub mod hcnp;
 pub mod health;
 pub mod ids;

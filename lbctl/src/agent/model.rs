@@ -21,17 +21,13 @@ use k8s_openapi::api::{
     core::v1::{Endpoints, Service},
     discovery::v1::EndpointSlice,
 };
-use lb_common::service::{
-    NE_EXTERNAL_TRAFFIC_LOCAL, NE_INTERNAL_TRAFFIC_LOCAL, NE_LB_IP_MODE_PROXY, NE_PROTOCOL_SCTP,
-    NE_SESSION_AFFINITY, NE_SOURCE_RANGES, NE_TOPOLOGY,
-};
+use lb_common::service::{NE_PROTOCOL_SCTP, NE_SOURCE_RANGES};
+
+use super::categorize::{self, EndpointSets, Policies};
 
 pub const LABEL_SERVICE_NAME: &str = "kubernetes.io/service-name";
 pub const LABEL_PROXY_NAME: &str = "service.kubernetes.io/service-proxy-name";
 pub const LABEL_HEADLESS: &str = "service.kubernetes.io/headless";
-/// Topology Aware Routing's switch (`Auto`), the older form of
-/// `trafficDistribution`.
-pub const ANNOTATION_TOPOLOGY_MODE: &str = "service.kubernetes.io/topology-mode";
 
 /// Namespace and name of an object.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -277,8 +273,9 @@ pub struct Backend {
     pub local: bool,
     pub node_name: Option<String>,
     pub zone: Option<String>,
-    /// Topology hints: zones this endpoint should serve.
+    /// Topology hints: zones and nodes this endpoint should serve.
     pub hint_zones: Vec<String>,
+    pub hint_nodes: Vec<String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -304,8 +301,11 @@ pub struct ServicePortState {
     pub port: u16,
     pub node_port: Option<u16>,
     pub frontends: BTreeSet<FrontendAddr>,
-    /// Sorted, deduplicated by address.
+    /// Sorted, deduplicated by address: every endpoint that is ready or
+    /// serving (kept for existing flows even when not chosen).
     pub backends: Vec<Backend>,
+    /// Which of them each traffic policy gives new flows to, on this node.
+    pub sets: EndpointSets,
     /// `sessionAffinity: ClientIP` timeout in seconds.
     pub affinity_timeout_s: Option<u32>,
     pub external_policy: TrafficPolicy,
@@ -449,7 +449,6 @@ fn service(
         external_v4.extend(parse_v4(ip, "externalIP")?);
     }
     let mut lb_v4 = Vec::new();
-    let mut ip_mode_proxy = false;
     if svc_type == ServiceType::LoadBalancer {
         let ingress = svc.status.as_ref().and_then(|s| s.load_balancer.as_ref());
         for ing in ingress
@@ -457,9 +456,13 @@ fn service(
             .into_iter()
             .flatten()
         {
-            ip_mode_proxy |= ing.ip_mode.as_deref() == Some("Proxy");
-            if let Some(ip) = &ing.ip {
-                lb_v4.extend(parse_v4(ip, "loadBalancer ingress IP")?);
+            let Some(ip) = &ing.ip else { continue };
+            let addr = parse_v4(ip, "loadBalancer ingress IP")?;
+            // ipMode Proxy: the load balancer delivers to the NodePort
+            // itself (it does not keep the destination address), so the
+            // ingress IP is not captured on nodes, as kube-proxy does.
+            if ing.ip_mode.as_deref() != Some("Proxy") {
+                lb_v4.extend(addr);
             }
         }
     }
@@ -494,30 +497,18 @@ fn service(
     let source_ranges = spec.load_balancer_source_ranges.clone().unwrap_or_default();
     // What the Service asks for that the datapath does not do yet: logged
     // by the agent and shown by lbctl, never silently ignored.
-    let topology = spec.traffic_distribution.is_some()
-        || svc
-            .metadata
-            .annotations
-            .as_ref()
-            .and_then(|a| a.get(ANNOTATION_TOPOLOGY_MODE))
-            .is_some_and(|m| !m.is_empty() && m != "Disabled");
-    let not_enforced = [
-        (affinity_timeout_s.is_some(), NE_SESSION_AFFINITY),
-        (
-            external_policy == TrafficPolicy::Local,
-            NE_EXTERNAL_TRAFFIC_LOCAL,
-        ),
-        (
-            internal_policy == TrafficPolicy::Local,
-            NE_INTERNAL_TRAFFIC_LOCAL,
-        ),
-        (!source_ranges.is_empty(), NE_SOURCE_RANGES),
-        (topology, NE_TOPOLOGY),
-        (ip_mode_proxy, NE_LB_IP_MODE_PROXY),
-    ]
-    .iter()
-    .filter(|(on, _)| *on)
-    .fold(0, |bits, (_, bit)| bits | bit);
+    let not_enforced = if source_ranges.is_empty() {
+        0
+    } else {
+        NE_SOURCE_RANGES
+    };
+    let policies = Policies {
+        internal_local: internal_policy == TrafficPolicy::Local,
+        external_local: external_policy == TrafficPolicy::Local,
+        externally_accessible: svc_type != ServiceType::ClusterIp
+            || !external_v4.is_empty()
+            || !lb_v4.is_empty(),
+    };
 
     // Validate every port before emitting any, so a bad port skips the
     // whole Service rather than half of it.
@@ -535,12 +526,13 @@ fn service(
         parsed.push((name, proto, port, node_port));
     }
     for (name, proto, port, node_port) in parsed {
-        let state = |frontends, backends, not_enforced| ServicePortState {
+        let state = |frontends, backends: Vec<Backend>, not_enforced| ServicePortState {
             svc_type,
             proto,
             port,
             node_port,
             frontends,
+            sets: categorize::categorize(&backends, policies, &node.name, node.zone.as_deref()),
             backends,
             affinity_timeout_s,
             external_policy,
@@ -632,11 +624,14 @@ fn slice_backends(
             } else {
                 continue;
             };
-            let hint_zones: Vec<String> = ep
-                .hints
-                .as_ref()
+            let hints = ep.hints.as_ref();
+            let hint_zones: Vec<String> = hints
                 .and_then(|h| h.for_zones.as_ref())
                 .map(|z| z.iter().map(|z| z.name.clone()).collect())
+                .unwrap_or_default();
+            let hint_nodes: Vec<String> = hints
+                .and_then(|h| h.for_nodes.as_ref())
+                .map(|n| n.iter().map(|n| n.name.clone()).collect())
                 .unwrap_or_default();
             for a in &ep.addresses {
                 let Ok(addr) = a.parse::<Ipv4Addr>() else {
@@ -652,6 +647,7 @@ fn slice_backends(
                     node_name: ep.node_name.clone(),
                     zone: ep.zone.clone(),
                     hint_zones: hint_zones.clone(),
+                    hint_nodes: hint_nodes.clone(),
                 });
             }
         }
@@ -693,6 +689,7 @@ fn endpoints_backends(
                 node_name: a.node_name.clone(),
                 zone: None,
                 hint_zones: vec![],
+                hint_nodes: vec![],
             });
         }
     }

@@ -5,7 +5,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use lb_common::service::{Frontend4Key, SlotKey};
+use lb_common::service::{Frontend4Key, ServiceBackendKey, SlotKey};
 
 use super::state::{MapState, Op};
 
@@ -15,6 +15,7 @@ pub struct Keys {
     pub addrs: BTreeSet<u32>,
     pub frontends: BTreeSet<Frontend4Key>,
     pub slots: BTreeSet<SlotKey>,
+    pub svc_backends: BTreeSet<ServiceBackendKey>,
     pub backends: BTreeSet<u32>,
     pub service_meta: BTreeSet<u32>,
     pub backend_meta: BTreeSet<u32>,
@@ -27,6 +28,7 @@ impl Keys {
             addrs: s.addrs.keys().copied().collect(),
             frontends: s.frontends.keys().copied().collect(),
             slots: s.slots.keys().copied().collect(),
+            svc_backends: s.svc_backends.keys().copied().collect(),
             backends: s.backends.keys().copied().collect(),
             service_meta: s.service_meta.keys().copied().collect(),
             backend_meta: s.backend_meta.keys().copied().collect(),
@@ -37,6 +39,7 @@ impl Keys {
         self.addrs.extend(o.addrs);
         self.frontends.extend(o.frontends);
         self.slots.extend(o.slots);
+        self.svc_backends.extend(o.svc_backends);
         self.backends.extend(o.backends);
         self.service_meta.extend(o.service_meta);
         self.backend_meta.extend(o.backend_meta);
@@ -110,6 +113,13 @@ pub fn diff_keys(cur: &MapState, want: &MapState, keys: &Keys) -> Vec<Op> {
         }
     }
     puts(&cur.slots, &want.slots, &keys.slots, &mut ops, Op::PutSlot);
+    puts(
+        &cur.svc_backends,
+        &want.svc_backends,
+        &keys.svc_backends,
+        &mut ops,
+        Op::PutServiceBackend,
+    );
     // The device path's address filter admits an address before its
     // frontends exist and drops it after they are gone.
     puts(&cur.addrs, &want.addrs, &keys.addrs, &mut ops, Op::PutAddr);
@@ -129,6 +139,13 @@ pub fn diff_keys(cur: &MapState, want: &MapState, keys: &Keys) -> Vec<Op> {
     );
     dels(&cur.addrs, &want.addrs, &keys.addrs, &mut ops, Op::DelAddr);
     dels(&cur.slots, &want.slots, &keys.slots, &mut ops, Op::DelSlot);
+    dels(
+        &cur.svc_backends,
+        &want.svc_backends,
+        &keys.svc_backends,
+        &mut ops,
+        Op::DelServiceBackend,
+    );
     dels(
         &cur.service_meta,
         &want.service_meta,

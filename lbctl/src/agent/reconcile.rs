@@ -17,9 +17,10 @@ use lb_common::{
 
 use super::{
     apply::{MapError, MapWriter},
+    categorize::PolicyEndpoints,
     ids::IdPool,
     model::{
-        Backend, BackendAddr, BackendState, Desired, ObjKey, Proto, ServicePortKey,
+        Backend, BackendAddr, BackendState, Desired, FrontendKind, ObjKey, Proto, ServicePortKey,
         ServicePortState, ServiceType, TrafficPolicy,
     },
     plan::{self, Keys},
@@ -49,8 +50,9 @@ struct PortEntry {
     input: ServicePortState,
     svc_id: u32,
     backends: Vec<BackendAddr>,
-    /// The backend set its frontends point at (none without frontends).
-    set: Option<u32>,
+    /// The backend sets its frontends point at, one per distinct list of
+    /// backends its traffic policies give (none without frontends).
+    sets: Vec<u32>,
     frontends: Vec<Frontend4Key>,
 }
 
@@ -138,6 +140,30 @@ fn set_slots(slots: &BTreeMap<SlotKey, u32>, set: u32) -> impl Iterator<Item = (
     )
 }
 
+/// The backend entries of one Service port.
+fn port_backends(
+    svc_backends: &BTreeMap<ServiceBackendKey, u32>,
+    svc_id: u32,
+) -> impl Iterator<Item = (&ServiceBackendKey, &u32)> {
+    svc_backends.range(
+        ServiceBackendKey {
+            service_id: svc_id,
+            backend_id: 0,
+        }..=ServiceBackendKey {
+            service_id: svc_id,
+            backend_id: u32::MAX,
+        },
+    )
+}
+
+/// One frontend entry a port wants: which of its backend lists it reads.
+struct FrontendPlan {
+    key: Frontend4Key,
+    kind: FrontendKind,
+    list: usize,
+    flags: u16,
+}
+
 /// Keeps the maps equal to the desired state of every service port, by
 /// writing only what a change touches.
 ///
@@ -156,8 +182,10 @@ pub struct Reconciler<W> {
     ports: BTreeMap<ServicePortKey, PortEntry>,
     backend_owners: BTreeMap<u32, BTreeMap<ServicePortKey, (Backend4, BackendMeta)>>,
     frontend_owners: BTreeMap<Frontend4Key, BTreeMap<ServicePortKey, Frontend>>,
-    /// Frontends per address in the target, and the SNAT addresses.
+    /// Frontends per address in the target (all, and ClusterIP ones), and
+    /// the SNAT addresses.
     addr_frontends: BTreeMap<u32, u32>,
+    addr_cluster_ips: BTreeMap<u32, u32>,
     snat: BTreeSet<u32>,
     svc_ids: BTreeMap<ServicePortKey, u32>,
     backend_ids: BTreeMap<BackendAddr, u32>,
@@ -225,6 +253,7 @@ impl<W: MapWriter> Reconciler<W> {
             backend_owners: BTreeMap::new(),
             frontend_owners: BTreeMap::new(),
             addr_frontends: BTreeMap::new(),
+            addr_cluster_ips: BTreeMap::new(),
             snat: BTreeSet::new(),
             svc_ids,
             backend_ids,
@@ -376,9 +405,10 @@ impl<W: MapWriter> Reconciler<W> {
         for fk in &e.frontends {
             self.release_frontend(k, *fk);
         }
-        if let Some(set) = e.set {
+        for set in e.sets {
             self.drop_set(set);
         }
+        self.write_port_backends(e.svc_id, &BTreeMap::new());
         self.want.service_meta.remove(&e.svc_id);
         self.touched.service_meta.insert(e.svc_id);
         self.retiring_svcs.insert(k.clone());
@@ -425,6 +455,11 @@ impl<W: MapWriter> Reconciler<W> {
 
     fn refresh_frontend(&mut self, fk: Frontend4Key) {
         let had = self.want.frontends.contains_key(&fk);
+        let was_cluster_ip = self
+            .want
+            .frontends
+            .get(&fk)
+            .is_some_and(|f| f.kind == KIND_CLUSTER_IP);
         match self
             .frontend_owners
             .get(&fk)
@@ -446,6 +481,22 @@ impl<W: MapWriter> Reconciler<W> {
                 }
             }
         }
+        let is_cluster_ip = self
+            .want
+            .frontends
+            .get(&fk)
+            .is_some_and(|f| f.kind == KIND_CLUSTER_IP);
+        if is_cluster_ip && !was_cluster_ip {
+            *self.addr_cluster_ips.entry(fk.addr).or_default() += 1;
+        } else if was_cluster_ip
+            && !is_cluster_ip
+            && let Some(n) = self.addr_cluster_ips.get_mut(&fk.addr)
+        {
+            *n -= 1;
+            if *n == 0 {
+                self.addr_cluster_ips.remove(&fk.addr);
+            }
+        }
         self.touched.frontends.insert(fk);
         self.refresh_addr(fk.addr);
     }
@@ -457,6 +508,9 @@ impl<W: MapWriter> Reconciler<W> {
         }
         if self.snat.contains(&addr) {
             flags |= ADDR_SNAT;
+        }
+        if self.addr_cluster_ips.contains_key(&addr) {
+            flags |= ADDR_CLUSTER_IP;
         }
         if flags == 0 {
             self.want.addrs.remove(&addr);
@@ -494,6 +548,29 @@ impl<W: MapWriter> Reconciler<W> {
         }
     }
 
+    /// Makes the target's backend entries of service port `svc_id`
+    /// exactly `entries` (backend id -> `SB_*`).
+    fn write_port_backends(&mut self, svc_id: u32, entries: &BTreeMap<u32, u32>) {
+        let old: Vec<ServiceBackendKey> = port_backends(&self.want.svc_backends, svc_id)
+            .map(|(k, _)| *k)
+            .collect();
+        for k in old {
+            if !entries.contains_key(&k.backend_id) {
+                self.want.svc_backends.remove(&k);
+                self.touched.svc_backends.insert(k);
+            }
+        }
+        for (id, flags) in entries {
+            let k = ServiceBackendKey {
+                service_id: svc_id,
+                backend_id: *id,
+            };
+            if self.want.svc_backends.insert(k, *flags) != Some(*flags) {
+                self.touched.svc_backends.insert(k);
+            }
+        }
+    }
+
     fn slots_equal(slots: &BTreeMap<SlotKey, u32>, set: u32, want: &[u32]) -> bool {
         let mut n = 0;
         for (k, id) in set_slots(slots, set) {
@@ -503,6 +580,54 @@ impl<W: MapWriter> Reconciler<W> {
             n += 1;
         }
         n == want.len()
+    }
+
+    /// A backend set id for each list: one that already holds it (in the
+    /// target, or in the maps after a restart), else one of the port's
+    /// sets no frontend in the maps reads (filled in place), else a new
+    /// one. Nothing changes when ids run out.
+    fn choose_sets(
+        &mut self,
+        svc_id: u32,
+        prev: &[u32],
+        lists: &[(Vec<u32>, bool)],
+    ) -> Result<Vec<u32>, ReconcileError> {
+        let mut chosen: Vec<Option<u32>> = vec![None; lists.len()];
+        let free = |chosen: &[Option<u32>], s: u32| !chosen.contains(&Some(s));
+        for (i, (l, _)) in lists.iter().enumerate() {
+            chosen[i] = prev
+                .iter()
+                .copied()
+                .find(|s| free(&chosen, *s) && Self::slots_equal(&self.want.slots, *s, l));
+        }
+        let live = self.maps.live_sets(svc_id);
+        for (i, (l, _)) in lists.iter().enumerate() {
+            if chosen[i].is_none() {
+                chosen[i] = live.iter().copied().find(|s| {
+                    free(&chosen, *s) && Self::slots_equal(&self.maps.state.slots, *s, l)
+                });
+            }
+        }
+        for i in 0..lists.len() {
+            if chosen[i].is_none() {
+                chosen[i] = prev
+                    .iter()
+                    .copied()
+                    .find(|s| free(&chosen, *s) && !self.maps.set_refs.contains_key(s));
+            }
+        }
+        let mut fresh = Vec::new();
+        for c in chosen.iter_mut().filter(|c| c.is_none()) {
+            let Some(s) = self.set_pool.alloc() else {
+                for s in fresh {
+                    self.set_pool.free(s);
+                }
+                return Err(ReconcileError::OutOfIds("backend set"));
+            };
+            fresh.push(s);
+            *c = Some(s);
+        }
+        Ok(chosen.into_iter().flatten().collect())
     }
 
     /// Puts one service port into the target, replacing what it had. Ids
@@ -542,43 +667,17 @@ impl<W: MapWriter> Reconciler<W> {
             };
             ids.push((id, b));
         }
-        let mut active = Vec::new();
-        let mut terminating = Vec::new();
-        for (id, b) in &ids {
-            match b.state {
-                BackendState::Active => active.push(*id),
-                BackendState::Terminating => terminating.push(*id),
-            }
-        }
-        // The backend set: frontends read a set that is never changed in
+        // The backend lists the port's traffic wants (kube-proxy's Cluster
+        // and Local endpoints) and which list each frontend entry reads.
+        let (lists, plans) = frontend_plans(&sp, |a| self.backend_ids[a]);
+        // Each distinct list gets a backend set that is never changed in
         // place while the maps' frontends read it.
-        let mut slots = active.clone();
-        slots.extend(&terminating);
-        let prev_set = self.ports.get(&key).and_then(|p| p.set);
-        let set = if sp.frontends.is_empty() {
-            None // nothing would point at a backend set
-        } else if let Some(s) = prev_set.filter(|s| Self::slots_equal(&self.want.slots, *s, &slots))
-        {
-            Some(s)
-        } else if let Some(s) = self
-            .maps
-            .live_sets(svc_id)
-            .into_iter()
-            .find(|s| Self::slots_equal(&self.maps.state.slots, *s, &slots))
-        {
-            // The maps already hold this exact set (after a restart, or a
-            // change undone before it was written).
-            Some(s)
-        } else if let Some(s) = prev_set.filter(|s| !self.maps.set_refs.contains_key(s)) {
-            // Not read by any frontend in the maps yet: fill it in place.
-            Some(s)
-        } else {
-            Some(
-                self.set_pool
-                    .alloc()
-                    .ok_or(ReconcileError::OutOfIds("backend set"))?,
-            )
-        };
+        let prev_sets = self
+            .ports
+            .get(&key)
+            .map(|p| p.sets.clone())
+            .unwrap_or_default();
+        let sets = self.choose_sets(svc_id, &prev_sets, &lists)?;
 
         // From here on nothing fails.
         self.retiring_svcs.remove(&key);
@@ -604,57 +703,42 @@ impl<W: MapWriter> Reconciler<W> {
             }
         }
 
-        let prev_set = prev.as_ref().and_then(|p| p.set);
-        if let Some(s) = set {
-            self.retiring_sets.remove(&s);
-            self.set_owner.insert(s, key.clone());
-            self.write_slots(s, &slots);
+        for (set, list) in sets.iter().zip(&lists) {
+            self.retiring_sets.remove(set);
+            self.set_owner.insert(*set, key.clone());
+            self.write_slots(*set, &list.0);
         }
-        if let Some(p) = prev_set
-            && Some(p) != set
-        {
-            self.drop_set(p);
+        for p in &prev_sets {
+            if !sets.contains(p) {
+                self.drop_set(*p);
+            }
         }
+        let entries = port_backend_flags(&sp, &ids);
+        self.write_port_backends(svc_id, &entries);
 
-        let mut frontends = Vec::with_capacity(sp.frontends.len());
-        if let Some(set) = set {
-            let mut flags = 0;
-            if sp.affinity_timeout_s.is_some() {
-                flags |= FE_AFFINITY_CLIENT_IP;
-            }
-            if sp.external_policy == TrafficPolicy::Local {
-                flags |= FE_EXTERNAL_LOCAL;
-            }
-            if sp.internal_policy == TrafficPolicy::Local {
-                flags |= FE_INTERNAL_LOCAL;
-            }
-            for fa in &sp.frontends {
-                let k = Frontend4Key {
-                    addr: ip4(fa.addr.octets()),
-                    port: port(fa.port),
-                    proto: fa.proto.number(),
-                    scope: SCOPE_ALL,
-                };
-                let v = Frontend {
-                    service_id: svc_id,
-                    backend_set: set,
-                    count: active.len().min(u16::MAX as usize) as u16,
-                    terminating: terminating.len().min(u16::MAX as usize) as u16,
-                    flags,
-                    kind: fa.kind.number(),
-                    _pad: 0,
-                    affinity_timeout_s: sp.affinity_timeout_s.unwrap_or(0),
-                    _reserved: 0,
-                };
-                // Two Services claiming one address:port: the first (by
-                // namespace/name) keeps it, as with kube-proxy's sorted rules.
-                self.frontend_owners
-                    .entry(k)
-                    .or_default()
-                    .insert(key.clone(), v);
-                self.refresh_frontend(k);
-                frontends.push(k);
-            }
+        let mut frontends = Vec::with_capacity(plans.len());
+        for plan in plans {
+            let (slots, fallback) = &lists[plan.list];
+            let count = slots.len().min(u16::MAX as usize) as u16;
+            let v = Frontend {
+                service_id: svc_id,
+                backend_set: sets[plan.list],
+                count,
+                terminating: if *fallback { count } else { 0 },
+                flags: plan.flags,
+                kind: plan.kind.number(),
+                _pad: 0,
+                affinity_timeout_s: sp.affinity_timeout_s.unwrap_or(0),
+                _reserved: 0,
+            };
+            // Two Services claiming one address:port: the first (by
+            // namespace/name) keeps it, as with kube-proxy's sorted rules.
+            self.frontend_owners
+                .entry(plan.key)
+                .or_default()
+                .insert(key.clone(), v);
+            self.refresh_frontend(plan.key);
+            frontends.push(plan.key);
         }
         if let Some(p) = &prev {
             for fk in &p.frontends {
@@ -669,12 +753,123 @@ impl<W: MapWriter> Reconciler<W> {
                 input: sp,
                 svc_id,
                 backends,
-                set,
+                sets,
                 frontends,
             },
         );
         Ok(())
     }
+}
+
+/// The backend lists (ids in slot order, terminating fallback) a port's
+/// frontends read, and each frontend entry's list and flags, as kube-proxy
+/// routes each kind of traffic:
+///
+/// - ClusterIP: the internal policy's endpoints, on both paths;
+/// - NodePort, LoadBalancer and external IPs: the external policy's; under
+///   `Local`, traffic from inside the node (socket path) reads a second,
+///   `SCOPE_INTERNAL` entry with the Cluster endpoints, as kube-proxy
+///   short-circuits pod and host traffic to external addresses.
+///
+/// A policy with no endpoint here drops new flows, unless the Service has
+/// none anywhere: then they are rejected (`FE_REJECT_NO_BACKEND`).
+fn frontend_plans(
+    sp: &ServicePortState,
+    id_of: impl Fn(&BackendAddr) -> u32,
+) -> (Vec<(Vec<u32>, bool)>, Vec<FrontendPlan>) {
+    let mut lists: Vec<(Vec<u32>, bool)> = Vec::new();
+    let mut index = |p: &PolicyEndpoints| {
+        let l = (
+            p.backends.iter().map(&id_of).collect::<Vec<u32>>(),
+            p.terminating_fallback,
+        );
+        match lists.iter().position(|x| *x == l) {
+            Some(i) => i,
+            None => {
+                lists.push(l);
+                lists.len() - 1
+            }
+        }
+    };
+    let internal_local = sp.internal_policy == TrafficPolicy::Local;
+    let external_local = sp.external_policy == TrafficPolicy::Local;
+    let mut base = 0;
+    if sp.affinity_timeout_s.is_some() {
+        base |= FE_AFFINITY_CLIENT_IP;
+    }
+    if external_local {
+        base |= FE_EXTERNAL_LOCAL;
+    }
+    if internal_local {
+        base |= FE_INTERNAL_LOCAL;
+    }
+    if !sp.sets.has_endpoints {
+        base |= FE_REJECT_NO_BACKEND;
+    }
+    let mut plans = Vec::with_capacity(sp.frontends.len());
+    for fa in &sp.frontends {
+        let key = Frontend4Key {
+            addr: ip4(fa.addr.octets()),
+            port: port(fa.port),
+            proto: fa.proto.number(),
+            scope: SCOPE_ALL,
+        };
+        let plan = |key, list, flags| FrontendPlan {
+            key,
+            kind: fa.kind,
+            list,
+            flags,
+        };
+        if fa.kind == FrontendKind::ClusterIp {
+            if internal_local {
+                plans.push(plan(key, index(&sp.sets.local), base | FE_LOCAL_LIST));
+            } else {
+                plans.push(plan(key, index(&sp.sets.cluster), base));
+            }
+        } else if external_local {
+            let local = index(&sp.sets.local);
+            let cluster = index(&sp.sets.cluster);
+            if local == cluster {
+                plans.push(plan(key, local, base | FE_LOCAL_LIST));
+            } else {
+                plans.push(plan(key, local, base | FE_TWO_SCOPES | FE_LOCAL_LIST));
+                let internal = Frontend4Key {
+                    scope: SCOPE_INTERNAL,
+                    ..key
+                };
+                plans.push(plan(internal, cluster, base));
+            }
+        } else {
+            plans.push(plan(key, index(&sp.sets.cluster), base));
+        }
+    }
+    (lists, plans)
+}
+
+/// Each backend of a port and what the port does with it (`SB_*`).
+fn port_backend_flags(sp: &ServicePortState, ids: &[(u32, &Backend)]) -> BTreeMap<u32, u32> {
+    let sets = &sp.sets;
+    let fallback = |p: &PolicyEndpoints| {
+        if p.terminating_fallback {
+            SB_FALLBACK
+        } else {
+            0
+        }
+    };
+    ids.iter()
+        .map(|(id, b)| {
+            let mut f = 0;
+            if sets.cluster.backends.contains(&b.addr) {
+                f |= SB_CLUSTER | fallback(&sets.cluster);
+            } else if sets.topology.is_some() && b.state == BackendState::Active {
+                f |= SB_TOPOLOGY_FILTERED;
+            }
+            if sets.local.backends.contains(&b.addr) {
+                f |= SB_LOCAL | fallback(&sets.local);
+            }
+            (*id, f)
+        })
+        .collect()
 }
 
 fn backend_entry(b: &Backend) -> Backend4 {

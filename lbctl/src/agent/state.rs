@@ -7,7 +7,9 @@ use std::{collections::BTreeMap, fmt::Write as _, net::Ipv4Addr};
 
 use lb_common::{
     ip4_octets, port_host,
-    service::{Backend4, BackendMeta, Frontend, Frontend4Key, ServiceMeta, SlotKey},
+    service::{
+        Backend4, BackendMeta, Frontend, Frontend4Key, ServiceBackendKey, ServiceMeta, SlotKey,
+    },
 };
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -16,6 +18,8 @@ pub struct MapState {
     pub addrs: BTreeMap<u32, u32>,
     pub frontends: BTreeMap<Frontend4Key, Frontend>,
     pub slots: BTreeMap<SlotKey, u32>,
+    /// (Service port, backend) -> `SB_*`.
+    pub svc_backends: BTreeMap<ServiceBackendKey, u32>,
     pub backends: BTreeMap<u32, Backend4>,
     pub service_meta: BTreeMap<u32, ServiceMeta>,
     pub backend_meta: BTreeMap<u32, BackendMeta>,
@@ -29,11 +33,13 @@ pub enum Op {
     /// A new service id: its meta, and its counters start from zero.
     PutServiceMeta(u32, ServiceMeta, bool),
     PutSlot(SlotKey, u32),
+    PutServiceBackend(ServiceBackendKey, u32),
     PutAddr(u32, u32),
     PutFrontend(Frontend4Key, Frontend),
     DelFrontend(Frontend4Key),
     DelAddr(u32),
     DelSlot(SlotKey),
+    DelServiceBackend(ServiceBackendKey),
     DelServiceMeta(u32),
     DelBackendMeta(u32),
     DelBackend(u32),
@@ -46,6 +52,8 @@ impl MapState {
             Op::PutBackendMeta(k, v) => drop(self.backend_meta.insert(k, v)),
             Op::PutServiceMeta(k, v, _) => drop(self.service_meta.insert(k, v)),
             Op::PutSlot(k, v) => drop(self.slots.insert(k, v)),
+            Op::PutServiceBackend(k, v) => drop(self.svc_backends.insert(k, v)),
+            Op::DelServiceBackend(k) => drop(self.svc_backends.remove(&k)),
             Op::PutAddr(k, v) => drop(self.addrs.insert(k, v)),
             Op::DelAddr(k) => drop(self.addrs.remove(&k)),
             Op::PutFrontend(k, v) => drop(self.frontends.insert(k, v)),
@@ -61,6 +69,7 @@ impl MapState {
         self.addrs.len()
             + self.frontends.len()
             + self.slots.len()
+            + self.svc_backends.len()
             + self.backends.len()
             + self.service_meta.len()
             + self.backend_meta.len()
@@ -95,6 +104,13 @@ impl MapState {
         }
         for (k, v) in &self.slots {
             let _ = writeln!(s, "slot {}/{} -> backend={}", k.backend_set, k.slot, v);
+        }
+        for (k, v) in &self.svc_backends {
+            let _ = writeln!(
+                s,
+                "svc-backend {}/{} -> flags={:#x}",
+                k.service_id, k.backend_id, v
+            );
         }
         for (k, v) in &self.backends {
             let _ = writeln!(

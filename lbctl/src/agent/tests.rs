@@ -90,7 +90,7 @@ fn canonical(s: &MapState) -> BTreeSet<String> {
             .get(&f.service_id)
             .expect("frontend's service has meta");
         let mut backends = Vec::new();
-        for slot in 0..(f.count as u32 + f.terminating as u32) {
+        for slot in 0..f.count as u32 {
             let id = s
                 .slots
                 .get(&lb_common::service::SlotKey {
@@ -132,12 +132,42 @@ fn canonical(s: &MapState) -> BTreeSet<String> {
         "orphan backend set in {}",
         s.dump()
     );
-    let used: BTreeSet<u32> = s.slots.values().copied().collect();
-    assert!(
-        s.backends.keys().all(|id| used.contains(id)),
-        "orphan backend in {}",
-        s.dump()
-    );
+    // Every slot's backend exists and is, for its Service port, in the
+    // list the frontend reads; every port backend entry names a port and a
+    // backend that exist. (A backend may be in no set: terminating ones
+    // kept for their flows, remote ones under a Local policy.)
+    use lb_common::service::{FE_LOCAL_LIST, SB_CLUSTER, SB_LOCAL, ServiceBackendKey};
+    for f in s.frontends.values() {
+        let bit = if f.flags & FE_LOCAL_LIST != 0 {
+            SB_LOCAL
+        } else {
+            SB_CLUSTER
+        };
+        for (_, id) in s
+            .slots
+            .iter()
+            .filter(|(k, _)| k.backend_set == f.backend_set)
+        {
+            assert!(s.backends.contains_key(id), "slot to a missing backend");
+            let sb = s.svc_backends.get(&ServiceBackendKey {
+                service_id: f.service_id,
+                backend_id: *id,
+            });
+            assert!(
+                sb.is_some_and(|v| v & bit != 0),
+                "backend {id} of service {} not marked {bit:#x} in {}",
+                f.service_id,
+                s.dump()
+            );
+        }
+    }
+    for k in s.svc_backends.keys() {
+        assert!(
+            s.service_meta.contains_key(&k.service_id) && s.backends.contains_key(&k.backend_id),
+            "dangling service backend {k:?} in {}",
+            s.dump()
+        );
+    }
     out
 }
 
@@ -446,23 +476,22 @@ spec: {clusterIP: 10.96.0.31, ports: [{port: 80}]}
     assert!(d.errors.is_empty(), "{:?}", d.errors);
     let http = &d.ports[&key("x", "lb", "http")];
     // healthCheckNodePort is served (agent/hcnp.rs): not in the list.
-    let want = NE_SESSION_AFFINITY
-        | NE_EXTERNAL_TRAFFIC_LOCAL
-        | NE_SOURCE_RANGES
-        | NE_TOPOLOGY
-        | NE_LB_IP_MODE_PROXY;
+    // Affinity, traffic policies and topology hints are enforced, the
+    // ipMode Proxy ingress IP is not captured (as kube-proxy does).
+    let want = NE_SOURCE_RANGES;
     assert_eq!(http.not_enforced, want);
     assert_eq!(
         not_enforced_names(http.not_enforced).collect::<Vec<_>>(),
-        [
-            "sessionAffinity: ClientIP",
-            "externalTrafficPolicy: Local",
-            "loadBalancerSourceRanges",
-            "trafficDistribution / topology hints",
-            "loadBalancer ipMode: Proxy",
-        ]
+        ["loadBalancerSourceRanges"]
     );
     assert!(!http.frontends.is_empty());
+    assert!(
+        http.frontends
+            .iter()
+            .all(|f| f.addr != Ipv4Addr::new(192, 0, 2, 1)),
+        "ipMode Proxy ingress IP captured: {:?}",
+        http.frontends
+    );
     let sctp = &d.ports[&key("x", "lb", "sig")];
     assert_eq!(sctp.not_enforced, want | NE_PROTOCOL_SCTP);
     assert!(sctp.frontends.is_empty() && sctp.backends.is_empty());
@@ -538,8 +567,9 @@ fn one_slice_change_is_translated_and_diffed_alone() {
     }
     let before = rec.writer.writes;
     let o = rec.flush().unwrap();
-    // backend + meta, 11 slots of the new set, the frontend, 10 old slots.
-    assert_eq!(o.writes, 2 + 11 + 1 + 10, "{}", rec.state().dump());
+    // backend + meta, what it is to its port, 11 slots of the new set,
+    // the frontend, 10 old slots.
+    assert_eq!(o.writes, 2 + 1 + 11 + 1 + 10, "{}", rec.state().dump());
     assert_eq!(rec.writer.writes - before, o.writes);
     let mut fresh = Reconciler::adopt(InMemory::default()).unwrap();
     fresh
@@ -762,4 +792,132 @@ mod property {
             prop_assert_eq!(again.reconcile(&last).unwrap().writes, 0);
         }
     }
+}
+
+/// The backends a frontend entry gives new flows to, by address.
+fn frontend_backends(s: &MapState, addr: [u8; 4], port: u16, scope: u8) -> (Vec<String>, u16) {
+    use lb_common::service::{Frontend4Key, SlotKey};
+    let f = s
+        .frontends
+        .get(&Frontend4Key {
+            addr: lb_common::ip4(addr),
+            port: lb_common::port(port),
+            proto: lb_common::PROTO_TCP,
+            scope,
+        })
+        .unwrap_or_else(|| panic!("no frontend {addr:?}:{port} scope {scope} in\n{}", s.dump()));
+    let mut out: Vec<String> = (0..f.count as u32)
+        .map(|slot| {
+            let id = s.slots[&SlotKey {
+                backend_set: f.backend_set,
+                slot,
+            }];
+            Ipv4Addr::from(ip4_octets(s.backends[&id].addr)).to_string()
+        })
+        .collect();
+    out.sort();
+    (out, f.flags)
+}
+
+#[test]
+fn traffic_policies_affinity_and_reject_become_frontend_entries() {
+    use lb_common::service::*;
+    let local = WEB
+        .replace(
+            "  type: NodePort\n",
+            "  type: NodePort\n  externalTrafficPolicy: Local\n  sessionAffinity: ClientIP\n",
+        )
+        .replace(
+            "{ready: false}, nodeName: node-b",
+            "{ready: true}, nodeName: node-a",
+        );
+    let mut rec = Reconciler::adopt(InMemory::default()).unwrap();
+    rec.reconcile(&model::translate(&objects(&local), &node()))
+        .unwrap();
+    let st = rec.writer.state.clone();
+    // From outside, the NodePort and the external IP reach this node's two
+    // ready endpoints; from inside (SCOPE_INTERNAL) every ready one, as
+    // the ClusterIP does.
+    let mine = vec!["10.244.1.11".to_string(), "10.244.2.14".to_string()];
+    let all = vec![
+        "10.244.1.11".to_string(),
+        "10.244.2.12".to_string(),
+        "10.244.2.14".to_string(),
+    ];
+    for addr in [[172, 18, 0, 2], [203, 0, 113, 9]] {
+        let port = if addr[0] == 172 { 30080 } else { 80 };
+        let (b, flags) = frontend_backends(&st, addr, port, SCOPE_ALL);
+        assert_eq!(b, mine);
+        assert_eq!(
+            flags,
+            FE_TWO_SCOPES | FE_LOCAL_LIST | FE_EXTERNAL_LOCAL | FE_AFFINITY_CLIENT_IP
+        );
+        let (b, flags) = frontend_backends(&st, addr, port, SCOPE_INTERNAL);
+        assert_eq!(b, all);
+        assert_eq!(flags, FE_EXTERNAL_LOCAL | FE_AFFINITY_CLIENT_IP);
+    }
+    let (b, flags) = frontend_backends(&st, [10, 96, 0, 10], 80, SCOPE_ALL);
+    assert_eq!(
+        (b, flags),
+        (all.clone(), FE_EXTERNAL_LOCAL | FE_AFFINITY_CLIENT_IP)
+    );
+    // Affinity reads what each backend is to the port (canonical() checks
+    // it against the slots).
+    canonical(&st);
+
+    // No endpoint on this node: outside traffic finds none (dropped), the
+    // Service still has endpoints (no reject flag).
+    let remote = local.replace("nodeName: node-a", "nodeName: node-b");
+    rec.reconcile(&model::translate(&objects(&remote), &node()))
+        .unwrap();
+    let st = rec.writer.state.clone();
+    let (b, flags) = frontend_backends(&st, [172, 18, 0, 2], 30080, SCOPE_ALL);
+    assert!(b.is_empty());
+    assert_eq!(flags & FE_REJECT_NO_BACKEND, 0);
+    canonical(&st);
+
+    let plain = remote.replace("  sessionAffinity: ClientIP\n", "");
+    rec.reconcile(&model::translate(&objects(&plain), &node()))
+        .unwrap();
+    canonical(&rec.writer.state);
+
+    // No endpoint at all: every frontend rejects.
+    let none = plain
+        .replace("ready: true", "ready: false")
+        .replace("serving: true", "serving: false");
+    let d = model::translate(&objects(&none), &node());
+    rec.reconcile(&d).unwrap();
+    let st = rec.writer.state.clone();
+    for f in st.frontends.values() {
+        assert_eq!(f.count, 0);
+        assert_ne!(f.flags & FE_REJECT_NO_BACKEND, 0, "{}", st.dump());
+    }
+}
+
+#[test]
+fn terminating_endpoints_serve_only_when_none_is_ready() {
+    // WEB's http port: two ready endpoints, one terminating. Without the
+    // ready ones, new flows go to the terminating one and the frontend
+    // says so (lbctl shows it).
+    let mut rec = Reconciler::adopt(InMemory::default()).unwrap();
+    rec.reconcile(&model::translate(&objects(WEB), &node()))
+        .unwrap();
+    let st = rec.writer.state.clone();
+    let (b, _) = frontend_backends(&st, [10, 96, 0, 10], 80, 0);
+    assert_eq!(b, ["10.244.1.11", "10.244.2.12"]);
+    // The terminating backend stays in the maps for its flows.
+    assert!(
+        st.backends
+            .values()
+            .any(|b| b.addr == lb_common::ip4([10, 244, 2, 13]))
+    );
+    let draining = WEB.replace("conditions: {ready: true}", "conditions: {ready: false}");
+    rec.reconcile(&model::translate(&objects(&draining), &node()))
+        .unwrap();
+    let st = rec.writer.state.clone();
+    let (b, _) = frontend_backends(&st, [10, 96, 0, 10], 80, 0);
+    assert_eq!(b, ["10.244.2.13"]);
+    let f = st.frontends.values().next().unwrap();
+    assert_eq!(f.terminating, f.count, "{}", st.dump());
+    canonical(&st);
 }

@@ -94,6 +94,7 @@ mod tests {
                 node_port: None,
                 frontends: Default::default(),
                 backends: vec![],
+                sets: Default::default(),
                 affinity_timeout_s: None,
                 external_policy: TrafficPolicy::Cluster,
                 internal_policy: TrafficPolicy::Cluster,

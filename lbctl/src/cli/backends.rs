@@ -163,6 +163,7 @@ pub fn table(views: &[ServiceBackendsView]) -> String {
                     format!("{}:{}", be.address, be.port),
                     be.state.clone(),
                     conditions(be),
+                    be.new_flows.clone(),
                     if be.node.is_empty() {
                         "-".into()
                     } else if be.local {
@@ -188,6 +189,7 @@ pub fn table(views: &[ServiceBackendsView]) -> String {
                 "BACKEND",
                 "STATE",
                 "CONDITIONS",
+                "NEW FLOWS",
                 "NODE",
                 "ZONE",
                 "FLOWS",

@@ -103,6 +103,12 @@ fn view(cur: &MapState, op: &Op) -> DiffView {
             }
             (BACKEND_SLOTS, cur.slots.contains_key(k))
         }
+        Op::PutServiceBackend(k, _) | Op::DelServiceBackend(k) => {
+            if let Some(v) = cur.svc_backends.get(k) {
+                have.svc_backends.insert(*k, *v);
+            }
+            (SERVICE_BACKENDS, cur.svc_backends.contains_key(k))
+        }
         Op::PutBackend(k, _) | Op::DelBackend(k) => {
             if let Some(v) = cur.backends.get(k) {
                 have.backends.insert(*k, *v);
@@ -127,6 +133,7 @@ fn view(cur: &MapState, op: &Op) -> DiffView {
         Op::DelAddr(_)
             | Op::DelFrontend(_)
             | Op::DelSlot(_)
+            | Op::DelServiceBackend(_)
             | Op::DelBackend(_)
             | Op::DelServiceMeta(_)
             | Op::DelBackendMeta(_)

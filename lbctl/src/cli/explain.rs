@@ -21,11 +21,15 @@ use lb_common::{
     PROTO_TCP, PROTO_UDP,
     conntrack::{CT_ORIGINAL, CT_SNAT, Ct4Entry, Ct4Key},
     counters::{
-        V_DROP_NO_BACKEND, V_FORWARD_ESTABLISHED, V_FORWARD_NEW, V_PASS_NOT_SERVICE, V_REPLY,
-        VERDICTS,
+        V_DROP_NO_BACKEND, V_DROP_NO_LOCAL_BACKEND, V_FORWARD_ESTABLISHED, V_FORWARD_NEW,
+        V_PASS_NOT_SERVICE, V_REJECT_NO_BACKEND, V_REJECT_UNDEFINED_PORT, V_REPLY, VERDICTS,
     },
     hash, ip4, ip4_octets, port, port_host,
-    service::{BACKEND_ACTIVE, BACKEND_LOCAL, Frontend, Frontend4Key, SCOPE_ALL, SlotKey},
+    service::{
+        ADDR_CLUSTER_IP, AFFINITY_BY_ADDR, AffinityKey, BACKEND_ACTIVE, BACKEND_LOCAL,
+        FE_AFFINITY_CLIENT_IP, FE_LOCAL_LIST, FE_REJECT_NO_BACKEND, FE_TWO_SCOPES, Frontend,
+        Frontend4Key, SB_TOPOLOGY_FILTERED, SCOPE_ALL, SCOPE_INTERNAL, SlotKey,
+    },
     sock::SockFlow4Key,
 };
 use serde::Serialize;
@@ -333,7 +337,20 @@ pub fn device(
     };
     let input = frame::build(proto, src, dst, flags);
     let ifindex = device.as_ref().map_or(0, |d| d.1);
-    let probe = probe::from_netdev(&maps.dir, &input, ifindex, &seed)?;
+    // The client's live session affinity entry, copied into the probe's
+    // scratch table, so the program decides as it would now.
+    let affinity = fe
+        .filter(|f| f.flags & FE_AFFINITY_CLIENT_IP != 0)
+        .and_then(|f| {
+            let k = AffinityKey {
+                client: okey.src_addr as u64,
+                service_id: f.service_id,
+                kind: AFFINITY_BY_ADDR,
+                _pad: [0; 3],
+            };
+            maps.affinity.get(&k, 0).ok().map(|e| (k, e))
+        });
+    let probe = probe::from_netdev(&maps.dir, &input, ifindex, &seed, affinity.as_slice())?;
 
     let mut v = ExplainView {
         src: Some(src.to_string()),
@@ -387,7 +404,18 @@ pub fn device(
             v.slot.map_or("?".into(), |s| s.to_string()),
             e.backend_id
         );
-        if computed.map(|c| c.1) != Some(e.backend_id) {
+        let sticky = affinity
+            .as_ref()
+            .filter(|(_, a)| a.backend_id == e.backend_id);
+        if let Some((_, a)) = sticky {
+            v.decision = "session_affinity".into();
+            v.reason = format!(
+                "sessionAffinity ClientIP: this client was given backend {} {}s ago (timeout {}s), it keeps it",
+                a.backend_id,
+                now.wrapping_sub(a.last_s),
+                fe.affinity_timeout_s
+            );
+        } else if computed.map(|c| c.1) != Some(e.backend_id) {
             v.notes.push(format!(
                 "the slot computed from the maps holds backend {:?}, the program chose {}: the maps changed between reads",
                 computed.map(|c| c.1),
@@ -405,9 +433,27 @@ pub fn device(
         v.decision = "reply".into();
         v.reason = "a reply of a flow this node SNATed: translated back to the client".into();
         v.backend = e.and_then(|e| backend_info(st, e.backend_id));
+    } else if has(V_REJECT_NO_BACKEND) {
+        v.decision = "rejected".into();
+        v.reason = format!(
+            "the Service has no endpoint: the client is refused at once ({})",
+            if proto == PROTO_TCP {
+                "a TCP RST"
+            } else {
+                "an ICMP port unreachable"
+            }
+        );
+    } else if has(V_REJECT_UNDEFINED_PORT) {
+        v.decision = "rejected_undefined_port".into();
+        v.reason = "a ClusterIP on a port no Service defines: refused at once".into();
+    } else if has(V_DROP_NO_LOCAL_BACKEND) {
+        v.decision = "dropped_no_local_backend".into();
+        v.reason = "externalTrafficPolicy Local and no endpoint on this node: dropped, \
+                    as kube-proxy does (pods and the node still reach the other nodes' endpoints)"
+            .into();
     } else if has(V_DROP_NO_BACKEND) {
         v.decision = "no_backend".into();
-        v.reason = "the Service has no ready backend: a new flow is dropped".into();
+        v.reason = "the Service has no endpoint and the refusal could not be sent: dropped".into();
     } else if has(V_PASS_NOT_SERVICE) || probe.verdicts.is_empty() {
         v.decision = "not_a_service".into();
         v.reason =
@@ -416,6 +462,7 @@ pub fn device(
         v.decision = v.verdicts.first().cloned().unwrap_or_default();
         v.reason = format!("the program's verdict: {}", v.verdicts.join(", "));
     }
+    policy_notes(st, fe.as_ref(), &mut v.notes);
     if v.frontend.as_ref().is_some_and(|f| f.kind == "ClusterIP") {
         v.notes.push(
             "from pods and host processes this ClusterIP is translated per socket at connect(): \
@@ -442,7 +489,18 @@ pub fn socket(
     cookie: u64,
     dst: SocketAddrV4,
 ) -> ExplainView {
-    let (key, fe) = frontend(st, proto, dst);
+    let (mut key, mut fe) = frontend(st, proto, dst);
+    // Pods and host processes read the internal entry where there is one.
+    if fe.is_some_and(|f| f.flags & FE_TWO_SCOPES != 0) {
+        let ikey = Frontend4Key {
+            scope: SCOPE_INTERNAL,
+            ..key
+        };
+        if let Some(i) = st.frontends.get(&ikey) {
+            key = ikey;
+            fe = Some(*i);
+        }
+    }
     let program = if proto == PROTO_UDP {
         "lb_connect4 / lb_sendmsg4"
     } else {
@@ -453,12 +511,24 @@ pub fn socket(
         ..ExplainView::new("socket", program, proto, dst, st, &key, fe)
     };
     let Some(fe) = fe else {
+        if st
+            .addrs
+            .get(&key.addr)
+            .is_some_and(|f| f & ADDR_CLUSTER_IP != 0)
+        {
+            v.decision = "rejected_undefined_port".into();
+            v.reason =
+                "a ClusterIP on a port no Service defines: connect() fails with ECONNREFUSED"
+                    .into();
+            return v;
+        }
         v.decision = "not_a_service".into();
         v.reason =
             "no frontend has this address, port and protocol: the socket connects to it unchanged"
                 .into();
         return v;
     };
+    policy_notes(st, Some(&fe), &mut v.notes);
     let by_addr: BTreeMap<(u32, u16), u32> = st
         .backends
         .iter()
@@ -500,9 +570,17 @@ pub fn socket(
     let h = hash::sock4(cookie, key.addr, key.port, proto);
     v.hash = Some(h);
     match pick(st, &fe, h) {
+        None if fe.flags & FE_REJECT_NO_BACKEND != 0 => {
+            v.decision = "rejected".into();
+            v.reason = "the Service has no endpoint: connect() and sendmsg() fail with \
+                        ECONNREFUSED at once"
+                .into();
+        }
         None => {
-            v.decision = "no_backend".into();
-            v.reason = "the Service has no ready backend: connect() fails with ECONNREFUSED".into();
+            v.decision = "dropped_no_local_backend".into();
+            v.reason = "internalTrafficPolicy Local and no endpoint on this node: connect() \
+                        and sendmsg() fail with EHOSTUNREACH at once"
+                .into();
         }
         Some((slot, id)) => {
             v.decision = "new_socket".into();
@@ -520,9 +598,42 @@ pub fn socket(
                 "the socket then talks to the backend directly; getpeername()/recvfrom() show the Service address"
                     .into(),
             );
+            if fe.flags & FE_AFFINITY_CLIENT_IP != 0 {
+                v.notes.push(format!(
+                    "sessionAffinity ClientIP: a pod (its network namespace) that was given a backend of this Service in the last {}s keeps it; the hash decides only for a new client",
+                    fe.affinity_timeout_s
+                ));
+            }
         }
     }
     v
+}
+
+/// The Service port's policy decisions that shaped the frontend's list.
+fn policy_notes(st: &MapState, fe: Option<&Frontend>, notes: &mut Vec<String>) {
+    let Some(fe) = fe else { return };
+    if fe.flags & FE_LOCAL_LIST != 0 {
+        notes.push(
+            "traffic policy Local: only this node's endpoints, and no SNAT (the backend sees the client's address)"
+                .into(),
+        );
+    }
+    if fe.terminating > 0 {
+        notes.push(
+            "no endpoint is ready: new flows go to serving terminating ones (kube-proxy's fallback)"
+                .into(),
+        );
+    }
+    let filtered = st
+        .svc_backends
+        .iter()
+        .filter(|(k, f)| k.service_id == fe.service_id && *f & SB_TOPOLOGY_FILTERED != 0)
+        .count();
+    if filtered > 0 {
+        notes.push(format!(
+            "topology hints: {filtered} ready endpoint(s) left out for another zone or node"
+        ));
+    }
 }
 
 pub fn table(v: &ExplainView) -> String {

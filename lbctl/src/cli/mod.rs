@@ -148,6 +148,7 @@ mod golden {
             serving: true,
             terminating: false,
             local: true,
+            new_flows: "Cluster".into(),
             node: "node-a".into(),
             zone: "".into(),
         }
@@ -164,6 +165,7 @@ mod golden {
         remote.state = "terminating".into();
         remote.ready = false;
         remote.terminating = true;
+        remote.new_flows = "no: terminating, existing flows only".into();
         let v = vec![backends::ServiceBackendsView {
             service: "demo/web".into(),
             port_name: "http".into(),
@@ -189,9 +191,9 @@ mod golden {
         let t = backends::table(&v);
         let want = concat!(
             "demo/web port http 80/TCP\n",
-            " ID  BACKEND           STATE        CONDITIONS           NODE            ZONE    FLOWS  CT FLOWS  PACKETS  BYTES\n",
-            " 7   10.244.1.11:8080  active       ready,serving        node-a (local)  -       12     2         70       5120\n",
-            " 8   10.244.2.11:8080  terminating  serving,terminating  node-b          zone-b  3      0         0        0\n",
+            " ID  BACKEND           STATE        CONDITIONS           NEW FLOWS                             NODE            ZONE    FLOWS  CT FLOWS  PACKETS  BYTES\n",
+            " 7   10.244.1.11:8080  active       ready,serving        Cluster                               node-a (local)  -       12     2         70       5120\n",
+            " 8   10.244.2.11:8080  terminating  serving,terminating  no: terminating, existing flows only  node-b          zone-b  3      0         0        0\n",
         );
         assert_eq!(t, want, "\n{t}");
         let json = serde_json::to_value(&v).unwrap();
@@ -205,6 +207,7 @@ mod golden {
             "serving",
             "terminating",
             "local",
+            "new_flows",
             "node",
             "zone",
             "flows",

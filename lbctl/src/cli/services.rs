@@ -67,6 +67,9 @@ pub struct BackendView {
     pub serving: bool,
     pub terminating: bool,
     pub local: bool,
+    /// Which traffic gives it new flows ("Cluster", "Local", both, with
+    /// "terminating fallback" when no endpoint is ready), or why none does.
+    pub new_flows: String,
     pub node: String,
     pub zone: String,
 }
@@ -128,6 +131,11 @@ pub fn view(
         let Some(v) = out.get_mut(&f.service_id) else {
             continue;
         };
+        // The second entry of a frontend (traffic from inside the node
+        // under externalTrafficPolicy Local) is the same address.
+        if k.scope != SCOPE_ALL {
+            continue;
+        }
         v.frontends.push(FrontendView {
             kind: FrontendKind::from_number(f.kind)
                 .map_or("?", |k| k.label())
@@ -135,36 +143,62 @@ pub fn view(
             address: Ipv4Addr::from(ip4_octets(k.addr)),
             port: port_host(k.port),
         });
-        if !v.backends.is_empty() {
+    }
+    // Every backend of each port, with what the port does with it.
+    for (k, flags) in &state.svc_backends {
+        let Some(v) = out.get_mut(&k.service_id) else {
             continue;
-        }
-        let total = f.count as u32 + f.terminating as u32;
-        for slot in 0..total {
-            let Some(id) = state.slots.get(&SlotKey {
-                backend_set: f.backend_set,
-                slot,
-            }) else {
-                continue;
-            };
-            let Some(b) = state.backends.get(id) else {
-                continue;
-            };
-            let meta = state.backend_meta.get(id).copied().unwrap_or_default();
-            v.backends.push(BackendView {
-                id: *id,
-                address: Ipv4Addr::from(ip4_octets(b.addr)),
-                port: port_host(b.port),
-                state: state_label(b.state).into(),
-                ready: meta.conditions & COND_READY != 0,
-                serving: meta.conditions & COND_SERVING != 0,
-                terminating: meta.conditions & COND_TERMINATING != 0,
-                local: b.flags & BACKEND_LOCAL != 0,
-                node: cstr(&meta.node_name).into(),
-                zone: cstr(&meta.zone).into(),
-            });
-        }
+        };
+        let id = k.backend_id;
+        let Some(b) = state.backends.get(&id) else {
+            continue;
+        };
+        let meta = state.backend_meta.get(&id).copied().unwrap_or_default();
+        let terminating = meta.conditions & COND_TERMINATING != 0;
+        let local = b.flags & BACKEND_LOCAL != 0;
+        v.backends.push(BackendView {
+            id,
+            address: Ipv4Addr::from(ip4_octets(b.addr)),
+            port: port_host(b.port),
+            state: state_label(b.state).into(),
+            ready: meta.conditions & COND_READY != 0,
+            serving: meta.conditions & COND_SERVING != 0,
+            terminating,
+            local,
+            new_flows: new_flows(*flags, terminating, local),
+            node: cstr(&meta.node_name).into(),
+            zone: cstr(&meta.zone).into(),
+        });
     }
     out.into_values().collect()
+}
+
+/// A port's use of one backend (`SB_*`), in words.
+pub fn new_flows(flags: u32, terminating: bool, local: bool) -> String {
+    let mut lists = Vec::new();
+    if flags & SB_CLUSTER != 0 {
+        lists.push("Cluster");
+    }
+    if flags & SB_LOCAL != 0 {
+        lists.push("Local");
+    }
+    if !lists.is_empty() {
+        let l = lists.join("+");
+        return if flags & SB_FALLBACK != 0 {
+            format!("{l} (terminating fallback)")
+        } else {
+            l
+        };
+    }
+    if terminating {
+        "no: terminating, existing flows only".into()
+    } else if flags & SB_TOPOLOGY_FILTERED != 0 {
+        "no: topology hints".into()
+    } else if !local {
+        "no: Local policy, other node".into()
+    } else {
+        "no".into()
+    }
 }
 
 pub fn table(views: &[ServiceView]) -> String {

@@ -203,10 +203,15 @@ pub fn execute(args: Args) -> Result<()> {
             (lb_common::maps::ADDRS4, st.addrs.len()),
             (lb_common::maps::FRONTENDS4, st.frontends.len()),
             (lb_common::maps::BACKEND_SLOTS, st.slots.len()),
+            (lb_common::maps::SERVICE_BACKENDS, st.svc_backends.len()),
             (lb_common::maps::BACKENDS4, st.backends.len()),
             (lb_common::maps::SERVICE_META, st.service_meta.len()),
             (lb_common::maps::BACKEND_META, st.backend_meta.len()),
             (lb_common::maps::CONNTRACK4, ct),
+            (
+                lb_common::maps::AFFINITY4,
+                maps.affinity.keys().filter_map(Result::ok).count(),
+            ),
             (
                 lb_common::maps::BACKEND_STATS,
                 maps.backend_stats.keys().filter_map(Result::ok).count(),

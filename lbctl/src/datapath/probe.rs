@@ -23,6 +23,7 @@ use lb_common::{
     conntrack::{Ct4Entry, Ct4Key},
     counters::MAX_VERDICTS,
     maps as names,
+    service::{AffinityEntry, AffinityKey},
 };
 
 use super::load::{LB_OBJECT, object};
@@ -32,6 +33,7 @@ const SHARED: &[&str] = &[
     names::FRONTENDS4,
     names::ADDRS4,
     names::BACKEND_SLOTS,
+    names::SERVICE_BACKENDS,
     names::BACKENDS4,
     names::CONFIG,
     names::SERVICE_META,
@@ -42,6 +44,7 @@ const SHARED: &[&str] = &[
 /// Maps the program writes, made small: a probe makes one flow.
 const SCRATCH_SIZES: &[(&str, u32)] = &[
     (names::CONNTRACK4, 64),
+    (names::AFFINITY4, 16),
     (names::SOCK_REVNAT4, 16),
     (names::SOCK_FLOWS4, 16),
     (names::SERVICE_STATS, 1),
@@ -106,12 +109,14 @@ fn skb_ctx(ifindex: u32) -> Vec<u8> {
 
 /// Runs `lb_from_netdev` on `frame` as if it arrived on `ifindex` (0: no
 /// device). `seed`: conntrack entries of the live table to start from, so
-/// a packet of an existing flow takes the path it really takes.
+/// a packet of an existing flow takes the path it really takes; `affinity`
+/// the same for session affinity entries.
 pub fn from_netdev(
     pins: &Path,
     frame: &[u8],
     ifindex: u32,
     seed: &[(Ct4Key, Ct4Entry)],
+    affinity: &[(AffinityKey, AffinityEntry)],
 ) -> anyhow::Result<Probe> {
     use anyhow::Context;
     // Every shared map must exist: the loader would otherwise create (and
@@ -154,6 +159,14 @@ pub fn from_netdev(
         for (k, e) in seed {
             ct.insert(k, e, 0)
                 .context("seeding the scratch conntrack")?;
+        }
+        let mut aff: HashMap<_, AffinityKey, AffinityEntry> = HashMap::try_from(
+            ebpf.map_mut(names::AFFINITY4)
+                .context("affinity map missing from the object")?,
+        )?;
+        for (k, e) in affinity {
+            aff.insert(k, e, 0)
+                .context("seeding the scratch affinity table")?;
         }
     }
     let prog: &mut SchedClassifier = ebpf

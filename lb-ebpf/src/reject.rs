@@ -1,0 +1,180 @@
+//! Refusing a new flow from outside the node, as kube-proxy's REJECT does
+//! for a Service with no endpoint: the packet is turned into the answer in
+//! place and sent back out of the device it came in on. A TCP segment gets
+//! a RST (RFC 9293 3.10.7.1: the sequence number from its ACK, or an ACK of
+//! everything it carried), a UDP datagram an ICMP port unreachable that
+//! quotes its IP and UDP headers (RFC 792). The client's connect() or next
+//! recv() fails with ECONNREFUSED at once instead of waiting for a timeout.
+
+use aya_ebpf::{
+    bindings::TC_ACT_SHOT,
+    helpers::generated::{bpf_redirect, bpf_skb_change_tail},
+    programs::TcContext,
+};
+use lb_common::{PROTO_TCP, counters::V_DROP_NO_BACKEND};
+
+use crate::{
+    parse::{Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+    stats,
+};
+
+const ETH_LEN: usize = 14;
+const IPPROTO_ICMP: u8 = 1;
+
+/// A RST: Ethernet, IPv4 without options, TCP without options.
+#[repr(C)]
+struct RstFrame {
+    eth: [u8; ETH_LEN],
+    ip: [u8; 20],
+    tcp: [u8; 20],
+}
+
+/// An ICMP port unreachable quoting a 20-byte IPv4 header and 8 bytes.
+#[repr(C)]
+struct UnreachFrame {
+    eth: [u8; ETH_LEN],
+    ip: [u8; 20],
+    icmp: [u8; 8],
+    quote: [u8; 28],
+}
+
+/// Refuses the flow of `pkt`: counts `verdict` and returns the redirect
+/// when the answer is on its way, counts `drop_no_backend` and drops when
+/// none can be sent (a RST is never answered, IP options on a datagram).
+#[inline(always)]
+pub fn refuse(ctx: &TcContext, pkt: &Packet, verdict: u32) -> i32 {
+    let built = if pkt.proto == PROTO_TCP {
+        tcp_rst(ctx, pkt)
+    } else {
+        icmp_port_unreachable(ctx, pkt)
+    };
+    if built.is_err() {
+        stats::verdict(V_DROP_NO_BACKEND);
+        return TC_ACT_SHOT;
+    }
+    stats::verdict(verdict);
+    // SAFETY: valid skb pointer; helper with plain integers. Flag 0: out
+    // of the device's egress, towards the client.
+    unsafe { bpf_redirect((*ctx.skb.skb).ifindex, 0) as i32 }
+}
+
+/// One's-complement sum of big-endian 16-bit words.
+#[inline(always)]
+fn sum(mut acc: u32, bytes: &[u8]) -> u32 {
+    let mut i = 0;
+    while i + 1 < bytes.len() {
+        acc += u16::from_be_bytes([bytes[i], bytes[i + 1]]) as u32;
+        i += 2;
+    }
+    acc
+}
+
+#[inline(always)]
+fn fold(mut acc: u32) -> [u8; 2] {
+    acc = (acc & 0xffff) + (acc >> 16);
+    acc = (acc & 0xffff) + (acc >> 16);
+    (!(acc as u16)).to_be_bytes()
+}
+
+/// The Ethernet header back to the sender.
+#[inline(always)]
+fn eth_back(ctx: &TcContext) -> Result<[u8; ETH_LEN], ()> {
+    let orig: [u8; ETH_LEN] = ctx.load(0).map_err(|_| ())?;
+    let mut eth = [0u8; ETH_LEN];
+    eth[..6].copy_from_slice(&orig[6..12]);
+    eth[6..12].copy_from_slice(&orig[..6]);
+    eth[12] = 0x08;
+    eth[13] = 0x00;
+    Ok(eth)
+}
+
+/// An IPv4 header from the packet's destination back to its source.
+#[inline(always)]
+fn ip_back(pkt: &Packet, proto: u8, total_len: u16) -> [u8; 20] {
+    let mut ip = [0u8; 20];
+    ip[0] = 0x45;
+    ip[2..4].copy_from_slice(&total_len.to_be_bytes());
+    ip[8] = 64;
+    ip[9] = proto;
+    ip[12..16].copy_from_slice(&pkt.dst_addr.to_ne_bytes());
+    ip[16..20].copy_from_slice(&pkt.src_addr.to_ne_bytes());
+    let c = fold(sum(0, &ip));
+    ip[10..12].copy_from_slice(&c);
+    ip
+}
+
+#[inline(always)]
+fn tcp_rst(ctx: &TcContext, pkt: &Packet) -> Result<(), ()> {
+    if pkt.tcp_flags & TCP_RST != 0 {
+        return Err(());
+    }
+    let l3 = pkt.l3_off as usize;
+    let l4 = pkt.l4_off as usize;
+    let total: [u8; 2] = ctx.load(l3 + 2).map_err(|_| ())?;
+    let seq: [u8; 4] = ctx.load(l4 + 4).map_err(|_| ())?;
+    let ack: [u8; 4] = ctx.load(l4 + 8).map_err(|_| ())?;
+    let doff: u8 = ctx.load(l4 + 12).map_err(|_| ())?;
+    let headers = (l4 - l3) as u32 + ((doff >> 4) as u32) * 4;
+    let mut seg_len = (u16::from_be_bytes(total) as u32).saturating_sub(headers);
+    if pkt.tcp_flags & TCP_SYN != 0 {
+        seg_len += 1;
+    }
+    if pkt.tcp_flags & TCP_FIN != 0 {
+        seg_len += 1;
+    }
+    let (rst_seq, rst_ack, flags) = if pkt.tcp_flags & TCP_ACK != 0 {
+        (ack, [0u8; 4], TCP_RST)
+    } else {
+        (
+            [0u8; 4],
+            u32::from_be_bytes(seq).wrapping_add(seg_len).to_be_bytes(),
+            TCP_RST | TCP_ACK,
+        )
+    };
+    let mut f = RstFrame {
+        eth: eth_back(ctx)?,
+        ip: ip_back(pkt, PROTO_TCP, 40),
+        tcp: [0u8; 20],
+    };
+    f.tcp[0..2].copy_from_slice(&pkt.dst_port.to_ne_bytes());
+    f.tcp[2..4].copy_from_slice(&pkt.src_port.to_ne_bytes());
+    f.tcp[4..8].copy_from_slice(&rst_seq);
+    f.tcp[8..12].copy_from_slice(&rst_ack);
+    f.tcp[12] = 5 << 4;
+    f.tcp[13] = flags;
+    // Pseudo-header: addresses, protocol, TCP length.
+    let mut acc = sum(0, &f.ip[12..20]);
+    acc += PROTO_TCP as u32 + 20;
+    let c = fold(sum(acc, &f.tcp));
+    f.tcp[16..18].copy_from_slice(&c);
+    write(ctx, &f, core::mem::size_of::<RstFrame>() as u32)
+}
+
+#[inline(always)]
+fn icmp_port_unreachable(ctx: &TcContext, pkt: &Packet) -> Result<(), ()> {
+    // The quote is the IP header and 8 bytes after it: a fixed 28 only
+    // without IP options.
+    if pkt.l4_off - pkt.l3_off != 20 {
+        return Err(());
+    }
+    let quote: [u8; 28] = ctx.load(pkt.l3_off as usize).map_err(|_| ())?;
+    let mut f = UnreachFrame {
+        eth: eth_back(ctx)?,
+        ip: ip_back(pkt, IPPROTO_ICMP, 20 + 8 + 28),
+        icmp: [3, 3, 0, 0, 0, 0, 0, 0],
+        quote,
+    };
+    let c = fold(sum(sum(0, &f.icmp), &f.quote));
+    f.icmp[2..4].copy_from_slice(&c);
+    write(ctx, &f, core::mem::size_of::<UnreachFrame>() as u32)
+}
+
+/// Makes the packet exactly `frame`.
+#[inline(always)]
+fn write<T>(ctx: &TcContext, frame: &T, len: u32) -> Result<(), ()> {
+    // SAFETY: valid skb pointer; the kernel trims or zero-extends.
+    if unsafe { bpf_skb_change_tail(ctx.skb.skb.cast(), len, 0) } != 0 {
+        return Err(());
+    }
+    ctx.store(0, frame, 0).map_err(|_| ())
+}
