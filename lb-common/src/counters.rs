@@ -70,7 +70,7 @@ verdicts! {
     V_DROP_STALE_BACKEND = 10, "drop_stale_backend";
     /// No route to the backend or client (device path redirect).
     V_DROP_NO_ROUTE = 11, "drop_no_route";
-    /// Connection tracking table full, or no free SNAT port.
+    /// Connection tracking table refused an entry.
     V_DROP_CT_FULL = 12, "drop_ct_full";
     /// Rewriting the packet failed.
     V_DROP_REWRITE = 13, "drop_rewrite";
@@ -86,6 +86,24 @@ verdicts! {
     /// To a ClusterIP on a port its Service does not define: refused
     /// (kube-proxy's nftables mode does the same).
     V_REJECT_UNDEFINED_PORT = 16, "reject_undefined_port";
+    /// A TCP segment of a flow whose backend left the Service: the flow is
+    /// ended at once with a RST to the client (its entries removed), not
+    /// left to time out against a backend that is gone.
+    V_RESET_BACKEND_GONE = 17, "reset_backend_gone";
+    /// A UDP datagram (or a TCP SYN) of a flow whose backend left the
+    /// Service, or a SYN reusing a closing flow's tuple: a new flow, to a
+    /// live backend.
+    V_FORWARD_RENEWED = 18, "forward_renewed";
+    /// A new flow to a LoadBalancer IP from a source outside its
+    /// Service's `loadBalancerSourceRanges`: dropped.
+    V_DROP_SOURCE_RANGE = 19, "drop_source_range";
+    /// A new flow to a backend on another node found no free port in the
+    /// SNAT range (`--snat-port-range`) after its tries: dropped.
+    V_DROP_NO_SNAT_PORT = 20, "drop_no_snat_port";
+    /// To an address of the service CIDR that no Service has: dropped
+    /// (device path), refused with ENETUNREACH (socket path), as
+    /// kube-proxy's nftables mode drops it.
+    V_DROP_UNALLOCATED_SERVICE_IP = 21, "drop_unallocated_service_ip";
 }
 
 /// Size of the verdict counter array; room to append.

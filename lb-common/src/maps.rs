@@ -6,6 +6,7 @@ pub const ADDRS4: &str = "LB4_ADDRS_V1";
 pub const BACKEND_SLOTS: &str = "LB_SLOTS_V1";
 pub const SERVICE_BACKENDS: &str = "LB_SVC_BACKENDS_V1";
 pub const AFFINITY4: &str = "LB4_AFFINITY_V1";
+pub const SOURCE_RANGES4: &str = "LB4_SOURCE_RANGES_V1";
 pub const BACKENDS4: &str = "LB4_BACKENDS_V1";
 pub const SERVICE_META: &str = "LB_SVC_META_V1";
 pub const BACKEND_META: &str = "LB_BE_META_V1";
@@ -24,6 +25,7 @@ pub const ALL: &[&str] = &[
     ADDRS4,
     BACKEND_SLOTS,
     SERVICE_BACKENDS,
+    SOURCE_RANGES4,
     BACKENDS4,
     SERVICE_META,
     BACKEND_META,
@@ -57,3 +59,5 @@ pub const MAX_SOCK_FLOWS: u32 = 1 << 17;
 /// Session affinity entries (client, Service port), least recently used
 /// evicted first.
 pub const MAX_AFFINITY: u32 = 1 << 16;
+/// loadBalancerSourceRanges prefixes over all Service ports.
+pub const MAX_SOURCE_RANGES: u32 = 1 << 16;

@@ -42,6 +42,24 @@ pub const FE_TWO_SCOPES: u16 = 1 << 4;
 /// The entry's backend set is the Local-policy list (`SB_LOCAL`), else
 /// the Cluster-policy one (`SB_CLUSTER`).
 pub const FE_LOCAL_LIST: u16 = 1 << 5;
+/// A LoadBalancer IP whose Service has `loadBalancerSourceRanges`: new
+/// flows from outside only from a source in `LB4_SOURCE_RANGES_V1`.
+pub const FE_SOURCE_RANGES: u16 = 1 << 6;
+
+/// `LB4_SOURCE_RANGES_V1` (LPM trie) data: a Service port and a source
+/// prefix. The trie's prefix length counts the 32 bits of the service id
+/// too, so one lookup `(32 + 32, service, source)` finds whether any of the
+/// port's ranges holds the source.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SourceRange4 {
+    pub service_id: u32,
+    /// Wire order.
+    pub addr: u32,
+}
+const _: () = assert!(core::mem::size_of::<SourceRange4>() == 8);
+/// Bits of `SourceRange4::service_id` in a trie prefix length.
+pub const SOURCE_RANGE_ID_BITS: u32 = 32;
 
 /// `LB4_ADDRS_V1` values: why an address is there. The device path looks
 /// up a packet's destination here first, so traffic not for a Service costs
@@ -95,9 +113,10 @@ pub struct SlotKey {
 const _: () = assert!(core::mem::size_of::<SlotKey>() == 8);
 
 /// `LB_SVC_BACKENDS_V1`: (Service port, backend) -> `SB_*` flags. Every
-/// endpoint of a Service port the maps keep a backend for (ready, or
-/// serving and terminating), and what the port does with it. Session
-/// affinity asks it "may this frontend still give the client's backend new
+/// endpoint of a Service port (ready, terminating, or neither), and what
+/// the port does with it. A flow whose backend has no entry here any more
+/// has lost its backend (the device path ends or moves it); session
+/// affinity asks "may this frontend still give the client's backend new
 /// flows"; `lbctl` shows why a backend gets no new flows.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -131,6 +150,9 @@ pub const SB_CLUSTER: u32 = 1 << 0;
 pub const SB_LOCAL: u32 = 1 << 1;
 pub const SB_FALLBACK: u32 = 1 << 2;
 pub const SB_TOPOLOGY_FILTERED: u32 = 1 << 3;
+/// Ready, or serving and terminating: its UDP flows stay. Without it (not
+/// ready, not serving) only its TCP connections go on.
+pub const SB_SERVING: u32 = 1 << 4;
 
 pub const AFFINITY_BY_ADDR: u8 = 1;
 pub const AFFINITY_BY_NETNS: u8 = 2;
@@ -289,6 +311,7 @@ user_pod!(
     Frontend,
     SlotKey,
     ServiceBackendKey,
+    SourceRange4,
     AffinityKey,
     AffinityEntry,
     Backend4,

@@ -65,6 +65,19 @@ pub fn initial_lifetime(proto: u8) -> u32 {
     }
 }
 
+/// Whether entry `e` has outlived its lifetime at `now`.
+#[inline(always)]
+pub fn expired(e: &Ct4Entry, now: u32) -> bool {
+    now.wrapping_sub(e.last_seen_s) > e.lifetime_s
+}
+
+/// The entry for `k`, live or not.
+#[inline(always)]
+pub fn get(k: &Ct4Key) -> Option<&'static Ct4Entry> {
+    // SAFETY: LRU map value, read only.
+    CONNTRACK4.get_ptr(k).map(|e| unsafe { &*e })
+}
+
 /// A live entry for `k`, or None (absent or expired).
 #[inline(always)]
 pub fn lookup(k: &Ct4Key, now: u32) -> Option<&'static mut Ct4Entry> {
@@ -72,7 +85,7 @@ pub fn lookup(k: &Ct4Key, now: u32) -> Option<&'static mut Ct4Entry> {
     // SAFETY: LRU map value; concurrent updates of counters may race, which
     // costs at most a lost increment.
     let e = unsafe { &mut *e };
-    if now.wrapping_sub(e.last_seen_s) > e.lifetime_s {
+    if expired(e, now) {
         return None;
     }
     Some(e)
@@ -126,4 +139,11 @@ pub fn create_reply(k: &Ct4Key, e: &Ct4Entry, exclusive: bool) -> Result<(), ()>
 #[inline(always)]
 pub fn create_original(k: &Ct4Key, e: &Ct4Entry) -> Result<(), ()> {
     CONNTRACK4.insert(k, e, BPF_ANY as u64).map_err(|_| ())
+}
+
+/// Removes both directions of the flow `e` (found under `k`).
+#[inline(always)]
+pub fn forget(k: &Ct4Key, e: &Ct4Entry) {
+    let _ = CONNTRACK4.remove(&other_key(k, e));
+    let _ = CONNTRACK4.remove(k);
 }

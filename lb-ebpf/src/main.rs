@@ -7,6 +7,7 @@
 //! | `lb_sendmsg4`      | cgroup sendmsg4       | same for each unconnected UDP datagram        |
 //! | `lb_recvmsg4`      | cgroup recvmsg4       | show the Service address as the sender        |
 //! | `lb_getpeername4`  | cgroup getpeername4   | show the Service address as the peer          |
+//! | `lb_connect6` ...  | the same four, IPv6   | the same for `::ffff:a.b.c.d` (dual-stack sockets) |
 //! | `lb_from_netdev`   | tc ingress, node dev  | NodePort/external/LB: DNAT (+SNAT), replies   |
 //! | `lb_to_netdev`     | tc egress, node dev   | local backends' replies back to the frontend  |
 #![no_std]
@@ -33,25 +34,46 @@ use aya_ebpf::{
     macros::{cgroup_sock_addr, classifier},
     programs::{SockAddrContext, TcContext},
 };
+use sock::Family;
 
 #[cgroup_sock_addr(connect4)]
 pub fn lb_connect4(ctx: SockAddrContext) -> i32 {
-    sock::translate(&ctx, false)
+    sock::translate(&ctx, Family::V4, false)
 }
 
 #[cgroup_sock_addr(sendmsg4)]
 pub fn lb_sendmsg4(ctx: SockAddrContext) -> i32 {
-    sock::translate(&ctx, true)
+    sock::translate(&ctx, Family::V4, true)
 }
 
 #[cgroup_sock_addr(recvmsg4)]
 pub fn lb_recvmsg4(ctx: SockAddrContext) -> i32 {
-    sock::reverse(&ctx)
+    sock::reverse(&ctx, Family::V4)
 }
 
 #[cgroup_sock_addr(getpeername4)]
 pub fn lb_getpeername4(ctx: SockAddrContext) -> i32 {
-    sock::reverse(&ctx)
+    sock::reverse(&ctx, Family::V4)
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn lb_connect6(ctx: SockAddrContext) -> i32 {
+    sock::translate(&ctx, Family::V4Mapped, false)
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn lb_sendmsg6(ctx: SockAddrContext) -> i32 {
+    sock::translate(&ctx, Family::V4Mapped, true)
+}
+
+#[cgroup_sock_addr(recvmsg6)]
+pub fn lb_recvmsg6(ctx: SockAddrContext) -> i32 {
+    sock::reverse(&ctx, Family::V4Mapped)
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn lb_getpeername6(ctx: SockAddrContext) -> i32 {
+    sock::reverse(&ctx, Family::V4Mapped)
 }
 
 #[classifier]

@@ -4,7 +4,7 @@
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap},
 };
 use lb_common::{
     config::Config,
@@ -12,11 +12,11 @@ use lb_common::{
     counters::{BackendStats, MAX_VERDICTS, ServiceStats},
     maps::{
         MAX_AFFINITY, MAX_BACKENDS, MAX_CONNTRACK, MAX_FRONTENDS, MAX_SERVICES, MAX_SLOTS,
-        MAX_SOCK_FLOWS, MAX_SOCK_REVNAT,
+        MAX_SOCK_FLOWS, MAX_SOCK_REVNAT, MAX_SOURCE_RANGES,
     },
     service::{
         AffinityEntry, AffinityKey, Backend4, BackendMeta, Frontend, Frontend4Key,
-        ServiceBackendKey, ServiceMeta, SlotKey,
+        ServiceBackendKey, ServiceMeta, SlotKey, SourceRange4,
     },
     sock::{SockFlow4, SockFlow4Key, SockRevNat4, SockRevNat4Key},
     status::AgentStatus,
@@ -41,6 +41,10 @@ pub static SLOTS: HashMap<SlotKey, u32> = HashMap::pinned(MAX_SLOTS, BPF_F_NO_PR
 #[map(name = "LB_SVC_BACKENDS_V1")]
 pub static SERVICE_BACKENDS: HashMap<ServiceBackendKey, u32> =
     HashMap::pinned(MAX_SLOTS, BPF_F_NO_PREALLOC);
+
+/// loadBalancerSourceRanges: (Service port, source prefix) -> 1.
+#[map(name = "LB4_SOURCE_RANGES_V1")]
+pub static SOURCE_RANGES4: LpmTrie<SourceRange4, u32> = LpmTrie::pinned(MAX_SOURCE_RANGES, 0);
 
 /// Session affinity: (client, Service port) -> backend and last use.
 #[map(name = "LB4_AFFINITY_V1")]

@@ -6,27 +6,32 @@
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
     helpers::bpf_get_prandom_u32,
+    maps::lpm_trie::Key,
     programs::TcContext,
 };
 use aya_log_ebpf::debug;
 use lb_common::{
-    conntrack::{CT_LOCAL_BACKEND, CT_ORIGINAL, CT_REPLY, CT_SNAT, Ct4Entry, Ct4Key},
+    PROTO_TCP,
+    conntrack::{CT_CLOSING, CT_LOCAL_BACKEND, CT_ORIGINAL, CT_REPLY, CT_SNAT, Ct4Entry, Ct4Key},
     counters::{
-        V_DROP_CT_FULL, V_DROP_NO_LOCAL_BACKEND, V_DROP_REWRITE, V_FORWARD_ESTABLISHED,
-        V_FORWARD_NEW, V_PASS_NOT_SERVICE, V_REJECT_NO_BACKEND, V_REJECT_UNDEFINED_PORT, V_REPLY,
+        V_DROP_CT_FULL, V_DROP_NO_LOCAL_BACKEND, V_DROP_NO_SNAT_PORT, V_DROP_REWRITE,
+        V_DROP_SOURCE_RANGE, V_DROP_UNALLOCATED_SERVICE_IP, V_FORWARD_ESTABLISHED, V_FORWARD_NEW,
+        V_FORWARD_RENEWED, V_PASS_NOT_SERVICE, V_REJECT_NO_BACKEND, V_REJECT_UNDEFINED_PORT,
+        V_REPLY, V_RESET_BACKEND_GONE,
     },
     hash,
     service::{
-        ADDR_CLUSTER_IP, AFFINITY_BY_ADDR, BACKEND_LOCAL, Frontend, Frontend4Key, KIND_NODE_PORT,
-        SCOPE_ALL,
+        ADDR_CLUSTER_IP, AFFINITY_BY_ADDR, BACKEND_LOCAL, FE_SOURCE_RANGES, Frontend, Frontend4Key,
+        KIND_NODE_PORT, SB_SERVING, SCOPE_ALL, SOURCE_RANGE_ID_BITS, ServiceBackendKey,
+        SourceRange4,
     },
 };
 
 use crate::{
     conntrack::{self, now_s},
-    maps::{ADDRS4, CONFIG},
+    maps::{ADDRS4, CONFIG, SERVICE_BACKENDS, SOURCE_RANGES4},
     nat,
-    parse::{self, Packet},
+    parse::{self, Packet, TCP_ACK, TCP_SYN},
     reject, route,
     select::{self, Chosen, Client},
     stats,
@@ -46,6 +51,15 @@ pub fn from_netdev(ctx: &TcContext) -> i32 {
     // SNAT address: anything else leaves after one lookup.
     // SAFETY: copied out at once.
     let Some(addr_flags) = (unsafe { ADDRS4.get(pkt.dst_addr) }).copied() else {
+        // An address of the service CIDR that no Service has: nothing is
+        // there (kube-proxy's nftables mode drops it).
+        if CONFIG
+            .get(0)
+            .is_some_and(|c| c.in_service_cidr(pkt.dst_addr))
+        {
+            stats::verdict(V_DROP_UNALLOCATED_SERVICE_IP);
+            return TC_ACT_SHOT;
+        }
         stats::verdict(V_PASS_NOT_SERVICE);
         return TC_ACT_OK;
     };
@@ -54,12 +68,27 @@ pub fn from_netdev(ctx: &TcContext) -> i32 {
 
     // A packet of a known flow from the client.
     let k = conntrack::key(&pkt, CT_ORIGINAL);
+    let mut new_verdict = V_FORWARD_NEW;
     if let Some(e) = conntrack::lookup(&k, now) {
-        conntrack::touch(&k, e, &pkt, len, now);
-        let e = *e;
-        stats::packet(e.service_id, len);
-        stats::backend_packet(e.backend_id, len);
-        return apply(ctx, &pkt, &e, V_FORWARD_ESTABLISHED);
+        match still_served(e, &pkt) {
+            Served::Yes => {
+                conntrack::touch(&k, e, &pkt, len, now);
+                let e = *e;
+                stats::packet(e.service_id, len);
+                stats::backend_packet(e.backend_id, len);
+                return apply(ctx, &pkt, &e, V_FORWARD_ESTABLISHED);
+            }
+            Served::Reset => {
+                let e = *e;
+                conntrack::forget(&k, &e);
+                return reject::refuse(ctx, &pkt, V_RESET_BACKEND_GONE);
+            }
+            Served::Renew => {
+                let e = *e;
+                conntrack::forget(&k, &e);
+                new_verdict = V_FORWARD_RENEWED;
+            }
+        }
     }
     // A reply from a backend on another node, to the SNAT address.
     let k = conntrack::key(&pkt, CT_REPLY);
@@ -93,6 +122,21 @@ pub fn from_netdev(ctx: &TcContext) -> i32 {
         pkt.dst_port,
         pkt.proto,
     );
+    // loadBalancerSourceRanges: new flows to the LoadBalancer IP only from
+    // the Service's ranges (established ones were let in).
+    if fe.flags & FE_SOURCE_RANGES != 0 {
+        let key = Key::new(
+            SOURCE_RANGE_ID_BITS + 32,
+            SourceRange4 {
+                service_id: fe.service_id,
+                addr: pkt.src_addr,
+            },
+        );
+        if SOURCE_RANGES4.get(&key).is_none() {
+            stats::verdict(V_DROP_SOURCE_RANGE);
+            return TC_ACT_SHOT;
+        }
+    }
     let client = Client {
         kind: AFFINITY_BY_ADDR,
         id: pkt.src_addr as u64,
@@ -126,7 +170,7 @@ pub fn from_netdev(ctx: &TcContext) -> i32 {
             stats::packet(fe.service_id, len);
             stats::backend_flow(chosen.backend_id);
             stats::backend_packet(chosen.backend_id, len);
-            apply(ctx, &pkt, &e, V_FORWARD_NEW)
+            apply(ctx, &pkt, &e, new_verdict)
         }
         Err(v) => {
             stats::verdict(v);
@@ -139,6 +183,48 @@ pub fn from_netdev(ctx: &TcContext) -> i32 {
             );
             TC_ACT_SHOT
         }
+    }
+}
+
+enum Served {
+    /// The flow goes on to its backend.
+    Yes,
+    /// Its backend left the Service and the segment belongs to a TCP
+    /// connection: end it with a RST to the client.
+    Reset,
+    /// Start a new flow on this tuple (a datagram whose backend left or
+    /// stopped serving, a SYN whose entry is stale or closing).
+    Renew,
+}
+
+/// Whether the flow of entry `e` may go on, checked on every packet from
+/// the client (as Cilium does on a conntrack hit): a backend the Service
+/// no longer lists has left; one that no longer serves keeps only its TCP
+/// connections, as kube-proxy leaves them.
+#[inline(always)]
+fn still_served(e: &Ct4Entry, pkt: &Packet) -> Served {
+    let tcp = pkt.proto == PROTO_TCP;
+    let syn = tcp && pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+    // A new connection reusing the tuple of one that is closing.
+    if syn && e.flags & CT_CLOSING != 0 {
+        return Served::Renew;
+    }
+    let key = ServiceBackendKey {
+        service_id: e.service_id,
+        backend_id: e.backend_id,
+    };
+    // SAFETY: copied out at once.
+    let flags = unsafe { SERVICE_BACKENDS.get(&key) }.copied();
+    let served = match flags {
+        Some(f) => tcp || f & SB_SERVING != 0,
+        None => false,
+    };
+    if served {
+        Served::Yes
+    } else if tcp && !syn {
+        Served::Reset
+    } else {
+        Served::Renew
     }
 }
 
@@ -242,26 +328,36 @@ fn new_flow(
         conntrack::create_reply(&rkey, &reply, false).map_err(|_| V_DROP_CT_FULL)?;
     } else {
         // The backend answers the node: source becomes a node address and
-        // a port no other flow to that backend uses.
+        // a port of the SNAT range no other flow to that backend holds. A
+        // port whose reply entry has expired is free again (an LRU entry
+        // stays until evicted).
         let snat_addr = snat_addr(fe, pkt);
         rkey.dst_addr = snat_addr;
         orig.nat_src_addr = snat_addr;
+        let (min, span) = snat_ports();
+        // SAFETY: helper without arguments.
+        let start = unsafe { bpf_get_prandom_u32() } % span;
+        let mut port = 0u16;
         let mut done = false;
-        let mut try_port = pkt.src_port;
-        for i in 0..4u32 {
-            if i > 0 {
-                try_port = random_port();
-            }
-            rkey.dst_port = try_port;
-            if conntrack::create_reply(&rkey, &reply, true).is_ok() {
+        for i in 0..SNAT_TRIES {
+            port = (min + (start + i) % span) as u16;
+            rkey.dst_port = port.to_be();
+            let taken = match conntrack::get(&rkey) {
+                None => conntrack::create_reply(&rkey, &reply, true).is_err(),
+                Some(e) if conntrack::expired(e, now) => {
+                    conntrack::create_reply(&rkey, &reply, false).is_err()
+                }
+                Some(_) => true,
+            };
+            if !taken {
                 done = true;
                 break;
             }
         }
         if !done {
-            return Err(V_DROP_CT_FULL);
+            return Err(V_DROP_NO_SNAT_PORT);
         }
-        orig.nat_src_port = try_port;
+        orig.nat_src_port = port.to_be();
     }
     let okey = conntrack::key(pkt, CT_ORIGINAL);
     conntrack::create_original(&okey, &orig).map_err(|_| V_DROP_CT_FULL)?;
@@ -281,15 +377,22 @@ fn snat_addr(fe: &Frontend, pkt: &Packet) -> u32 {
     }
 }
 
+/// Ports tried for a new SNATed flow before it is dropped
+/// (`drop_no_snat_port`): from a random start, in order, so a range of up
+/// to this many ports is tried whole.
+const SNAT_TRIES: u32 = 8;
+
+/// The SNAT port range: first port and number of ports (host order).
 #[inline(always)]
-fn random_port() -> u16 {
+fn snat_ports() -> (u32, u32) {
     let (min, max) = match CONFIG.get(0) {
-        Some(c) if c.snat_port_max > c.snat_port_min => (c.snat_port_min, c.snat_port_max),
-        _ => (32768, 60999),
+        Some(c) if c.snat_port_max >= c.snat_port_min && c.snat_port_min > 0 => {
+            (c.snat_port_min, c.snat_port_max)
+        }
+        _ => (61000, 65535),
     };
-    // SAFETY: helper without arguments.
-    let r = unsafe { bpf_get_prandom_u32() };
+    // Never 0 (and known not to be): a division by a value the compiler
+    // cannot prove non-zero leaves a panic path the verifier refuses.
     let span = (max as u32).wrapping_sub(min as u32).wrapping_add(1).max(1);
-    let p = min as u32 + r % span;
-    (p as u16).to_be()
+    (min as u32, span)
 }

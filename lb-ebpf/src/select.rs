@@ -43,8 +43,8 @@ pub fn frontend_internal(key: &Frontend4Key) -> Option<(Frontend4Key, Frontend)>
     };
     match frontend(&ikey) {
         Some(ife) => Some((ikey, ife)),
-        // Written before the flag that points at it; absent only mid-way
-        // through a removal.
+        // The agent writes it before the flag that points at it and
+        // removes it after; absent only if the maps were edited by hand.
         None => Some((*key, fe)),
     }
 }

@@ -15,8 +15,8 @@ use aya_log_ebpf::debug;
 use lb_common::{
     PROTO_TCP, PROTO_UDP,
     counters::{
-        V_DROP_NO_LOCAL_BACKEND, V_REJECT_NO_BACKEND, V_REJECT_UNDEFINED_PORT, V_SOCK_REVERSED,
-        V_SOCK_TRANSLATED,
+        V_DROP_NO_LOCAL_BACKEND, V_DROP_UNALLOCATED_SERVICE_IP, V_REJECT_NO_BACKEND,
+        V_REJECT_UNDEFINED_PORT, V_SOCK_REVERSED, V_SOCK_TRANSLATED,
     },
     hash,
     service::{ADDR_CLUSTER_IP, AFFINITY_BY_NETNS, BACKEND_ACTIVE, Frontend4Key, SCOPE_ALL},
@@ -24,7 +24,7 @@ use lb_common::{
 };
 
 use crate::{
-    maps::{ADDRS4, BACKENDS4, SOCK_FLOWS4, SOCK_REVNAT4},
+    maps::{ADDRS4, BACKENDS4, CONFIG, SOCK_FLOWS4, SOCK_REVNAT4},
     select::{self, Client},
     stats,
 };
@@ -32,6 +32,7 @@ use crate::{
 /// Return values of cgroup sock_addr programs.
 const SOCK_ALLOW: i32 = 1;
 const SOCK_DENY: i32 = 0;
+const ENETUNREACH: i32 = 101;
 const ECONNREFUSED: i32 = 111;
 const EHOSTUNREACH: i32 = 113;
 
@@ -43,8 +44,51 @@ fn deny(errno: i32) -> i32 {
     SOCK_DENY
 }
 
+/// The third 32-bit word of an IPv4-mapped IPv6 address (`::ffff:a.b.c.d`),
+/// as `user_ip6` holds it (wire order).
+const V4_MAPPED: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
+
+/// Which address field of the context a hook reads and rewrites: IPv4
+/// sockets' `user_ip4`, or the IPv4 part of an IPv4-mapped address in a
+/// dual-stack IPv6 socket's `user_ip6` (Java's default, Python's with
+/// `AF_INET6`): both are load-balanced alike.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    V4,
+    V4Mapped,
+}
+
+/// The IPv4 address a hook sees, None when it is not one (a real IPv6
+/// address: not load-balanced yet).
 #[inline(always)]
-fn frontend_key(ctx: &SockAddrContext) -> Option<Frontend4Key> {
+fn user_addr(ctx: &SockAddrContext, family: Family) -> Option<u32> {
+    // SAFETY: the kernel hands a valid bpf_sock_addr.
+    let sa = unsafe { &*ctx.sock_addr };
+    match family {
+        Family::V4 => Some(sa.user_ip4),
+        Family::V4Mapped => {
+            let a = sa.user_ip6;
+            (a[0] == 0 && a[1] == 0 && a[2] == V4_MAPPED).then_some(a[3])
+        }
+    }
+}
+
+/// Rewrites the hook's address and port (wire order).
+#[inline(always)]
+fn set_user_addr(ctx: &SockAddrContext, family: Family, addr: u32, port: u16) {
+    // SAFETY: valid context; these fields are writable in connect,
+    // sendmsg, recvmsg and getpeername hooks of their family.
+    unsafe {
+        match family {
+            Family::V4 => (*ctx.sock_addr).user_ip4 = addr,
+            Family::V4Mapped => (*ctx.sock_addr).user_ip6[3] = addr,
+        }
+        (*ctx.sock_addr).user_port = port as u32;
+    }
+}
+
+#[inline(always)]
+fn frontend_key(ctx: &SockAddrContext, family: Family) -> Option<Frontend4Key> {
     // SAFETY: the kernel hands a valid bpf_sock_addr.
     let sa = unsafe { &*ctx.sock_addr };
     let proto = sa.protocol as u8;
@@ -52,12 +96,22 @@ fn frontend_key(ctx: &SockAddrContext) -> Option<Frontend4Key> {
         return None;
     }
     Some(Frontend4Key {
-        addr: sa.user_ip4,
+        addr: user_addr(ctx, family)?,
         // user_port holds the wire-order port in its low 16 bits.
         port: sa.user_port as u16,
         proto,
         scope: SCOPE_ALL,
     })
+}
+
+/// 127.0.0.0/8 in wire order.
+const LOOPBACK_NET: u32 = u32::from_ne_bytes([127, 0, 0, 0]);
+const LOOPBACK_MASK: u32 = u32::from_ne_bytes([255, 0, 0, 0]);
+
+#[inline(always)]
+fn netns_cookie(ctx: &SockAddrContext) -> u64 {
+    // SAFETY: valid context pointer.
+    unsafe { bpf_get_netns_cookie(ctx.sock_addr.cast()) }
 }
 
 #[inline(always)]
@@ -70,20 +124,38 @@ fn cookie(ctx: &SockAddrContext) -> u64 {
 /// `sticky`: remember the choice per (socket, frontend), for sendmsg where
 /// every datagram passes here.
 #[inline(always)]
-pub fn translate(ctx: &SockAddrContext, sticky: bool) -> i32 {
-    let Some(key) = frontend_key(ctx) else {
+pub fn translate(ctx: &SockAddrContext, family: Family, sticky: bool) -> i32 {
+    let Some(key) = frontend_key(ctx, family) else {
         return SOCK_ALLOW;
     };
     let Some((key, fe)) = select::frontend_internal(&key) else {
-        // A ClusterIP on a port its Service does not define: refused, as
-        // kube-proxy's nftables mode does, rather than sent off the node.
         // SAFETY: copied out at once.
-        if unsafe { ADDRS4.get(key.addr) }.is_some_and(|f| f & ADDR_CLUSTER_IP != 0) {
-            stats::verdict(V_REJECT_UNDEFINED_PORT);
-            return deny(ECONNREFUSED);
+        match unsafe { ADDRS4.get(key.addr) }.copied() {
+            // A ClusterIP on a port its Service does not define: refused,
+            // as kube-proxy's nftables mode does, rather than sent off the
+            // node.
+            Some(f) if f & ADDR_CLUSTER_IP != 0 => {
+                stats::verdict(V_REJECT_UNDEFINED_PORT);
+                return deny(ECONNREFUSED);
+            }
+            // An address of the service CIDR no Service has: nothing is
+            // there (kube-proxy's nftables mode drops it).
+            None if CONFIG.get(0).is_some_and(|c| c.in_service_cidr(key.addr)) => {
+                stats::verdict(V_DROP_UNALLOCATED_SERVICE_IP);
+                return deny(ENETUNREACH);
+            }
+            _ => return SOCK_ALLOW,
         }
-        return SOCK_ALLOW;
     };
+    // NodePorts on 127.0.0.1 (`--nodeport-addresses localhost`) are the
+    // node's: a pod's loopback is its own.
+    if key.addr & LOOPBACK_MASK == LOOPBACK_NET
+        && CONFIG
+            .get(0)
+            .is_none_or(|c| c.host_netns_cookie != netns_cookie(ctx))
+    {
+        return SOCK_ALLOW;
+    }
     let cookie = cookie(ctx);
     let flow = SockFlow4Key {
         cookie,
@@ -114,8 +186,7 @@ pub fn translate(ctx: &SockAddrContext, sticky: bool) -> i32 {
             hash::sock4(cookie, key.addr, key.port, key.proto),
             &Client {
                 kind: AFFINITY_BY_NETNS,
-                // SAFETY: valid context pointer.
-                id: unsafe { bpf_get_netns_cookie(ctx.sock_addr.cast()) },
+                id: netns_cookie(ctx),
             },
         ) {
             Ok(c) => {
@@ -170,33 +241,28 @@ pub fn translate(ctx: &SockAddrContext, sticky: bool) -> i32 {
         service_id: fe.service_id,
     };
     let _ = SOCK_REVNAT4.insert(&rev_key, &rev, 0);
-    // SAFETY: valid context; these fields are writable in connect4/sendmsg4.
-    unsafe {
-        (*ctx.sock_addr).user_ip4 = backend.addr;
-        (*ctx.sock_addr).user_port = backend.port as u32;
-    }
+    set_user_addr(ctx, family, backend.addr, backend.port);
     stats::verdict(V_SOCK_TRANSLATED);
     SOCK_ALLOW
 }
 
-/// recvmsg4 and getpeername4: show the frontend instead of the backend.
+/// recvmsg and getpeername: show the frontend instead of the backend.
 #[inline(always)]
-pub fn reverse(ctx: &SockAddrContext) -> i32 {
+pub fn reverse(ctx: &SockAddrContext, family: Family) -> i32 {
+    let Some(addr) = user_addr(ctx, family) else {
+        return SOCK_ALLOW;
+    };
     // SAFETY: the kernel hands a valid bpf_sock_addr.
     let sa = unsafe { &*ctx.sock_addr };
     let key = SockRevNat4Key {
         cookie: cookie(ctx),
-        backend_addr: sa.user_ip4,
+        backend_addr: addr,
         backend_port: sa.user_port as u16,
         _pad: 0,
     };
     // SAFETY: copied out at once.
     if let Some(rev) = unsafe { SOCK_REVNAT4.get(&key).copied() } {
-        // SAFETY: these fields are writable in recvmsg4/getpeername4.
-        unsafe {
-            (*ctx.sock_addr).user_ip4 = rev.frontend_addr;
-            (*ctx.sock_addr).user_port = rev.frontend_port as u32;
-        }
+        set_user_addr(ctx, family, rev.frontend_addr, rev.frontend_port);
         stats::verdict(V_SOCK_REVERSED);
     }
     SOCK_ALLOW

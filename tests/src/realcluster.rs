@@ -169,8 +169,10 @@ impl RealCluster {
 
     /// Waits until the agent programs `ns/name` with exactly `backends`
     /// (address:port, sorted) on every port.
+    /// (Backends that are ready or serving: a quarantined one, neither,
+    /// is kept only for its TCP connections.)
     pub fn wait_backends(&self, service: &str, want: &[String]) {
-        self.wait_backends_where(service, want, |_| true);
+        self.wait_backends_where(service, want, |b| b["state"] != "quarantined");
     }
 
     /// As `wait_backends`, counting only backends that take new flows.

@@ -414,6 +414,12 @@ impl Agent {
     ) -> Self {
         // A fresh log per start: tests wait for lines of this run.
         let logf = std::fs::File::create(log).expect("agent log");
+        // The test devices, unless the source flags name others.
+        let devices: &[&str] = if source.iter().any(|a| a == "--devices") {
+            &[]
+        } else {
+            &["--devices", "eth0,dum*"]
+        };
         let child = Command::new("nsenter")
             .arg("--net=".to_string() + &format!("/run/netns/{}", node.name))
             .arg(lbctl)
@@ -423,7 +429,8 @@ impl Agent {
             .arg(pins)
             .arg("--cgroup")
             .arg(cgroup)
-            .args(["--devices", "eth0,dum*", "--poll-ms", "100"])
+            .args(devices)
+            .args(["--poll-ms", "100"])
             // The datapath's records (with --datapath-logs) are debug level.
             .env("RUST_LOG", "info,datapath=debug")
             .stdout(logf.try_clone().expect("log"))

@@ -14,8 +14,10 @@ use aya::{
     programs::{SchedClassifier, TestRun, TestRunOptions},
 };
 use lb_common::counters::{
-    V_DROP_NO_BACKEND, V_DROP_NO_LOCAL_BACKEND, V_FORWARD_ESTABLISHED, V_FORWARD_NEW,
+    V_DROP_NO_BACKEND, V_DROP_NO_LOCAL_BACKEND, V_DROP_NO_SNAT_PORT, V_DROP_SOURCE_RANGE,
+    V_DROP_UNALLOCATED_SERVICE_IP, V_FORWARD_ESTABLISHED, V_FORWARD_NEW, V_FORWARD_RENEWED,
     V_PASS_NOT_SERVICE, V_REJECT_NO_BACKEND, V_REJECT_UNDEFINED_PORT, V_REPLY,
+    V_RESET_BACKEND_GONE,
 };
 use lb_tests::{
     fixture,
@@ -39,6 +41,9 @@ const CLIENT: Ipv4Addr = Ipv4Addr::new(192, 168, 50, 7);
 const WEB_POD: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 5);
 const DNS_POD: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 6);
 const EXTERNAL_IP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 9);
+const LB_IP: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 7);
+const RANGED_POD: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 9);
+const OUTSIDER: Ipv4Addr = Ipv4Addr::new(192, 168, 60, 1);
 
 const MANIFESTS: &str = r#"
 apiVersion: v1
@@ -115,6 +120,23 @@ endpoints:
 - {addresses: [10.244.1.22], nodeName: node-a}
 - {addresses: [10.244.1.23], nodeName: node-a}
 - {addresses: [10.244.1.24], nodeName: node-a}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: ranged, namespace: demo}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.0.70
+  loadBalancerSourceRanges: [192.168.50.0/24]
+  ports: [{port: 80, nodePort: 30070}]
+status: {loadBalancer: {ingress: [{ip: 198.51.100.7}]}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: ranged-1, namespace: demo, labels: {kubernetes.io/service-name: ranged}}
+addressType: IPv4
+ports: [{port: 8080}]
+endpoints: [{addresses: [10.244.1.9], nodeName: node-a}]
 "#;
 
 enum Want {
@@ -205,7 +227,14 @@ fn device_path_cases() {
         snat: None,
     };
     let _rec = fixture::program(&pins, MANIFESTS, &node);
-    let maps = ServiceMaps::open(&pins).unwrap();
+    let mut maps = ServiceMaps::open(&pins).unwrap();
+    // The service CIDR, as the agent writes it from --service-cidr.
+    maps.set_config(lb_common::config::Config {
+        service_cidr: lb_common::ip4([10, 96, 0, 0]),
+        service_cidr_len: 12,
+        ..Default::default()
+    })
+    .unwrap();
 
     let cl = (CLIENT, 40000);
     let np = (NODE, 30080);
@@ -357,6 +386,56 @@ fn device_path_cases() {
                 undefined.bytes(),
                 TC_ACT_REDIRECT,
                 Want::Frame(Frame::rst_for(&undefined).bytes()),
+            )
+        },
+        Case {
+            counts: Some(V_FORWARD_NEW),
+            ..case(
+                "LoadBalancer IP with source ranges, from inside them: DNAT",
+                "lb_from_netdev",
+                Frame::tcp(cl, (LB_IP, 80), SYN).bytes(),
+                TC_ACT_OK,
+                Want::Frame(Frame::tcp(cl, (RANGED_POD, 8080), SYN).bytes()),
+            )
+        },
+        Case {
+            counts: Some(V_DROP_SOURCE_RANGE),
+            ..case(
+                "LoadBalancer IP with source ranges, from outside them: dropped",
+                "lb_from_netdev",
+                Frame::tcp((OUTSIDER, 40000), (LB_IP, 80), SYN).bytes(),
+                TC_ACT_SHOT,
+                Want::Same,
+            )
+        },
+        Case {
+            counts: Some(V_FORWARD_NEW),
+            ..case(
+                "its NodePort from outside the ranges: not subject to them (kube-proxy)",
+                "lb_from_netdev",
+                Frame::tcp((OUTSIDER, 40000), (NODE, 30070), SYN).bytes(),
+                TC_ACT_OK,
+                Want::Frame(Frame::tcp((OUTSIDER, 40000), (RANGED_POD, 8080), SYN).bytes()),
+            )
+        },
+        Case {
+            counts: Some(V_DROP_UNALLOCATED_SERVICE_IP),
+            ..case(
+                "an address of the service CIDR no Service has: dropped",
+                "lb_from_netdev",
+                Frame::tcp(cl, (Ipv4Addr::new(10, 111, 255, 7), 80), SYN).bytes(),
+                TC_ACT_SHOT,
+                Want::Same,
+            )
+        },
+        Case {
+            counts: Some(V_PASS_NOT_SERVICE),
+            ..case(
+                "just outside the service CIDR: untouched",
+                "lb_from_netdev",
+                Frame::tcp(cl, (Ipv4Addr::new(10, 112, 0, 1), 80), SYN).bytes(),
+                TC_ACT_OK,
+                Want::Same,
             )
         },
         Case {
@@ -639,12 +718,10 @@ fn snat_to_a_backend_on_another_node_both_ways() {
         };
         let cl = (CLIENT, 40000);
         let backend = (Ipv4Addr::new(10, 244, 2, 11), 8080);
+        let src_port = |out: &[u8]| u16::from_be_bytes([out[34], out[35]]);
 
         let mut syn = Frame::tcp(cl, (NODE, 30080), SYN);
         syn.dst_mac = node_mac;
-        let mut want = syn.with((NODE, 40000), backend);
-        want.src_mac = node_mac;
-        want.dst_mac = node_b_mac;
         let (verdict, out) = run(&syn.bytes());
         assert_eq!(
             verdict,
@@ -652,13 +729,20 @@ fn snat_to_a_backend_on_another_node_both_ways() {
             "SNATed SYN is redirected\n{}",
             describe(&out)
         );
+        // The source port comes from the SNAT range (default 61000-65535
+        // until the agent writes its configuration).
+        let port = src_port(&out);
+        assert!((61000..=65535).contains(&port), "SNAT port {port}");
+        let mut want = syn.with((NODE, port), backend);
+        want.src_mac = node_mac;
+        want.dst_mac = node_b_mac;
         assert_frame(
             "NodePort SYN to a remote backend: DNAT + SNAT to the node",
             &out,
             &want.bytes(),
         );
 
-        let mut reply = Frame::tcp(backend, (NODE, 40000), SYN | ACK);
+        let mut reply = Frame::tcp(backend, (NODE, port), SYN | ACK);
         reply.dst_mac = node_mac;
         let mut want = reply.with((NODE, 30080), cl);
         want.src_mac = node_mac;
@@ -679,12 +763,56 @@ fn snat_to_a_backend_on_another_node_both_ways() {
         // RST from the client: same translation, and the flow is closing.
         let mut rst = Frame::tcp(cl, (NODE, 30080), lb_tests::packet::RST);
         rst.dst_mac = node_mac;
-        let mut want = rst.with((NODE, 40000), backend);
+        let mut want = rst.with((NODE, port), backend);
         want.src_mac = node_mac;
         want.dst_mac = node_b_mac;
         let (verdict, out) = run(&rst.bytes());
         assert_eq!(verdict, TC_ACT_REDIRECT);
         assert_frame("RST of the SNATed flow", &out, &want.bytes());
+
+        // A SNAT range of four ports: four new flows get one each, the
+        // fifth finds none (dropped, counted); once a flow's reply entry
+        // has expired its port is given to the next flow.
+        let mut maps = ServiceMaps::open(&pins).unwrap();
+        maps.set_config(lb_common::config::Config {
+            snat_port_min: 62000,
+            snat_port_max: 62003,
+            ..Default::default()
+        })
+        .unwrap();
+        let syn_from = |p: u16| {
+            let mut f = Frame::tcp((CLIENT, p), (NODE, 30080), SYN);
+            f.dst_mac = node_mac;
+            f.bytes()
+        };
+        let mut given = std::collections::BTreeSet::new();
+        for p in 41000..41004 {
+            let (verdict, out) = run(&syn_from(p));
+            assert_eq!(verdict, TC_ACT_REDIRECT, "flow from port {p}");
+            given.insert(src_port(&out));
+        }
+        assert_eq!(given, (62000..=62003).collect(), "each port once");
+        let before = maps.verdicts()[V_DROP_NO_SNAT_PORT as usize];
+        let (verdict, _) = run(&syn_from(41004));
+        assert_eq!(verdict, TC_ACT_SHOT, "no free SNAT port");
+        assert_eq!(maps.verdicts()[V_DROP_NO_SNAT_PORT as usize], before + 1);
+        // The reply entry of port 62002 expires (as after its lifetime).
+        let rkey = lb_common::conntrack::Ct4Key {
+            src_addr: lb_common::ip4(backend.0.octets()),
+            dst_addr: lb_common::ip4(NODE.octets()),
+            src_port: backend.1.to_be(),
+            dst_port: 62002u16.to_be(),
+            proto: 6,
+            dir: lb_common::conntrack::CT_REPLY,
+            _pad: 0,
+        };
+        let mut e = maps.conntrack.get(&rkey, 0).expect("reply entry of 62002");
+        e.last_seen_s = e.last_seen_s.wrapping_sub(e.lifetime_s + 1);
+        maps.conntrack.insert(rkey, e, 0).unwrap();
+        let (verdict, out) = run(&syn_from(41005));
+        assert_eq!(verdict, TC_ACT_REDIRECT, "an expired port is free again");
+        assert_eq!(src_port(&out), 62002);
+        maps.set_config(Default::default()).unwrap();
     })
     .join()
     .expect("test thread");
@@ -700,4 +828,280 @@ fn snat_to_a_backend_on_another_node_both_ways() {
         .count();
     assert_eq!(closing, 2, "both directions of the reset flow are closing");
     drop(peer);
+}
+
+fn moving(endpoints: &[(u8, bool)]) -> String {
+    let mut y = String::from(
+        r#"
+apiVersion: v1
+kind: Service
+metadata: {name: moving, namespace: demo}
+spec:
+  type: NodePort
+  clusterIP: 10.96.0.60
+  ports:
+  - {name: http, port: 80, nodePort: 30060}
+  - {name: dns, port: 53, protocol: UDP, nodePort: 30061}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: moving-1, namespace: demo, labels: {kubernetes.io/service-name: moving}}
+addressType: IPv4
+ports: [{name: http, port: 8080}, {name: dns, port: 5353, protocol: UDP}]
+endpoints:
+"#,
+    );
+    for (last, ready) in endpoints {
+        y += &format!(
+            "- {{addresses: [10.244.1.{last}], nodeName: node-a, conditions: {{ready: {ready}}}}}\n"
+        );
+    }
+    y
+}
+
+/// A flow never outlives its backend: once the backend leaves the
+/// Service, the next TCP segment of its connection gets a RST back (the
+/// flow's entries removed) and the next datagram of a UDP flow goes to a
+/// live backend; a SYN on the same tuple starts afresh. A backend that is
+/// only not ready keeps its TCP connections (as with kube-proxy) and loses
+/// its UDP flows.
+#[test]
+fn flows_whose_backend_left_end_or_move() {
+    require_root();
+    sweep();
+    let (fs, mut ebpf) = fixture::datapath();
+    let pins = fs.pins();
+    let node = NodeInfo {
+        name: "node-a".into(),
+        zone: None,
+        addresses: vec![NODE],
+        snat: None,
+    };
+    // Five: after two leave and two more stop being ready, one serves.
+    let all = [(41, true), (42, true), (43, true), (44, true), (45, true)];
+    let _rec = fixture::program(&pins, &moving(&all), &node);
+    let maps = ServiceMaps::open(&pins).unwrap();
+    let prog: &mut SchedClassifier = ebpf
+        .program_mut("lb_from_netdev")
+        .unwrap()
+        .try_into()
+        .unwrap();
+    prog.load().unwrap();
+    let send = |f: &Frame, counts: u32| {
+        let before = maps.verdicts()[counts as usize];
+        let input = f.bytes();
+        let mut out = vec![0u8; input.len() + 128];
+        let r = prog
+            .test_run(TestRunOptions {
+                data_in: Some(&input),
+                data_out: Some(&mut out),
+                ..Default::default()
+            })
+            .expect("PROG_TEST_RUN");
+        out.truncate(r.data_size_out as usize);
+        assert_eq!(
+            maps.verdicts()[counts as usize],
+            before + 1,
+            "verdict {counts} not counted for\n{}",
+            describe(&input)
+        );
+        (r.return_value, out)
+    };
+    let dst = |out: &[u8]| out[33];
+    let tcp_cl = (CLIENT, 40100);
+    let udp_cl = (CLIENT, 5100);
+    let (rc, out) = send(&Frame::tcp(tcp_cl, (NODE, 30060), SYN), V_FORWARD_NEW);
+    assert_eq!(rc, TC_ACT_OK);
+    let tcp_be = dst(&out);
+    let (_, out) = send(&Frame::udp(udp_cl, (NODE, 30061)), V_FORWARD_NEW);
+    let udp_be = dst(&out);
+
+    // Both backends leave the Service.
+    let left: Vec<(u8, bool)> = all
+        .iter()
+        .copied()
+        .filter(|(l, _)| *l != tcp_be && *l != udp_be)
+        .collect();
+    let _rec = fixture::program(&pins, &moving(&left), &node);
+    let mut ack = Frame::tcp(tcp_cl, (NODE, 30060), ACK);
+    ack.ack_seq = Some(4242);
+    let (rc, out) = send(&ack, V_RESET_BACKEND_GONE);
+    assert_eq!(rc, TC_ACT_REDIRECT);
+    assert_frame(
+        "a segment of a connection whose backend left: a RST back",
+        &out,
+        &Frame::rst_for(&ack).bytes(),
+    );
+    let (rc, out) = send(&Frame::udp(udp_cl, (NODE, 30061)), V_FORWARD_RENEWED);
+    assert_eq!(rc, TC_ACT_OK);
+    let moved = dst(&out);
+    assert!(
+        left.iter().any(|(l, _)| *l == moved),
+        "UDP flow moved to {moved}, not a live backend"
+    );
+    // The reset connection's entries are gone: its tuple starts afresh.
+    let (rc, out) = send(&Frame::tcp(tcp_cl, (NODE, 30060), SYN), V_FORWARD_NEW);
+    assert_eq!(rc, TC_ACT_OK);
+    let tcp_now = dst(&out);
+    assert!(left.iter().any(|(l, _)| *l == tcp_now));
+
+    // The backends of both flows stop being ready (not serving): the TCP
+    // connection goes on, the UDP flow moves to one still ready.
+    let not_ready: Vec<(u8, bool)> = left
+        .iter()
+        .map(|(l, _)| (*l, *l != tcp_now && *l != moved))
+        .collect();
+    let _rec = fixture::program(&pins, &moving(&not_ready), &node);
+    let (rc, out) = send(
+        &Frame::tcp(tcp_cl, (NODE, 30060), ACK),
+        V_FORWARD_ESTABLISHED,
+    );
+    assert_eq!((rc, dst(&out)), (TC_ACT_OK, tcp_now));
+    let (rc, out) = send(&Frame::udp(udp_cl, (NODE, 30061)), V_FORWARD_RENEWED);
+    assert_eq!(rc, TC_ACT_OK);
+    assert!(not_ready.iter().any(|(l, r)| *r && *l == dst(&out)));
+}
+
+/// A pinned map whose size differs from what the agent wants (a restart
+/// with `--conntrack-max`, or back to the default) is migrated, entries
+/// included, never silently reused; a migration cut short (the old table
+/// set aside, the new one not made yet) is undone on the next start.
+#[test]
+fn pinned_maps_of_another_size_are_migrated_with_their_entries() {
+    use lb_common::{
+        conntrack::{Ct4Entry, Ct4Key},
+        maps::CONNTRACK4,
+    };
+    use lbctl::datapath::{load, pins};
+    require_root();
+    sweep();
+    let fs = lb_tests::guard::Bpffs::new();
+    let dir = fs.pins();
+    pins::prepare(&dir).unwrap();
+    let size = |dir: &std::path::Path| {
+        aya::maps::MapInfo::from_pin(dir.join(CONNTRACK4))
+            .unwrap()
+            .max_entries()
+    };
+    // What the previous release pinned: a 16-byte configuration record
+    // (this one is 32 bytes), under the same name.
+    pin_array(&dir.join(lb_common::maps::CONFIG), 16);
+    let (ebpf, migrated) = load::load_with(&dir, false, &Default::default()).unwrap();
+    assert_eq!(migrated.len(), 1, "{migrated:?}");
+    assert_eq!(
+        (
+            migrated[0].name.as_str(),
+            migrated[0].old.value_size,
+            migrated[0].copied
+        ),
+        (lb_common::maps::CONFIG, 16, None),
+        "another layout under the same name: recreated"
+    );
+    let default_size = size(&dir);
+    let key = Ct4Key {
+        src_addr: lb_common::ip4([192, 168, 50, 7]),
+        dst_addr: lb_common::ip4([172, 18, 0, 2]),
+        src_port: 40000u16.to_be(),
+        dst_port: 30080u16.to_be(),
+        proto: 6,
+        dir: 0,
+        _pad: 0,
+    };
+    let entry = Ct4Entry {
+        backend_id: 7,
+        lifetime_s: 60,
+        ..Default::default()
+    };
+    {
+        let mut maps = ServiceMaps::open(&dir).unwrap();
+        maps.conntrack.insert(key, entry, 0).unwrap();
+    }
+    drop(ebpf);
+
+    let sizes = std::collections::BTreeMap::from([(CONNTRACK4.to_string(), 1024)]);
+    let (ebpf, migrated) = load::load_with(&dir, false, &sizes).unwrap();
+    assert_eq!(migrated.len(), 1, "{migrated:?}");
+    assert_eq!(migrated[0].name, CONNTRACK4);
+    assert_eq!(
+        (
+            migrated[0].old.max_entries,
+            migrated[0].new.max_entries,
+            migrated[0].copied
+        ),
+        (default_size, 1024, Some(1))
+    );
+    assert_eq!(size(&dir), 1024);
+    let maps = ServiceMaps::open(&dir).unwrap();
+    assert_eq!(maps.conntrack.get(&key, 0).unwrap(), entry);
+    drop((ebpf, maps));
+
+    // Killed after setting the old table aside: the next start puts it
+    // back, then migrates it to the default size.
+    let aside = lbctl::datapath::migrate::old_path(&dir, CONNTRACK4);
+    lbctl::datapath::migrate::repin(&dir.join(CONNTRACK4), &aside).unwrap();
+    let (_ebpf, migrated) = load::load_with(&dir, false, &Default::default()).unwrap();
+    assert_eq!(migrated.len(), 1, "{migrated:?}");
+    assert_eq!(size(&dir), default_size);
+    assert!(!aside.exists());
+    let maps = ServiceMaps::open(&dir).unwrap();
+    assert_eq!(maps.conntrack.get(&key, 0).unwrap(), entry);
+}
+
+/// Creates a one-entry array map with `value_size`-byte values and pins
+/// it at `path` (raw bpf(2): an older release's map).
+fn pin_array(path: &std::path::Path, value_size: u32) {
+    use std::os::unix::ffi::OsStrExt;
+    #[repr(C)]
+    struct Create {
+        map_type: u32,
+        key_size: u32,
+        value_size: u32,
+        max_entries: u32,
+        map_flags: u32,
+    }
+    #[repr(C)]
+    struct Pin {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+    }
+    let create = Create {
+        map_type: 2, // BPF_MAP_TYPE_ARRAY
+        key_size: 4,
+        value_size,
+        max_entries: 1,
+        map_flags: 0,
+    };
+    // SAFETY: a valid bpf_attr prefix for BPF_MAP_CREATE.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            0,
+            &create as *const Create,
+            std::mem::size_of::<Create>(),
+        )
+    };
+    assert!(
+        fd >= 0,
+        "BPF_MAP_CREATE: {}",
+        std::io::Error::last_os_error()
+    );
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
+    let pin = Pin {
+        pathname: c.as_ptr() as u64,
+        bpf_fd: fd as u32,
+        file_flags: 0,
+    };
+    // SAFETY: a valid bpf_attr prefix for BPF_OBJ_PIN.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            6,
+            &pin as *const Pin,
+            std::mem::size_of::<Pin>(),
+        )
+    };
+    assert_eq!(r, 0, "BPF_OBJ_PIN: {}", std::io::Error::last_os_error());
+    // SAFETY: our descriptor; the pin keeps the map.
+    unsafe { libc::close(fd as i32) };
 }

@@ -319,7 +319,11 @@ fn restart_swaps_programs_under_the_links_and_reattaches_devices() {
     c.wait_services("web", |s| s.len() == 1);
     wait_log(&c, "first sync done", 1);
     let before = links(&c.pins());
-    assert_eq!(before.len(), 6, "4 socket hooks and 2 on eth0: {before:?}");
+    assert_eq!(
+        before.len(),
+        10,
+        "8 socket hooks (IPv4, IPv4-mapped IPv6) and 2 on eth0: {before:?}"
+    );
 
     // A new agent loads its own programs and swaps them in under the same
     // links: same link ids, new program ids.
@@ -328,7 +332,7 @@ fn restart_swaps_programs_under_the_links_and_reattaches_devices() {
     wait_log(&c, "first sync done", 1);
     let log = c.agent_log();
     assert!(
-        log.contains("replaced=4") && log.contains("replaced=2"),
+        log.contains("replaced=8") && log.contains("replaced=2"),
         "{log}"
     );
     let after = links(&c.pins());

@@ -13,7 +13,7 @@ use std::{
 use lb_tests::{
     guard::sweep,
     require_root,
-    topo::{self, Cluster, NODE_B_NAME, NODE_IP, NODE_NAME, Topology},
+    topo::{self, CLIENT_IP, Cluster, NODE_B_NAME, NODE_IP, NODE_NAME, Topology},
 };
 
 fn lbctl() -> PathBuf {
@@ -22,8 +22,9 @@ fn lbctl() -> PathBuf {
 
 /// Client probes, one mode per call, each printing one line per answer:
 /// - `http HOST PORT N PATH`: N GETs, each on a new connection: the bodies;
-/// - `tcp HOST PORT TIMEOUT`: one connect: `connected`, or the error's
-///   class and errno (`ConnectionRefusedError 111`, `TimeoutError`);
+/// - `tcp HOST PORT TIMEOUT [SRC]`: one connect (from address SRC):
+///   `connected`, or the error's class and errno
+///   (`ConnectionRefusedError 111`, `TimeoutError`);
 /// - `udp HOST PORT`: an unconnected sendto and a recvfrom: the reply or
 ///   the error;
 /// - `udp-connected HOST PORT`: connect, send, recv: the same;
@@ -43,6 +44,8 @@ if mode == "http":
 elif mode == "tcp":
     s = socket.socket()
     s.settimeout(float(sys.argv[4]))
+    if len(sys.argv) > 5:
+        s.bind((sys.argv[5], 0))
     try:
         s.connect((host, port))
         print("connected")
@@ -60,6 +63,60 @@ elif mode in ("udp", "udp-connected"):
         print("reply", s.recv(2048).decode())
     except OSError as e:
         print(err(e))
+elif mode == "udp-stream":
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.settimeout(0.1)
+    first, sent, deadline = None, 0, time.time() + 20
+    while time.time() < deadline:
+        s.sendto(b"ping", (host, port))
+        sent += 1
+        try:
+            name = s.recv(2048).decode()
+        except TimeoutError:
+            continue
+        if first is None:
+            first = name
+            print("first", name, flush=True)
+        elif name != first:
+            print("moved", name)
+            sys.exit(0)
+        time.sleep(0.05)
+    print("stuck", first)
+elif mode == "slow":
+    c = http.client.HTTPConnection(host, port, timeout=10)
+    c.request("GET", "/slow/" + sys.argv[4])
+    r = c.getresponse()
+    print(r.getheader("X-Pod"), flush=True)
+    try:
+        n = 0
+        while True:
+            b = r.read(65536)
+            if not b:
+                break
+            n += len(b)
+        print("complete", n)
+    except OSError as e:
+        print(err(e))
+elif mode == "dual-stack":
+    # A dual-stack socket, as Java opens by default: the Service address
+    # written IPv4-mapped.
+    mapped = "::ffff:" + host
+    t = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    t.settimeout(3)
+    t.connect((mapped, port))
+    t.sendall(b"GET / HTTP/1.0\r\n\r\n")
+    body = b""
+    while True:
+        b = t.recv(4096)
+        if not b:
+            break
+        body += b
+    print("tcp", t.getpeername()[0], body.split(b"\r\n\r\n", 1)[1].decode().strip())
+    u = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    u.settimeout(3)
+    u.sendto(b"ping", (mapped, int(sys.argv[4])))
+    data, peer = u.recvfrom(2048)
+    print("udp", peer[0], data.decode())
 elif mode == "udp-until":
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     s.settimeout(0.05)
@@ -489,4 +546,414 @@ fn refusals_first_endpoint_and_terminating_fallback() {
     assert_eq!(ready, BTreeSet::from(["pod-1".to_string()]));
     let from_outside = c.get_from_client(&format!("http://{np}:30092/"));
     assert_eq!(from_outside, "pod-1");
+}
+
+fn moving_service(endpoints: &[(&str, &str, &str)]) -> String {
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: moving, namespace: e2e}}\nspec:\n  type: NodePort\n  clusterIP: 10.96.0.94\n  ports:\n  - {{name: http, port: 80, targetPort: 8080, nodePort: 30094}}\n  - {{name: dns, port: 53, targetPort: 5353, protocol: UDP, nodePort: 30095}}\n---\n{}",
+        none_slice(endpoints)
+            .replace("none-1", "moving-1")
+            .replace("service-name: none", "service-name: moving")
+    )
+}
+
+/// Reads one line of a probe running in the background.
+fn line(lines: &mut std::io::Lines<BufReader<std::process::ChildStdout>>) -> String {
+    lines.next().and_then(Result::ok).unwrap_or_default()
+}
+
+/// A flow never outlives its backend: an outside UDP client sending from
+/// one port moves to the remaining backend once its backend leaves the
+/// Service, and a long TCP download from a backend that leaves ends with
+/// a reset at once instead of hanging.
+#[test]
+fn flows_of_a_backend_that_left_move_or_end() {
+    require_root();
+    sweep();
+    let mut t = Topology::new(2);
+    t.start_pod_servers(8080);
+    let pods: Vec<(String, String)> = t
+        .pods
+        .iter()
+        .map(|p| (p.ns.name.clone(), p.name.clone()))
+        .collect();
+    for (ns, name) in &pods {
+        t.udp_server(ns, 5353, name);
+    }
+    let both = [
+        ("10.244.1.11", NODE_NAME, READY),
+        ("10.244.1.12", NODE_NAME, READY),
+    ];
+    let ip_of = |name: &str| if name == "pod-1" { both[0] } else { both[1] };
+    let c = Cluster::start(&lbctl(), t, &[("moving.yaml", &moving_service(&both))]);
+    c.wait_services("moving with two endpoints", |s| {
+        backends_of(s, "moving") == 2
+    });
+    let np = NODE_IP.to_string();
+    let spawn = |args: &[&str]| {
+        let mut all = vec!["-c", PROBE];
+        all.extend_from_slice(args);
+        let mut child = c
+            .topo
+            .client
+            .command("python3")
+            .args(&all)
+            .stdout(Stdio::piped())
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("probe");
+        let lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+        (child, lines)
+    };
+    let keep_only = |name: &str| {
+        let other = if name == "pod-1" { "pod-2" } else { "pod-1" };
+        c.write("moving.yaml", &moving_service(&[ip_of(other)]));
+        c.wait_services("one endpoint left", |s| backends_of(s, "moving") == 1);
+    };
+
+    let (mut udp, mut lines) = spawn(&["udp-stream", &np, "30095"]);
+    let first = line(&mut lines);
+    let name = first.strip_prefix("first ").expect(&first).to_string();
+    keep_only(&name);
+    let last = line(&mut lines);
+    let _ = udp.wait();
+    assert!(
+        last.starts_with("moved pod-"),
+        "a UDP flow whose backend left: {last}"
+    );
+
+    c.write("moving.yaml", &moving_service(&both));
+    c.wait_services("both endpoints again", |s| backends_of(s, "moving") == 2);
+    let before = c.verdicts()["reset_backend_gone"];
+    let (mut tcp, mut lines) = spawn(&["slow", &np, "30094", "8000000"]);
+    let name = line(&mut lines);
+    keep_only(&name);
+    let end = line(&mut lines);
+    let _ = tcp.wait();
+    assert_eq!(
+        end, "ConnectionResetError 104",
+        "a download from a backend that left the Service"
+    );
+    assert!(c.verdicts()["reset_backend_gone"] > before);
+}
+
+/// loadBalancerSourceRanges: an outside client inside the ranges reaches
+/// the LoadBalancer IP, one outside them is dropped (counted); the
+/// NodePort is not subject to the ranges (as with kube-proxy).
+#[test]
+fn source_ranges_guard_the_load_balancer_ip() {
+    require_root();
+    sweep();
+    let mut t = Topology::new(1);
+    t.start_pod_servers(8080);
+    // A second client address on the LAN, and the LoadBalancer IP routed
+    // to node-a as a load balancer or router would.
+    let np = NODE_IP.to_string();
+    t.client
+        .run(&["ip", "addr", "add", "172.18.0.11/24", "dev", "eth0"]);
+    t.client
+        .run(&["ip", "route", "add", "198.51.100.6/32", "via", &np]);
+    let yaml = format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: ranged, namespace: e2e}}\nspec:\n  type: LoadBalancer\n  clusterIP: 10.96.0.95\n  loadBalancerSourceRanges: [{}/32]\n  ports: [{{port: 80, targetPort: 8080, nodePort: 30096}}]\nstatus: {{loadBalancer: {{ingress: [{{ip: 198.51.100.6}}]}}}}\n{}",
+        topo::CLIENT_IP,
+        slice(
+            "ranged-1",
+            "ranged",
+            8080,
+            &[("10.244.1.11", NODE_NAME, READY)]
+        )
+    );
+    let c = Cluster::start(&lbctl(), t, &[("ranged.yaml", &yaml)]);
+    c.wait_services("ranged", |s| {
+        s.iter()
+            .any(|s| s["name"] == "ranged" && s["source_ranges"][0] == "172.18.0.10/32")
+    });
+    let inside = CLIENT_IP.to_string();
+    assert_eq!(
+        probe_from(
+            &c,
+            From::Outside,
+            &["tcp", "198.51.100.6", "80", "3", &inside]
+        ),
+        "connected"
+    );
+    let before = c.verdicts()["drop_source_range"];
+    assert_eq!(
+        probe_from(
+            &c,
+            From::Outside,
+            &["tcp", "198.51.100.6", "80", "1", "172.18.0.11"]
+        ),
+        "TimeoutError",
+        "a source outside the ranges"
+    );
+    assert!(c.verdicts()["drop_source_range"] > before);
+    assert_eq!(
+        probe_from(
+            &c,
+            From::Outside,
+            &["tcp", &np, "30096", "3", "172.18.0.11"]
+        ),
+        "connected",
+        "the NodePort is not subject to the ranges"
+    );
+}
+
+/// An agent restarted with another connection-tracking size migrates the
+/// pinned table: a download through the NodePort that started before goes
+/// on to the end, and `lbctl status` shows the new size.
+#[test]
+fn restart_with_another_conntrack_size_keeps_flows() {
+    require_root();
+    sweep();
+    let mut t = Topology::new(1);
+    t.start_pod_servers(8080);
+    let one = [("10.244.1.11", NODE_NAME, READY)];
+    let mut c = Cluster::start(&lbctl(), t, &[("moving.yaml", &moving_service(&one))]);
+    c.wait_services("moving", |s| backends_of(s, "moving") == 1);
+    let np = NODE_IP.to_string();
+    let mut child = c
+        .topo
+        .client
+        .command("python3")
+        .args(["-c", PROBE, "slow", &np, "30094", "4000000"])
+        .stdout(Stdio::piped())
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("probe");
+    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    assert_eq!(line(&mut lines), "pod-1");
+
+    c.agent.take().expect("agent").stop();
+    c.source.extend(["--conntrack-max".into(), "4096".into()]);
+    c.start_agent();
+    c.wait_services("moving after the restart", |s| {
+        backends_of(s, "moving") == 1
+    });
+    assert_eq!(line(&mut lines), "complete 4000000", "the download");
+    let _ = child.wait();
+    let status = c.lbctl_json(&["status"]).expect("lbctl status");
+    let ct = status["maps"]
+        .as_array()
+        .and_then(|m| m.iter().find(|m| m["map"] == "LB4_CT_V1"))
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(ct["max_entries"], 4096, "{status}");
+    assert!(
+        c.agent_log()
+            .contains("pinned map migrated to its new definition"),
+        "{}",
+        c.agent_log()
+    );
+}
+
+/// An agent restarted with another `--cgroup` and `--devices` moves the
+/// socket programs to the new cgroup (the old one's processes are no
+/// longer translated) and removes the programs of devices the new list
+/// does not name.
+#[test]
+fn restart_with_other_cgroup_and_devices_moves_the_attachments() {
+    require_root();
+    sweep();
+    let mut t = Topology::new(1);
+    t.start_pod_servers(8080);
+    let one = [("10.244.1.11", NODE_NAME, READY)];
+    let mut c = Cluster::start(&lbctl(), t, &[("moving.yaml", &moving_service(&one))]);
+    c.wait_services("moving", |s| backends_of(s, "moving") == 1);
+    let attachments = |c: &Cluster| -> Vec<String> {
+        let s = c.lbctl_json(&["status"]).expect("lbctl status");
+        s["attachments"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|a| {
+                format!(
+                    "{}@{}",
+                    a["program"].as_str().unwrap_or(""),
+                    a["device"].as_str().unwrap_or("")
+                )
+            })
+            .collect()
+    };
+    assert_eq!(attachments(&c).len(), 10, "{:?}", attachments(&c));
+    assert_eq!(
+        c.get_from_pod(&c.topo.pod("pod-1").ns, "http://10.96.0.94/"),
+        "pod-1"
+    );
+
+    c.agent.take().expect("agent").stop();
+    let old = std::mem::replace(&mut c.topo.cgroup, lb_tests::guard::Cgroup::new());
+    c.source.extend(["--devices".into(), "dum*".into()]);
+    c.start_agent();
+    c.wait_services("moving after the restart", |s| {
+        backends_of(s, "moving") == 1
+    });
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while attachments(&c).len() != 8 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{:?}",
+            attachments(&c)
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(
+        attachments(&c).iter().all(|a| a.ends_with('@')),
+        "{:?}",
+        attachments(&c)
+    );
+    // The new cgroup's processes are translated, the old one's not.
+    assert_eq!(
+        c.get_from_pod(&c.topo.pod("pod-1").ns, "http://10.96.0.94/"),
+        "pod-1"
+    );
+    let ns = format!("--net=/run/netns/{}", c.topo.pod("pod-1").ns.name);
+    let in_old = topo::curl(old.command(
+        "nsenter",
+        &[&ns, "python3", "-c", PROBE, "tcp", "10.96.0.94", "80", "1"],
+    ))
+    .unwrap_or_default();
+    assert_ne!(
+        in_old, "connected",
+        "a process of the old cgroup still translated"
+    );
+    assert!(
+        c.agent_log().contains("no longer matched by --devices"),
+        "{}",
+        c.agent_log()
+    );
+}
+
+/// Dual-stack sockets (`AF_INET6`, the Service address IPv4-mapped, as
+/// Java connects by default) are load-balanced like IPv4 ones, TCP and
+/// UDP, and see the Service address as their peer; and a pod that reaches
+/// its own Service and lands on itself (hairpin) gets its answer.
+#[test]
+fn dual_stack_sockets_and_hairpin() {
+    require_root();
+    sweep();
+    let mut t = Topology::new(1);
+    t.start_pod_servers(8080);
+    let pods: Vec<(String, String)> = t
+        .pods
+        .iter()
+        .map(|p| (p.ns.name.clone(), p.name.clone()))
+        .collect();
+    for (ns, name) in &pods {
+        t.udp_server(ns, 5353, name);
+    }
+    let one = [("10.244.1.11", NODE_NAME, READY)];
+    let c = Cluster::start(&lbctl(), t, &[("moving.yaml", &moving_service(&one))]);
+    c.wait_services("moving", |s| backends_of(s, "moving") == 1);
+    // pod-1 is the only endpoint: every answer is a hairpin.
+    let out = probe_from(
+        &c,
+        From::Pod("pod-1"),
+        &["dual-stack", "10.96.0.94", "80", "53"],
+    );
+    assert_eq!(
+        out, "tcp ::ffff:10.96.0.94 pod-1\nudp ::ffff:10.96.0.94 pod-1",
+        "a dual-stack socket to the ClusterIP"
+    );
+    assert_eq!(
+        probe_from(&c, From::Pod("pod-1"), &["udp", "10.96.0.94", "53"]),
+        "reply pod-1",
+        "UDP hairpin from an IPv4 socket"
+    );
+    assert_eq!(
+        c.get_from_pod(&c.topo.pod("pod-1").ns, "http://10.96.0.94/"),
+        "pod-1",
+        "TCP hairpin"
+    );
+}
+
+/// `--nodeport-addresses` as kube-proxy reads it: a CIDR picks this
+/// machine's addresses in it, including one added later; `localhost` gives
+/// the node's own processes NodePorts on 127.0.0.1 (a pod's loopback stays
+/// its own). And an address of the service CIDR no Service has is dropped
+/// (refused at once from a pod).
+#[test]
+fn nodeport_addresses_localhost_and_unallocated_service_ips() {
+    require_root();
+    sweep();
+    let mut t = Topology::new(1);
+    t.start_pod_servers(8080);
+    let one = [("10.244.1.11", NODE_NAME, READY)];
+    let mut c = Cluster::new(&lbctl(), t);
+    c.write("moving.yaml", &moving_service(&one));
+    c.source = vec![
+        "--manifests".into(),
+        c.manifests.display().to_string(),
+        "--node-name".into(),
+        NODE_NAME.into(),
+        "--nodeport-addresses".into(),
+        "172.18.0.0/24,localhost".into(),
+    ];
+    c.start_agent();
+    let frontends = |c: &Cluster| -> BTreeSet<String> {
+        c.lbctl_json(&["services"])
+            .ok()
+            .and_then(|s| {
+                s.as_array()?
+                    .iter()
+                    .find(|s| s["name"] == "moving" && s["port_name"] == "http")
+                    .map(|s| {
+                        s["frontends"]
+                            .as_array()
+                            .into_iter()
+                            .flatten()
+                            .map(|f| {
+                                format!("{}:{}", f["address"].as_str().unwrap_or(""), f["port"])
+                            })
+                            .collect()
+                    })
+            })
+            .unwrap_or_default()
+    };
+    let want = |extra: &[&str]| -> BTreeSet<String> {
+        ["10.96.0.94:80", "172.18.0.2:30094", "127.0.0.1:30094"]
+            .iter()
+            .chain(extra)
+            .map(|s| s.to_string())
+            .collect()
+    };
+    let wait_for = |c: &Cluster, w: BTreeSet<String>| {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while frontends(c) != w {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "frontends {:?}, want {w:?}\n{}",
+                frontends(c),
+                c.agent_log()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    };
+    // The pod bridge's 10.244.1.1 is not in the CIDR: no NodePort there.
+    wait_for(&c, want(&[]));
+    assert_eq!(c.get_from_client("http://172.18.0.2:30094/"), "pod-1");
+    // An address that appears later gets the NodePort too.
+    c.topo
+        .node
+        .run(&["ip", "addr", "add", "172.18.0.30/24", "dev", "eth0"]);
+    wait_for(&c, want(&["172.18.0.30:30094"]));
+    assert_eq!(c.get_from_client("http://172.18.0.30:30094/"), "pod-1");
+    // localhost: the node's processes, not a pod's loopback.
+    assert_eq!(
+        c.get_from_pod(&c.topo.node, "http://127.0.0.1:30094/"),
+        "pod-1"
+    );
+    assert_eq!(
+        probe_from(&c, From::Pod("pod-1"), &["tcp", "127.0.0.1", "30094", "3"]),
+        "ConnectionRefusedError 111",
+        "a pod's own loopback"
+    );
+    // The manifest folder's service CIDR (10.96.0.0/12): an address no
+    // Service has is refused at once from a pod, and counted.
+    let before = c.verdicts()["drop_unallocated_service_ip"];
+    assert_eq!(
+        probe_from(&c, From::Pod("pod-1"), &["tcp", "10.96.0.200", "80", "3"]),
+        "OSError 101"
+    );
+    assert!(c.verdicts()["drop_unallocated_service_ip"] > before);
 }

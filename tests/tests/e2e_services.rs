@@ -19,8 +19,18 @@ fn lbctl() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_lbctl-e2e"))
 }
 
-/// A Service (NodePort 30080 on port 80, UDP 53 as ClusterIP) over pods.
+/// A Service (NodePort 30080 on port 80, UDP 53 as ClusterIP) over ready
+/// pods.
 fn web(endpoints: &[(&str, &str)]) -> String {
+    let with: Vec<(&str, &str, &str)> = endpoints
+        .iter()
+        .map(|(a, n)| (*a, *n, "ready: true"))
+        .collect();
+    web_with(&with)
+}
+
+/// The same with each endpoint's conditions.
+fn web_with(endpoints: &[(&str, &str, &str)]) -> String {
     let mut y = String::from(
         r#"apiVersion: v1
 kind: Service
@@ -41,8 +51,9 @@ ports: [{name: http, port: 8080}, {name: dns, port: 5353, protocol: UDP}]
 endpoints:
 "#,
     );
-    for (addr, node) in endpoints {
-        y += &format!("- {{addresses: [{addr}], conditions: {{ready: true}}, nodeName: {node}}}\n");
+    for (addr, node, conditions) in endpoints {
+        y +=
+            &format!("- {{addresses: [{addr}], conditions: {{{conditions}}}, nodeName: {node}}}\n");
     }
     y
 }
@@ -183,7 +194,8 @@ fn services_answer_from_pods_host_and_outside() {
     let status = c.lbctl_json(&["status"]).unwrap();
     assert_eq!(
         status["attachments"].as_array().unwrap().len(),
-        6,
+        // 8 socket hooks (IPv4 and IPv4-mapped IPv6), 2 on eth0.
+        10,
         "{status:#?}"
     );
 
@@ -389,17 +401,31 @@ fn long_transfers_keep_their_backend_while_the_set_changes() {
     let np_pod = served_by(&via_nodeport);
     let ci_pod = served_by(&via_clusterip);
 
-    // Replace the backend set while both transfers run: only the pods that
-    // serve neither transfer stay.
-    let keep: Vec<(&str, &str)> = [
+    // Replace the backend set while both transfers run, as a rollout does:
+    // the pods that serve the transfers start terminating (still serving),
+    // only the others take new connections.
+    let pods = [
         ("10.244.1.11", "pod-1"),
         ("10.244.1.12", "pod-2"),
         ("10.244.1.13", "pod-3"),
-    ]
-    .into_iter()
-    .filter(|(_, name)| *name != np_pod && *name != ci_pod)
-    .map(|(addr, _)| (addr, NODE_NAME))
-    .collect();
+    ];
+    let busy = |name: &str| name == np_pod || name == ci_pod;
+    let keep: Vec<(&str, &str)> = pods
+        .iter()
+        .filter(|(_, name)| !busy(name))
+        .map(|(addr, _)| (*addr, NODE_NAME))
+        .collect();
+    let rollout: Vec<(&str, &str, &str)> = pods
+        .iter()
+        .map(|(addr, name)| {
+            let conditions = if busy(name) {
+                "ready: false, serving: true, terminating: true"
+            } else {
+                "ready: true"
+            };
+            (*addr, NODE_NAME, conditions)
+        })
+        .collect();
     assert!(!keep.is_empty());
     for (child, what) in [(&mut np, "NodePort"), (&mut ci, "ClusterIP")] {
         if child.try_wait().unwrap().is_some() {
@@ -413,9 +439,12 @@ fn long_transfers_keep_their_backend_while_the_set_changes() {
             );
         }
     }
-    c.write("web.yaml", &web(&keep));
-    c.wait_services("the reduced backend set", |s| {
-        backends_of(s, "web", "http") == keep.len()
+    c.write("web.yaml", &web_with(&rollout));
+    c.wait_services("the busy backends terminating", |s| {
+        s.iter()
+            .find(|s| s["name"] == "web" && s["port_name"] == "http")
+            .and_then(|s| s["backends"].as_array())
+            .is_some_and(|b| b.iter().filter(|b| b["state"] == "active").count() == keep.len())
     });
     // New connections go to the new set only.
     let fresh = c.get_from_client(&format!("http://{NODE_IP}:30080/"));

@@ -127,6 +127,7 @@ impl Metrics {
             (ADDRS4, st.addrs.len()),
             (BACKEND_SLOTS, st.slots.len()),
             (SERVICE_BACKENDS, st.svc_backends.len()),
+            (SOURCE_RANGES4, st.source_ranges.len()),
             (BACKENDS4, st.backends.len()),
             (SERVICE_META, st.service_meta.len()),
             (BACKEND_META, st.backend_meta.len()),

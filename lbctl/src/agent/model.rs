@@ -21,7 +21,7 @@ use k8s_openapi::api::{
     core::v1::{Endpoints, Service},
     discovery::v1::EndpointSlice,
 };
-use lb_common::service::{NE_PROTOCOL_SCTP, NE_SOURCE_RANGES};
+use lb_common::service::NE_PROTOCOL_SCTP;
 
 use super::categorize::{self, EndpointSets, Policies};
 
@@ -243,9 +243,13 @@ pub struct FrontendAddr {
 pub enum BackendState {
     /// Ready: gets new flows.
     Active,
-    /// Serving but terminating: kept for existing flows (and, later, as a
-    /// fallback when nothing is ready).
+    /// Serving but terminating: kept for existing flows, and a fallback
+    /// when no endpoint is ready.
     Terminating,
+    /// Neither ready nor serving (a failing readiness probe): no new
+    /// flows; its TCP connections go on, as with kube-proxy, its UDP flows
+    /// move to a serving backend.
+    Quarantined,
 }
 
 /// Address, port and protocol: what identifies a backend in the maps.
@@ -311,7 +315,10 @@ pub struct ServicePortState {
     pub external_policy: TrafficPolicy,
     pub internal_policy: TrafficPolicy,
     pub health_check_node_port: Option<u16>,
-    pub source_ranges: Vec<String>,
+    /// `loadBalancerSourceRanges` (IPv4 ones), plus the LoadBalancer IPs
+    /// themselves when a range holds a node address (kube-proxy's rule for
+    /// VIPs that loop back with themselves as source); empty: no filter.
+    pub source_ranges: Vec<(Ipv4Addr, u8)>,
     /// `NE_*` bits: what this port asks for that the datapath does not do
     /// yet.
     pub not_enforced: u32,
@@ -406,6 +413,29 @@ fn parse_v4(s: &str, what: &str) -> Result<Option<Ipv4Addr>, String> {
     }
 }
 
+/// An IPv4 CIDR (`a.b.c.d/n`, or an address alone as /32) with its host
+/// bits cleared; None for IPv6 (not programmed yet).
+fn parse_cidr_v4(s: &str) -> Result<Option<(Ipv4Addr, u8)>, String> {
+    let bad = || format!("loadBalancerSourceRanges entry {s:?} is not a CIDR");
+    let (addr, len) = match s.trim().split_once('/') {
+        Some((a, l)) => (a, l.parse::<u8>().map_err(|_| bad())?),
+        None => (s.trim(), 32),
+    };
+    match addr.parse::<std::net::IpAddr>().map_err(|_| bad())? {
+        std::net::IpAddr::V6(_) => Ok(None),
+        std::net::IpAddr::V4(a) if len <= 32 => {
+            let mask = if len == 0 { 0 } else { u32::MAX << (32 - len) };
+            Ok(Some((Ipv4Addr::from(u32::from(a) & mask), len)))
+        }
+        std::net::IpAddr::V4(_) => Err(bad()),
+    }
+}
+
+fn cidr_contains((net, len): (Ipv4Addr, u8), a: Ipv4Addr) -> bool {
+    let mask = if len == 0 { 0 } else { u32::MAX << (32 - len) };
+    u32::from(a) & mask == u32::from(net)
+}
+
 fn port_u16(p: i32, what: &str) -> Result<u16, String> {
     u16::try_from(p)
         .ok()
@@ -494,14 +524,22 @@ fn service(
         Some(p) => Some(port_u16(p, "healthCheckNodePort")?),
         None => None,
     };
-    let source_ranges = spec.load_balancer_source_ranges.clone().unwrap_or_default();
+    let mut source_ranges = Vec::new();
+    for r in spec.load_balancer_source_ranges.iter().flatten() {
+        source_ranges.extend(parse_cidr_v4(r)?);
+    }
+    if !lb_v4.is_empty()
+        && source_ranges
+            .iter()
+            .any(|r| node.addresses.iter().any(|a| cidr_contains(*r, *a)))
+    {
+        source_ranges.extend(lb_v4.iter().map(|ip| (*ip, 32)));
+    }
+    source_ranges.sort_unstable();
+    source_ranges.dedup();
     // What the Service asks for that the datapath does not do yet: logged
     // by the agent and shown by lbctl, never silently ignored.
-    let not_enforced = if source_ranges.is_empty() {
-        0
-    } else {
-        NE_SOURCE_RANGES
-    };
+    let not_enforced = 0;
     let policies = Policies {
         internal_local: internal_policy == TrafficPolicy::Local,
         external_local: external_policy == TrafficPolicy::Local,
@@ -622,7 +660,7 @@ fn slice_backends(
             } else if serving && terminating {
                 BackendState::Terminating
             } else {
-                continue;
+                BackendState::Quarantined
             };
             let hints = ep.hints.as_ref();
             let hint_zones: Vec<String> = hints

@@ -5,9 +5,9 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use lb_common::service::{Frontend4Key, ServiceBackendKey, SlotKey};
+use lb_common::service::{Frontend4Key, SCOPE_ALL, ServiceBackendKey, SlotKey};
 
-use super::state::{MapState, Op};
+use super::state::{MapState, Op, RangeKey};
 
 /// The keys of each map that may differ between two states.
 #[derive(Clone, Debug, Default)]
@@ -16,6 +16,7 @@ pub struct Keys {
     pub frontends: BTreeSet<Frontend4Key>,
     pub slots: BTreeSet<SlotKey>,
     pub svc_backends: BTreeSet<ServiceBackendKey>,
+    pub source_ranges: BTreeSet<RangeKey>,
     pub backends: BTreeSet<u32>,
     pub service_meta: BTreeSet<u32>,
     pub backend_meta: BTreeSet<u32>,
@@ -29,6 +30,7 @@ impl Keys {
             frontends: s.frontends.keys().copied().collect(),
             slots: s.slots.keys().copied().collect(),
             svc_backends: s.svc_backends.keys().copied().collect(),
+            source_ranges: s.source_ranges.keys().copied().collect(),
             backends: s.backends.keys().copied().collect(),
             service_meta: s.service_meta.keys().copied().collect(),
             backend_meta: s.backend_meta.keys().copied().collect(),
@@ -40,6 +42,7 @@ impl Keys {
         self.frontends.extend(o.frontends);
         self.slots.extend(o.slots);
         self.svc_backends.extend(o.svc_backends);
+        self.source_ranges.extend(o.source_ranges);
         self.backends.extend(o.backends);
         self.service_meta.extend(o.service_meta);
         self.backend_meta.extend(o.backend_meta);
@@ -120,24 +123,47 @@ pub fn diff_keys(cur: &MapState, want: &MapState, keys: &Keys) -> Vec<Op> {
         &mut ops,
         Op::PutServiceBackend,
     );
+    // A frontend is flagged for source ranges only once they are there.
+    puts(
+        &cur.source_ranges,
+        &want.source_ranges,
+        &keys.source_ranges,
+        &mut ops,
+        Op::PutSourceRange,
+    );
     // The device path's address filter admits an address before its
     // frontends exist and drops it after they are gone.
     puts(&cur.addrs, &want.addrs, &keys.addrs, &mut ops, Op::PutAddr);
-    puts(
-        &cur.frontends,
-        &want.frontends,
-        &keys.frontends,
-        &mut ops,
-        Op::PutFrontend,
-    );
-    dels(
-        &cur.frontends,
-        &want.frontends,
-        &keys.frontends,
-        &mut ops,
-        Op::DelFrontend,
-    );
+    // A frontend's internal-scope entry exists before its all-traffic
+    // entry points at it (`FE_TWO_SCOPES`), and goes after it.
+    let (internal, all): (BTreeSet<Frontend4Key>, BTreeSet<Frontend4Key>) =
+        keys.frontends.iter().partition(|k| k.scope != SCOPE_ALL);
+    for part in [&internal, &all] {
+        puts(
+            &cur.frontends,
+            &want.frontends,
+            part,
+            &mut ops,
+            Op::PutFrontend,
+        );
+    }
+    for part in [&all, &internal] {
+        dels(
+            &cur.frontends,
+            &want.frontends,
+            part,
+            &mut ops,
+            Op::DelFrontend,
+        );
+    }
     dels(&cur.addrs, &want.addrs, &keys.addrs, &mut ops, Op::DelAddr);
+    dels(
+        &cur.source_ranges,
+        &want.source_ranges,
+        &keys.source_ranges,
+        &mut ops,
+        Op::DelSourceRange,
+    );
     dels(&cur.slots, &want.slots, &keys.slots, &mut ops, Op::DelSlot);
     dels(
         &cur.svc_backends,

@@ -24,7 +24,7 @@ use super::{
         ServicePortState, ServiceType, TrafficPolicy,
     },
     plan::{self, Keys},
-    state::{MapState, Op, cstr, fixed},
+    state::{MapState, Op, RangeKey, cstr, fixed},
 };
 
 /// Backend sets: at most two per service port live at once (old and new).
@@ -264,6 +264,36 @@ impl<W: MapWriter> Reconciler<W> {
         })
     }
 
+    /// Maps written by an agent that predates `LB_SVC_BACKENDS_V1` have
+    /// none of its entries, and the device path would take every flow for
+    /// one whose backend left. Until the first flush writes the real ones,
+    /// every backend a frontend reads is marked serving for its port.
+    /// Returns the entries written (0 when the maps have any already).
+    pub fn migrate_service_backends(&mut self) -> Result<usize, MapError> {
+        let st = &self.maps.state;
+        if !st.svc_backends.is_empty() {
+            return Ok(0);
+        }
+        let keys: BTreeSet<ServiceBackendKey> = st
+            .frontends
+            .values()
+            .flat_map(|f| {
+                set_slots(&st.slots, f.backend_set).map(|(_, id)| ServiceBackendKey {
+                    service_id: f.service_id,
+                    backend_id: *id,
+                })
+            })
+            .collect();
+        for k in &keys {
+            let op = Op::PutServiceBackend(*k, SB_SERVING | SB_CLUSTER);
+            self.writer.apply(&op)?;
+            self.maps.apply(&op);
+            // Compared with the target at the first flush.
+            self.touched.svc_backends.insert(*k);
+        }
+        Ok(keys.len())
+    }
+
     /// What is in the maps, as far as this agent wrote or read it.
     pub fn state(&self) -> &MapState {
         &self.maps.state
@@ -409,6 +439,7 @@ impl<W: MapWriter> Reconciler<W> {
             self.drop_set(set);
         }
         self.write_port_backends(e.svc_id, &BTreeMap::new());
+        self.write_port_ranges(e.svc_id, &BTreeSet::new());
         self.want.service_meta.remove(&e.svc_id);
         self.touched.service_meta.insert(e.svc_id);
         self.retiring_svcs.insert(k.clone());
@@ -544,6 +575,33 @@ impl<W: MapWriter> Reconciler<W> {
             };
             if self.want.slots.insert(k, *id) != Some(*id) {
                 self.touched.slots.insert(k);
+            }
+        }
+    }
+
+    /// Makes the target's source ranges of service port `svc_id` exactly
+    /// `ranges`.
+    fn write_port_ranges(&mut self, svc_id: u32, ranges: &BTreeSet<RangeKey>) {
+        let lo = RangeKey {
+            service_id: svc_id,
+            ..Default::default()
+        };
+        let old: Vec<RangeKey> = self
+            .want
+            .source_ranges
+            .range(lo..)
+            .take_while(|(k, _)| k.service_id == svc_id)
+            .map(|(k, _)| *k)
+            .collect();
+        for k in old {
+            if !ranges.contains(&k) {
+                self.want.source_ranges.remove(&k);
+                self.touched.source_ranges.insert(k);
+            }
+        }
+        for k in ranges {
+            if self.want.source_ranges.insert(*k, 1) != Some(1) {
+                self.touched.source_ranges.insert(*k);
             }
         }
     }
@@ -715,6 +773,19 @@ impl<W: MapWriter> Reconciler<W> {
         }
         let entries = port_backend_flags(&sp, &ids);
         self.write_port_backends(svc_id, &entries);
+        let ranges: BTreeSet<RangeKey> = if plans.iter().any(|p| p.flags & FE_SOURCE_RANGES != 0) {
+            sp.source_ranges
+                .iter()
+                .map(|(a, len)| RangeKey {
+                    service_id: svc_id,
+                    addr: ip4(a.octets()),
+                    prefix_len: *len,
+                })
+                .collect()
+        } else {
+            BTreeSet::new()
+        };
+        self.write_port_ranges(svc_id, &ranges);
 
         let mut frontends = Vec::with_capacity(plans.len());
         for plan in plans {
@@ -814,11 +885,16 @@ fn frontend_plans(
             proto: fa.proto.number(),
             scope: SCOPE_ALL,
         };
-        let plan = |key, list, flags| FrontendPlan {
+        let ranges = if fa.kind == FrontendKind::LoadBalancer && !sp.source_ranges.is_empty() {
+            FE_SOURCE_RANGES
+        } else {
+            0
+        };
+        let plan = |key, list, flags: u16| FrontendPlan {
             key,
             kind: fa.kind,
             list,
-            flags,
+            flags: flags | ranges,
         };
         if fa.kind == FrontendKind::ClusterIp {
             if internal_local {
@@ -859,6 +935,9 @@ fn port_backend_flags(sp: &ServicePortState, ids: &[(u32, &Backend)]) -> BTreeMa
     ids.iter()
         .map(|(id, b)| {
             let mut f = 0;
+            if b.state != BackendState::Quarantined {
+                f |= SB_SERVING;
+            }
             if sets.cluster.backends.contains(&b.addr) {
                 f |= SB_CLUSTER | fallback(&sets.cluster);
             } else if sets.topology.is_some() && b.state == BackendState::Active {
@@ -880,6 +959,7 @@ fn backend_entry(b: &Backend) -> Backend4 {
         state: match b.state {
             BackendState::Active => BACKEND_ACTIVE,
             BackendState::Terminating => BACKEND_TERMINATING,
+            BackendState::Quarantined => BACKEND_QUARANTINED,
         },
         flags: if b.local { BACKEND_LOCAL } else { 0 },
         zone: 0,

@@ -49,6 +49,15 @@ pub enum SourceConfig {
 #[derive(Clone, Debug)]
 pub struct AgentConfig {
     pub source: SourceConfig,
+    /// Map sizes by map name, where not the object's.
+    pub map_sizes: std::collections::BTreeMap<String, u32>,
+    /// Source ports for SNAT to backends on other nodes.
+    pub snat_ports: std::ops::RangeInclusive<u16>,
+    /// `--nodeport-addresses`.
+    pub nodeport_addresses: Vec<super::nodeport_addrs::Selector>,
+    /// The service CIDR whose unallocated addresses are dropped (given,
+    /// or the manifest folder's allocation CIDR), address and length.
+    pub drop_service_cidr: Option<(Ipv4Addr, u8)>,
     /// ClusterIPs and nodePorts for manifests written without them
     /// (manifest folder only: the API server does this for its own).
     pub allocator: Allocator,
@@ -73,9 +82,16 @@ pub struct AgentConfig {
     pub healthz_timeout: Duration,
 }
 
-/// Node facts: flags win over the Node object.
+/// Node facts: flags win over the Node object; NodePort addresses as
+/// `--nodeport-addresses` picks them among the node's and this machine's.
 pub fn node_info(cfg: &AgentConfig, node: Option<&Node>) -> NodeInfo {
-    NodeInfo::from_flags_and_node(&cfg.node_name, &cfg.node_ips, cfg.snat_ip, node)
+    let mut info = NodeInfo::from_flags_and_node(&cfg.node_name, &cfg.node_ips, cfg.snat_ip, node);
+    info.addresses = super::nodeport_addrs::resolve(
+        &cfg.nodeport_addresses,
+        &info.addresses,
+        &super::nodeport_addrs::machine_addresses(),
+    );
+    info
 }
 
 /// `*` matches any run of characters, `?` one.
@@ -136,18 +152,28 @@ enum Source {
 }
 
 /// The datapath's settings for this node.
-fn datapath_config(node: &NodeInfo) -> Config {
+fn datapath_config(node: &NodeInfo, cfg: &AgentConfig, host_netns_cookie: u64) -> Config {
+    let (cidr, len) = cfg
+        .drop_service_cidr
+        .map_or((0, 0), |(a, l)| (ip4(a.octets()), l));
     Config {
         snat_addr: node.snat.map_or(0, |a| ip4(a.octets())),
-        snat_port_min: 32768,
-        snat_port_max: 60999,
+        snat_port_min: *cfg.snat_ports.start(),
+        snat_port_max: *cfg.snat_ports.end(),
         flags: 0,
-        _reserved: 0,
+        service_cidr: cidr,
+        service_cidr_len: len,
+        _pad: [0; 7],
+        host_netns_cookie,
     }
 }
 
 pub async fn run(cfg: AgentConfig) -> Result<()> {
     pins::prepare(&cfg.bpffs)?;
+    super::snat_ports::reserve(&cfg.snat_ports)
+        .context("reserving the SNAT ports (ip_local_reserved_ports)")?;
+    let host_netns_cookie = super::nodeport_addrs::own_netns_cookie()
+        .context("reading this network namespace's cookie (SO_NETNS_COOKIE)")?;
     let health = Arc::new(Health::new(cfg.healthz_timeout));
     let metrics = Arc::new(Metrics::new(cfg.bpffs.clone()));
     let mut addrs: Vec<SocketAddr> = cfg
@@ -191,15 +217,26 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         }
     };
 
-    let mut ebpf = load::load_with_logs(&cfg.bpffs, cfg.datapath_logs)?;
+    // Pins of another size or definition are migrated (logged) first.
+    let (mut ebpf, _migrated) = load::load_with(&cfg.bpffs, cfg.datapath_logs, &cfg.map_sizes)?;
     let cgroup = match &cfg.cgroup {
         Some(c) => c.clone(),
         None => pins::cgroup2_root()?,
     };
     let n = attach::cgroup(&mut ebpf, &cfg.bpffs, &cgroup)?;
-    info!(cgroup = %cgroup.display(), attached = n.attached, replaced = n.replaced, "socket programs in place");
+    info!(cgroup = %cgroup.display(), attached = n.attached, replaced = n.replaced, moved_from_another_cgroup = n.moved, "socket programs in place");
     if cfg.datapath_logs {
         logs::start(&mut ebpf);
+    }
+    // Devices an earlier agent attached that --devices no longer names
+    // (it ran with other flags) lose their programs.
+    for (_, _, dev) in attach::pinned(&cfg.bpffs) {
+        if let Some(dev) = dev
+            && !cfg.devices.iter().any(|p| glob_match(p, &dev))
+        {
+            attach::detach_device(&cfg.bpffs, &dev)?;
+            info!(device = %dev, "device programs removed: no longer matched by --devices");
+        }
     }
 
     // Devices done, by name and the ifindex they had: a device deleted and
@@ -212,6 +249,17 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
     maps.ensure_backend_stats()
         .context("creating per-backend counters")?;
     let mut rec = Reconciler::adopt(maps)?;
+    // Before the device programs of this version are attached: they end
+    // flows whose backend has no entry.
+    let migrated = rec
+        .migrate_service_backends()
+        .context("marking adopted backends in LB_SVC_BACKENDS_V1")?;
+    if migrated > 0 {
+        info!(
+            entries = migrated,
+            "maps from an older agent: their backends marked serving until the first sync"
+        );
+    }
     // Addresses and ports given out by a previous agent stay the same.
     let mut allocator = cfg.allocator.clone();
     allocator.adopt(rec.state());
@@ -225,6 +273,8 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
     let mut not_enforced = super::unenforced::NotEnforced::default();
     let mut health_checks = super::hcnp::HealthCheckServers::new(health.clone());
     let mut node: Option<NodeInfo> = None;
+    // The Node object last seen (None inside: none of this name).
+    let mut last_node: Option<Option<Node>> = None;
     let mut last_config = None;
     // The target has changes the maps do not have yet.
     let mut unflushed = false;
@@ -345,9 +395,13 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
                 Some(n) => health::node_eligible(n),
                 None => matches!(cfg.source, SourceConfig::Dir(_)),
             });
+            last_node = Some(obj);
+        }
+        // Every pass: the machine's addresses may have changed.
+        if let Some(obj) = &last_node {
             let info = node_info(&cfg, obj.as_ref());
             if node.as_ref() != Some(&info) {
-                if obj.is_none() && cfg.node_ips.is_empty() {
+                if obj.is_none() && info.addresses.is_empty() {
                     warn!(node = %cfg.node_name, "no Node object of this name: NodePorts answer on no address (set --node-ip)");
                 }
                 info!(addresses = ?info.addresses, snat = ?info.snat, zone = ?info.zone, "node");
@@ -359,7 +413,7 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
             }
         }
         let Some(node) = &node else { continue };
-        let config = datapath_config(node);
+        let config = datapath_config(node, &cfg, host_netns_cookie);
         if last_config != Some(config) {
             rec.writer
                 .set_config(config)

@@ -12,12 +12,24 @@ use lb_common::{
     },
 };
 
+/// A `loadBalancerSourceRanges` prefix of a Service port
+/// (`LB4_SOURCE_RANGES_V1`, an LPM trie keyed by (32 + `prefix_len`,
+/// `SourceRange4`)).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RangeKey {
+    pub service_id: u32,
+    /// Wire order, host bits clear.
+    pub addr: u32,
+    pub prefix_len: u8,
+}
+
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct MapState {
     /// Addresses the device path translates for -> `ADDR_*` flags.
     pub addrs: BTreeMap<u32, u32>,
     pub frontends: BTreeMap<Frontend4Key, Frontend>,
     pub slots: BTreeMap<SlotKey, u32>,
+    pub source_ranges: BTreeMap<RangeKey, u32>,
     /// (Service port, backend) -> `SB_*`.
     pub svc_backends: BTreeMap<ServiceBackendKey, u32>,
     pub backends: BTreeMap<u32, Backend4>,
@@ -34,12 +46,14 @@ pub enum Op {
     PutServiceMeta(u32, ServiceMeta, bool),
     PutSlot(SlotKey, u32),
     PutServiceBackend(ServiceBackendKey, u32),
+    PutSourceRange(RangeKey, u32),
     PutAddr(u32, u32),
     PutFrontend(Frontend4Key, Frontend),
     DelFrontend(Frontend4Key),
     DelAddr(u32),
     DelSlot(SlotKey),
     DelServiceBackend(ServiceBackendKey),
+    DelSourceRange(RangeKey),
     DelServiceMeta(u32),
     DelBackendMeta(u32),
     DelBackend(u32),
@@ -54,6 +68,8 @@ impl MapState {
             Op::PutSlot(k, v) => drop(self.slots.insert(k, v)),
             Op::PutServiceBackend(k, v) => drop(self.svc_backends.insert(k, v)),
             Op::DelServiceBackend(k) => drop(self.svc_backends.remove(&k)),
+            Op::PutSourceRange(k, v) => drop(self.source_ranges.insert(k, v)),
+            Op::DelSourceRange(k) => drop(self.source_ranges.remove(&k)),
             Op::PutAddr(k, v) => drop(self.addrs.insert(k, v)),
             Op::DelAddr(k) => drop(self.addrs.remove(&k)),
             Op::PutFrontend(k, v) => drop(self.frontends.insert(k, v)),
@@ -70,6 +86,7 @@ impl MapState {
             + self.frontends.len()
             + self.slots.len()
             + self.svc_backends.len()
+            + self.source_ranges.len()
             + self.backends.len()
             + self.service_meta.len()
             + self.backend_meta.len()
@@ -110,6 +127,15 @@ impl MapState {
                 s,
                 "svc-backend {}/{} -> flags={:#x}",
                 k.service_id, k.backend_id, v
+            );
+        }
+        for k in self.source_ranges.keys() {
+            let _ = writeln!(
+                s,
+                "source-range {} {}/{}",
+                k.service_id,
+                Ipv4Addr::from(ip4_octets(k.addr)),
+                k.prefix_len
             );
         }
         for (k, v) in &self.backends {

@@ -233,8 +233,9 @@ fn service_ports_get_frontends_and_named_backend_ports() {
             ("10.244.1.11".into(), 8080, BackendState::Active, true),
             ("10.244.2.12".into(), 8080, BackendState::Active, false),
             ("10.244.2.13".into(), 8080, BackendState::Terminating, false),
+            ("10.244.2.14".into(), 8080, BackendState::Quarantined, false),
         ],
-        "not ready and not serving endpoints are left out"
+        "not ready and not serving endpoints are kept for their TCP flows"
     );
     let dns = &d.ports[&key("demo", "web", "dns")];
     assert_eq!(dns.proto, Proto::Udp);
@@ -475,15 +476,12 @@ spec: {clusterIP: 10.96.0.31, ports: [{port: 80}]}
     let d = model::translate(&objs, &node());
     assert!(d.errors.is_empty(), "{:?}", d.errors);
     let http = &d.ports[&key("x", "lb", "http")];
-    // healthCheckNodePort is served (agent/hcnp.rs): not in the list.
-    // Affinity, traffic policies and topology hints are enforced, the
-    // ipMode Proxy ingress IP is not captured (as kube-proxy does).
-    let want = NE_SOURCE_RANGES;
+    // Affinity, traffic policies, topology hints, health check node
+    // ports and source ranges are enforced, the ipMode Proxy ingress IP is
+    // not captured (as kube-proxy does): only SCTP is left.
+    let want = 0;
     assert_eq!(http.not_enforced, want);
-    assert_eq!(
-        not_enforced_names(http.not_enforced).collect::<Vec<_>>(),
-        ["loadBalancerSourceRanges"]
-    );
+    assert_eq!(http.source_ranges, [(Ipv4Addr::new(10, 0, 0, 0), 8)]);
     assert!(!http.frontends.is_empty());
     assert!(
         http.frontends
@@ -662,22 +660,44 @@ mod property {
     fn cluster_yaml(spec: &[SvcSpec]) -> String {
         let mut y = String::new();
         for (i, (ports, node_port, selectorless, eps)) in spec.iter().enumerate() {
-            let ty = if *node_port % 2 == 0 {
-                "NodePort"
-            } else {
-                "ClusterIP"
+            // The byte's bits pick the type and the features: policies,
+            // affinity, a LoadBalancer guarded by source ranges.
+            let bit = |b: u8| node_port >> b & 1 == 1;
+            let ty = match (bit(0), bit(4)) {
+                (false, false) => "NodePort",
+                (false, true) => "LoadBalancer",
+                _ => "ClusterIP",
             };
+            let mut features = String::new();
+            if ty != "ClusterIP" && bit(1) {
+                features += "  externalTrafficPolicy: Local\n";
+            }
+            if bit(2) {
+                features += "  sessionAffinity: ClientIP\n";
+            }
+            if bit(3) {
+                features += "  internalTrafficPolicy: Local\n";
+            }
+            if ty == "LoadBalancer" {
+                features += "  loadBalancerSourceRanges: [192.168.0.0/16]\n";
+            }
             y += &format!(
-                "---\napiVersion: v1\nkind: Service\nmetadata: {{name: s{i}, namespace: ns}}\nspec:\n  type: {ty}\n  clusterIP: 10.96.0.{}\n  ports:\n",
+                "---\napiVersion: v1\nkind: Service\nmetadata: {{name: s{i}, namespace: ns}}\nspec:\n  type: {ty}\n  clusterIP: 10.96.0.{}\n{features}  ports:\n",
                 i + 1
             );
             for p in 0..*ports {
-                let np = if ty == "NodePort" {
+                let np = if ty != "ClusterIP" {
                     format!(", nodePort: {}", 30000 + i * 4 + p as usize)
                 } else {
                     String::new()
                 };
                 y += &format!("  - {{name: p{p}, port: {}{np}}}\n", 80 + p as u16);
+            }
+            if ty == "LoadBalancer" {
+                y += &format!(
+                    "status: {{loadBalancer: {{ingress: [{{ip: 192.0.2.{}}}]}}}}\n",
+                    i + 1
+                );
             }
             if *selectorless {
                 y += &format!(
@@ -700,7 +720,7 @@ mod property {
                     };
                     y += &format!(
                         "- {{addresses: [10.244.0.{addr}], conditions: {c}, nodeName: node-{}}}\n",
-                        addr % 2
+                        if addr % 2 == 0 { "a" } else { "b" }
                     );
                 }
             }
@@ -720,8 +740,105 @@ mod property {
         )
     }
 
+    /// The maps after every single write: what a packet meets at that
+    /// moment. Collects what would send it nowhere.
+    #[derive(Debug, Default)]
+    struct Checked {
+        inner: InMemory,
+        broken: Vec<String>,
+    }
+
+    impl crate::agent::apply::MapWriter for Checked {
+        fn apply(
+            &mut self,
+            op: &crate::agent::state::Op,
+        ) -> Result<(), crate::agent::apply::MapError> {
+            self.inner.apply(op)?;
+            if let Some(why) = dangling(&self.inner.state) {
+                self.broken.push(format!("after {op:?}: {why}"));
+            }
+            Ok(())
+        }
+
+        fn read(&self) -> Result<MapState, crate::agent::apply::MapError> {
+            self.inner.read()
+        }
+    }
+
+    /// What in `s` a lookup chain would find missing: a frontend whose
+    /// address is not admitted, a slot or backend it reads, the internal
+    /// entry its flag points at, the source ranges it is guarded by; a
+    /// service backend entry of a backend that is gone.
+    fn dangling(s: &MapState) -> Option<String> {
+        use lb_common::service::*;
+        for (k, f) in &s.frontends {
+            if !s.addrs.contains_key(&k.addr) {
+                return Some(format!("frontend {k:?} without its address"));
+            }
+            for slot in 0..f.count as u32 {
+                let id = s.slots.get(&SlotKey {
+                    backend_set: f.backend_set,
+                    slot,
+                });
+                if id.is_none_or(|id| !s.backends.contains_key(id)) {
+                    return Some(format!(
+                        "frontend {k:?} reads a missing slot {slot} or its backend"
+                    ));
+                }
+            }
+            if f.flags & FE_TWO_SCOPES != 0
+                && !s.frontends.contains_key(&Frontend4Key {
+                    scope: SCOPE_INTERNAL,
+                    ..*k
+                })
+            {
+                return Some(format!("frontend {k:?} points at a missing internal entry"));
+            }
+            if f.flags & FE_SOURCE_RANGES != 0
+                && !s.source_ranges.keys().any(|r| r.service_id == f.service_id)
+            {
+                return Some(format!("frontend {k:?} guarded by no range"));
+            }
+        }
+        s.svc_backends
+            .keys()
+            .find(|k| !s.backends.contains_key(&k.backend_id))
+            .map(|k| format!("service backend {k:?} of a missing backend"))
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(64))]
+
+        /// Make-before-break, checked after every single write of any
+        /// sequence of cluster states (with features: traffic policies,
+        /// affinity, source ranges), including sequences cut short by
+        /// failed writes and resumed: at no moment does a frontend read
+        /// anything that is not there.
+        #[test]
+        fn every_write_leaves_maps_a_packet_can_use(
+            steps in prop::collection::vec(cluster(), 1..6),
+            one_in in 2u64..8,
+            seed in any::<u64>(),
+        ) {
+            let n = node();
+            let mut rec = Reconciler::adopt(Faulty::new(Checked::default(), one_in, seed)).unwrap();
+            for step in &steps {
+                let desired = model::translate(&objects(&cluster_yaml(step)), &n);
+                prop_assert!(desired.errors.is_empty(), "{:?}", desired.errors);
+                let _ = rec.reconcile(&desired);
+            }
+            let last = model::translate(&objects(&cluster_yaml(steps.last().unwrap())), &n);
+            let mut tries = 0;
+            while rec.reconcile(&last).is_err() {
+                tries += 1;
+                prop_assert!(tries < 1000, "never converged");
+            }
+            let broken = &rec.writer.inner.broken;
+            prop_assert!(broken.is_empty(), "{}", broken.join("\n"));
+            let mut fresh = Reconciler::adopt(InMemory::default()).unwrap();
+            fresh.reconcile(&last).unwrap();
+            prop_assert_eq!(canonical(rec.state()), canonical(fresh.state()));
+        }
 
         /// Any sequence of cluster states, written through a writer that
         /// fails one write in `one_in`, retried until a sync succeeds,
@@ -920,4 +1037,101 @@ fn terminating_endpoints_serve_only_when_none_is_ready() {
     let f = st.frontends.values().next().unwrap();
     assert_eq!(f.terminating, f.count, "{}", st.dump());
     canonical(&st);
+}
+
+#[test]
+fn maps_of_an_older_agent_get_service_backends_before_the_first_flush() {
+    use lb_common::service::{SB_SERVING, ServiceBackendKey};
+    let objs = objects(WEB);
+    let mut rec = Reconciler::adopt(InMemory::default()).unwrap();
+    rec.reconcile(&model::translate(&objs, &node())).unwrap();
+    let want = rec.writer.state.clone();
+    // What an agent without LB_SVC_BACKENDS_V1 left.
+    let mut old = want.clone();
+    old.svc_backends.clear();
+    let mut rec = Reconciler::adopt(InMemory {
+        state: old,
+        writes: 0,
+    })
+    .unwrap();
+    assert!(rec.migrate_service_backends().unwrap() > 0);
+    let st = rec.writer.state.clone();
+    for f in st.frontends.values() {
+        for (k, id) in &st.slots {
+            if k.backend_set == f.backend_set {
+                let sb = st.svc_backends.get(&ServiceBackendKey {
+                    service_id: f.service_id,
+                    backend_id: *id,
+                });
+                assert!(sb.is_some_and(|v| v & SB_SERVING != 0), "{}", st.dump());
+            }
+        }
+    }
+    assert_eq!(rec.migrate_service_backends().unwrap(), 0, "twice");
+    // The first pass makes them exactly what a fresh agent writes.
+    rec.reconcile(&model::translate(&objs, &node())).unwrap();
+    assert_eq!(rec.writer.state, want);
+}
+
+#[test]
+fn source_ranges_guard_load_balancer_ips_only() {
+    use lb_common::service::FE_SOURCE_RANGES;
+    let lb = |ranges: &str| {
+        format!(
+            r#"
+apiVersion: v1
+kind: Service
+metadata: {{name: lb, namespace: x}}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.0.30
+  loadBalancerSourceRanges: [{ranges}]
+  ports: [{{port: 80, nodePort: 30080}}]
+status: {{loadBalancer: {{ingress: [{{ip: 192.0.2.1}}]}}}}
+"#
+        )
+    };
+    let mut rec = Reconciler::adopt(InMemory::default()).unwrap();
+    rec.reconcile(&model::translate(
+        &objects(&lb("10.1.2.3/16, 2001:db8::/32")),
+        &node(),
+    ))
+    .unwrap();
+    let st = rec.writer.state.clone();
+    // Host bits cleared, IPv6 left out; only the LoadBalancer IP is
+    // guarded (NodePorts are not subject to the ranges, as in kube-proxy).
+    let ranges: Vec<String> = st
+        .source_ranges
+        .keys()
+        .map(|k| format!("{}/{}", Ipv4Addr::from(ip4_octets(k.addr)), k.prefix_len))
+        .collect();
+    assert_eq!(ranges, ["10.1.0.0/16"]);
+    for (k, f) in &st.frontends {
+        let guarded = f.flags & FE_SOURCE_RANGES != 0;
+        assert_eq!(
+            guarded,
+            k.addr == lb_common::ip4([192, 0, 2, 1]),
+            "{}",
+            st.dump()
+        );
+    }
+    // A range holding the node's address lets the VIP itself in too.
+    rec.reconcile(&model::translate(&objects(&lb("172.18.0.0/24")), &node()))
+        .unwrap();
+    assert_eq!(
+        rec.writer.state.source_ranges.len(),
+        2,
+        "{}",
+        rec.writer.state.dump()
+    );
+    // Without ranges: nothing guarded, nothing left.
+    rec.reconcile(&model::translate(&objects(&lb("")), &node()))
+        .unwrap();
+    let st = &rec.writer.state;
+    assert!(st.source_ranges.is_empty());
+    assert!(
+        st.frontends
+            .values()
+            .all(|f| f.flags & FE_SOURCE_RANGES == 0)
+    );
 }

@@ -69,12 +69,38 @@ pub struct Args {
     /// The API server's service CIDR: with a manifest folder, Services
     /// written without `clusterIP` get one from here, as the API server
     /// would give them (kube's `--service-cluster-ip-range`).
-    #[arg(long, default_value = "10.96.0.0/12")]
-    pub service_cidr: String,
+    /// Given (or with a manifest folder), traffic to an address of this
+    /// CIDR that no Service has is dropped, as kube-proxy's nftables mode
+    /// drops it. Default for allocation: 10.96.0.0/12.
+    #[arg(long)]
+    pub service_cidr: Option<String>,
+    /// Which addresses NodePorts answer on: CIDRs and the keywords
+    /// `primary` (the node's addresses), `all` (every address of this
+    /// machine) and `localhost` (127.0.0.1, for the node's processes), as
+    /// kube-proxy's flag. Default: primary, or every address of this
+    /// machine when the node has none (a manifest folder without a Node).
+    #[arg(long, value_delimiter = ',')]
+    pub nodeport_addresses: Vec<String>,
     /// With a manifest folder, NodePort and LoadBalancer ports written
     /// without `nodePort` get one from this range (FIRST-LAST).
     #[arg(long, default_value = "30000-32767")]
     pub service_node_port_range: String,
+    /// Entries of the device path's connection-tracking table (two per
+    /// flow from outside; least recently used evicted first). Default: the
+    /// built-in size (`lbctl status` shows it). A restart with another
+    /// size migrates the pinned table, flows included.
+    #[arg(long)]
+    pub conntrack_max: Option<u32>,
+    /// Entries of the session affinity table (one per client and Service
+    /// port; least recently used evicted first). Migrated as above.
+    #[arg(long)]
+    pub affinity_max: Option<u32>,
+    /// Source ports (FIRST-LAST) for flows from outside SNATed to a
+    /// backend on another node. Where they overlap this node's ephemeral
+    /// ports (ip_local_port_range) they are added to
+    /// ip_local_reserved_ports, so no socket of the node gets one.
+    #[arg(long, default_value = "61000-65535")]
+    pub snat_port_range: String,
     /// Remove every attachment and pinned map, then exit.
     #[arg(long)]
     pub cleanup: bool,
@@ -97,8 +123,41 @@ pub async fn execute(args: Args) -> Result<()> {
         Some(n) => n,
         None => hostname()?,
     };
-    let allocator = Allocator::new(&args.service_cidr, &args.service_node_port_range)?;
+    let cidr = args.service_cidr.as_deref().unwrap_or("10.96.0.0/12");
+    let allocator = Allocator::new(cidr, &args.service_node_port_range)?;
+    let drop_service_cidr = if args.service_cidr.is_some() || matches!(source, SourceConfig::Dir(_))
+    {
+        Some(parse_cidr(cidr)?)
+    } else {
+        None
+    };
+    let nodeport_addresses = crate::agent::nodeport_addrs::parse(&args.nodeport_addresses)
+        .map_err(anyhow::Error::msg)?;
+    let mut map_sizes = std::collections::BTreeMap::new();
+    for (map, n, flag) in [
+        (
+            lb_common::maps::CONNTRACK4,
+            args.conntrack_max,
+            "--conntrack-max",
+        ),
+        (
+            lb_common::maps::AFFINITY4,
+            args.affinity_max,
+            "--affinity-max",
+        ),
+    ] {
+        if let Some(n) = n {
+            anyhow::ensure!(n >= 2, "{flag} {n}: at least 2 entries");
+            map_sizes.insert(map.to_string(), n);
+        }
+    }
+    let snat_ports = crate::agent::snat_ports::parse(&args.snat_port_range)
+        .map_err(|e| anyhow::anyhow!("--snat-port-range {e}"))?;
     run::run(AgentConfig {
+        map_sizes,
+        snat_ports,
+        nodeport_addresses,
+        drop_service_cidr,
         source,
         allocator,
         datapath_logs: args.datapath_logs,
@@ -114,6 +173,15 @@ pub async fn execute(args: Args) -> Result<()> {
         healthz_timeout: Duration::from_secs(args.healthz_timeout_s),
     })
     .await
+}
+
+fn parse_cidr(s: &str) -> Result<(Ipv4Addr, u8)> {
+    let bad = || anyhow::anyhow!("--service-cidr {s:?}: give an IPv4 CIDR");
+    let (a, l) = s.split_once('/').ok_or_else(bad)?;
+    let a: Ipv4Addr = a.parse().map_err(|_| bad())?;
+    let l: u8 = l.parse().map_err(|_| bad())?;
+    anyhow::ensure!((1..=32).contains(&l), bad());
+    Ok((a, l))
 }
 
 fn addr(s: &str) -> Result<Option<std::net::SocketAddr>> {

@@ -103,6 +103,12 @@ fn view(cur: &MapState, op: &Op) -> DiffView {
             }
             (BACKEND_SLOTS, cur.slots.contains_key(k))
         }
+        Op::PutSourceRange(k, _) | Op::DelSourceRange(k) => {
+            if let Some(v) = cur.source_ranges.get(k) {
+                have.source_ranges.insert(*k, *v);
+            }
+            (SOURCE_RANGES4, cur.source_ranges.contains_key(k))
+        }
         Op::PutServiceBackend(k, _) | Op::DelServiceBackend(k) => {
             if let Some(v) = cur.svc_backends.get(k) {
                 have.svc_backends.insert(*k, *v);
@@ -134,6 +140,7 @@ fn view(cur: &MapState, op: &Op) -> DiffView {
             | Op::DelFrontend(_)
             | Op::DelSlot(_)
             | Op::DelServiceBackend(_)
+            | Op::DelSourceRange(_)
             | Op::DelBackend(_)
             | Op::DelServiceMeta(_)
             | Op::DelBackendMeta(_)

@@ -21,8 +21,9 @@ use lb_common::{
     PROTO_TCP, PROTO_UDP,
     conntrack::{CT_ORIGINAL, CT_SNAT, Ct4Entry, Ct4Key},
     counters::{
-        V_DROP_NO_BACKEND, V_DROP_NO_LOCAL_BACKEND, V_FORWARD_ESTABLISHED, V_FORWARD_NEW,
-        V_PASS_NOT_SERVICE, V_REJECT_NO_BACKEND, V_REJECT_UNDEFINED_PORT, V_REPLY, VERDICTS,
+        V_DROP_NO_BACKEND, V_DROP_NO_LOCAL_BACKEND, V_DROP_SOURCE_RANGE, V_FORWARD_ESTABLISHED,
+        V_FORWARD_NEW, V_FORWARD_RENEWED, V_PASS_NOT_SERVICE, V_REJECT_NO_BACKEND,
+        V_REJECT_UNDEFINED_PORT, V_REPLY, V_RESET_BACKEND_GONE, VERDICTS,
     },
     hash, ip4, ip4_octets, port, port_host,
     service::{
@@ -389,9 +390,27 @@ pub fn device(
         );
         v.backend = backend_info(st, e.backend_id);
         v.snat = e.flags & CT_SNAT != 0;
-    } else if has(V_FORWARD_NEW) {
+    } else if has(V_DROP_SOURCE_RANGE) {
+        v.decision = "dropped_source_range".into();
+        v.reason = "the source is outside the Service's loadBalancerSourceRanges: a new flow \
+                    to its LoadBalancer IP is dropped"
+            .into();
+    } else if has(V_RESET_BACKEND_GONE) {
+        let e = existing.unwrap_or_default();
+        v.decision = "reset_backend_gone".into();
+        v.reason = format!(
+            "the connection's backend {} left the Service: the next segment gets a RST back and the flow's entries go",
+            e.backend_id
+        );
+    } else if has(V_FORWARD_NEW) || has(V_FORWARD_RENEWED) {
         let e = probe.entry.unwrap_or_default();
         v.decision = "new_flow".into();
+        if has(V_FORWARD_RENEWED) {
+            v.notes.push(format!(
+                "the flow had backend {}, which no longer serves this Service: it starts afresh",
+                existing.map_or(0, |e| e.backend_id)
+            ));
+        }
         v.hash = Some(h);
         v.backend = backend_info(st, e.backend_id);
         v.snat = e.flags & CT_SNAT != 0;

@@ -125,6 +125,7 @@ mod golden {
             session_affinity_timeout_s: Some(10800),
             external_traffic_policy: "Cluster".into(),
             internal_traffic_policy: "Cluster".into(),
+            source_ranges: vec![],
             not_enforced: vec!["sessionAffinity: ClientIP".into()],
             flows: 18,
             packets: 108,

@@ -40,6 +40,8 @@ pub struct ServiceView {
     pub session_affinity_timeout_s: Option<u32>,
     pub external_traffic_policy: String,
     pub internal_traffic_policy: String,
+    /// `loadBalancerSourceRanges` as programmed (CIDRs).
+    pub source_ranges: Vec<String>,
     /// Fields the Service sets that the datapath does not act on yet.
     pub not_enforced: Vec<String>,
     pub flows: u64,
@@ -118,6 +120,7 @@ pub fn view(
                     .then_some(m.affinity_timeout_s),
                 external_traffic_policy: policy(m.external_policy).into(),
                 internal_traffic_policy: policy(m.internal_policy).into(),
+                source_ranges: vec![],
                 not_enforced: not_enforced_names(m.not_enforced)
                     .map(str::to_string)
                     .collect(),
@@ -143,6 +146,15 @@ pub fn view(
             address: Ipv4Addr::from(ip4_octets(k.addr)),
             port: port_host(k.port),
         });
+    }
+    for k in state.source_ranges.keys() {
+        if let Some(v) = out.get_mut(&k.service_id) {
+            v.source_ranges.push(format!(
+                "{}/{}",
+                Ipv4Addr::from(ip4_octets(k.addr)),
+                k.prefix_len
+            ));
+        }
     }
     // Every backend of each port, with what the port does with it.
     for (k, flags) in &state.svc_backends {
@@ -190,7 +202,9 @@ pub fn new_flows(flags: u32, terminating: bool, local: bool) -> String {
             l
         };
     }
-    if terminating {
+    if flags & SB_SERVING == 0 {
+        "no: not ready, existing TCP flows only".into()
+    } else if terminating {
         "no: terminating, existing flows only".into()
     } else if flags & SB_TOPOLOGY_FILTERED != 0 {
         "no: topology hints".into()

@@ -167,6 +167,8 @@ pub struct AttachmentView {
 pub struct MapView {
     pub map: String,
     pub entries: usize,
+    /// The map's size, as the kernel has it (0 when it cannot be read).
+    pub max_entries: u32,
 }
 
 pub fn execute(args: Args) -> Result<()> {
@@ -204,6 +206,7 @@ pub fn execute(args: Args) -> Result<()> {
             (lb_common::maps::FRONTENDS4, st.frontends.len()),
             (lb_common::maps::BACKEND_SLOTS, st.slots.len()),
             (lb_common::maps::SERVICE_BACKENDS, st.svc_backends.len()),
+            (lb_common::maps::SOURCE_RANGES4, st.source_ranges.len()),
             (lb_common::maps::BACKENDS4, st.backends.len()),
             (lb_common::maps::SERVICE_META, st.service_meta.len()),
             (lb_common::maps::BACKEND_META, st.backend_meta.len()),
@@ -221,6 +224,7 @@ pub fn execute(args: Args) -> Result<()> {
         .map(|(m, n)| MapView {
             map: m.into(),
             entries: n,
+            max_entries: aya::maps::MapInfo::from_pin(pins.join(m)).map_or(0, |i| i.max_entries()),
         })
         .collect(),
     };
@@ -257,9 +261,15 @@ pub fn execute(args: Args) -> Result<()> {
             let rows = view
                 .maps
                 .iter()
-                .map(|m| vec![m.map.clone(), m.entries.to_string()])
+                .map(|m| {
+                    vec![
+                        m.map.clone(),
+                        m.entries.to_string(),
+                        m.max_entries.to_string(),
+                    ]
+                })
                 .collect();
-            print!("{}", render::table(&["MAP", "ENTRIES"], rows));
+            print!("{}", render::table(&["MAP", "ENTRIES", "MAX"], rows));
         }
     }
     Ok(())

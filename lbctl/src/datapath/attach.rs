@@ -28,6 +28,10 @@ pub const SOCK_PROGRAMS: &[&str] = &[
     "lb_sendmsg4",
     "lb_recvmsg4",
     "lb_getpeername4",
+    "lb_connect6",
+    "lb_sendmsg6",
+    "lb_recvmsg6",
+    "lb_getpeername6",
 ];
 pub const FROM_NETDEV: &str = "lb_from_netdev";
 pub const TO_NETDEV: &str = "lb_to_netdev";
@@ -47,6 +51,22 @@ pub struct Outcome {
     pub attached: usize,
     /// A pinned link found and pointed at this agent's program, atomically.
     pub replaced: usize,
+    /// A pinned link on another cgroup (an agent started with another
+    /// `--cgroup`): attached anew where asked, then the old one removed.
+    pub moved: usize,
+}
+
+/// Whether the link pinned at `path` is attached to another cgroup than
+/// the one whose id is `want`.
+fn on_other_cgroup(path: &Path, want: u64) -> Result<bool> {
+    if !path.exists() {
+        return Ok(false);
+    }
+    let link =
+        super::link::open_pinned(path).with_context(|| format!("opening {}", path.display()))?;
+    let id = super::link::cgroup_id(link.as_fd())
+        .with_context(|| format!("reading the cgroup of {}", path.display()))?;
+    Ok(id.is_some_and(|id| id != want))
 }
 
 /// Puts this agent's `prog` under the link pinned at `path`, if there is a
@@ -75,6 +95,8 @@ pub fn cgroup(ebpf: &mut Ebpf, pins: &Path, cgroup: &Path) -> Result<Outcome> {
     let mut out = Outcome::default();
     let cg =
         fs::File::open(cgroup).with_context(|| format!("opening cgroup {}", cgroup.display()))?;
+    // A cgroup's id is its folder's inode number.
+    let want = std::os::unix::fs::MetadataExt::ino(&cg.metadata()?);
     for name in SOCK_PROGRAMS {
         let path = link_path(pins, name, None);
         let prog: &mut CgroupSockAddr = ebpf
@@ -84,17 +106,26 @@ pub fn cgroup(ebpf: &mut Ebpf, pins: &Path, cgroup: &Path) -> Result<Outcome> {
         if prog.fd().is_err() {
             prog.load().with_context(|| format!("loading {name}"))?;
         }
-        if replace_pinned(&path, prog.fd()?.as_fd())? {
+        let moving = on_other_cgroup(&path, want)?;
+        if !moving && replace_pinned(&path, prog.fd()?.as_fd())? {
             out.replaced += 1;
             continue;
         }
+        // Make before break: the new cgroup has the program before the
+        // old link goes (its last reference is the pin).
         let id = prog
             .attach(&cg, CgroupAttachMode::Single)
             .with_context(|| format!("attaching {name} to cgroup {}", cgroup.display()))?;
         let link: FdLink = prog.take_link(id)?.try_into()?;
+        if moving {
+            fs::remove_file(&path)
+                .with_context(|| format!("removing {} (another cgroup)", path.display()))?;
+            out.moved += 1;
+        } else {
+            out.attached += 1;
+        }
         link.pin(&path)
             .with_context(|| format!("pinning {}", path.display()))?;
-        out.attached += 1;
     }
     Ok(out)
 }

@@ -1,8 +1,10 @@
 //! The eBPF objects built by `build.rs` and embedded in `lbctl`.
 
-use std::path::Path;
+use std::{collections::BTreeMap, path::Path};
 
 use aya::{Ebpf, EbpfLoader};
+
+use super::migrate::{self, Migrated};
 
 /// The datapath object (every program and map).
 pub static LB_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb.bpf.o"));
@@ -22,6 +24,14 @@ pub enum LoadError {
         pins: String,
         #[source]
         source: Box<aya::EbpfError>,
+    },
+    #[error("reading the map definitions of the eBPF object: {0}")]
+    Parse(#[from] aya_obj::ParseError),
+    #[error("migrating pinned maps under {pins} to their new definitions: {source}")]
+    Migrate {
+        pins: String,
+        #[source]
+        source: std::io::Error,
     },
 }
 
@@ -44,16 +54,42 @@ pub fn load(pin_dir: &Path) -> Result<Ebpf, LoadError> {
 /// Without, the log level global is 0, so the verifier sees every log call
 /// as dead code and removes it: no cost per packet.
 pub fn load_with_logs(pin_dir: &Path, logs: bool) -> Result<Ebpf, LoadError> {
+    load_with(pin_dir, logs, &BTreeMap::new()).map(|(ebpf, _)| ebpf)
+}
+
+/// As `load_with_logs`, with map sizes by name (`sizes`, else the
+/// object's). Pinned maps whose definition differs (another size, an older
+/// agent's flags) are migrated to the new one, entries copied
+/// (`migrate`); what was migrated is returned.
+pub fn load_with(
+    pin_dir: &Path,
+    logs: bool,
+    sizes: &BTreeMap<String, u32>,
+) -> Result<(Ebpf, Vec<Migrated>), LoadError> {
     let obj = object(LB_OBJECT)?;
+    let pins = || pin_dir.display().to_string();
+    let defs = migrate::object_defs(obj, sizes)?;
+    let staged = migrate::stage(pin_dir, &defs).map_err(|source| LoadError::Migrate {
+        pins: pins(),
+        source,
+    })?;
     let level: u8 = if logs { aya_log::Level::Debug as u8 } else { 0 };
-    EbpfLoader::new()
+    let mut loader = EbpfLoader::new();
+    loader
         .override_global(aya_log::LEVEL, &level, false)
-        .default_map_pin_directory(pin_dir)
-        .load(obj)
-        .map_err(|source| LoadError::Load {
-            pins: pin_dir.display().to_string(),
-            source: Box::new(source),
-        })
+        .default_map_pin_directory(pin_dir);
+    for (name, n) in sizes {
+        loader.map_max_entries(name, *n);
+    }
+    let ebpf = loader.load(obj).map_err(|source| LoadError::Load {
+        pins: pins(),
+        source: Box::new(source),
+    })?;
+    let migrated = migrate::finish(pin_dir, staged).map_err(|source| LoadError::Migrate {
+        pins: pins(),
+        source,
+    })?;
+    Ok((ebpf, migrated))
 }
 
 /// Loads the floor programs (no maps).

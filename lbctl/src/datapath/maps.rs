@@ -4,7 +4,9 @@
 use std::path::{Path, PathBuf};
 
 use aya::maps::{
-    Array, HashMap, Map, MapData, MapError as AyaMapError, PerCpuArray, PerCpuHashMap, PerCpuValues,
+    Array, HashMap, Map, MapData, MapError as AyaMapError, PerCpuArray, PerCpuHashMap,
+    PerCpuValues,
+    lpm_trie::{Key as TrieKey, LpmTrie},
 };
 use lb_common::{
     config::Config,
@@ -13,7 +15,7 @@ use lb_common::{
     maps as names,
     service::{
         AffinityEntry, AffinityKey, Backend4, BackendMeta, Frontend, Frontend4Key,
-        ServiceBackendKey, ServiceMeta, SlotKey,
+        SOURCE_RANGE_ID_BITS, ServiceBackendKey, ServiceMeta, SlotKey, SourceRange4,
     },
     sock::{SockFlow4, SockFlow4Key, SockRevNat4, SockRevNat4Key},
     status::AgentStatus,
@@ -21,7 +23,7 @@ use lb_common::{
 
 use crate::agent::{
     apply::{MapError, MapWriter},
-    state::{MapState, Op},
+    state::{MapState, Op, RangeKey},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -139,6 +141,7 @@ pub struct ServiceMaps {
     pub frontends: HashMap<MapData, Frontend4Key, Frontend>,
     pub slots: HashMap<MapData, SlotKey, u32>,
     pub svc_backends: HashMap<MapData, ServiceBackendKey, u32>,
+    pub source_ranges: LpmTrie<MapData, SourceRange4, u32>,
     pub backends: HashMap<MapData, u32, Backend4>,
     pub service_meta: HashMap<MapData, u32, ServiceMeta>,
     pub backend_meta: HashMap<MapData, u32, BackendMeta>,
@@ -167,6 +170,7 @@ impl ServiceMaps {
             frontends: typed!(dir, names::FRONTENDS4, HashMap<MapData, Frontend4Key, Frontend>),
             slots: typed!(dir, names::BACKEND_SLOTS, HashMap<MapData, SlotKey, u32>),
             svc_backends: typed!(dir, names::SERVICE_BACKENDS, HashMap<MapData, ServiceBackendKey, u32>),
+            source_ranges: typed!(dir, names::SOURCE_RANGES4, LpmTrie<MapData, SourceRange4, u32>),
             backends: typed!(dir, names::BACKENDS4, HashMap<MapData, u32, Backend4>),
             service_meta: typed!(dir, names::SERVICE_META, HashMap<MapData, u32, ServiceMeta>),
             backend_meta: typed!(dir, names::BACKEND_META, HashMap<MapData, u32, BackendMeta>),
@@ -306,6 +310,16 @@ impl SockMaps {
     }
 }
 
+fn trie_key(k: &RangeKey) -> TrieKey<SourceRange4> {
+    TrieKey::new(
+        SOURCE_RANGE_ID_BITS + k.prefix_len as u32,
+        SourceRange4 {
+            service_id: k.service_id,
+            addr: k.addr,
+        },
+    )
+}
+
 fn to_io(e: AyaMapError) -> std::io::Error {
     std::io::Error::other(e)
 }
@@ -351,6 +365,11 @@ impl MapWriter for ServiceMaps {
             Op::PutSlot(k, v) => self.slots.insert(k, v, 0),
             Op::PutServiceBackend(k, v) => self.svc_backends.insert(k, v, 0),
             Op::DelServiceBackend(k) => del(&mut self.svc_backends, &k),
+            Op::PutSourceRange(k, v) => self.source_ranges.insert(&trie_key(&k), v, 0),
+            Op::DelSourceRange(k) => match self.source_ranges.remove(&trie_key(&k)) {
+                Err(AyaMapError::KeyNotFound) => Ok(()),
+                r => r,
+            },
             Op::PutAddr(k, v) => self.addrs.insert(k, v, 0),
             Op::DelAddr(k) => del(&mut self.addrs, &k),
             Op::PutFrontend(k, v) => self.frontends.insert(k, v, 0),
@@ -377,6 +396,23 @@ impl MapWriter for ServiceMaps {
             frontends: read_all(&self.frontends, names::FRONTENDS4)?,
             slots: read_all(&self.slots, names::BACKEND_SLOTS)?,
             svc_backends: read_all(&self.svc_backends, names::SERVICE_BACKENDS)?,
+            source_ranges: self
+                .source_ranges
+                .iter()
+                .map(|r| {
+                    let (k, v) = r.map_err(|e| MapError::Read {
+                        map: names::SOURCE_RANGES4,
+                        source: to_io(e),
+                    })?;
+                    let d = k.data();
+                    let k = RangeKey {
+                        service_id: d.service_id,
+                        addr: d.addr,
+                        prefix_len: k.prefix_len().saturating_sub(SOURCE_RANGE_ID_BITS) as u8,
+                    };
+                    Ok((k, v))
+                })
+                .collect::<Result<_, MapError>>()?,
             backends: read_all(&self.backends, names::BACKENDS4)?,
             service_meta: read_all(&self.service_meta, names::SERVICE_META)?,
             backend_meta: read_all(&self.backend_meta, names::BACKEND_META)?,

@@ -6,5 +6,6 @@ pub mod frame;
 pub mod link;
 pub mod load;
 pub mod maps;
+pub mod migrate;
 pub mod pins;
 pub mod probe;

@@ -34,6 +34,7 @@ const SHARED: &[&str] = &[
     names::ADDRS4,
     names::BACKEND_SLOTS,
     names::SERVICE_BACKENDS,
+    names::SOURCE_RANGES4,
     names::BACKENDS4,
     names::CONFIG,
     names::SERVICE_META,
