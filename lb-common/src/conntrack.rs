@@ -15,9 +15,15 @@ pub const CT_REPLY: u8 = 1;
 pub const CT_SNAT: u8 = 1 << 0;
 pub const CT_LOCAL_BACKEND: u8 = 1 << 1;
 pub const CT_SEEN_REPLY: u8 = 1 << 2;
+/// A RST, or a FIN in both directions: the connection is ending.
 pub const CT_CLOSING: u8 = 1 << 3;
+/// A FIN from the client, from the backend: one direction is done, the
+/// other may go on sending (a half-close keeps the flow established).
+pub const CT_FIN_ORIGINAL: u8 = 1 << 4;
+pub const CT_FIN_REPLY: u8 = 1 << 5;
 
-/// Lifetimes in seconds, by what the flow has shown.
+/// Lifetimes in seconds, by what the flow has shown: an entry is dead
+/// after `lifetime` seconds without a packet in either direction.
 pub const CT_LIFETIME_TCP_SYN: u32 = 60;
 pub const CT_LIFETIME_TCP_ESTABLISHED: u32 = 6 * 3600;
 pub const CT_LIFETIME_TCP_CLOSING: u32 = 10;

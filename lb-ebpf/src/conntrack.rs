@@ -8,8 +8,9 @@ use aya_ebpf::{
 use lb_common::{
     PROTO_TCP,
     conntrack::{
-        CT_CLOSING, CT_LIFETIME_TCP_CLOSING, CT_LIFETIME_TCP_ESTABLISHED, CT_LIFETIME_TCP_SYN,
-        CT_LIFETIME_UDP, CT_ORIGINAL, CT_REPLY, CT_SEEN_REPLY, Ct4Entry, Ct4Key,
+        CT_CLOSING, CT_FIN_ORIGINAL, CT_FIN_REPLY, CT_LIFETIME_TCP_CLOSING,
+        CT_LIFETIME_TCP_ESTABLISHED, CT_LIFETIME_TCP_SYN, CT_LIFETIME_UDP, CT_ORIGINAL, CT_REPLY,
+        CT_SEEN_REPLY, Ct4Entry, Ct4Key,
     },
 };
 
@@ -92,39 +93,54 @@ pub fn lookup(k: &Ct4Key, now: u32) -> Option<&'static mut Ct4Entry> {
 }
 
 /// Records a packet on entry `e` (found under `k`), moving its lifetime with
-/// what the packet shows.
+/// what the packet shows: the first reply makes a flow established; for
+/// TCP, a FIN marks its direction done (a half-close stays established),
+/// and a RST or a FIN in both directions makes the flow closing. Both
+/// entries of the flow learn it, so they age together.
 #[inline(always)]
 pub fn touch(k: &Ct4Key, e: &mut Ct4Entry, pkt: &Packet, len: u32, now: u32) {
     e.last_seen_s = now;
     e.packets += 1;
     e.bytes += len as u64;
-    let closing = pkt.proto == PROTO_TCP && pkt.tcp_flags & (TCP_FIN | TCP_RST) != 0;
-    let first_reply = k.dir == CT_REPLY && e.flags & CT_SEEN_REPLY == 0;
-    if !closing && !first_reply {
+    let mut flags = e.flags;
+    if k.dir == CT_REPLY {
+        flags |= CT_SEEN_REPLY;
+    }
+    if pkt.proto == PROTO_TCP {
+        if pkt.tcp_flags & TCP_FIN != 0 {
+            flags |= if k.dir == CT_ORIGINAL {
+                CT_FIN_ORIGINAL
+            } else {
+                CT_FIN_REPLY
+            };
+        }
+        if pkt.tcp_flags & TCP_RST != 0
+            || flags & (CT_FIN_ORIGINAL | CT_FIN_REPLY) == CT_FIN_ORIGINAL | CT_FIN_REPLY
+        {
+            flags |= CT_CLOSING;
+        }
+    }
+    // Nothing new (most packets): no other write.
+    if flags == e.flags {
         return;
     }
-    let lifetime = if closing {
+    let lifetime = if flags & CT_CLOSING != 0 {
         CT_LIFETIME_TCP_CLOSING
-    } else if pkt.proto == PROTO_TCP {
+    } else if pkt.proto != PROTO_TCP {
+        CT_LIFETIME_UDP
+    } else if flags & CT_SEEN_REPLY != 0 {
         CT_LIFETIME_TCP_ESTABLISHED
     } else {
-        CT_LIFETIME_UDP
+        CT_LIFETIME_TCP_SYN
     };
-    let flags = if closing {
-        CT_CLOSING | CT_SEEN_REPLY
-    } else {
-        CT_SEEN_REPLY
-    };
-    e.flags |= flags;
-    if e.flags & CT_CLOSING == 0 || closing {
-        e.lifetime_s = lifetime;
-    }
+    e.flags = flags;
+    e.lifetime_s = lifetime;
     // The other direction learns the same, so both age together.
     if let Some(o) = CONNTRACK4.get_ptr_mut(&other_key(k, e)) {
         // SAFETY: as in `lookup`.
         let o = unsafe { &mut *o };
         o.flags |= flags;
-        o.lifetime_s = e.lifetime_s;
+        o.lifetime_s = lifetime;
         o.last_seen_s = now;
     }
 }

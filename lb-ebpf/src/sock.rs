@@ -19,12 +19,14 @@ use lb_common::{
         V_REJECT_UNDEFINED_PORT, V_SOCK_REVERSED, V_SOCK_TRANSLATED,
     },
     hash,
-    service::{ADDR_CLUSTER_IP, AFFINITY_BY_NETNS, BACKEND_ACTIVE, Frontend4Key, SCOPE_ALL},
+    service::{
+        ADDR_CLUSTER_IP, AFFINITY_BY_NETNS, Frontend4Key, SB_SERVING, SCOPE_ALL, ServiceBackendKey,
+    },
     sock::{SockFlow4, SockFlow4Key, SockRevNat4, SockRevNat4Key},
 };
 
 use crate::{
-    maps::{ADDRS4, BACKENDS4, CONFIG, SOCK_FLOWS4, SOCK_REVNAT4},
+    maps::{ADDRS4, BACKENDS4, CONFIG, SERVICE_BACKENDS, SOCK_FLOWS4, SOCK_REVNAT4},
     select::{self, Client},
     stats,
 };
@@ -164,15 +166,23 @@ pub fn translate(ctx: &SockAddrContext, family: Family, sticky: bool) -> i32 {
         proto: key.proto,
         _pad: 0,
     };
-    // A datagram socket keeps its backend while that backend is active
-    // (same id, same address: ids can be reused after a backend is gone).
+    // A datagram socket keeps its backend (same id, same address: ids can
+    // be reused after a backend is gone) while the Service port still has
+    // it serving, as the device path keeps a UDP flow.
     let kept = if sticky {
         // SAFETY: values copied out at once.
         unsafe {
             SOCK_FLOWS4.get(&flow).and_then(|f| {
                 let b = BACKENDS4.get(f.backend_id)?;
                 let same = b.addr == f.backend_addr && b.port == f.backend_port;
-                (same && b.state == BACKEND_ACTIVE).then_some((f.backend_id, *b))
+                let sb = ServiceBackendKey {
+                    service_id: fe.service_id,
+                    backend_id: f.backend_id,
+                };
+                let serving = SERVICE_BACKENDS
+                    .get(&sb)
+                    .is_some_and(|flags| flags & SB_SERVING != 0);
+                (same && serving).then_some((f.backend_id, *b))
             })
         }
     } else {
@@ -240,7 +250,12 @@ pub fn translate(ctx: &SockAddrContext, family: Family, sticky: bool) -> i32 {
         _pad: 0,
         service_id: fe.service_id,
     };
-    let _ = SOCK_REVNAT4.insert(&rev_key, &rev, 0);
+    // A datagram socket that keeps its backend has its entry already: a
+    // lookup, not a write per datagram (it is written again only if the
+    // LRU evicted it).
+    if kept.is_none() || SOCK_REVNAT4.get_ptr(&rev_key).is_none() {
+        let _ = SOCK_REVNAT4.insert(&rev_key, &rev, 0);
+    }
     set_user_addr(ctx, family, backend.addr, backend.port);
     stats::verdict(V_SOCK_TRANSLATED);
     SOCK_ALLOW

@@ -1105,3 +1105,128 @@ fn pin_array(path: &std::path::Path, value_size: u32) {
     // SAFETY: our descriptor; the pin keeps the map.
     unsafe { libc::close(fd as i32) };
 }
+
+/// Conntrack lifetimes follow the connection, checked with the clock moved
+/// (entries' timestamps set back, no waiting): a SYN's flow lives 60 s, an
+/// answered one 6 h; a FIN in one direction leaves the other open (still
+/// established an hour later); FINs both ways make it closing (10 s); a
+/// segment after that finds no flow and is a new flow by the hash (the
+/// same backend while the set is unchanged), never passed untranslated;
+/// a UDP flow lives 60 s after its last datagram.
+#[test]
+fn conntrack_lifetimes_follow_the_connection() {
+    use lb_common::conntrack::{
+        CT_CLOSING, CT_FIN_ORIGINAL, CT_LIFETIME_TCP_CLOSING, CT_LIFETIME_TCP_ESTABLISHED,
+        CT_LIFETIME_TCP_SYN, CT_LIFETIME_UDP, Ct4Entry,
+    };
+    require_root();
+    sweep();
+    let (fs, mut ebpf) = fixture::datapath();
+    let pins = fs.pins();
+    for p in ["lb_from_netdev", "lb_to_netdev"] {
+        let prog: &mut SchedClassifier = ebpf.program_mut(p).unwrap().try_into().unwrap();
+        prog.load().unwrap();
+    }
+    let node = NodeInfo {
+        name: "node-a".into(),
+        zone: None,
+        addresses: vec![NODE],
+        snat: None,
+    };
+    let _rec = fixture::program(&pins, MANIFESTS, &node);
+    let mut maps = ServiceMaps::open(&pins).unwrap();
+    let mut send = |program: &str, f: &Frame| {
+        let prog: &mut SchedClassifier = ebpf.program_mut(program).unwrap().try_into().unwrap();
+        let input = f.bytes();
+        let mut out = vec![0u8; input.len() + 128];
+        let r = prog
+            .test_run(TestRunOptions {
+                data_in: Some(&input),
+                data_out: Some(&mut out),
+                ..Default::default()
+            })
+            .expect("PROG_TEST_RUN");
+        out.truncate(r.data_size_out as usize);
+        (r.return_value, out)
+    };
+    // Both entries of the flow from client port `port`.
+    let entries = |maps: &ServiceMaps, port: u16| -> Vec<Ct4Entry> {
+        maps.conntrack
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(k, _)| k.src_port == port.to_be() || k.dst_port == port.to_be())
+            .map(|(_, e)| e)
+            .collect()
+    };
+    let age = |maps: &mut ServiceMaps, port: u16, by: u32| {
+        let keys: Vec<_> = maps
+            .conntrack
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(k, _)| k.src_port == port.to_be() || k.dst_port == port.to_be())
+            .collect();
+        for (k, mut e) in keys {
+            e.last_seen_s = e.last_seen_s.wrapping_sub(by);
+            maps.conntrack.insert(k, e, 0).unwrap();
+        }
+    };
+    let lifetimes = |maps: &ServiceMaps, port| -> Vec<u32> {
+        entries(maps, port).iter().map(|e| e.lifetime_s).collect()
+    };
+    let cl = (CLIENT, 45000);
+    let np = (NODE, 30080);
+    let be = (WEB_POD, 8080);
+    let translated = Frame::tcp(cl, be, ACK).bytes();
+
+    send("lb_from_netdev", &Frame::tcp(cl, np, SYN));
+    assert_eq!(lifetimes(&maps, 45000), [CT_LIFETIME_TCP_SYN; 2]);
+    send("lb_to_netdev", &Frame::tcp(be, cl, SYN | ACK));
+    assert_eq!(lifetimes(&maps, 45000), [CT_LIFETIME_TCP_ESTABLISHED; 2]);
+    // Half-close from the client: the backend may go on sending.
+    send("lb_from_netdev", &Frame::tcp(cl, np, FIN | ACK));
+    for e in entries(&maps, 45000) {
+        assert_eq!(e.flags & (CT_FIN_ORIGINAL | CT_CLOSING), CT_FIN_ORIGINAL);
+        assert_eq!(e.lifetime_s, CT_LIFETIME_TCP_ESTABLISHED);
+    }
+    age(&mut maps, 45000, 3600);
+    let before = maps.verdicts()[V_REPLY as usize];
+    let (rc, _) = send("lb_to_netdev", &Frame::tcp(be, cl, ACK));
+    assert_eq!(rc, TC_ACT_OK);
+    assert_eq!(
+        maps.verdicts()[V_REPLY as usize],
+        before + 1,
+        "an hour later, half-closed"
+    );
+    // The backend's FIN: closing, both ways.
+    send("lb_to_netdev", &Frame::tcp(be, cl, FIN | ACK));
+    assert_eq!(lifetimes(&maps, 45000), [CT_LIFETIME_TCP_CLOSING; 2]);
+    age(&mut maps, 45000, CT_LIFETIME_TCP_CLOSING + 1);
+    // A late segment: a new flow by the hash, translated all the same.
+    let before = maps.verdicts()[V_FORWARD_NEW as usize];
+    let (rc, out) = send("lb_from_netdev", &Frame::tcp(cl, np, ACK));
+    assert_eq!(rc, TC_ACT_OK);
+    assert_eq!(maps.verdicts()[V_FORWARD_NEW as usize], before + 1);
+    assert_frame("a segment after the flow expired", &out, &translated);
+
+    // UDP: 60 s after the last datagram.
+    let ucl = (CLIENT, 5400);
+    let udp = Frame::udp(ucl, (NODE, 30053));
+    send("lb_from_netdev", &udp);
+    assert_eq!(lifetimes(&maps, 5400), [CT_LIFETIME_UDP; 2]);
+    age(&mut maps, 5400, CT_LIFETIME_UDP - 1);
+    let before = maps.verdicts()[V_FORWARD_ESTABLISHED as usize];
+    send("lb_from_netdev", &udp);
+    assert_eq!(
+        maps.verdicts()[V_FORWARD_ESTABLISHED as usize],
+        before + 1,
+        "59 s idle: alive"
+    );
+    age(&mut maps, 5400, CT_LIFETIME_UDP + 1);
+    let before = maps.verdicts()[V_FORWARD_NEW as usize];
+    send("lb_from_netdev", &udp);
+    assert_eq!(
+        maps.verdicts()[V_FORWARD_NEW as usize],
+        before + 1,
+        "61 s idle: a new flow"
+    );
+}

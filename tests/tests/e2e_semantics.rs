@@ -562,10 +562,11 @@ fn line(lines: &mut std::io::Lines<BufReader<std::process::ChildStdout>>) -> Str
     lines.next().and_then(Result::ok).unwrap_or_default()
 }
 
-/// A flow never outlives its backend: an outside UDP client sending from
-/// one port moves to the remaining backend once its backend leaves the
-/// Service, and a long TCP download from a backend that leaves ends with
-/// a reset at once instead of hanging.
+/// A flow never outlives its backend: a UDP client sending from one port
+/// (outside, through the NodePort; a pod, through the ClusterIP) moves to
+/// the remaining backend once its backend leaves the Service, and a long
+/// TCP download from a backend that leaves ends with a reset at once
+/// instead of hanging.
 #[test]
 fn flows_of_a_backend_that_left_move_or_end() {
     require_root();
@@ -620,6 +621,30 @@ fn flows_of_a_backend_that_left_move_or_end() {
     assert!(
         last.starts_with("moved pod-"),
         "a UDP flow whose backend left: {last}"
+    );
+
+    // The same from a pod's unconnected UDP socket (socket path).
+    c.write("moving.yaml", &moving_service(&both));
+    c.wait_services("both endpoints again", |s| backends_of(s, "moving") == 2);
+    let mut pod_udp = c
+        .in_cgroup(
+            &c.topo.pod("pod-1").ns,
+            "python3",
+            &["-c", PROBE, "udp-stream", "10.96.0.94", "53"],
+        )
+        .stdout(Stdio::piped())
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("probe");
+    let mut lines = BufReader::new(pod_udp.stdout.take().expect("stdout")).lines();
+    let first = line(&mut lines);
+    let name = first.strip_prefix("first ").expect(&first).to_string();
+    keep_only(&name);
+    let last = line(&mut lines);
+    let _ = pod_udp.wait();
+    assert!(
+        last.starts_with("moved pod-"),
+        "a pod's UDP flow whose backend left: {last}"
     );
 
     c.write("moving.yaml", &moving_service(&both));

@@ -6,7 +6,10 @@ use std::net::Ipv4Addr;
 
 use anyhow::Result;
 use lb_common::{
-    conntrack::{CT_CLOSING, CT_LOCAL_BACKEND, CT_ORIGINAL, CT_SEEN_REPLY, CT_SNAT},
+    conntrack::{
+        CT_CLOSING, CT_FIN_ORIGINAL, CT_FIN_REPLY, CT_LOCAL_BACKEND, CT_ORIGINAL, CT_SEEN_REPLY,
+        CT_SNAT,
+    },
     ip4_octets, port_host,
 };
 use serde::Serialize;
@@ -51,7 +54,8 @@ pub struct FlowView {
     pub nat_dst: String,
     pub service: String,
     pub backend_id: u32,
-    /// `syn`, `established`, `closing`; `udp` for UDP.
+    /// `syn`, `established`, `half-closed` (a FIN in one direction),
+    /// `closing`; `udp` for UDP.
     pub state: String,
     pub snat: bool,
     pub local_backend: bool,
@@ -96,6 +100,8 @@ pub fn view(maps: &ServiceMaps) -> Vec<FlowView> {
                 "udp"
             } else if e.flags & CT_CLOSING != 0 {
                 "closing"
+            } else if e.flags & (CT_FIN_ORIGINAL | CT_FIN_REPLY) != 0 {
+                "half-closed"
             } else if e.flags & CT_SEEN_REPLY != 0 {
                 "established"
             } else {
