@@ -104,6 +104,10 @@ verdicts! {
     /// (device path), refused with ENETUNREACH (socket path), as
     /// kube-proxy's nftables mode drops it.
     V_DROP_UNALLOCATED_SERVICE_IP = 21, "drop_unallocated_service_ip";
+    /// An ICMP error about a translated flow (destination unreachable,
+    /// fragmentation needed, time exceeded), translated back towards the
+    /// client with every checksum fixed.
+    V_ICMP_TRANSLATED = 22, "icmp_translated";
 }
 
 /// Size of the verdict counter array; room to append.

@@ -20,6 +20,7 @@
 )]
 
 mod conntrack;
+mod icmp;
 mod maps;
 mod nat;
 mod netdev;

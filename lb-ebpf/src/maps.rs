@@ -99,5 +99,27 @@ pub static AGENT_STATUS: Array<AgentStatus> = Array::pinned(1, 0);
 #[map(name = "LB_CONFIG_V1")]
 pub static CONFIG: Array<Config> = Array::pinned(1, 0);
 
+/// Room to build a packet's new headers (a refusal, a translated ICMP
+/// error) off the 512-byte BPF stack. Per CPU, one entry, never pinned:
+/// only the program run on this CPU uses it, for the length of one run.
+#[repr(C)]
+pub struct Scratch {
+    pub buf: [u8; 128],
+}
+
+#[map(name = "LB_SCRATCH")]
+pub static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
+
+/// This CPU's scratch area as a `T`: a repr(C) struct of byte arrays
+/// (alignment 1) of at most 128 bytes.
+#[inline(always)]
+pub fn scratch<T>() -> Option<&'static mut T> {
+    const { assert!(core::mem::size_of::<T>() <= 128 && core::mem::align_of::<T>() == 1) };
+    let p = SCRATCH.get_ptr_mut(0)?;
+    // SAFETY: per-CPU slot, a program runs to completion on its CPU; the
+    // buffer holds a T (size and alignment asserted above).
+    Some(unsafe { &mut *((*p).buf.as_mut_ptr() as *mut T) })
+}
+
 // The names above are checked against `lb_common::maps` by lbctl's tests,
 // which open every map by those constants in the built object.

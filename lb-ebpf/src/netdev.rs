@@ -29,6 +29,7 @@ use lb_common::{
 
 use crate::{
     conntrack::{self, now_s},
+    icmp::{self, PROTO_ICMP},
     maps::{ADDRS4, CONFIG, SERVICE_BACKENDS, SOURCE_RANGES4},
     nat,
     parse::{self, Packet, TCP_ACK, TCP_SYN},
@@ -63,6 +64,10 @@ pub fn from_netdev(ctx: &TcContext) -> i32 {
         stats::verdict(V_PASS_NOT_SERVICE);
         return TC_ACT_OK;
     };
+    // An ICMP error about one of our flows (to an SNAT address).
+    if pkt.proto == PROTO_ICMP {
+        return icmp::from_netdev(ctx, &pkt);
+    }
     let now = now_s();
     let len = ctx.len();
 
@@ -235,6 +240,9 @@ pub fn to_netdev(ctx: &TcContext) -> i32 {
     let Ok(pkt) = parse::parse(ctx) else {
         return TC_ACT_OK;
     };
+    if pkt.proto == PROTO_ICMP {
+        return icmp::to_netdev(ctx, &pkt);
+    }
     let k = conntrack::key(&pkt, CT_REPLY);
     let now = now_s();
     let Some(e) = conntrack::lookup(&k, now) else {

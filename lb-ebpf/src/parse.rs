@@ -1,6 +1,7 @@
 //! Packet parsing for the device path: Ethernet, IPv4 (with options), and
 //! the TCP/UDP ports, read in place from the packet.
 
+use crate::icmp::PROTO_ICMP;
 use aya_ebpf::programs::TcContext;
 use lb_common::{
     PROTO_TCP, PROTO_UDP,
@@ -94,7 +95,7 @@ fn parse_linear(ctx: &TcContext) -> Result<Packet, u32> {
     if u16::from_be_bytes(ip.frags) & 0x3fff != 0 {
         return Err(V_PASS_UNSUPPORTED);
     }
-    if ip.proto != PROTO_TCP && ip.proto != PROTO_UDP {
+    if ip.proto != PROTO_TCP && ip.proto != PROTO_UDP && ip.proto != PROTO_ICMP {
         return Err(V_PASS_UNSUPPORTED);
     }
     let (src_addr, dst_addr, proto) = (
@@ -114,7 +115,7 @@ fn parse_linear(ctx: &TcContext) -> Result<Packet, u32> {
             u16::from_ne_bytes([h[2], h[3]]),
             h[13],
         )
-    } else {
+    } else if proto == PROTO_UDP {
         let h = ptr_at::<[u8; 8]>(ctx, l4_off as usize).ok_or(V_PASS_TRUNCATED)?;
         // SAFETY: bounds checked by ptr_at.
         let h = unsafe { &*h };
@@ -123,6 +124,10 @@ fn parse_linear(ctx: &TcContext) -> Result<Packet, u32> {
             u16::from_ne_bytes([h[2], h[3]]),
             0,
         )
+    } else {
+        // ICMP: no ports; its header must be there (icmp.rs reads on).
+        ptr_at::<[u8; 8]>(ctx, l4_off as usize).ok_or(V_PASS_TRUNCATED)?;
+        (0, 0, 0)
     };
     Ok(Packet {
         src_addr,

@@ -14,6 +14,7 @@ use aya_ebpf::{
 use lb_common::{PROTO_TCP, counters::V_DROP_NO_BACKEND};
 
 use crate::{
+    maps::scratch,
     parse::{Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
     stats,
 };
@@ -41,7 +42,8 @@ struct UnreachFrame {
 /// Refuses the flow of `pkt`: counts `verdict` and returns the redirect
 /// when the answer is on its way, counts `drop_no_backend` and drops when
 /// none can be sent (a RST is never answered, IP options on a datagram).
-#[inline(always)]
+/// Out of line: its frames get their own stack frame.
+#[inline(never)]
 pub fn refuse(ctx: &TcContext, pkt: &Packet, verdict: u32) -> i32 {
     let built = if pkt.proto == PROTO_TCP {
         tcp_rst(ctx, pkt)
@@ -131,11 +133,10 @@ fn tcp_rst(ctx: &TcContext, pkt: &Packet) -> Result<(), ()> {
             TCP_RST | TCP_ACK,
         )
     };
-    let mut f = RstFrame {
-        eth: eth_back(ctx)?,
-        ip: ip_back(pkt, PROTO_TCP, 40),
-        tcp: [0u8; 20],
-    };
+    let f = scratch::<RstFrame>().ok_or(())?;
+    f.eth = eth_back(ctx)?;
+    f.ip = ip_back(pkt, PROTO_TCP, 40);
+    f.tcp = [0u8; 20];
     f.tcp[0..2].copy_from_slice(&pkt.dst_port.to_ne_bytes());
     f.tcp[2..4].copy_from_slice(&pkt.src_port.to_ne_bytes());
     f.tcp[4..8].copy_from_slice(&rst_seq);
@@ -147,7 +148,7 @@ fn tcp_rst(ctx: &TcContext, pkt: &Packet) -> Result<(), ()> {
     acc += PROTO_TCP as u32 + 20;
     let c = fold(sum(acc, &f.tcp));
     f.tcp[16..18].copy_from_slice(&c);
-    write(ctx, &f, core::mem::size_of::<RstFrame>() as u32)
+    write(ctx, f, core::mem::size_of::<RstFrame>() as u32)
 }
 
 #[inline(always)]
@@ -157,16 +158,14 @@ fn icmp_port_unreachable(ctx: &TcContext, pkt: &Packet) -> Result<(), ()> {
     if pkt.l4_off - pkt.l3_off != 20 {
         return Err(());
     }
-    let quote: [u8; 28] = ctx.load(pkt.l3_off as usize).map_err(|_| ())?;
-    let mut f = UnreachFrame {
-        eth: eth_back(ctx)?,
-        ip: ip_back(pkt, IPPROTO_ICMP, 20 + 8 + 28),
-        icmp: [3, 3, 0, 0, 0, 0, 0, 0],
-        quote,
-    };
+    let f = scratch::<UnreachFrame>().ok_or(())?;
+    f.quote = ctx.load(pkt.l3_off as usize).map_err(|_| ())?;
+    f.eth = eth_back(ctx)?;
+    f.ip = ip_back(pkt, IPPROTO_ICMP, 20 + 8 + 28);
+    f.icmp = [3, 3, 0, 0, 0, 0, 0, 0];
     let c = fold(sum(sum(0, &f.icmp), &f.quote));
     f.icmp[2..4].copy_from_slice(&c);
-    write(ctx, &f, core::mem::size_of::<UnreachFrame>() as u32)
+    write(ctx, f, core::mem::size_of::<UnreachFrame>() as u32)
 }
 
 /// Makes the packet exactly `frame`.

@@ -16,7 +16,7 @@ use aya::{
 use lb_common::counters::{
     V_DROP_NO_BACKEND, V_DROP_NO_LOCAL_BACKEND, V_DROP_NO_SNAT_PORT, V_DROP_SOURCE_RANGE,
     V_DROP_UNALLOCATED_SERVICE_IP, V_FORWARD_ESTABLISHED, V_FORWARD_NEW, V_FORWARD_RENEWED,
-    V_PASS_NOT_SERVICE, V_REJECT_NO_BACKEND, V_REJECT_UNDEFINED_PORT, V_REPLY,
+    V_ICMP_TRANSLATED, V_PASS_NOT_SERVICE, V_REJECT_NO_BACKEND, V_REJECT_UNDEFINED_PORT, V_REPLY,
     V_RESET_BACKEND_GONE,
 };
 use lb_tests::{
@@ -338,6 +338,26 @@ fn device_path_cases() {
             TC_ACT_OK,
             Want::Frame(Frame::udp((NODE, 30053), (CLIENT, 5000)).bytes()),
         ),
+        Case {
+            counts: Some(V_ICMP_TRANSLATED),
+            ..case(
+                "the local backend's port unreachable about the datagram: from the NodePort, quoting what the client sent",
+                "lb_to_netdev",
+                Frame::icmp_error_for(&udp.with((CLIENT, 5000), (DNS_POD, 5353)), 3, 3).bytes(),
+                TC_ACT_OK,
+                Want::Frame(Frame::icmp_error_for(&udp, 3, 3).bytes()),
+            )
+        },
+        Case {
+            counts: Some(V_PASS_NOT_SERVICE),
+            ..case(
+                "an ICMP error about no flow of ours: untouched",
+                "lb_from_netdev",
+                Frame::icmp_error_for(&Frame::udp((NODE, 5999), (CLIENT, 53)), 3, 3).bytes(),
+                TC_ACT_OK,
+                Want::Same,
+            )
+        },
         Case {
             counts: Some(V_REJECT_NO_BACKEND),
             ..case(
@@ -756,6 +776,30 @@ fn snat_to_a_backend_on_another_node_both_ways() {
         );
         assert_frame(
             "reply from the remote backend: back to the client from the NodePort",
+            &out,
+            &want.bytes(),
+        );
+
+        // A router towards the backend says the SYN was too big: the
+        // client hears it from the NodePort, about the SYN it sent, and
+        // can lower its path MTU.
+        let translated = {
+            let mut t = syn.with((NODE, port), backend);
+            t.src_mac = node_mac;
+            t.dst_mac = node_b_mac;
+            t
+        };
+        let mut frag_needed = Frame::icmp_error_for(&translated, 3, 4);
+        frag_needed.src = Ipv4Addr::new(10, 244, 2, 1);
+        frag_needed.src_mac = node_b_mac;
+        frag_needed.dst_mac = node_mac;
+        let mut want = Frame::icmp_error_for(&syn, 3, 4);
+        want.src_mac = node_mac;
+        want.dst_mac = router_mac;
+        let (verdict, out) = run(&frag_needed.bytes());
+        assert_eq!(verdict, TC_ACT_REDIRECT, "{}", describe(&out));
+        assert_frame(
+            "fragmentation needed from a router on the backend's side: back to the client",
             &out,
             &want.bytes(),
         );

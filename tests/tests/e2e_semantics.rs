@@ -982,3 +982,26 @@ fn nodeport_addresses_localhost_and_unallocated_service_ips() {
     );
     assert!(c.verdicts()["drop_unallocated_service_ip"] > before);
 }
+
+/// ICMP errors about a flow reach the client translated: a UDP datagram
+/// through the NodePort to a pod with nothing on the port gets the pod's
+/// port unreachable back as if from the NodePort, so the client's
+/// connected socket fails with ECONNREFUSED instead of waiting.
+#[test]
+fn icmp_errors_reach_the_client_translated() {
+    require_root();
+    sweep();
+    let mut t = Topology::new(1);
+    t.start_pod_servers(8080);
+    // No UDP server in the pod: its kernel answers port unreachable.
+    let one = [("10.244.1.11", NODE_NAME, READY)];
+    let c = Cluster::start(&lbctl(), t, &[("moving.yaml", &moving_service(&one))]);
+    c.wait_services("moving", |s| backends_of(s, "moving") == 1);
+    let before = c.verdicts()["icmp_translated"];
+    let np = NODE_IP.to_string();
+    assert_eq!(
+        probe_from(&c, From::Outside, &["udp-connected", &np, "30095"]),
+        "ConnectionRefusedError 111"
+    );
+    assert!(c.verdicts()["icmp_translated"] > before);
+}
