@@ -108,6 +108,11 @@ verdicts! {
     /// fragmentation needed, time exceeded), translated back towards the
     /// client with every checksum fixed.
     V_ICMP_TRANSLATED = 22, "icmp_translated";
+    /// A packet of a flow redirected to another node was too big for the
+    /// route: an ICMP fragmentation needed sent back to its sender.
+    V_FRAG_NEEDED_SENT = 23, "frag_needed_sent";
+    /// The same without DF set: dropped (tc cannot fragment).
+    V_DROP_TOO_BIG = 24, "drop_too_big";
 }
 
 /// Size of the verdict counter array; room to append.

@@ -265,6 +265,23 @@ pub fn to_netdev(ctx: &TcContext) -> i32 {
 /// address it would refuse.
 #[inline(always)]
 fn apply(ctx: &TcContext, pkt: &Packet, e: &Ct4Entry, verdict: u32) -> i32 {
+    // Where an SNATed packet goes is looked up before it is rewritten: a
+    // packet too big for that route is answered with a fragmentation
+    // needed quoting it as its sender sent it (path MTU discovery).
+    let next = if e.flags & CT_SNAT != 0 {
+        match route::lookup(
+            ctx,
+            pkt.proto,
+            e.nat_src_addr,
+            e.nat_dst_addr,
+            ip_len(ctx, pkt),
+        ) {
+            route::Next::FragNeeded { mtu } => return reject::frag_needed(ctx, pkt, mtu),
+            next => Some(next),
+        }
+    } else {
+        None
+    };
     if nat::rewrite(
         ctx,
         pkt,
@@ -279,11 +296,30 @@ fn apply(ctx: &TcContext, pkt: &Packet, e: &Ct4Entry, verdict: u32) -> i32 {
         return TC_ACT_SHOT;
     }
     stats::verdict(verdict);
-    if e.flags & CT_SNAT != 0 {
-        route::redirect(ctx, pkt.proto, e.nat_src_addr, e.nat_dst_addr)
-    } else {
-        TC_ACT_OK
+    match next {
+        Some(next) => route::send(ctx, next),
+        None => TC_ACT_OK,
     }
+}
+
+/// The IP length of the packet as it will be sent: of each segment for a
+/// GSO packet (headers and the segment size), else its own.
+#[inline(always)]
+fn ip_len(ctx: &TcContext, pkt: &Packet) -> u16 {
+    // SAFETY: valid skb pointer.
+    let gso_size = unsafe { (*ctx.skb.skb).gso_size };
+    if gso_size == 0 {
+        return ctx
+            .load::<[u8; 2]>(pkt.l3_off as usize + 2)
+            .map_or(0, u16::from_be_bytes);
+    }
+    let l4_header = if pkt.proto == PROTO_TCP {
+        ctx.load::<u8>(pkt.l4_off as usize + 12)
+            .map_or(20, |d| (d >> 4) as u32 * 4)
+    } else {
+        8
+    };
+    (pkt.l4_off - pkt.l3_off + l4_header + gso_size).min(u16::MAX as u32) as u16
 }
 
 /// Records both directions of a new flow; returns the original direction's

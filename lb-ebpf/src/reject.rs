@@ -11,7 +11,10 @@ use aya_ebpf::{
     helpers::generated::{bpf_redirect, bpf_skb_change_tail},
     programs::TcContext,
 };
-use lb_common::{PROTO_TCP, counters::V_DROP_NO_BACKEND};
+use lb_common::{
+    PROTO_TCP,
+    counters::{V_DROP_NO_BACKEND, V_DROP_TOO_BIG, V_FRAG_NEEDED_SENT},
+};
 
 use crate::{
     maps::scratch,
@@ -153,8 +156,33 @@ fn tcp_rst(ctx: &TcContext, pkt: &Packet) -> Result<(), ()> {
 
 #[inline(always)]
 fn icmp_port_unreachable(ctx: &TcContext, pkt: &Packet) -> Result<(), ()> {
-    // The quote is the IP header and 8 bytes after it: a fixed 28 only
-    // without IP options.
+    icmp_error(ctx, pkt, 3, [0; 4])
+}
+
+/// Answers a packet too big for its route, with DF set, with an ICMP
+/// fragmentation needed carrying the route's MTU, quoting the packet as
+/// its sender sent it; without DF (the kernel would fragment it, tc
+/// cannot) it is dropped. Either way counted.
+#[inline(never)]
+pub fn frag_needed(ctx: &TcContext, pkt: &Packet, mtu: u16) -> i32 {
+    let df = ctx
+        .load::<[u8; 2]>(pkt.l3_off as usize + 6)
+        .is_ok_and(|f| f[0] & 0x40 != 0);
+    let [hi, lo] = mtu.to_be_bytes();
+    if !df || icmp_error(ctx, pkt, 4, [0, 0, hi, lo]).is_err() {
+        stats::verdict(V_DROP_TOO_BIG);
+        return TC_ACT_SHOT;
+    }
+    stats::verdict(V_FRAG_NEEDED_SENT);
+    // SAFETY: valid skb pointer; helper with plain integers.
+    unsafe { bpf_redirect((*ctx.skb.skb).ifindex, 0) as i32 }
+}
+
+/// A destination unreachable of `code` (`rest`: the header's last four
+/// bytes) back to the sender of `pkt`, quoting its IP header and the 8
+/// bytes after it (a fixed 28: only without IP options).
+#[inline(always)]
+fn icmp_error(ctx: &TcContext, pkt: &Packet, code: u8, rest: [u8; 4]) -> Result<(), ()> {
     if pkt.l4_off - pkt.l3_off != 20 {
         return Err(());
     }
@@ -162,7 +190,7 @@ fn icmp_port_unreachable(ctx: &TcContext, pkt: &Packet) -> Result<(), ()> {
     f.quote = ctx.load(pkt.l3_off as usize).map_err(|_| ())?;
     f.eth = eth_back(ctx)?;
     f.ip = ip_back(pkt, IPPROTO_ICMP, 20 + 8 + 28);
-    f.icmp = [3, 3, 0, 0, 0, 0, 0, 0];
+    f.icmp = [3, code, 0, 0, rest[0], rest[1], rest[2], rest[3]];
     let c = fold(sum(sum(0, &f.icmp), &f.quote));
     f.icmp[2..4].copy_from_slice(&c);
     write(ctx, f, core::mem::size_of::<UnreachFrame>() as u32)

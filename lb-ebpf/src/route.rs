@@ -20,13 +20,38 @@ const AF_INET: u8 = 2;
 const BPF_FIB_LKUP_RET_SUCCESS: i64 = 0;
 const BPF_FIB_LKUP_RET_NO_NEIGH: i64 = 7;
 
-/// Redirects the (already rewritten) packet towards `dst_addr`.
+const BPF_FIB_LKUP_RET_FRAG_NEEDED: i64 = 8;
+
+/// Where a packet from `src_addr` to `dst_addr` goes next.
+pub enum Next {
+    /// Out of `ifindex`, to `dmac` from `smac`.
+    Send {
+        ifindex: u32,
+        smac: [u8; 6],
+        dmac: [u8; 6],
+    },
+    /// Out of `ifindex`; the kernel resolves the neighbour.
+    Neighbour {
+        ifindex: u32,
+    },
+    /// Too big for the route's MTU.
+    FragNeeded {
+        mtu: u16,
+    },
+    NoRoute,
+}
+
+/// The FIB's answer for this packet. `tot_len`: the IP length of the
+/// packet (of each segment, for a GSO packet), checked against the route's
+/// MTU (a route `mtu` attribute counts, as in the kernel's forwarding);
+/// 0: the packet is checked against the device's MTU.
 #[inline(always)]
-pub fn redirect(ctx: &TcContext, proto: u8, src_addr: u32, dst_addr: u32) -> i32 {
+pub fn lookup(ctx: &TcContext, proto: u8, src_addr: u32, dst_addr: u32, tot_len: u16) -> Next {
     // SAFETY: plain-old-data, all-zero is valid.
     let mut p: FibParams = unsafe { core::mem::zeroed() };
     p.family = AF_INET;
     p.l4_protocol = proto;
+    p.__bindgen_anon_1.tot_len = tot_len;
     // SAFETY: valid skb pointer.
     p.ifindex = unsafe { (*ctx.skb.skb).ingress_ifindex };
     p.__bindgen_anon_3.ipv4_src = src_addr;
@@ -40,18 +65,50 @@ pub fn redirect(ctx: &TcContext, proto: u8, src_addr: u32, dst_addr: u32) -> i32
             0,
         )
     };
-    if r == BPF_FIB_LKUP_RET_SUCCESS {
-        if ctx.store(0, &p.dmac, 0).is_err() || ctx.store(6, &p.smac, 0).is_err() {
-            stats::verdict(V_DROP_NO_ROUTE);
-            return TC_ACT_SHOT;
+    match r {
+        BPF_FIB_LKUP_RET_SUCCESS => Next::Send {
+            ifindex: p.ifindex,
+            smac: p.smac,
+            dmac: p.dmac,
+        },
+        BPF_FIB_LKUP_RET_NO_NEIGH => Next::Neighbour { ifindex: p.ifindex },
+        // SAFETY: the kernel wrote the MTU in the union.
+        BPF_FIB_LKUP_RET_FRAG_NEEDED => Next::FragNeeded {
+            mtu: unsafe { p.__bindgen_anon_1.mtu_result },
+        },
+        _ => Next::NoRoute,
+    }
+}
+
+/// Sends the (already rewritten) packet where `next` says.
+#[inline(always)]
+pub fn send(ctx: &TcContext, next: Next) -> i32 {
+    match next {
+        Next::Send {
+            ifindex,
+            smac,
+            dmac,
+        } => {
+            if ctx.store(0, &dmac, 0).is_err() || ctx.store(6, &smac, 0).is_err() {
+                stats::verdict(V_DROP_NO_ROUTE);
+                return TC_ACT_SHOT;
+            }
+            // SAFETY: helper with plain integers.
+            unsafe { bpf_redirect(ifindex, 0) as i32 }
         }
-        // SAFETY: helper with plain integers.
-        return unsafe { bpf_redirect(p.ifindex, 0) } as i32;
-    }
-    if r == BPF_FIB_LKUP_RET_NO_NEIGH {
         // SAFETY: no neighbour params: the kernel resolves the next hop.
-        return unsafe { bpf_redirect_neigh(p.ifindex, core::ptr::null_mut(), 0, 0) } as i32;
+        Next::Neighbour { ifindex } => unsafe {
+            bpf_redirect_neigh(ifindex, core::ptr::null_mut(), 0, 0) as i32
+        },
+        Next::FragNeeded { .. } | Next::NoRoute => {
+            stats::verdict(V_DROP_NO_ROUTE);
+            TC_ACT_SHOT
+        }
     }
-    stats::verdict(V_DROP_NO_ROUTE);
-    TC_ACT_SHOT
+}
+
+/// Redirects the (already rewritten) packet towards `dst_addr`.
+#[inline(always)]
+pub fn redirect(ctx: &TcContext, proto: u8, src_addr: u32, dst_addr: u32) -> i32 {
+    send(ctx, lookup(ctx, proto, src_addr, dst_addr, 0))
 }

@@ -122,9 +122,16 @@ impl Frame {
     /// back to its source, quoting its IP header and the first 8 bytes
     /// after it (RFC 792).
     pub fn icmp_error_for(orig: &Frame, kind: u8, code: u8) -> Self {
+        Self::icmp_error_with(orig, kind, code, [0; 4])
+    }
+
+    /// The same with the header's last four bytes (a fragmentation
+    /// needed's next-hop MTU in the last two).
+    pub fn icmp_error_with(orig: &Frame, kind: u8, code: u8, rest: [u8; 4]) -> Self {
         let o = orig.bytes();
         let ihl = 20 + orig.options.len();
-        let mut msg = vec![kind, code, 0, 0, 0, 0, 0, 0];
+        let mut msg = vec![kind, code, 0, 0];
+        msg.extend(rest);
         msg.extend(&o[14..14 + ihl + 8]);
         let c = checksum(&[&msg]);
         msg[2..4].copy_from_slice(&c.to_be_bytes());

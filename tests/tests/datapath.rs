@@ -804,6 +804,24 @@ fn snat_to_a_backend_on_another_node_both_ways() {
             &want.bytes(),
         );
 
+        // A segment too big for the route to node-b (MTU 1500), DF set:
+        // a fragmentation needed back to the client, quoting it as sent,
+        // so its path MTU discovery works through the NodePort.
+        let mut big = Frame::tcp(cl, (NODE, 30080), ACK);
+        big.dst_mac = node_mac;
+        big.frag = 0x4000; // DF
+        big.payload = vec![7; 1600];
+        let mut want = Frame::icmp_error_with(&big, 3, 4, [0, 0, 0x05, 0xdc]);
+        want.src_mac = node_mac;
+        want.dst_mac = big.src_mac;
+        let (verdict, out) = run(&big.bytes());
+        assert_eq!(verdict, TC_ACT_REDIRECT, "{}", describe(&out));
+        assert_frame(
+            "a segment too big for the route: fragmentation needed, MTU 1500",
+            &out,
+            &want.bytes(),
+        );
+
         // RST from the client: same translation, and the flow is closing.
         let mut rst = Frame::tcp(cl, (NODE, 30080), lb_tests::packet::RST);
         rst.dst_mac = node_mac;
