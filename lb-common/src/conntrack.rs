@@ -28,6 +28,10 @@ pub const CT_LIFETIME_TCP_SYN: u32 = 60;
 pub const CT_LIFETIME_TCP_ESTABLISHED: u32 = 6 * 3600;
 pub const CT_LIFETIME_TCP_CLOSING: u32 = 10;
 pub const CT_LIFETIME_UDP: u32 = 60;
+/// Linux's TIME_WAIT (TCP_TIMEWAIT_LEN): an SNAT port of a closed TCP flow
+/// is not given again before, as the backend may still hold the old
+/// connection.
+pub const CT_TIME_WAIT_S: u32 = 60;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]

@@ -10,7 +10,7 @@ use lb_common::{
     conntrack::{
         CT_CLOSING, CT_FIN_ORIGINAL, CT_FIN_REPLY, CT_LIFETIME_TCP_CLOSING,
         CT_LIFETIME_TCP_ESTABLISHED, CT_LIFETIME_TCP_SYN, CT_LIFETIME_UDP, CT_ORIGINAL, CT_REPLY,
-        CT_SEEN_REPLY, Ct4Entry, Ct4Key,
+        CT_SEEN_REPLY, CT_TIME_WAIT_S, Ct4Entry, Ct4Key,
     },
 };
 
@@ -70,6 +70,17 @@ pub fn initial_lifetime(proto: u8) -> u32 {
 #[inline(always)]
 pub fn expired(e: &Ct4Entry, now: u32) -> bool {
     now.wrapping_sub(e.last_seen_s) > e.lifetime_s
+}
+
+/// Whether the SNAT port of reply entry `e` may be given to a new flow:
+/// the entry has expired and, for a TCP flow that ended, the backend's
+/// TIME_WAIT for the old connection (`CT_TIME_WAIT_S` after its last
+/// packet) is over; a SYN reusing the tuple earlier could meet it and
+/// stall (timestamps older than the old connection's are refused).
+#[inline(always)]
+pub fn snat_port_free(e: &Ct4Entry, now: u32) -> bool {
+    expired(e, now)
+        && (e.flags & CT_CLOSING == 0 || now.wrapping_sub(e.last_seen_s) > CT_TIME_WAIT_S)
 }
 
 /// The entry for `k`, live or not.

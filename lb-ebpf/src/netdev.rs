@@ -374,7 +374,8 @@ fn new_flow(
         // The backend answers the node: source becomes a node address and
         // a port of the SNAT range no other flow to that backend holds. A
         // port whose reply entry has expired is free again (an LRU entry
-        // stays until evicted).
+        // stays until evicted), a closed TCP flow's only once the backend
+        // can no longer hold the old connection in TIME_WAIT.
         let snat_addr = snat_addr(fe, pkt);
         rkey.dst_addr = snat_addr;
         orig.nat_src_addr = snat_addr;
@@ -388,7 +389,7 @@ fn new_flow(
             rkey.dst_port = port.to_be();
             let taken = match conntrack::get(&rkey) {
                 None => conntrack::create_reply(&rkey, &reply, true).is_err(),
-                Some(e) if conntrack::expired(e, now) => {
+                Some(e) if conntrack::snat_port_free(e, now) => {
                     conntrack::create_reply(&rkey, &reply, false).is_err()
                 }
                 Some(_) => true,

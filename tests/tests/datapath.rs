@@ -874,6 +874,24 @@ fn snat_to_a_backend_on_another_node_both_ways() {
         let (verdict, out) = run(&syn_from(41005));
         assert_eq!(verdict, TC_ACT_REDIRECT, "an expired port is free again");
         assert_eq!(src_port(&out), 62002);
+        // A closed connection's port waits out the backend's TIME_WAIT
+        // (60 s after its last packet), even once its entry expired.
+        let mut rkey = rkey;
+        rkey.dst_port = 62001u16.to_be();
+        let mut e = maps.conntrack.get(&rkey, 0).expect("reply entry of 62001");
+        e.flags |= lb_common::conntrack::CT_CLOSING;
+        e.lifetime_s = lb_common::conntrack::CT_LIFETIME_TCP_CLOSING;
+        e.last_seen_s = e.last_seen_s.wrapping_sub(e.lifetime_s + 1);
+        maps.conntrack.insert(rkey, e, 0).unwrap();
+        let (verdict, _) = run(&syn_from(41006));
+        assert_eq!(verdict, TC_ACT_SHOT, "a port in TIME_WAIT is not given");
+        e.last_seen_s = e
+            .last_seen_s
+            .wrapping_sub(lb_common::conntrack::CT_TIME_WAIT_S);
+        maps.conntrack.insert(rkey, e, 0).unwrap();
+        let (verdict, out) = run(&syn_from(41007));
+        assert_eq!(verdict, TC_ACT_REDIRECT, "after TIME_WAIT it is");
+        assert_eq!(src_port(&out), 62001);
         maps.set_config(Default::default()).unwrap();
     })
     .join()
