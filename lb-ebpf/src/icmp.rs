@@ -23,6 +23,7 @@ use lb_common::{
 
 use crate::{
     conntrack::{self, now_s},
+    csum::{checksum, update},
     maps::scratch,
     parse::Packet,
     route, stats,
@@ -31,38 +32,6 @@ use crate::{
 pub const PROTO_ICMP: u8 = 1;
 const ICMP_DEST_UNREACH: u8 = 3;
 const ICMP_TIME_EXCEEDED: u8 = 11;
-
-/// One's-complement sum of big-endian 16-bit words.
-#[inline(always)]
-fn sum(mut acc: u32, bytes: &[u8]) -> u32 {
-    let mut i = 0;
-    while i + 1 < bytes.len() {
-        acc += u16::from_be_bytes([bytes[i], bytes[i + 1]]) as u32;
-        i += 2;
-    }
-    acc
-}
-
-#[inline(always)]
-fn fold(mut acc: u32) -> u16 {
-    acc = (acc & 0xffff) + (acc >> 16);
-    acc = (acc & 0xffff) + (acc >> 16);
-    acc as u16
-}
-
-/// RFC 1624: the checksum `csum` (as stored) after `old` became `new`.
-#[inline(always)]
-fn update(csum: u16, old: &[u8], new: &[u8]) -> u16 {
-    // ~C' = ~C + ~m + m', with ~m added as 0xffff - m per word.
-    let mut acc = (!csum) as u32;
-    let mut i = 0;
-    while i + 1 < old.len() && i + 1 < new.len() {
-        acc += 0xffff - u16::from_be_bytes([old[i], old[i + 1]]) as u32;
-        acc += u16::from_be_bytes([new[i], new[i + 1]]) as u32;
-        i += 2;
-    }
-    !fold(acc)
-}
 
 /// Headers being rewritten, in the scratch area (off the BPF stack): the
 /// quote as it came and as it goes (IPv4 header and the first 8 bytes
@@ -147,7 +116,7 @@ fn translate(ctx: &TcContext, pkt: &Packet, ingress: bool) -> i32 {
     new[22..24].copy_from_slice(&e.nat_src_port.to_ne_bytes());
     new[10] = 0;
     new[11] = 0;
-    let c = !fold(sum(0, &new[..20]));
+    let c = checksum(0, &new[..20]);
     new[10..12].copy_from_slice(&c.to_be_bytes());
     // The quoted L4 checksum covers the addresses (pseudo-header) and the
     // ports: UDP's is in the quote (0 stays "none"); TCP's only when the
@@ -196,7 +165,7 @@ fn translate(ctx: &TcContext, pkt: &Packet, ingress: bool) -> i32 {
     outer[16..20].copy_from_slice(&e.nat_dst_addr.to_ne_bytes());
     outer[10] = 0;
     outer[11] = 0;
-    let oc = !fold(sum(0, &outer[..]));
+    let oc = checksum(0, &outer[..]);
     outer[10..12].copy_from_slice(&oc.to_be_bytes());
 
     let written = ctx.store(l3, &w.outer, 0).is_ok()

@@ -20,6 +20,7 @@
 )]
 
 mod conntrack;
+mod csum;
 mod icmp;
 mod maps;
 mod nat;

@@ -17,6 +17,7 @@ use lb_common::{
 };
 
 use crate::{
+    csum::{checksum, sum},
     maps::scratch,
     parse::{Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
     stats,
@@ -63,24 +64,6 @@ pub fn refuse(ctx: &TcContext, pkt: &Packet, verdict: u32) -> i32 {
     unsafe { bpf_redirect((*ctx.skb.skb).ifindex, 0) as i32 }
 }
 
-/// One's-complement sum of big-endian 16-bit words.
-#[inline(always)]
-fn sum(mut acc: u32, bytes: &[u8]) -> u32 {
-    let mut i = 0;
-    while i + 1 < bytes.len() {
-        acc += u16::from_be_bytes([bytes[i], bytes[i + 1]]) as u32;
-        i += 2;
-    }
-    acc
-}
-
-#[inline(always)]
-fn fold(mut acc: u32) -> [u8; 2] {
-    acc = (acc & 0xffff) + (acc >> 16);
-    acc = (acc & 0xffff) + (acc >> 16);
-    (!(acc as u16)).to_be_bytes()
-}
-
 /// The Ethernet header back to the sender.
 #[inline(always)]
 fn eth_back(ctx: &TcContext) -> Result<[u8; ETH_LEN], ()> {
@@ -103,8 +86,8 @@ fn ip_back(pkt: &Packet, proto: u8, total_len: u16) -> [u8; 20] {
     ip[9] = proto;
     ip[12..16].copy_from_slice(&pkt.dst_addr.to_ne_bytes());
     ip[16..20].copy_from_slice(&pkt.src_addr.to_ne_bytes());
-    let c = fold(sum(0, &ip));
-    ip[10..12].copy_from_slice(&c);
+    let c = checksum(0, &ip);
+    ip[10..12].copy_from_slice(&c.to_be_bytes());
     ip
 }
 
@@ -147,10 +130,9 @@ fn tcp_rst(ctx: &TcContext, pkt: &Packet) -> Result<(), ()> {
     f.tcp[12] = 5 << 4;
     f.tcp[13] = flags;
     // Pseudo-header: addresses, protocol, TCP length.
-    let mut acc = sum(0, &f.ip[12..20]);
-    acc += PROTO_TCP as u32 + 20;
-    let c = fold(sum(acc, &f.tcp));
-    f.tcp[16..18].copy_from_slice(&c);
+    let pseudo = sum(0, &f.ip[12..20]) + PROTO_TCP as u32 + 20;
+    let c = checksum(pseudo, &f.tcp);
+    f.tcp[16..18].copy_from_slice(&c.to_be_bytes());
     write(ctx, f, core::mem::size_of::<RstFrame>() as u32)
 }
 
@@ -191,8 +173,8 @@ fn icmp_error(ctx: &TcContext, pkt: &Packet, code: u8, rest: [u8; 4]) -> Result<
     f.eth = eth_back(ctx)?;
     f.ip = ip_back(pkt, IPPROTO_ICMP, 20 + 8 + 28);
     f.icmp = [3, code, 0, 0, rest[0], rest[1], rest[2], rest[3]];
-    let c = fold(sum(sum(0, &f.icmp), &f.quote));
-    f.icmp[2..4].copy_from_slice(&c);
+    let c = checksum(sum(0, &f.icmp), &f.quote);
+    f.icmp[2..4].copy_from_slice(&c.to_be_bytes());
     write(ctx, f, core::mem::size_of::<UnreachFrame>() as u32)
 }
 

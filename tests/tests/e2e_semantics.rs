@@ -161,6 +161,30 @@ fn probe_from(c: &Cluster, from: From, args: &[&str]) -> String {
     topo::curl(cmd).unwrap_or_else(|e| panic!("probe {args:?} from {}: {e}", ns.name))
 }
 
+type Lines = std::io::Lines<BufReader<std::process::ChildStdout>>;
+
+/// Starts the probe in the background; its output is read line by line
+/// (the test acts between lines).
+fn spawn_probe(c: &Cluster, from: From, args: &[&str]) -> (std::process::Child, Lines) {
+    let mut all = vec!["-c", PROBE];
+    all.extend_from_slice(args);
+    let mut cmd = match from {
+        From::Pod(name) => c.in_cgroup(&c.topo.pod(name).ns, "python3", &all),
+        From::Outside => {
+            let mut cmd = c.topo.client.command("python3");
+            cmd.args(&all);
+            cmd
+        }
+    };
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("start the probe");
+    let lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    (child, lines)
+}
+
 fn distinct(out: &str) -> BTreeSet<String> {
     out.lines().map(str::to_string).collect()
 }
@@ -470,17 +494,7 @@ fn refusals_first_endpoint_and_terminating_fallback() {
 
     // A UDP client keeps sending from one socket; the first endpoint
     // appears: its next datagram gets there.
-    let mut child = c
-        .in_cgroup(
-            &c.topo.pod("pod-1").ns,
-            "python3",
-            &["-c", PROBE, "udp-until", "10.96.0.93", "53"],
-        )
-        .stdout(Stdio::piped())
-        .stdin(Stdio::null())
-        .spawn()
-        .expect("UDP client");
-    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let (mut child, mut lines) = spawn_probe(&c, pod, &["udp-until", "10.96.0.93", "53"]);
     assert_eq!(
         lines.next().and_then(Result::ok).as_deref(),
         Some("started")
@@ -558,7 +572,7 @@ fn moving_service(endpoints: &[(&str, &str, &str)]) -> String {
 }
 
 /// Reads one line of a probe running in the background.
-fn line(lines: &mut std::io::Lines<BufReader<std::process::ChildStdout>>) -> String {
+fn line(lines: &mut Lines) -> String {
     lines.next().and_then(Result::ok).unwrap_or_default()
 }
 
@@ -591,28 +605,13 @@ fn flows_of_a_backend_that_left_move_or_end() {
         backends_of(s, "moving") == 2
     });
     let np = NODE_IP.to_string();
-    let spawn = |args: &[&str]| {
-        let mut all = vec!["-c", PROBE];
-        all.extend_from_slice(args);
-        let mut child = c
-            .topo
-            .client
-            .command("python3")
-            .args(&all)
-            .stdout(Stdio::piped())
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("probe");
-        let lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
-        (child, lines)
-    };
     let keep_only = |name: &str| {
         let other = if name == "pod-1" { "pod-2" } else { "pod-1" };
         c.write("moving.yaml", &moving_service(&[ip_of(other)]));
         c.wait_services("one endpoint left", |s| backends_of(s, "moving") == 1);
     };
 
-    let (mut udp, mut lines) = spawn(&["udp-stream", &np, "30095"]);
+    let (mut udp, mut lines) = spawn_probe(&c, From::Outside, &["udp-stream", &np, "30095"]);
     let first = line(&mut lines);
     let name = first.strip_prefix("first ").expect(&first).to_string();
     keep_only(&name);
@@ -626,17 +625,8 @@ fn flows_of_a_backend_that_left_move_or_end() {
     // The same from a pod's unconnected UDP socket (socket path).
     c.write("moving.yaml", &moving_service(&both));
     c.wait_services("both endpoints again", |s| backends_of(s, "moving") == 2);
-    let mut pod_udp = c
-        .in_cgroup(
-            &c.topo.pod("pod-1").ns,
-            "python3",
-            &["-c", PROBE, "udp-stream", "10.96.0.94", "53"],
-        )
-        .stdout(Stdio::piped())
-        .stdin(Stdio::null())
-        .spawn()
-        .expect("probe");
-    let mut lines = BufReader::new(pod_udp.stdout.take().expect("stdout")).lines();
+    let (mut pod_udp, mut lines) =
+        spawn_probe(&c, From::Pod("pod-1"), &["udp-stream", "10.96.0.94", "53"]);
     let first = line(&mut lines);
     let name = first.strip_prefix("first ").expect(&first).to_string();
     keep_only(&name);
@@ -650,7 +640,7 @@ fn flows_of_a_backend_that_left_move_or_end() {
     c.write("moving.yaml", &moving_service(&both));
     c.wait_services("both endpoints again", |s| backends_of(s, "moving") == 2);
     let before = c.verdicts()["reset_backend_gone"];
-    let (mut tcp, mut lines) = spawn(&["slow", &np, "30094", "8000000"]);
+    let (mut tcp, mut lines) = spawn_probe(&c, From::Outside, &["slow", &np, "30094", "8000000"]);
     let name = line(&mut lines);
     keep_only(&name);
     let end = line(&mut lines);
@@ -737,16 +727,7 @@ fn restart_with_another_conntrack_size_keeps_flows() {
     let mut c = Cluster::start(&lbctl(), t, &[("moving.yaml", &moving_service(&one))]);
     c.wait_services("moving", |s| backends_of(s, "moving") == 1);
     let np = NODE_IP.to_string();
-    let mut child = c
-        .topo
-        .client
-        .command("python3")
-        .args(["-c", PROBE, "slow", &np, "30094", "4000000"])
-        .stdout(Stdio::piped())
-        .stdin(Stdio::null())
-        .spawn()
-        .expect("probe");
-    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let (mut child, mut lines) = spawn_probe(&c, From::Outside, &["slow", &np, "30094", "4000000"]);
     assert_eq!(line(&mut lines), "pod-1");
 
     c.agent.take().expect("agent").stop();
