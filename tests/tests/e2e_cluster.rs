@@ -1012,6 +1012,19 @@ fn forwarding_survives_agent_apiserver_and_etcd_disruption() {
     rc.cp.stop_apiserver();
     rc.cp.compact_etcd();
     rc.cp.start_apiserver();
+    // The scale-down deletes a pod, which the stand-in kubelet stops 2 s
+    // later: it is made once the agent watches again (its re-list done),
+    // as a real pod's grace period outlasts a proxy's reconnect. Before
+    // that no datapath can know the pod is going, and new connections to
+    // it would time out (kube-proxy's too).
+    let deadline = Instant::now() + Duration::from_secs(75);
+    while lists(&rc) <= before {
+        assert!(
+            Instant::now() < deadline,
+            "no re-list after the history was compacted ({before} lists before)"
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
     rc.cp
         .kubectl_ok(&["scale", "deployment", "web", "--replicas=2"]);
     rc.wait_pods("default", "app=web", 2);
