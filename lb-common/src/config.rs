@@ -2,6 +2,11 @@
 
 use crate::user_pod;
 
+/// How many service CIDRs the datapath checks. The API server allows any
+/// number of ServiceCIDR objects; clusters have one or two per family. The
+/// agent reports the ones past this count as not enforced.
+pub const MAX_SERVICE_CIDRS: usize = 4;
+
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Config {
@@ -14,28 +19,106 @@ pub struct Config {
     pub snat_port_min: u16,
     pub snat_port_max: u16,
     pub flags: u32,
-    /// The service CIDR (wire order) and its prefix length: traffic to an
-    /// address in it that no Service has is dropped, as kube-proxy's
-    /// nftables mode does. Length 0: no CIDR given, nothing dropped.
-    pub service_cidr: u32,
-    pub service_cidr_len: u8,
-    pub _pad: [u8; 7],
+    /// How many of `service_cidrs` are set.
+    pub service_cidr_count: u32,
     /// Network namespace cookie of the node's own processes: NodePorts on
     /// 127.0.0.1 serve them only (a pod's loopback is its own).
     pub host_netns_cookie: u64,
+    /// The service CIDRs (network and mask, both wire order): traffic to
+    /// an address in one of them that no Service has is dropped, as
+    /// kube-proxy's nftables mode does. Count 0: nothing dropped.
+    pub service_cidrs: [u32; MAX_SERVICE_CIDRS],
+    pub service_cidr_masks: [u32; MAX_SERVICE_CIDRS],
 }
-const _: () = assert!(core::mem::size_of::<Config>() == 32);
+const _: () = assert!(core::mem::size_of::<Config>() == 56);
 
 impl Config {
-    /// Whether `addr` (wire order) is in the service CIDR.
+    /// Whether `addr` (wire order) is in one of the service CIDRs. The
+    /// network and mask are both in wire order, so the test needs no byte
+    /// swap.
     #[inline(always)]
     pub fn in_service_cidr(&self, addr: u32) -> bool {
-        if self.service_cidr_len == 0 || self.service_cidr_len > 32 {
-            return false;
+        let mut i = 0;
+        while i < MAX_SERVICE_CIDRS {
+            if (i as u32) < self.service_cidr_count
+                && addr & self.service_cidr_masks[i] == self.service_cidrs[i]
+            {
+                return true;
+            }
+            i += 1;
         }
-        let mask = u32::MAX << (32 - self.service_cidr_len as u32);
-        u32::from_be(addr) & mask == u32::from_be(self.service_cidr) & mask
+        false
+    }
+
+    /// Sets the service CIDRs, (address, prefix length) with the address
+    /// in host order as `Ipv4Addr::to_bits` gives it; those past
+    /// [`MAX_SERVICE_CIDRS`] are left out (the caller reports them).
+    pub fn set_service_cidrs(&mut self, cidrs: &[(u32, u8)]) {
+        self.service_cidrs = [0; MAX_SERVICE_CIDRS];
+        self.service_cidr_masks = [0; MAX_SERVICE_CIDRS];
+        let n = cidrs.len().min(MAX_SERVICE_CIDRS);
+        for (i, &(addr, len)) in cidrs.iter().take(n).enumerate() {
+            let mask = match len {
+                0 => 0,
+                l => u32::MAX << (32 - l.min(32) as u32),
+            };
+            self.service_cidrs[i] = (addr & mask).to_be();
+            self.service_cidr_masks[i] = mask.to_be();
+        }
+        self.service_cidr_count = n as u32;
+    }
+
+    /// The service CIDRs set, (address in host order, prefix length).
+    pub fn service_cidr_list(&self) -> impl Iterator<Item = (u32, u8)> + '_ {
+        (0..(self.service_cidr_count as usize).min(MAX_SERVICE_CIDRS)).map(|i| {
+            (
+                u32::from_be(self.service_cidrs[i]),
+                u32::from_be(self.service_cidr_masks[i]).count_ones() as u8,
+            )
+        })
     }
 }
 
 user_pod!(Config);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn wire(a: [u8; 4]) -> u32 {
+        u32::from_ne_bytes(a)
+    }
+
+    #[test]
+    fn addresses_in_any_of_the_cidrs() {
+        let mut c = Config::default();
+        assert!(!c.in_service_cidr(wire([10, 96, 0, 1])), "none set");
+        c.set_service_cidrs(&[
+            (u32::from_be_bytes([10, 96, 0, 0]), 12),
+            (u32::from_be_bytes([172, 30, 5, 7]), 24),
+        ]);
+        assert!(c.in_service_cidr(wire([10, 96, 0, 1])));
+        assert!(c.in_service_cidr(wire([10, 111, 255, 255])));
+        assert!(!c.in_service_cidr(wire([10, 112, 0, 0])));
+        assert!(
+            c.in_service_cidr(wire([172, 30, 5, 200])),
+            "host bits masked"
+        );
+        assert!(!c.in_service_cidr(wire([172, 30, 6, 1])));
+        assert!(c.service_cidr_list().eq([
+            (u32::from_be_bytes([10, 96, 0, 0]), 12),
+            (u32::from_be_bytes([172, 30, 5, 0]), 24)
+        ]));
+    }
+
+    #[test]
+    fn past_the_limit_left_out_and_slash_32_exact() {
+        let mut c = Config::default();
+        let many = [1, 2, 3, 4, 5, 6].map(|i| (u32::from_be_bytes([10, i, 0, 9]), 32));
+        c.set_service_cidrs(&many);
+        assert_eq!(c.service_cidr_count as usize, MAX_SERVICE_CIDRS);
+        assert!(c.in_service_cidr(wire([10, 4, 0, 9])));
+        assert!(!c.in_service_cidr(wire([10, 4, 0, 8])));
+        assert!(!c.in_service_cidr(wire([10, 5, 0, 9])), "fifth left out");
+    }
+}

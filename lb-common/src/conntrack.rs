@@ -71,3 +71,30 @@ pub struct Ct4Entry {
 const _: () = assert!(core::mem::size_of::<Ct4Entry>() == 56);
 
 user_pod!(Ct4Key, Ct4Entry);
+
+/// A fragmented datagram as its fragments carry it: only the first has the
+/// ports, so the device path remembers them under the IP header's fields
+/// every fragment repeats (as Cilium does), and translates the later
+/// fragments with the same flow.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Frag4Key {
+    pub src_addr: u32,
+    pub dst_addr: u32,
+    /// The IP identification field (wire order).
+    pub id: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+const _: () = assert!(core::mem::size_of::<Frag4Key>() == 12);
+
+/// The ports of a fragmented datagram's first fragment (wire order).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Frag4Ports {
+    pub src_port: u16,
+    pub dst_port: u16,
+}
+const _: () = assert!(core::mem::size_of::<Frag4Ports>() == 4);
+
+user_pod!(Frag4Key, Frag4Ports);

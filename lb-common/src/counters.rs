@@ -62,7 +62,8 @@ verdicts! {
     V_SOCK_REVERSED = 6, "sock_reversed";
     /// Headers shorter than they claim: passed to the stack to drop.
     V_PASS_TRUNCATED = 7, "pass_truncated";
-    /// Fragment, IP options or other shape not translated: passed.
+    /// A protocol other than TCP, UDP and ICMP (or an ICMP fragment):
+    /// passed.
     V_PASS_UNSUPPORTED = 8, "pass_unsupported";
     /// New flow to a Service with no backend: dropped or refused.
     V_DROP_NO_BACKEND = 9, "drop_no_backend";
@@ -113,6 +114,10 @@ verdicts! {
     V_FRAG_NEEDED_SENT = 23, "frag_needed_sent";
     /// The same without DF set: dropped (tc cannot fragment).
     V_DROP_TOO_BIG = 24, "drop_too_big";
+    /// A fragment after the first of a datagram whose first fragment this
+    /// path did not translate (not a Service's, or not seen yet): left to
+    /// the stack, as any fragment was before.
+    V_PASS_FRAGMENT_UNKNOWN = 25, "pass_fragment_unknown";
 }
 
 /// Size of the verdict counter array; room to append.

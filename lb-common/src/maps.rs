@@ -11,6 +11,7 @@ pub const BACKENDS4: &str = "LB4_BACKENDS_V1";
 pub const SERVICE_META: &str = "LB_SVC_META_V1";
 pub const BACKEND_META: &str = "LB_BE_META_V1";
 pub const CONNTRACK4: &str = "LB4_CT_V1";
+pub const FRAGS4: &str = "LB4_FRAGS_V1";
 pub const SOCK_REVNAT4: &str = "LB4_SOCK_REVNAT_V1";
 pub const SOCK_FLOWS4: &str = "LB4_SOCK_FLOWS_V1";
 pub const SERVICE_STATS: &str = "LB_SVC_STATS_V1";
@@ -30,6 +31,7 @@ pub const ALL: &[&str] = &[
     SERVICE_META,
     BACKEND_META,
     CONNTRACK4,
+    FRAGS4,
     AFFINITY4,
     SOCK_REVNAT4,
     SOCK_FLOWS4,
@@ -52,6 +54,11 @@ pub const MAX_BACKENDS: u32 = 1 << 20;
 pub const MAX_SERVICES: u32 = 1 << 18;
 /// Per-packet connection tracking entries (two per NodePort/external flow).
 pub const MAX_CONNTRACK: u32 = 1 << 18;
+/// Fragmented datagrams in flight through the device path (first
+/// fragment's ports by source, destination, IP id and protocol), least
+/// recently used evicted first: fragments of one datagram arrive within
+/// milliseconds, so a few thousand cover any burst.
+pub const MAX_FRAGS: u32 = 1 << 13;
 /// Socket-level reverse translations (one per translated socket and backend).
 pub const MAX_SOCK_REVNAT: u32 = 1 << 18;
 /// Unconnected UDP sockets' chosen backend per frontend.

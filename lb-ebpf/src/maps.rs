@@ -8,11 +8,11 @@ use aya_ebpf::{
 };
 use lb_common::{
     config::Config,
-    conntrack::{Ct4Entry, Ct4Key},
+    conntrack::{Ct4Entry, Ct4Key, Frag4Key, Frag4Ports},
     counters::{BackendStats, MAX_VERDICTS, ServiceStats},
     maps::{
-        MAX_AFFINITY, MAX_BACKENDS, MAX_CONNTRACK, MAX_FRONTENDS, MAX_SERVICES, MAX_SLOTS,
-        MAX_SOCK_FLOWS, MAX_SOCK_REVNAT, MAX_SOURCE_RANGES,
+        MAX_AFFINITY, MAX_BACKENDS, MAX_CONNTRACK, MAX_FRAGS, MAX_FRONTENDS, MAX_SERVICES,
+        MAX_SLOTS, MAX_SOCK_FLOWS, MAX_SOCK_REVNAT, MAX_SOURCE_RANGES,
     },
     service::{
         AffinityEntry, AffinityKey, Backend4, BackendMeta, Frontend, Frontend4Key,
@@ -67,6 +67,10 @@ pub static BACKEND_META: HashMap<u32, BackendMeta> =
 /// Per-packet flows (device path), both directions.
 #[map(name = "LB4_CT_V1")]
 pub static CONNTRACK4: LruHashMap<Ct4Key, Ct4Entry> = LruHashMap::pinned(MAX_CONNTRACK, 0);
+
+/// Fragmented datagrams: the first fragment's ports, for the later ones.
+#[map(name = "LB4_FRAGS_V1")]
+pub static FRAGS4: LruHashMap<Frag4Key, Frag4Ports> = LruHashMap::pinned(MAX_FRAGS, 0);
 
 /// Socket-level reverse translation: (cookie, backend) -> frontend.
 #[map(name = "LB4_SOCK_REVNAT_V1")]

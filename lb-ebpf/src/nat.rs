@@ -41,6 +41,11 @@ fn addr(ctx: &TcContext, pkt: &Packet, off: u32, old: u32, new: u32) -> Result<(
         4,
     )
     .map_err(|_| ())?;
+    // A later fragment has no L4 header: the first fragment's checksum,
+    // which covers the whole datagram, was fixed with it.
+    if !pkt.has_l4() {
+        return Ok(());
+    }
     ctx.l4_csum_replace(
         pkt.l4_csum_off() as usize,
         old as u64,
@@ -52,7 +57,7 @@ fn addr(ctx: &TcContext, pkt: &Packet, off: u32, old: u32, new: u32) -> Result<(
 
 #[inline(always)]
 fn port(ctx: &TcContext, pkt: &Packet, off: u32, old: u16, new: u16) -> Result<(), ()> {
-    if old == new {
+    if old == new || !pkt.has_l4() {
         return Ok(());
     }
     ctx.store((pkt.l4_off + off) as usize, &new, 0)
@@ -66,7 +71,8 @@ fn port(ctx: &TcContext, pkt: &Packet, off: u32, old: u16, new: u16) -> Result<(
     .map_err(|_| ())
 }
 
-/// Rewrites the packet's addresses and ports to the given ones.
+/// Rewrites the packet's addresses and ports to the given ones (a later
+/// fragment's addresses only: its ports are in the first fragment).
 #[inline(always)]
 pub fn rewrite(
     ctx: &TcContext,

@@ -295,6 +295,8 @@ fn apply(ctx: &TcContext, pkt: &Packet, e: &Ct4Entry, verdict: u32) -> i32 {
         stats::verdict(V_DROP_REWRITE);
         return TC_ACT_SHOT;
     }
+    // The first fragment of a datagram: its flow for the later ones.
+    pkt.remember_fragment();
     stats::verdict(verdict);
     match next {
         Some(next) => route::send(ctx, next),

@@ -1,11 +1,12 @@
 //! Packet parsing for the device path: Ethernet, IPv4 (with options), and
 //! the TCP/UDP ports, read in place from the packet.
 
-use crate::icmp::PROTO_ICMP;
+use crate::{icmp::PROTO_ICMP, maps::FRAGS4};
 use aya_ebpf::programs::TcContext;
 use lb_common::{
     PROTO_TCP, PROTO_UDP,
-    counters::{V_PASS_NOT_IPV4, V_PASS_TRUNCATED, V_PASS_UNSUPPORTED},
+    conntrack::{Frag4Key, Frag4Ports},
+    counters::{V_PASS_FRAGMENT_UNKNOWN, V_PASS_NOT_IPV4, V_PASS_TRUNCATED, V_PASS_UNSUPPORTED},
 };
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 
@@ -15,6 +16,13 @@ pub const TCP_FIN: u8 = 0x01;
 pub const TCP_SYN: u8 = 0x02;
 pub const TCP_RST: u8 = 0x04;
 pub const TCP_ACK: u8 = 0x10;
+
+/// Not a fragment.
+pub const FRAG_NONE: u8 = 0;
+/// The first fragment of a datagram: it has the L4 header.
+pub const FRAG_FIRST: u8 = 1;
+/// A later fragment: no L4 header; its ports are the first fragment's.
+pub const FRAG_LATER: u8 = 2;
 
 /// What the device path needs of a packet. Addresses and ports in wire order.
 pub struct Packet {
@@ -27,9 +35,48 @@ pub struct Packet {
     pub tcp_flags: u8,
     pub l3_off: u32,
     pub l4_off: u32,
+    /// `FRAG_NONE`, `FRAG_FIRST` or `FRAG_LATER`.
+    pub frag: u8,
+    /// The IP identification field (wire order), which names a datagram's
+    /// fragments.
+    pub ip_id: u16,
 }
 
 impl Packet {
+    /// The key a fragmented datagram's ports are remembered under.
+    #[inline(always)]
+    pub fn frag_key(&self) -> Frag4Key {
+        Frag4Key {
+            src_addr: self.src_addr,
+            dst_addr: self.dst_addr,
+            id: self.ip_id,
+            proto: self.proto,
+            _pad: 0,
+        }
+    }
+
+    /// Whether the packet carries its L4 header (every packet but a later
+    /// fragment).
+    #[inline(always)]
+    pub fn has_l4(&self) -> bool {
+        self.frag != FRAG_LATER
+    }
+
+    /// After the first fragment of a datagram was translated: its ports,
+    /// for the fragments that follow.
+    #[inline(always)]
+    pub fn remember_fragment(&self) {
+        if self.frag == FRAG_FIRST {
+            let ports = Frag4Ports {
+                src_port: self.src_port,
+                dst_port: self.dst_port,
+            };
+            // A full map evicts the oldest: a lost entry only leaves that
+            // datagram's later fragments to the stack.
+            let _ = FRAGS4.insert(&self.frag_key(), &ports, 0);
+        }
+    }
+
     /// Offset of the L4 checksum field.
     #[inline(always)]
     pub fn l4_csum_off(&self) -> u32 {
@@ -90,11 +137,6 @@ fn parse_linear(ctx: &TcContext) -> Result<Packet, u32> {
     if ihl < Ipv4Hdr::LEN as u32 {
         return Err(V_PASS_TRUNCATED);
     }
-    // Any fragment (more-fragments flag or an offset): only the first has
-    // ports, so none is translated; the stack reassembles or drops.
-    if u16::from_be_bytes(ip.frags) & 0x3fff != 0 {
-        return Err(V_PASS_UNSUPPORTED);
-    }
     if ip.proto != PROTO_TCP && ip.proto != PROTO_UDP && ip.proto != PROTO_ICMP {
         return Err(V_PASS_UNSUPPORTED);
     }
@@ -103,31 +145,37 @@ fn parse_linear(ctx: &TcContext) -> Result<Packet, u32> {
         u32::from_ne_bytes(ip.dst_addr),
         ip.proto,
     );
+    let ip_id = u16::from_ne_bytes(ip.id);
     let l4_off = l3_off + ihl;
-    // The whole L4 header must be there before anything is rewritten; its
-    // first four bytes are the ports for TCP and UDP alike.
-    let (src_port, dst_port, tcp_flags) = if proto == PROTO_TCP {
-        let h = ptr_at::<[u8; 20]>(ctx, l4_off as usize).ok_or(V_PASS_TRUNCATED)?;
-        // SAFETY: bounds checked by ptr_at.
-        let h = unsafe { &*h };
-        (
-            u16::from_ne_bytes([h[0], h[1]]),
-            u16::from_ne_bytes([h[2], h[3]]),
-            h[13],
-        )
-    } else if proto == PROTO_UDP {
-        let h = ptr_at::<[u8; 8]>(ctx, l4_off as usize).ok_or(V_PASS_TRUNCATED)?;
-        // SAFETY: bounds checked by ptr_at.
-        let h = unsafe { &*h };
-        (
-            u16::from_ne_bytes([h[0], h[1]]),
-            u16::from_ne_bytes([h[2], h[3]]),
-            0,
-        )
+    // Fragments: the first (more-fragments, offset 0) has the L4 header
+    // and is parsed as any packet; a later one has none and takes the
+    // ports its first fragment left in FRAGS4 when it was translated.
+    let frags = u16::from_be_bytes(ip.frags);
+    let frag = if frags & 0x1fff != 0 {
+        FRAG_LATER
+    } else if frags & 0x2000 != 0 {
+        FRAG_FIRST
     } else {
-        // ICMP: no ports; its header must be there (icmp.rs reads on).
-        ptr_at::<[u8; 8]>(ctx, l4_off as usize).ok_or(V_PASS_TRUNCATED)?;
-        (0, 0, 0)
+        FRAG_NONE
+    };
+    if frag != FRAG_NONE && proto == PROTO_ICMP {
+        return Err(V_PASS_UNSUPPORTED);
+    }
+    let (src_port, dst_port, tcp_flags) = if frag == FRAG_LATER {
+        let key = Frag4Key {
+            src_addr,
+            dst_addr,
+            id: ip_id,
+            proto,
+            _pad: 0,
+        };
+        // SAFETY: copied out at once.
+        let Some(ports) = (unsafe { FRAGS4.get(&key) }).copied() else {
+            return Err(V_PASS_FRAGMENT_UNKNOWN);
+        };
+        (ports.src_port, ports.dst_port, 0)
+    } else {
+        l4_ports(ctx, proto, l4_off)?
     };
     Ok(Packet {
         src_addr,
@@ -138,5 +186,37 @@ fn parse_linear(ctx: &TcContext) -> Result<Packet, u32> {
         tcp_flags,
         l3_off,
         l4_off,
+        frag,
+        ip_id,
     })
+}
+
+/// The ports (wire order) and TCP flags of a packet that carries its L4
+/// header. The whole header must be there before anything is rewritten;
+/// its first four bytes are the ports for TCP and UDP alike.
+#[inline(always)]
+fn l4_ports(ctx: &TcContext, proto: u8, l4_off: u32) -> Result<(u16, u16, u8), u32> {
+    if proto == PROTO_TCP {
+        let h = ptr_at::<[u8; 20]>(ctx, l4_off as usize).ok_or(V_PASS_TRUNCATED)?;
+        // SAFETY: bounds checked by ptr_at.
+        let h = unsafe { &*h };
+        Ok((
+            u16::from_ne_bytes([h[0], h[1]]),
+            u16::from_ne_bytes([h[2], h[3]]),
+            h[13],
+        ))
+    } else if proto == PROTO_UDP {
+        let h = ptr_at::<[u8; 8]>(ctx, l4_off as usize).ok_or(V_PASS_TRUNCATED)?;
+        // SAFETY: bounds checked by ptr_at.
+        let h = unsafe { &*h };
+        Ok((
+            u16::from_ne_bytes([h[0], h[1]]),
+            u16::from_ne_bytes([h[2], h[3]]),
+            0,
+        ))
+    } else {
+        // ICMP: no ports; its header must be there (icmp.rs reads on).
+        ptr_at::<[u8; 8]>(ctx, l4_off as usize).ok_or(V_PASS_TRUNCATED)?;
+        Ok((0, 0, 0))
+    }
 }

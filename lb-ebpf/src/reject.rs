@@ -49,7 +49,11 @@ struct UnreachFrame {
 /// Out of line: its frames get their own stack frame.
 #[inline(never)]
 pub fn refuse(ctx: &TcContext, pkt: &Packet, verdict: u32) -> i32 {
-    let built = if pkt.proto == PROTO_TCP {
+    // A later fragment has no header to answer: the first fragment was
+    // answered (or will be).
+    let built = if !pkt.has_l4() {
+        Err(())
+    } else if pkt.proto == PROTO_TCP {
         tcp_rst(ctx, pkt)
     } else {
         icmp_port_unreachable(ctx, pkt)

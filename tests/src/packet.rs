@@ -225,6 +225,39 @@ impl Frame {
     }
 }
 
+impl Frame {
+    /// The frame's IP datagram cut into fragments of `chunk` bytes of
+    /// payload each (a multiple of 8), as the sender's stack or a router
+    /// cuts it (RFC 791): the same IP header with its total length, the
+    /// more-fragments flag, the offset in 8-byte units and the header
+    /// checksum made anew; the L4 header only in the first.
+    pub fn fragments(&self, chunk: usize) -> Vec<Vec<u8>> {
+        assert!(
+            chunk.is_multiple_of(8),
+            "fragment payloads are multiples of 8 bytes"
+        );
+        let whole = self.bytes();
+        let ihl = 20 + self.options.len();
+        let (eth, rest) = whole.split_at(14);
+        let (header, payload) = rest.split_at(ihl);
+        payload
+            .chunks(chunk)
+            .enumerate()
+            .map(|(i, part)| {
+                let mut ip = header.to_vec();
+                ip[2..4].copy_from_slice(&((ihl + part.len()) as u16).to_be_bytes());
+                let more = (i + 1) * chunk < payload.len();
+                let field = ((i * chunk / 8) as u16) | if more { 0x2000 } else { 0 };
+                ip[6..8].copy_from_slice(&field.to_be_bytes());
+                ip[10..12].copy_from_slice(&[0, 0]);
+                let c = checksum(&[&ip]);
+                ip[10..12].copy_from_slice(&c.to_be_bytes());
+                [eth, &ip, part].concat()
+            })
+            .collect()
+    }
+}
+
 /// A readable, layer-by-layer rendering of a frame, for mismatch reports.
 pub fn describe(b: &[u8]) -> String {
     let mut s = String::new();

@@ -182,15 +182,22 @@ impl Topology {
     }
 
     /// A UDP server in `ns` on `port` that answers every datagram with
-    /// `name`.
+    /// `name`; a datagram starting `big` is answered with `name` and its
+    /// length, padded to that length (so a fragmented question gets a
+    /// fragmented answer).
     pub fn udp_server(&mut self, ns_name: &str, port: u16, name: &str) {
         const SERVER: &str = r#"
 import socket, sys
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 s.bind(("0.0.0.0", int(sys.argv[1])))
+# Answers larger than the MTU leave in fragments (no path MTU discovery).
+s.setsockopt(socket.IPPROTO_IP, 10, 0)
 while True:
-    _, peer = s.recvfrom(2048)
-    s.sendto(sys.argv[2].encode(), peer)
+    data, peer = s.recvfrom(65535)
+    answer = sys.argv[2].encode()
+    if data.startswith(b"big"):
+        answer = f"{sys.argv[2]} {len(data)} ".encode().ljust(len(data), b".")
+    s.sendto(answer, peer)
 "#;
         self.python_server(ns_name, SERVER, port, name);
     }

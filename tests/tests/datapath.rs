@@ -16,8 +16,8 @@ use aya::{
 use lb_common::counters::{
     V_DROP_NO_BACKEND, V_DROP_NO_LOCAL_BACKEND, V_DROP_NO_SNAT_PORT, V_DROP_SOURCE_RANGE,
     V_DROP_UNALLOCATED_SERVICE_IP, V_FORWARD_ESTABLISHED, V_FORWARD_NEW, V_FORWARD_RENEWED,
-    V_ICMP_TRANSLATED, V_PASS_NOT_SERVICE, V_REJECT_NO_BACKEND, V_REJECT_UNDEFINED_PORT, V_REPLY,
-    V_RESET_BACKEND_GONE,
+    V_ICMP_TRANSLATED, V_PASS_FRAGMENT_UNKNOWN, V_PASS_NOT_SERVICE, V_REJECT_NO_BACKEND,
+    V_REJECT_UNDEFINED_PORT, V_REPLY, V_RESET_BACKEND_GONE,
 };
 use lb_tests::{
     fixture,
@@ -228,13 +228,14 @@ fn device_path_cases() {
     };
     let _rec = fixture::program(&pins, MANIFESTS, &node);
     let mut maps = ServiceMaps::open(&pins).unwrap();
-    // The service CIDR, as the agent writes it from --service-cidr.
-    maps.set_config(lb_common::config::Config {
-        service_cidr: lb_common::ip4([10, 96, 0, 0]),
-        service_cidr_len: 12,
-        ..Default::default()
-    })
-    .unwrap();
+    // Two service CIDRs, as the agent writes them from --service-cidr or
+    // the API's ServiceCIDR objects.
+    let mut config = lb_common::config::Config::default();
+    config.set_service_cidrs(&[
+        (Ipv4Addr::new(10, 96, 0, 0).to_bits(), 12),
+        (Ipv4Addr::new(172, 30, 0, 0).to_bits(), 16),
+    ]);
+    maps.set_config(config).unwrap();
 
     let cl = (CLIENT, 40000);
     let np = (NODE, 30080);
@@ -245,8 +246,27 @@ fn device_path_cases() {
     let synack = Frame::tcp(be, cl, SYN | ACK);
     let mut with_options = Frame::tcp((CLIENT, 40001), np, SYN);
     with_options.options = vec![0x01, 0x01, 0x01, 0x00]; // NOP NOP NOP EOL
-    let mut fragment = Frame::tcp((CLIENT, 40002), np, SYN);
-    fragment.frag = 0x2000; // more fragments
+    // A 3,000-byte datagram to the UDP NodePort in three fragments, its
+    // answer in two; each compared with the translated datagram cut the
+    // same way by the test's own builder.
+    let mut big = Frame::udp((CLIENT, 5010), (NODE, 30053));
+    big.ip_id = 0x1234;
+    big.payload = (0..3000u32).map(|i| (i * 7 % 251) as u8).collect();
+    let big_in = big.fragments(1480);
+    let big_out = big.with((CLIENT, 5010), (DNS_POD, 5353)).fragments(1480);
+    let mut answer = Frame::udp((DNS_POD, 5353), (CLIENT, 5010));
+    answer.ip_id = 0x4321;
+    answer.payload = (0..2000u32).map(|i| (i * 13 % 241) as u8).collect();
+    let answer_in = answer.fragments(1480);
+    let answer_out = answer.with((NODE, 30053), (CLIENT, 5010)).fragments(1480);
+    let mut stray = big.clone();
+    stray.ip_id = 0x5555;
+    let stray = stray.fragments(1480);
+    let mut tcp_first = Frame::tcp((CLIENT, 40002), np, SYN | 0x08);
+    tcp_first.ip_id = 0x0777;
+    tcp_first.payload = vec![0x5a; 44];
+    let tcp_first_in = tcp_first.fragments(32);
+    let tcp_first_out = tcp_first.with((CLIENT, 40002), be).fragments(32);
     let mut udp = Frame::udp((CLIENT, 5000), (NODE, 30053));
     udp.payload = b"query".to_vec();
     let mut udp_nocsum = Frame::udp((CLIENT, 5001), (NODE, 30053));
@@ -449,6 +469,16 @@ fn device_path_cases() {
             )
         },
         Case {
+            counts: Some(V_DROP_UNALLOCATED_SERVICE_IP),
+            ..case(
+                "an address of the second service CIDR: dropped",
+                "lb_from_netdev",
+                Frame::udp((CLIENT, 5000), (Ipv4Addr::new(172, 30, 9, 9), 53)).bytes(),
+                TC_ACT_SHOT,
+                Want::Same,
+            )
+        },
+        Case {
             counts: Some(V_PASS_NOT_SERVICE),
             ..case(
                 "just outside the service CIDR: untouched",
@@ -485,12 +515,82 @@ fn device_path_cases() {
             TC_ACT_OK,
             Want::Same,
         ),
+        Case {
+            counts: Some(V_PASS_FRAGMENT_UNKNOWN),
+            ..case(
+                "a later fragment whose first was not seen: left to the stack",
+                "lb_from_netdev",
+                stray[1].clone(),
+                TC_ACT_OK,
+                Want::Same,
+            )
+        },
+        Case {
+            counts: Some(V_FORWARD_NEW),
+            ..case(
+                "first fragment of a datagram to a NodePort: DNAT, the UDP checksum covering the whole datagram fixed",
+                "lb_from_netdev",
+                big_in[0].clone(),
+                TC_ACT_OK,
+                Want::Frame(big_out[0].clone()),
+            )
+        },
+        Case {
+            counts: Some(V_FORWARD_ESTABLISHED),
+            ..case(
+                "second fragment: the first's flow, addresses only",
+                "lb_from_netdev",
+                big_in[1].clone(),
+                TC_ACT_OK,
+                Want::Frame(big_out[1].clone()),
+            )
+        },
+        Case {
+            counts: Some(V_FORWARD_ESTABLISHED),
+            ..case(
+                "last fragment: the same",
+                "lb_from_netdev",
+                big_in[2].clone(),
+                TC_ACT_OK,
+                Want::Frame(big_out[2].clone()),
+            )
+        },
+        Case {
+            counts: Some(V_REPLY),
+            ..case(
+                "first fragment of the answer: source back to the NodePort",
+                "lb_to_netdev",
+                answer_in[0].clone(),
+                TC_ACT_OK,
+                Want::Frame(answer_out[0].clone()),
+            )
+        },
+        Case {
+            counts: Some(V_REPLY),
+            ..case(
+                "last fragment of the answer: the same",
+                "lb_to_netdev",
+                answer_in[1].clone(),
+                TC_ACT_OK,
+                Want::Frame(answer_out[1].clone()),
+            )
+        },
+        Case {
+            counts: Some(V_FORWARD_NEW),
+            ..case(
+                "a TCP segment in fragments (the header in the first): both translated",
+                "lb_from_netdev",
+                tcp_first_in[0].clone(),
+                TC_ACT_OK,
+                Want::Frame(tcp_first_out[0].clone()),
+            )
+        },
         case(
-            "fragment to a NodePort: left to the stack",
+            "its later fragment",
             "lb_from_netdev",
-            fragment.bytes(),
+            tcp_first_in[1].clone(),
             TC_ACT_OK,
-            Want::Same,
+            Want::Frame(tcp_first_out[1].clone()),
         ),
         case(
             "VLAN-tagged: untouched",
@@ -563,10 +663,11 @@ fn device_path_cases() {
         run(&mut ebpf, &maps, c);
     }
 
-    // Per-backend counters: the web pod got the SYN, the externalIP SYN
-    // and the SYN with options as new flows, and those three plus the ACK,
-    // the SYN-ACK reply and the FIN as packets; the DNS pod two UDP flows
-    // and their reply.
+    // Per-backend counters: the web pod got the SYN, the externalIP SYN,
+    // the SYN with options and the fragmented segment as new flows, and
+    // those plus the ACK, the SYN-ACK reply, the FIN and the segment's
+    // second fragment as packets; the DNS pod three UDP flows (one in
+    // fragments) and the replies, every fragment a packet.
     let id_of = |addr: Ipv4Addr, port: u16| {
         let st = lbctl::agent::apply::MapWriter::read(&maps).unwrap();
         *st.backends
@@ -575,18 +676,26 @@ fn device_path_cases() {
             .unwrap_or_else(|| panic!("backend {addr}:{port}"))
             .0
     };
-    let web_len = syn.bytes().len() * 4 + synack.bytes().len() + with_options.bytes().len();
+    let frames_len = |f: &[Vec<u8>]| f.iter().map(Vec::len).sum::<usize>();
+    let web_len = syn.bytes().len() * 4
+        + synack.bytes().len()
+        + with_options.bytes().len()
+        + frames_len(&tcp_first_in);
     let web = maps.backend_stats(id_of(WEB_POD, 8080));
     assert_eq!(
         (web.flows, web.packets, web.bytes),
-        (3, 6, web_len as u64),
+        (4, 8, web_len as u64),
         "web backend counters"
     );
     let dns = maps.backend_stats(id_of(DNS_POD, 5353));
-    let dns_len = udp.bytes().len() + udp_nocsum.bytes().len() + udp_nocsum.bytes().len();
+    let dns_len = udp.bytes().len()
+        + udp_nocsum.bytes().len()
+        + udp_nocsum.bytes().len()
+        + frames_len(&big_in)
+        + frames_len(&answer_in);
     assert_eq!(
         (dns.flows, dns.packets, dns.bytes),
-        (2, 3, dns_len as u64),
+        (3, 8, dns_len as u64),
         "DNS backend counters"
     );
 

@@ -277,6 +277,7 @@ fn rbac_and_the_seed_manifests_against_kube_apiserver() {
         ("list", "services"),
         ("watch", "endpointslices.discovery.k8s.io"),
         ("get", "nodes"),
+        ("watch", "servicecidrs.networking.k8s.io"),
     ] {
         let (ok, err) = as_agent(&["auth", "can-i", verb, resource, "-A"]);
         assert!(ok, "the agent may not {verb} {resource}: {err}");
@@ -286,6 +287,42 @@ fn rbac_and_the_seed_manifests_against_kube_apiserver() {
     assert!(err.contains("Forbidden"), "not refused by RBAC: {err}");
     let (ok, _) = as_agent(&["get", "endpoints", "-A"]);
     assert!(!ok, "endpoints are only granted with --watch-endpoints");
+
+    // The service CIDRs come from the API's ServiceCIDR objects (the API
+    // server made one from its --service-cluster-ip-range): an address of
+    // one that no Service has is dropped, as kube-proxy's nftables mode
+    // does; one added by kubectl counts at once, and one deleted stops.
+    let cidrs = |rc: &RealCluster| -> Vec<String> {
+        rc.c.lbctl_json(&["status"])
+            .ok()
+            .and_then(|v| serde_json::from_value(v["datapath"]["service_cidrs"].clone()).ok())
+            .unwrap_or_default()
+    };
+    let wait_cidrs = |want: &[&str]| {
+        rc.cp.wait(
+            "the service CIDRs in the datapath",
+            Duration::from_secs(20),
+            |_| cidrs(&rc) == want,
+        );
+    };
+    wait_cidrs(&[SERVICE_CIDR]);
+    cp.apply(
+        "apiVersion: networking.k8s.io/v1\nkind: ServiceCIDR\nmetadata:\n  name: extra\n\
+         spec:\n  cidrs: [\"10.200.0.0/24\", \"fd00:10:200::/112\"]\n",
+    );
+    wait_cidrs(&[SERVICE_CIDR, "10.200.0.0/24"]);
+    let before = rc.c.verdicts()["drop_unallocated_service_ip"];
+    let unallocated = get(&rc, From::Pod, "http://10.200.0.9/");
+    assert!(
+        unallocated.is_err(),
+        "an unallocated address of the new ServiceCIDR answered: {unallocated:?}"
+    );
+    assert!(
+        rc.c.verdicts()["drop_unallocated_service_ip"] > before,
+        "not refused by the datapath: {unallocated:?}"
+    );
+    cp.kubectl_ok(&["delete", "servicecidr", "extra"]);
+    wait_cidrs(&[SERVICE_CIDR]);
 
     // A selector-less Service and hand-written Endpoints naming a
     // PostgreSQL primary; the mirroring controller writes the slice.

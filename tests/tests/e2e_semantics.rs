@@ -63,16 +63,47 @@ elif mode in ("udp", "udp-connected"):
         print("reply", s.recv(2048).decode())
     except OSError as e:
         print(err(e))
-elif mode == "udp-stream":
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    s.settimeout(0.1)
-    first, sent, deadline = None, 0, time.time() + 20
-    while time.time() < deadline:
-        s.sendto(b"ping", (host, port))
-        sent += 1
+elif mode == "udp-big":
+    # Datagrams of argv[4] bytes, each from a new socket (a new flow), sent
+    # in fragments (IP_MTU_DISCOVER = IP_PMTUDISC_DONT): the answer names
+    # the backend and the length it received, padded to that length.
+    for _ in range(int(sys.argv[5])):
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.setsockopt(socket.IPPROTO_IP, 10, 0)
+        s.settimeout(3)
         try:
+            s.sendto(b"big".ljust(int(sys.argv[4]), b"x"), (host, port))
+            answer = s.recv(65535)
+            name, got = answer.split()[:2]
+            print(name.decode(), got.decode(), len(answer), flush=True)
+        except OSError as e:
+            print(err(e), flush=True)
+        s.close()
+elif mode == "udp-stream":
+    # One socket sending from one port; "connected": connect() once and
+    # send(), as DNS clients do, connecting again only after an error.
+    connected = len(sys.argv) > 4 and sys.argv[4] == "connected"
+    def sock():
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.settimeout(0.1)
+        if connected:
+            s.connect((host, port))
+        return s
+    s = sock()
+    first, deadline = None, time.time() + 20
+    while time.time() < deadline:
+        try:
+            if connected:
+                s.send(b"ping")
+            else:
+                s.sendto(b"ping", (host, port))
             name = s.recv(2048).decode()
         except TimeoutError:
+            continue
+        except OSError as e:
+            print("error", err(e), flush=True)
+            s.close()
+            s = sock()
             continue
         if first is None:
             first = name
@@ -611,30 +642,43 @@ fn flows_of_a_backend_that_left_move_or_end() {
         c.wait_services("one endpoint left", |s| backends_of(s, "moving") == 1);
     };
 
-    let (mut udp, mut lines) = spawn_probe(&c, From::Outside, &["udp-stream", &np, "30095"]);
-    let first = line(&mut lines);
-    let name = first.strip_prefix("first ").expect(&first).to_string();
-    keep_only(&name);
-    let last = line(&mut lines);
-    let _ = udp.wait();
-    assert!(
-        last.starts_with("moved pod-"),
-        "a UDP flow whose backend left: {last}"
+    // A UDP client sending from one port, until its replies come from
+    // another backend: what it printed after the first reply.
+    let stream_moves = |from: From, args: &[&str]| -> Vec<String> {
+        c.write("moving.yaml", &moving_service(&both));
+        c.wait_services("both endpoints", |s| backends_of(s, "moving") == 2);
+        let (mut probe, mut lines) = spawn_probe(&c, from, args);
+        let first = line(&mut lines);
+        let name = first.strip_prefix("first ").expect(&first).to_string();
+        keep_only(&name);
+        let rest: Vec<String> = lines.map_while(Result::ok).collect();
+        let _ = probe.wait();
+        assert!(
+            rest.last().is_some_and(|l| l.starts_with("moved pod-")),
+            "{args:?}: a UDP flow whose backend left: {rest:?}"
+        );
+        rest
+    };
+    // Through the NodePort (device path), a pod's unconnected socket
+    // (socket path, re-chosen per datagram).
+    stream_moves(From::Outside, &["udp-stream", &np, "30095"]);
+    stream_moves(From::Pod("pod-1"), &["udp-stream", "10.96.0.94", "53"]);
+    // A pod's connected socket, translated once at connect(): the agent
+    // destroys it (sock_diag), its owner sees the error and connects
+    // again, to the remaining backend.
+    let rest = stream_moves(
+        From::Pod("pod-1"),
+        &["udp-stream", "10.96.0.94", "53", "connected"],
     );
-
-    // The same from a pod's unconnected UDP socket (socket path).
-    c.write("moving.yaml", &moving_service(&both));
-    c.wait_services("both endpoints again", |s| backends_of(s, "moving") == 2);
-    let (mut pod_udp, mut lines) =
-        spawn_probe(&c, From::Pod("pod-1"), &["udp-stream", "10.96.0.94", "53"]);
-    let first = line(&mut lines);
-    let name = first.strip_prefix("first ").expect(&first).to_string();
-    keep_only(&name);
-    let last = line(&mut lines);
-    let _ = pod_udp.wait();
     assert!(
-        last.starts_with("moved pod-"),
-        "a pod's UDP flow whose backend left: {last}"
+        rest.iter().any(|l| l.starts_with("error ")),
+        "the connected socket was not ended: {rest:?}"
+    );
+    assert!(
+        c.agent_log()
+            .contains("connected UDP sockets of backends that left destroyed"),
+        "not logged:\n{}",
+        c.agent_log()
     );
 
     c.write("moving.yaml", &moving_service(&both));
@@ -985,4 +1029,58 @@ fn icmp_errors_reach_the_client_translated() {
         "ConnectionRefusedError 111"
     );
     assert!(c.verdicts()["icmp_translated"] > before);
+}
+
+/// A UDP datagram larger than the path's MTU reaches the NodePort in
+/// fragments: the first fragment's flow carries the later ones (their
+/// ports are only in the first), so the backend gets the whole datagram
+/// and its answer, fragmented too, comes back whole, for a backend on this
+/// node and one on the other node (SNAT both ways).
+#[test]
+fn fragmented_datagrams_through_a_node_port() {
+    require_root();
+    sweep();
+    let mut t = Topology::with_remote(1, 1);
+    t.start_pod_servers(8080);
+    let pods: Vec<(String, String)> = t
+        .pods
+        .iter()
+        .map(|p| (p.ns.name.clone(), p.name.clone()))
+        .collect();
+    for (ns, name) in &pods {
+        t.udp_server(ns, 5353, name);
+    }
+    let both = [
+        ("10.244.1.11", NODE_NAME, READY),
+        ("10.244.2.11", NODE_B_NAME, READY),
+    ];
+    let c = Cluster::start(&lbctl(), t, &[("moving.yaml", &moving_service(&both))]);
+    c.wait_services("moving", |s| backends_of(s, "moving") == 2);
+    let before = c.verdicts();
+    let np = NODE_IP.to_string();
+    let out = probe_from(&c, From::Outside, &["udp-big", &np, "30095", "4000", "24"]);
+    let mut seen = BTreeSet::new();
+    for l in out.lines() {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        assert_eq!(
+            f.get(1..),
+            Some(&["4000", "4000"][..]),
+            "a 4,000-byte datagram and its answer, whole: {l:?}\nall: {out}"
+        );
+        seen.insert(f[0].to_string());
+    }
+    assert_eq!(
+        seen,
+        BTreeSet::from(["pod-1".to_string(), "pod-b1".to_string()]),
+        "24 datagrams from 24 ports reach both backends"
+    );
+    let after = c.verdicts();
+    assert!(
+        after["forward_established"] - before["forward_established"] >= 48,
+        "the later fragments follow their first: {before:?} -> {after:?}"
+    );
+    assert_eq!(
+        after["pass_fragment_unknown"], before["pass_fragment_unknown"],
+        "no fragment was left untranslated"
+    );
 }

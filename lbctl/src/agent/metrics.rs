@@ -49,6 +49,9 @@ pub struct Metrics {
     /// or watch call failed; retried with backoff), sync (a map write
     /// failed; retried).
     pub errors: Family<KindLabel, Counter>,
+    /// Connected UDP sockets of pods and host processes destroyed because
+    /// their backend left the Service.
+    pub udp_sockets_destroyed: Counter,
 }
 
 impl Metrics {
@@ -86,6 +89,12 @@ impl Metrics {
             source_lists.clone(),
         );
         registry.register("errors", "Errors by kind", errors.clone());
+        let udp_sockets_destroyed = Counter::default();
+        registry.register(
+            "udp_sockets_destroyed",
+            "Connected UDP sockets destroyed because their backend left the Service",
+            udp_sockets_destroyed.clone(),
+        );
         registry.register_collector(Box::new(DatapathCollector {
             pins,
             maps: Mutex::new(None),
@@ -98,6 +107,7 @@ impl Metrics {
             source_events,
             source_lists,
             errors,
+            udp_sockets_destroyed,
         }
     }
 

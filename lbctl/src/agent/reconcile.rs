@@ -38,10 +38,41 @@ pub enum ReconcileError {
     Map(#[from] MapError),
 }
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Outcome {
     pub writes: usize,
     pub elapsed: Duration,
+    /// UDP backends this flush took out of a Service port's serving ones:
+    /// sockets connected to them through that port are to be ended.
+    pub udp_left: Vec<UdpLeft>,
+}
+
+/// A UDP backend that stopped serving a Service port (wire order).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct UdpLeft {
+    pub service_id: u32,
+    pub addr: u32,
+    pub port: u16,
+}
+
+/// Whether `op`, about to be applied to `state`, takes a UDP backend out
+/// of a Service port's serving ones (removed, or kept not serving).
+fn udp_backend_leaving(state: &MapState, op: &Op) -> Option<UdpLeft> {
+    let (k, serving_after) = match op {
+        Op::DelServiceBackend(k) => (k, false),
+        Op::PutServiceBackend(k, f) => (k, f & SB_SERVING != 0),
+        _ => return None,
+    };
+    let was_serving = state
+        .svc_backends
+        .get(k)
+        .is_some_and(|f| f & SB_SERVING != 0);
+    let b = state.backends.get(&k.backend_id)?;
+    (was_serving && !serving_after && b.proto == lb_common::PROTO_UDP).then_some(UdpLeft {
+        service_id: k.service_id,
+        addr: b.addr,
+        port: b.port,
+    })
 }
 
 /// What one service port put into the target.
@@ -393,7 +424,11 @@ impl<W: MapWriter> Reconciler<W> {
     pub fn flush(&mut self) -> Result<Outcome, ReconcileError> {
         let start = Instant::now();
         let ops = plan::diff_keys(&self.maps.state, &self.want, &self.touched);
+        let mut udp_left = Vec::new();
         for op in &ops {
+            if let Some(l) = udp_backend_leaving(&self.maps.state, op) {
+                udp_left.push(l);
+            }
             self.writer.apply(op)?;
             self.maps.apply(op);
         }
@@ -422,6 +457,7 @@ impl<W: MapWriter> Reconciler<W> {
         Ok(Outcome {
             writes: ops.len(),
             elapsed: start.elapsed(),
+            udp_left,
         })
     }
 

@@ -24,6 +24,7 @@ use super::{
     metrics::Metrics,
     model::NodeInfo,
     reconcile::Reconciler,
+    service_cidrs::{self, ServiceCidrs},
     source::{
         dir::DirSource,
         kube::{self as kube_source, ClusterSync, Update, Updates},
@@ -55,9 +56,8 @@ pub struct AgentConfig {
     pub snat_ports: std::ops::RangeInclusive<u16>,
     /// `--nodeport-addresses`.
     pub nodeport_addresses: Vec<super::nodeport_addrs::Selector>,
-    /// The service CIDR whose unallocated addresses are dropped (given,
-    /// or the manifest folder's allocation CIDR), address and length.
-    pub drop_service_cidr: Option<(Ipv4Addr, u8)>,
+    /// The service CIDRs whose unallocated addresses are dropped.
+    pub service_cidrs: ServiceCidrs,
     /// ClusterIPs and nodePorts for manifests written without them
     /// (manifest folder only: the API server does this for its own).
     pub allocator: Allocator,
@@ -152,20 +152,21 @@ enum Source {
 }
 
 /// The datapath's settings for this node.
-fn datapath_config(node: &NodeInfo, cfg: &AgentConfig, host_netns_cookie: u64) -> Config {
-    let (cidr, len) = cfg
-        .drop_service_cidr
-        .map_or((0, 0), |(a, l)| (ip4(a.octets()), l));
-    Config {
+fn datapath_config(
+    node: &NodeInfo,
+    cfg: &AgentConfig,
+    host_netns_cookie: u64,
+    cidrs: &[(u32, u8)],
+) -> Config {
+    let mut c = Config {
         snat_addr: node.snat.map_or(0, |a| ip4(a.octets())),
         snat_port_min: *cfg.snat_ports.start(),
         snat_port_max: *cfg.snat_ports.end(),
-        flags: 0,
-        service_cidr: cidr,
-        service_cidr_len: len,
-        _pad: [0; 7],
         host_netns_cookie,
-    }
+        ..Config::default()
+    };
+    c.set_service_cidrs(cidrs);
+    c
 }
 
 pub async fn run(cfg: AgentConfig) -> Result<()> {
@@ -210,7 +211,12 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
                 "watching the Kubernetes API"
             );
             let src = Source::Cluster {
-                updates: kube_source::watch(&client, &cfg.node_name, *watch_endpoints),
+                updates: kube_source::watch(
+                    &client,
+                    &cfg.node_name,
+                    *watch_endpoints,
+                    cfg.service_cidrs == ServiceCidrs::FromApi,
+                ),
                 sync: Box::new(ClusterSync::new(*watch_endpoints)),
             };
             (src, url)
@@ -249,6 +255,13 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
     maps.ensure_backend_stats()
         .context("creating per-backend counters")?;
     let mut rec = Reconciler::adopt(maps)?;
+    // Connected UDP sockets of backends that leave are ended off the loop.
+    let terminator = super::stale_sockets::Terminator::start(
+        cfg.bpffs.clone(),
+        PathBuf::from("/proc"),
+        metrics.udp_sockets_destroyed.clone(),
+    )
+    .context("starting the UDP socket worker")?;
     // Before the device programs of this version are attached: they end
     // flows whose backend has no entry.
     let migrated = rec
@@ -276,6 +289,12 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
     // The Node object last seen (None inside: none of this name).
     let mut last_node: Option<Option<Node>> = None;
     let mut last_config = None;
+    // The service CIDRs in force (from the flag, or the API once listed).
+    let mut cidrs: Vec<(Ipv4Addr, u8)> = match &cfg.service_cidrs {
+        ServiceCidrs::Given(v) => v.clone(),
+        ServiceCidrs::FromApi => Vec::new(),
+    };
+    let mut cidrs_logged = None;
     // The target has changes the maps do not have yet.
     let mut unflushed = false;
     let mut synced_once = false;
@@ -340,6 +359,13 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
                 let mut listed = false;
                 for u in batch {
                     let kind = match &u {
+                        Update::Unavailable(kind, e) => {
+                            warn!(
+                                kind = kind.label(),
+                                "not readable ({e}): the agent does without it until restarted; for ServiceCIDR, give --service-cidr to drop unallocated addresses"
+                            );
+                            kind.label()
+                        }
                         Update::Error(kind, e) => {
                             warn!(kind = kind.label(), "watch: {e}");
                             metrics.error("watch");
@@ -350,8 +376,9 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
                         Update::Slice(_) => "EndpointSlice",
                         Update::Endpoints(_) => "Endpoints",
                         Update::Node(_) => "Node",
+                        Update::ServiceCidr(_) => "ServiceCIDR",
                     };
-                    if !matches!(u, Update::Error(..)) {
+                    if !matches!(u, Update::Error(..) | Update::Unavailable(..)) {
                         metrics.event(kind);
                     }
                     if sync.apply(&mut store, u).listed {
@@ -362,6 +389,13 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
                 }
                 if listed || sync.node != had_node || node.is_none() {
                     node_obj = Some(sync.node.clone());
+                }
+                if let Some(objs) = sync.service_cidrs() {
+                    let (v, bad) = service_cidrs::from_objects(objs);
+                    for e in bad {
+                        warn!("ServiceCIDR: {e}");
+                    }
+                    cidrs = v;
                 }
                 ready = sync.ready();
                 if !ready && !waiting_logged {
@@ -413,7 +447,24 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
             }
         }
         let Some(node) = &node else { continue };
-        let config = datapath_config(node, &cfg, host_netns_cookie);
+        let (dp_cidrs, left_out) = service_cidrs::for_datapath(&cidrs);
+        if cidrs_logged.as_ref() != Some(&cidrs) {
+            info!(service_cidrs = %service_cidrs::show(cidrs.iter().copied()), "unallocated addresses of the service CIDRs are dropped");
+            if !left_out.is_empty() {
+                warn!(
+                    not_enforced = %service_cidrs::show(left_out.iter().copied()),
+                    max = lb_common::config::MAX_SERVICE_CIDRS,
+                    "more service CIDRs than the datapath checks: these are not enforced"
+                );
+                status.error(&format!(
+                    "service CIDRs not enforced (more than {}): {}",
+                    lb_common::config::MAX_SERVICE_CIDRS,
+                    service_cidrs::show(left_out.iter().copied())
+                ));
+            }
+            cidrs_logged = Some(cidrs.clone());
+        }
+        let config = datapath_config(node, &cfg, host_netns_cookie, &dp_cidrs);
         if last_config != Some(config) {
             rec.writer
                 .set_config(config)
@@ -452,6 +503,7 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         match rec.flush() {
             Ok(o) => {
                 unflushed = false;
+                terminator.backends_left(o.udp_left.clone());
                 status.synced(o.writes, rec.port_count());
                 metrics.sync_duration.observe(o.elapsed.as_secs_f64());
                 if let Some(t) = change_seen.take() {

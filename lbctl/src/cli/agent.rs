@@ -8,6 +8,7 @@ use super::PinArgs;
 use crate::agent::{
     allocate::Allocator,
     run::{self, AgentConfig, SourceConfig},
+    service_cidrs::ServiceCidrs,
 };
 
 #[derive(Debug, clap::Args)]
@@ -66,14 +67,15 @@ pub struct Args {
     /// maps.
     #[arg(long, default_value = "60")]
     pub healthz_timeout_s: u64,
-    /// The API server's service CIDR: with a manifest folder, Services
-    /// written without `clusterIP` get one from here, as the API server
-    /// would give them (kube's `--service-cluster-ip-range`).
-    /// Given (or with a manifest folder), traffic to an address of this
-    /// CIDR that no Service has is dropped, as kube-proxy's nftables mode
-    /// drops it. Default for allocation: 10.96.0.0/12.
-    #[arg(long)]
-    pub service_cidr: Option<String>,
+    /// The service CIDRs (comma-separated): traffic to an address of one
+    /// of them that no Service has is dropped, as kube-proxy's nftables
+    /// mode drops it. Not given, the API's ServiceCIDR objects say (the
+    /// API server keeps one from its `--service-cluster-ip-range`). With a
+    /// manifest folder, Services written without `clusterIP` get one from
+    /// the first, as the API server would give them. Default with a
+    /// manifest folder: 10.96.0.0/12.
+    #[arg(long, value_delimiter = ',')]
+    pub service_cidr: Vec<String>,
     /// Which addresses NodePorts answer on: CIDRs and the keywords
     /// `primary` (the node's addresses), `all` (every address of this
     /// machine) and `localhost` (127.0.0.1, for the node's processes), as
@@ -123,13 +125,24 @@ pub async fn execute(args: Args) -> Result<()> {
         Some(n) => n,
         None => hostname()?,
     };
-    let cidr = args.service_cidr.as_deref().unwrap_or("10.96.0.0/12");
-    let allocator = Allocator::new(cidr, &args.service_node_port_range)?;
-    let drop_service_cidr = if args.service_cidr.is_some() || matches!(source, SourceConfig::Dir(_))
-    {
-        Some(parse_cidr(cidr)?)
+    let mut given = Vec::new();
+    for c in &args.service_cidr {
+        given.extend(
+            crate::agent::service_cidrs::parse(c)
+                .map_err(|e| anyhow::anyhow!("--service-cidr {e}"))?,
+        );
+    }
+    if given.is_empty() && matches!(source, SourceConfig::Dir(_)) {
+        given.push((Ipv4Addr::new(10, 96, 0, 0), 12));
+    }
+    let allocator = match given.first() {
+        Some((a, l)) => Allocator::new(&format!("{a}/{l}"), &args.service_node_port_range)?,
+        None => Allocator::new("10.96.0.0/12", &args.service_node_port_range)?,
+    };
+    let service_cidrs = if args.service_cidr.is_empty() && !matches!(source, SourceConfig::Dir(_)) {
+        ServiceCidrs::FromApi
     } else {
-        None
+        ServiceCidrs::Given(given)
     };
     let nodeport_addresses = crate::agent::nodeport_addrs::parse(&args.nodeport_addresses)
         .map_err(anyhow::Error::msg)?;
@@ -157,7 +170,7 @@ pub async fn execute(args: Args) -> Result<()> {
         map_sizes,
         snat_ports,
         nodeport_addresses,
-        drop_service_cidr,
+        service_cidrs,
         source,
         allocator,
         datapath_logs: args.datapath_logs,
@@ -173,15 +186,6 @@ pub async fn execute(args: Args) -> Result<()> {
         healthz_timeout: Duration::from_secs(args.healthz_timeout_s),
     })
     .await
-}
-
-fn parse_cidr(s: &str) -> Result<(Ipv4Addr, u8)> {
-    let bad = || anyhow::anyhow!("--service-cidr {s:?}: give an IPv4 CIDR");
-    let (a, l) = s.split_once('/').ok_or_else(bad)?;
-    let a: Ipv4Addr = a.parse().map_err(|_| bad())?;
-    let l: u8 = l.parse().map_err(|_| bad())?;
-    anyhow::ensure!((1..=32).contains(&l), bad());
-    Ok((a, l))
 }
 
 fn addr(s: &str) -> Result<Option<std::net::SocketAddr>> {

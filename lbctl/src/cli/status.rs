@@ -27,6 +27,8 @@ pub struct StatusView {
     pub layout_version: u32,
     /// The agent's own record; absent when no agent has written one.
     pub agent: Option<AgentView>,
+    /// The settings the agent wrote for the datapath.
+    pub datapath: DatapathView,
     pub attachments: Vec<AttachmentView>,
     pub maps: Vec<MapView>,
 }
@@ -100,6 +102,14 @@ pub fn agent_view(r: &AgentStatus, now: u64, running: bool) -> Option<AgentView>
     })
 }
 
+/// Entries of a pinned map of any layout (0 when it cannot be opened).
+fn count_keys(pin: &std::path::Path) -> usize {
+    aya::maps::MapData::from_pin(pin)
+        .ok()
+        .and_then(|m| aya::maps::HashMap::<_, lb_common::conntrack::Frag4Key, lb_common::conntrack::Frag4Ports>::try_from(aya::maps::Map::LruHashMap(m)).ok())
+        .map_or(0, |m| m.keys().filter_map(Result::ok).count())
+}
+
 fn pid_running(pid: u32) -> bool {
     // SAFETY: signal 0 only checks that the process exists.
     pid != 0 && unsafe { libc::kill(pid as i32, 0) } == 0
@@ -154,6 +164,32 @@ pub fn agent_table(a: Option<&AgentView>) -> String {
     render::pairs(rows)
 }
 
+/// `LB_CONFIG_V1`: what the programs read besides the Services.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct DatapathView {
+    /// Source address of flows SNATed to another node's backend when the
+    /// frontend is not a node address (empty: the frontend address).
+    pub snat_address: String,
+    /// `FIRST-LAST` (`--snat-port-range`).
+    pub snat_ports: String,
+    /// CIDRs whose addresses no Service has are dropped.
+    pub service_cidrs: Vec<String>,
+}
+
+pub fn datapath_view(c: &lb_common::config::Config) -> DatapathView {
+    DatapathView {
+        snat_address: match c.snat_addr {
+            0 => String::new(),
+            a => std::net::Ipv4Addr::from(lb_common::ip4_octets(a)).to_string(),
+        },
+        snat_ports: format!("{}-{}", c.snat_port_min, c.snat_port_max),
+        service_cidrs: c
+            .service_cidr_list()
+            .map(|(a, l)| format!("{}/{l}", std::net::Ipv4Addr::from_bits(a)))
+            .collect(),
+    }
+}
+
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct AttachmentView {
     pub program: String,
@@ -200,6 +236,7 @@ pub fn execute(args: Args) -> Result<()> {
         bpffs: pins.display().to_string(),
         layout_version: lb_common::LAYOUT_VERSION,
         agent,
+        datapath: datapath_view(&maps.config().unwrap_or_default()),
         attachments,
         maps: [
             (lb_common::maps::ADDRS4, st.addrs.len()),
@@ -211,6 +248,10 @@ pub fn execute(args: Args) -> Result<()> {
             (lb_common::maps::SERVICE_META, st.service_meta.len()),
             (lb_common::maps::BACKEND_META, st.backend_meta.len()),
             (lb_common::maps::CONNTRACK4, ct),
+            (
+                lb_common::maps::FRAGS4,
+                count_keys(&pins.join(lb_common::maps::FRAGS4)),
+            ),
             (
                 lb_common::maps::AFFINITY4,
                 maps.affinity.keys().filter_map(Result::ok).count(),
@@ -232,6 +273,35 @@ pub fn execute(args: Args) -> Result<()> {
         Some(s) => print!("{s}"),
         None => {
             print!("{}", agent_table(view.agent.as_ref()));
+            let d = &view.datapath;
+            print!(
+                "{}",
+                render::pairs(vec![
+                    vec![
+                        "snat".into(),
+                        format!(
+                            "{} ports {}",
+                            if d.snat_address.is_empty() {
+                                "frontend address"
+                            } else {
+                                &d.snat_address
+                            },
+                            d.snat_ports
+                        ),
+                    ],
+                    vec![
+                        "service CIDRs".into(),
+                        if d.service_cidrs.is_empty() {
+                            "none (no unallocated-address drop)".into()
+                        } else {
+                            format!(
+                                "{} (unallocated addresses dropped)",
+                                d.service_cidrs.join(", ")
+                            )
+                        },
+                    ],
+                ])
+            );
             println!();
             let rows = view
                 .attachments

@@ -271,6 +271,11 @@ impl ServiceMaps {
         self.agent.set(0, *s, 0)
     }
 
+    /// The datapath settings the agent wrote (all zero before it did).
+    pub fn config(&self) -> Result<Config, AyaMapError> {
+        self.config.get(&0, 0)
+    }
+
     pub fn set_config(&mut self, c: Config) -> Result<(), AyaMapError> {
         self.config.set(0, c, 0)
     }

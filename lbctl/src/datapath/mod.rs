@@ -9,3 +9,4 @@ pub mod maps;
 pub mod migrate;
 pub mod pins;
 pub mod probe;
+pub mod sockdiag;

@@ -45,6 +45,7 @@ const SHARED: &[&str] = &[
 /// Maps the program writes, made small: a probe makes one flow.
 const SCRATCH_SIZES: &[(&str, u32)] = &[
     (names::CONNTRACK4, 64),
+    (names::FRAGS4, 4),
     (names::AFFINITY4, 16),
     (names::SOCK_REVNAT4, 16),
     (names::SOCK_FLOWS4, 16),

@@ -1,5 +1,6 @@
 //! The cluster source: kube-runtime watchers on Services, EndpointSlices,
-//! this node's Node and, when asked, Endpoints. Each watcher lists, then
+//! this node's Node, ServiceCIDRs (unless `--service-cidr` names them) and,
+//! when asked, Endpoints. Each watcher lists, then
 //! watches from the list's resourceVersion; after a dropped connection it
 //! resumes from the last version it saw (bookmarks keep that fresh), and on
 //! 410 Gone it lists again. A re-list is a full replacement: what it no
@@ -13,6 +14,7 @@ use futures::{Stream, StreamExt};
 use k8s_openapi::api::{
     core::v1::{Endpoints, Node, Service},
     discovery::v1::EndpointSlice,
+    networking::v1::ServiceCIDR,
 };
 use kube::{
     Api, Client, Config, Resource,
@@ -32,6 +34,7 @@ pub enum Kind {
     EndpointSlice,
     Endpoints,
     Node,
+    ServiceCidr,
 }
 
 impl Kind {
@@ -41,6 +44,7 @@ impl Kind {
             Self::EndpointSlice => "EndpointSlice",
             Self::Endpoints => "Endpoints",
             Self::Node => "Node",
+            Self::ServiceCidr => "ServiceCIDR",
         }
     }
 }
@@ -53,8 +57,12 @@ pub enum Update {
     Slice(Event<EndpointSlice>),
     Endpoints(Event<Endpoints>),
     Node(Event<Node>),
+    ServiceCidr(Event<ServiceCIDR>),
     /// A list or watch failed; the watcher retries with backoff.
     Error(Kind, String),
+    /// An optional kind the API does not serve (404) or this agent may not
+    /// read (403): its watch has ended; the agent does without it.
+    Unavailable(Kind, String),
 }
 
 pub type Updates = Pin<Box<dyn Stream<Item = Update> + Send>>;
@@ -99,8 +107,37 @@ where
         .boxed()
 }
 
+/// A watch on a kind the agent can do without: a 404 or 403 on its list
+/// ends it with one [`Update::Unavailable`] (a cluster older than the
+/// resource, or RBAC without it), where [`stream`] would retry forever.
+fn optional_stream<K>(api: Api<K>, kind: Kind, wrap: fn(Event<K>) -> Update) -> Updates
+where
+    K: Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + 'static,
+    K::DynamicType: Default,
+{
+    watcher::watcher(api, watcher::Config::default())
+        .default_backoff()
+        .scan(false, move |ended, r| {
+            if *ended {
+                return futures::future::ready(None);
+            }
+            let u = match r {
+                Ok(ev) => wrap(ev),
+                Err(watcher::Error::InitialListFailed(kube::Error::Api(s)))
+                    if s.code == 404 || s.code == 403 =>
+                {
+                    *ended = true;
+                    Update::Unavailable(kind, format!("{} {}", s.code, s.message))
+                }
+                Err(e) => Update::Error(kind, e.to_string()),
+            };
+            futures::future::ready(Some(u))
+        })
+        .boxed()
+}
+
 /// The merged watch streams.
-pub fn watch(client: &Client, node_name: &str, endpoints: bool) -> Updates {
+pub fn watch(client: &Client, node_name: &str, endpoints: bool, service_cidrs: bool) -> Updates {
     let mut streams = vec![
         stream(
             Api::<Service>::all(client.clone()),
@@ -121,6 +158,13 @@ pub fn watch(client: &Client, node_name: &str, endpoints: bool) -> Updates {
             Update::Node,
         ),
     ];
+    if service_cidrs {
+        streams.push(optional_stream(
+            Api::<ServiceCIDR>::all(client.clone()),
+            Kind::ServiceCidr,
+            Update::ServiceCidr,
+        ));
+    }
     if endpoints {
         streams.push(stream(
             Api::<Endpoints>::all(client.clone()),
@@ -164,9 +208,13 @@ pub struct ClusterSync {
     slices: KindSync<EndpointSlice>,
     endpoints: KindSync<Endpoints>,
     nodes: KindSync<Node>,
+    cidr_sync: KindSync<ServiceCIDR>,
     watch_endpoints: bool,
     /// This agent's Node, once seen.
     pub node: Option<Node>,
+    /// `spec.cidrs` of each ServiceCIDR object, by name; None before the
+    /// first list (nothing is dropped until then).
+    service_cidrs: Option<BTreeMap<String, Vec<String>>>,
 }
 
 /// Applies one event of one kind to `ctx`: a live change at once; a list
@@ -205,9 +253,20 @@ impl ClusterSync {
             slices: KindSync::default(),
             endpoints: KindSync::default(),
             nodes: KindSync::default(),
+            cidr_sync: KindSync::default(),
             watch_endpoints,
             node: None,
+            service_cidrs: None,
         }
+    }
+
+    /// Every ServiceCIDR object's `spec.cidrs`, once listed. Not part of
+    /// [`Self::ready`]: a cluster older than the resource (or RBAC without
+    /// it) still gets its Services, only no unallocated-address drop.
+    pub fn service_cidrs(&self) -> Option<impl Iterator<Item = &str>> {
+        self.service_cidrs
+            .as_ref()
+            .map(|m| m.values().flatten().map(String::as_str))
     }
 
     /// Nothing is programmed before every watched kind has listed once:
@@ -279,7 +338,41 @@ impl ClusterSync {
                 self.node = node;
                 applied
             }
-            Update::Error(..) => Applied::default(),
+            Update::ServiceCidr(ev) => {
+                let mut cidrs = self.service_cidrs.take().unwrap_or_default();
+                let applied = step(
+                    &mut self.cidr_sync,
+                    ev,
+                    &mut cidrs,
+                    |o| ObjKey::new("", o.metadata.name.clone().unwrap_or_default()),
+                    |m, k, o| match o {
+                        Some(o) => {
+                            m.insert(k.name.clone(), cidrs_of(&o));
+                        }
+                        None => {
+                            m.remove(&k.name);
+                        }
+                    },
+                    |m, all| {
+                        *m = all
+                            .into_iter()
+                            .map(|(k, o)| (k.name, cidrs_of(&o)))
+                            .collect()
+                    },
+                );
+                if self.cidr_sync.synced {
+                    self.service_cidrs = Some(cidrs);
+                }
+                applied
+            }
+            Update::Error(..) | Update::Unavailable(..) => Applied::default(),
         }
     }
+}
+
+fn cidrs_of(o: &ServiceCIDR) -> Vec<String> {
+    o.spec
+        .as_ref()
+        .and_then(|s| s.cidrs.clone())
+        .unwrap_or_default()
 }
