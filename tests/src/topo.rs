@@ -305,6 +305,19 @@ class H(http.server.BaseHTTPRequestHandler):
         self.send_header("X-Pod", sys.argv[2])
         self.end_headers()
         self.wfile.write(body)
+    def do_POST(self):
+        # An upload: read it whole, answer the pod's name and its length.
+        n, got = int(self.headers["Content-Length"]), 0
+        while got < n:
+            part = self.rfile.read(min(65536, n - got))
+            if not part:
+                break
+            got += len(part)
+        body = f"{sys.argv[2]} {got}\n".encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
     def log_message(self, *a):
         pass
 class S(http.server.ThreadingHTTPServer):

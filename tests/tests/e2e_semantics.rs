@@ -63,6 +63,13 @@ elif mode in ("udp", "udp-connected"):
         print("reply", s.recv(2048).decode())
     except OSError as e:
         print(err(e))
+elif mode == "upload":
+    c = http.client.HTTPConnection(host, port, timeout=10)
+    try:
+        c.request("POST", "/", body=bytes(int(sys.argv[4])))
+        print(c.getresponse().read().decode().strip())
+    except OSError as e:
+        print(err(e))
 elif mode == "udp-big":
     # Datagrams of argv[4] bytes, each from a new socket (a new flow), sent
     # in fragments (IP_MTU_DISCOVER = IP_PMTUDISC_DONT): the answer names
@@ -1082,5 +1089,46 @@ fn fragmented_datagrams_through_a_node_port() {
     assert_eq!(
         after["pass_fragment_unknown"], before["pass_fragment_unknown"],
         "no fragment was left untranslated"
+    );
+}
+
+/// Path MTU discovery through a NodePort: the way from node-a to node-b's
+/// pods has a smaller MTU (1,400: node-b's link, and node-a's route to
+/// them) than the client's link (1,500). The client's full-size segments
+/// to a backend on node-b are answered by the datapath with a
+/// fragmentation needed (before SNAT, quoting them as sent), the client
+/// lowers its path MTU and a 2 MB upload completes; without the answer the
+/// segments would die on node-b's link.
+#[test]
+fn path_mtu_discovery_through_a_node_port() {
+    require_root();
+    sweep();
+    let mut t = Topology::with_remote(0, 1);
+    t.start_pod_servers(8080);
+    t.node_b.run(&["ip", "link", "set", "eth0", "mtu", "1400"]);
+    t.node.run(&[
+        "ip",
+        "route",
+        "replace",
+        "10.244.2.0/24",
+        "via",
+        &topo::NODE_B_IP.to_string(),
+        "mtu",
+        "lock",
+        "1400",
+    ]);
+    let remote = [("10.244.2.11", NODE_B_NAME, READY)];
+    let c = Cluster::start(&lbctl(), t, &[("moving.yaml", &moving_service(&remote))]);
+    c.wait_services("moving", |s| backends_of(s, "moving") == 1);
+    let before = c.verdicts()["frag_needed_sent"];
+    let np = NODE_IP.to_string();
+    assert_eq!(
+        probe_from(&c, From::Outside, &["upload", &np, "30094", "2000000"]),
+        "pod-b1 2000000",
+        "a 2 MB upload over the smaller-MTU path"
+    );
+    assert!(
+        c.verdicts()["frag_needed_sent"] > before,
+        "no fragmentation needed was sent: the path MTU was not discovered"
     );
 }
