@@ -14,7 +14,7 @@ pub const CONNTRACK4: &str = "LB4_CT_V1";
 pub const FRAGS4: &str = "LB4_FRAGS_V1";
 pub const SOCK_REVNAT4: &str = "LB4_SOCK_REVNAT_V1";
 pub const SOCK_FLOWS4: &str = "LB4_SOCK_FLOWS_V1";
-pub const SERVICE_STATS: &str = "LB_SVC_STATS_V1";
+pub const SERVICE_STATS: &str = "LB_SVC_STATS_V2";
 pub const VERDICT_STATS: &str = "LB_VERDICTS_V1";
 pub const CONFIG: &str = "LB_CONFIG_V1";
 pub const BACKEND_STATS: &str = "LB_BE_STATS_V1";
@@ -42,29 +42,70 @@ pub const ALL: &[&str] = &[
     AGENT_STATUS,
 ];
 
-/// Frontends (address, port, protocol, scope). 100,000 Services with a
-/// ClusterIP, a NodePort on two node addresses and an external IP fit.
-pub const MAX_FRONTENDS: u32 = 1 << 19;
-/// Backend slots over all live backend sets (two sets per service port may
-/// exist for an instant during a swap).
-pub const MAX_SLOTS: u32 = 1 << 21;
+/// Maps from an earlier layout that the agent removes when it finds them
+/// pinned (their successors carry the next `_V<n>`).
+pub const RETIRED: &[&str] = &[
+    // A per-CPU array indexed by service id: its memory grew with the
+    // CPU count whatever the number of Services. Now a per-CPU hash.
+    "LB_SVC_STATS_V1",
+];
+
+/// Default of the agent's `--lb-map-max` (Cilium's `bpf-lb-map-max`
+/// default): the size of the Service maps, see [`lb_map_sizes`]. A node of
+/// a cluster with up to 65,536 Service frontends and backends fits.
+pub const DEFAULT_LB_MAP_MAX: u32 = 1 << 16;
+
+/// The maps `--lb-map-max N` sizes and their size for `n`: one entry per
+/// frontend, address, Service port or backend each (`n`); backend slots
+/// and (Service port, backend) pairs twice that (a port's Cluster and
+/// Local lists, and its old and new set during a swap). All are hashes
+/// without preallocation (an LPM trie for the ranges): a map holds a
+/// bucket array (16 bytes per power-of-two entry) until entries come.
+pub const fn lb_map_sizes(n: u32) -> [(&'static str, u32); 10] {
+    let twice = n.saturating_mul(2);
+    [
+        (FRONTENDS4, n),
+        (ADDRS4, n),
+        (SERVICE_META, n),
+        (SERVICE_STATS, n),
+        (SOURCE_RANGES4, n),
+        (BACKENDS4, n),
+        (BACKEND_META, n),
+        (BACKEND_STATS, n),
+        (BACKEND_SLOTS, twice),
+        (SERVICE_BACKENDS, twice),
+    ]
+}
+
+/// Frontends (address, port, protocol, scope), as compiled; the agent
+/// sizes them with `--lb-map-max`.
+pub const MAX_FRONTENDS: u32 = DEFAULT_LB_MAP_MAX;
+/// Backend slots over all live backend sets.
+pub const MAX_SLOTS: u32 = DEFAULT_LB_MAP_MAX * 2;
 /// Distinct backends (address, port, protocol).
-pub const MAX_BACKENDS: u32 = 1 << 20;
-/// Service ports (the unit of counters and names); ids are `1..MAX_SERVICES`.
-pub const MAX_SERVICES: u32 = 1 << 18;
-/// Per-packet connection tracking entries (two per NodePort/external flow).
-pub const MAX_CONNTRACK: u32 = 1 << 18;
+pub const MAX_BACKENDS: u32 = DEFAULT_LB_MAP_MAX;
+/// Service ports (the unit of counters and names).
+pub const MAX_SERVICES: u32 = DEFAULT_LB_MAP_MAX;
+/// Service port ids are `1..SERVICE_ID_SPACE` and backend ids
+/// `1..BACKEND_ID_SPACE`: keys of hashes, not indexes, so the id space is
+/// not a map size.
+pub const SERVICE_ID_SPACE: u32 = 1 << 24;
+pub const BACKEND_ID_SPACE: u32 = 1 << 28;
+/// Per-packet connection tracking entries (two per NodePort/external
+/// flow), as compiled: LRU maps are preallocated (about 130 bytes an
+/// entry), so the agent sizes it from the node's memory (`--conntrack-max`).
+pub const MAX_CONNTRACK: u32 = 1 << 16;
 /// Fragmented datagrams in flight through the device path (first
 /// fragment's ports by source, destination, IP id and protocol), least
 /// recently used evicted first: fragments of one datagram arrive within
 /// milliseconds, so a few thousand cover any burst.
 pub const MAX_FRAGS: u32 = 1 << 13;
 /// Socket-level reverse translations (one per translated socket and backend).
-pub const MAX_SOCK_REVNAT: u32 = 1 << 18;
+pub const MAX_SOCK_REVNAT: u32 = 1 << 16;
 /// Unconnected UDP sockets' chosen backend per frontend.
-pub const MAX_SOCK_FLOWS: u32 = 1 << 17;
+pub const MAX_SOCK_FLOWS: u32 = 1 << 14;
 /// Session affinity entries (client, Service port), least recently used
 /// evicted first.
-pub const MAX_AFFINITY: u32 = 1 << 16;
+pub const MAX_AFFINITY: u32 = 1 << 14;
 /// loadBalancerSourceRanges prefixes over all Service ports.
 pub const MAX_SOURCE_RANGES: u32 = 1 << 16;

@@ -81,9 +81,12 @@ pub static SOCK_REVNAT4: LruHashMap<SockRevNat4Key, SockRevNat4> =
 #[map(name = "LB4_SOCK_FLOWS_V1")]
 pub static SOCK_FLOWS4: LruHashMap<SockFlow4Key, SockFlow4> = LruHashMap::pinned(MAX_SOCK_FLOWS, 0);
 
-/// Counters per Service port, per CPU.
-#[map(name = "LB_SVC_STATS_V1")]
-pub static SERVICE_STATS: PerCpuArray<ServiceStats> = PerCpuArray::pinned(MAX_SERVICES, 0);
+/// Counters per Service port, per CPU: entries made and removed by the
+/// agent with their Service port (never created here), so the memory is
+/// that of the ports there are, not of the map's size times the CPUs.
+#[map(name = "LB_SVC_STATS_V2")]
+pub static SERVICE_STATS: PerCpuHashMap<u32, ServiceStats> =
+    PerCpuHashMap::pinned(MAX_SERVICES, BPF_F_NO_PREALLOC);
 
 /// Counters per verdict (`lb_common::counters::V_*`), per CPU.
 #[map(name = "LB_VERDICTS_V1")]

@@ -14,8 +14,8 @@ pub fn verdict(v: u32) {
 
 #[inline(always)]
 fn service(id: u32) -> Option<&'static mut ServiceStats> {
-    // SAFETY: per-CPU slot, see `verdict`.
-    SERVICE_STATS.get_ptr_mut(id).map(|p| unsafe { &mut *p })
+    // SAFETY: per-CPU value, see `verdict`.
+    SERVICE_STATS.get_ptr_mut(&id).map(|p| unsafe { &mut *p })
 }
 
 #[inline(always)]

@@ -23,6 +23,27 @@ pub fn datapath() -> (Bpffs, aya::Ebpf) {
     (fs, ebpf)
 }
 
+/// `--lb-map-max` for a cluster of `backends` backends (and fewer
+/// frontends): the default, or the power of two that holds them.
+pub fn lb_map_max_for(backends: usize) -> u32 {
+    (backends as u32)
+        .next_power_of_two()
+        .max(lb_common::maps::DEFAULT_LB_MAP_MAX)
+}
+
+/// As [`datapath`], with the Service maps sized as `--lb-map-max` would
+/// size them for `backends` backends.
+pub fn datapath_for(backends: usize) -> (Bpffs, aya::Ebpf) {
+    let fs = Bpffs::new();
+    pins::prepare(&fs.pins()).expect("pin folder");
+    let sizes = lb_common::maps::lb_map_sizes(lb_map_max_for(backends))
+        .into_iter()
+        .map(|(m, n)| (m.to_string(), n))
+        .collect();
+    let (ebpf, _) = load::load_with(&fs.pins(), false, &sizes).expect("load the embedded object");
+    (fs, ebpf)
+}
+
 pub fn objects(yaml: &str) -> Objects {
     let f = dir::parse("fixture.yaml", yaml);
     assert!(f.errors.is_empty(), "fixture manifests: {:?}", f.errors);

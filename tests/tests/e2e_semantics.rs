@@ -1132,3 +1132,73 @@ fn path_mtu_discovery_through_a_node_port() {
         "no fragmentation needed was sent: the path MTU was not discovered"
     );
 }
+
+/// A map that is full is never silent: with `--lb-map-max 16`, a Service
+/// with 20 endpoints does not fit; it is refused whole and named (log and
+/// `lbctl status`), the Service that fits forwards from a pod and from
+/// outside, and the refused one is programmed once it fits.
+#[test]
+fn a_full_map_refuses_the_port_that_does_not_fit_and_the_rest_forwards() {
+    require_root();
+    sweep();
+    let mut t = Topology::new(1);
+    t.start_pod_servers(8080);
+    let svc = |name: &str, ip: &str, node_port: u16, eps: &[(&str, &str, &str)]| {
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: e2e}}\nspec:\n  type: NodePort\n  clusterIP: {ip}\n  ports: [{{port: 80, targetPort: 8080, nodePort: {node_port}}}]\n{}",
+            slice(&format!("{name}-1"), name, 8080, eps)
+        )
+    };
+    let many: Vec<String> = (1..=20).map(|i| format!("10.244.9.{i}")).collect();
+    let big = |n: usize| -> Vec<(&str, &str, &str)> {
+        many[..n]
+            .iter()
+            .map(|a| (a.as_str(), NODE_B_NAME, READY))
+            .collect()
+    };
+    let mut c = Cluster::new(&lbctl(), t);
+    c.write(
+        "fits.yaml",
+        &svc(
+            "fits",
+            "10.96.0.96",
+            30097,
+            &[("10.244.1.11", NODE_NAME, READY)],
+        ),
+    );
+    c.write("big.yaml", &svc("big", "10.96.0.98", 30098, &big(20)));
+    c.source = vec![
+        "--manifests".into(),
+        c.manifests.display().to_string(),
+        "--node-name".into(),
+        NODE_NAME.into(),
+        "--node-ip".into(),
+        NODE_IP.to_string(),
+        "--lb-map-max".into(),
+        "16".into(),
+    ];
+    c.start_agent();
+    c.wait_services("the Service that fits", |s| backends_of(s, "fits") == 1);
+    // Refused when the Service that fits is in (21 backends) or not yet
+    // (20): the map, its size and the flag are named either way.
+    let status = c.lbctl_json(&["status"]).expect("lbctl status");
+    assert!(
+        status["agent"]["last_error"].as_str().is_some_and(|e| {
+            e.starts_with("e2e/big not programmed: map LB4_BACKENDS_V1 is full: ")
+                && e.ends_with(" entries needed, 16 fit (raise --lb-map-max)")
+        }),
+        "lbctl status: {status}"
+    );
+    assert!(c.agent_log().contains("map LB4_BACKENDS_V1 is full"));
+    assert_eq!(c.get_from_client("http://172.18.0.2:30097/"), "pod-1");
+    assert_eq!(
+        c.get_from_pod(&c.topo.pod("pod-1").ns, "http://10.96.0.96/"),
+        "pod-1"
+    );
+    // Fewer endpoints: it fits now.
+    c.write("big.yaml", &svc("big", "10.96.0.98", 30098, &big(12)));
+    c.wait_services("the refused Service, smaller", |s| {
+        backends_of(s, "big") == 12
+    });
+    assert_eq!(c.get_from_client("http://172.18.0.2:30097/"), "pod-1");
+}

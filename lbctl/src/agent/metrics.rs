@@ -38,6 +38,9 @@ pub struct Metrics {
     /// Seconds from a change seen in the source to its map writes done.
     pub programming_latency: Histogram,
     pub map_entries: Family<MapLabel, Gauge>,
+    /// Each Service map's size (`--lb-map-max`): entries over capacity is
+    /// its fill level.
+    pub map_capacity: Family<MapLabel, Gauge>,
     /// Changes seen in the source, by kind (files; Service, EndpointSlice,
     /// Endpoints, Node watch events).
     pub source_events: Family<KindLabel, Counter>,
@@ -60,6 +63,7 @@ impl Metrics {
         let sync_duration = Histogram::new(exponential_buckets(0.0001, 2.0, 18));
         let programming_latency = Histogram::new(exponential_buckets(0.001, 2.0, 16));
         let map_entries = Family::<MapLabel, Gauge>::default();
+        let map_capacity = Family::<MapLabel, Gauge>::default();
         let source_events = Family::<KindLabel, Counter>::default();
         let source_lists = Family::<KindLabel, Counter>::default();
         let errors = Family::<KindLabel, Counter>::default();
@@ -77,6 +81,11 @@ impl Metrics {
             "map_entries",
             "Entries the agent keeps in each map",
             map_entries.clone(),
+        );
+        registry.register(
+            "map_capacity",
+            "Entries each map can hold (its fill level: map_entries / map_capacity)",
+            map_capacity.clone(),
         );
         registry.register(
             "source_events",
@@ -104,6 +113,7 @@ impl Metrics {
             sync_duration,
             programming_latency,
             map_entries,
+            map_capacity,
             source_events,
             source_lists,
             errors,
@@ -130,6 +140,15 @@ impl Metrics {
     }
 
     /// Entries per map, from the reconciler's mirror of them.
+    /// Each Service map's size.
+    pub fn map_capacity(&self, capacity: &super::reconcile::Capacity) {
+        for (map, n) in lb_common::maps::lb_map_sizes(capacity.lb_map_max) {
+            self.map_capacity
+                .get_or_create(&MapLabel { map: map.into() })
+                .set(n as i64);
+        }
+    }
+
     pub fn map_entries(&self, st: &super::state::MapState) {
         use lb_common::maps::*;
         for (map, n) in [

@@ -10,7 +10,7 @@ use std::{
 
 use lb_common::{
     ip4,
-    maps::{MAX_BACKENDS, MAX_SERVICES},
+    maps::{BACKEND_ID_SPACE, SERVICE_ID_SPACE},
     port,
     service::*,
 };
@@ -34,6 +34,14 @@ const MAX_SETS: u32 = u32::MAX - 1;
 pub enum ReconcileError {
     #[error("out of {0} ids")]
     OutOfIds(&'static str),
+    /// The port would take a map past its size: refused whole (nothing of
+    /// it written), the ports that fit keep working.
+    #[error("map {map} is full: {need} entries needed, {size} fit (raise --lb-map-max)")]
+    Full {
+        map: &'static str,
+        size: u32,
+        need: usize,
+    },
     #[error(transparent)]
     Map(#[from] MapError),
 }
@@ -73,6 +81,40 @@ fn udp_backend_leaving(state: &MapState, op: &Op) -> Option<UdpLeft> {
         addr: b.addr,
         port: b.port,
     })
+}
+
+/// How many entries each Service map holds (`--lb-map-max`, see
+/// `lb_common::maps::lb_map_sizes`): a port that would take the target
+/// past one is refused, by name, before anything of it is written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Capacity {
+    pub lb_map_max: u32,
+}
+
+impl Default for Capacity {
+    fn default() -> Self {
+        Self {
+            lb_map_max: lb_common::maps::DEFAULT_LB_MAP_MAX,
+        }
+    }
+}
+
+impl Capacity {
+    /// The size of `map`.
+    pub fn of(&self, map: &str) -> u32 {
+        lb_common::maps::lb_map_sizes(self.lb_map_max)
+            .into_iter()
+            .find(|(m, _)| *m == map)
+            .map_or(u32::MAX, |(_, n)| n)
+    }
+
+    fn check(&self, map: &'static str, need: usize) -> Result<(), ReconcileError> {
+        let size = self.of(map);
+        if need > size as usize {
+            return Err(ReconcileError::Full { map, size, need });
+        }
+        Ok(())
+    }
 }
 
 /// What one service port put into the target.
@@ -230,6 +272,7 @@ pub struct Reconciler<W> {
     retiring_sets: BTreeSet<u32>,
     /// Backend set -> the port whose frontends read it in the target.
     set_owner: BTreeMap<u32, ServicePortKey>,
+    capacity: Capacity,
 }
 
 impl<W: MapWriter> Reconciler<W> {
@@ -261,8 +304,8 @@ impl<W: MapWriter> Reconciler<W> {
                 Some((addr, *id))
             })
             .collect();
-        let mut svc_pool = IdPool::new(MAX_SERVICES - 1);
-        let mut backend_pool = IdPool::new(MAX_BACKENDS - 1);
+        let mut svc_pool = IdPool::new(SERVICE_ID_SPACE - 1);
+        let mut backend_pool = IdPool::new(BACKEND_ID_SPACE - 1);
         let mut set_pool = IdPool::new(MAX_SETS);
         let mut svc_used: BTreeSet<u32> = state.service_meta.keys().copied().collect();
         svc_used.extend(state.frontends.values().map(|f| f.service_id));
@@ -292,7 +335,94 @@ impl<W: MapWriter> Reconciler<W> {
             backend_pool,
             set_pool,
             set_owner: BTreeMap::new(),
+            capacity: Capacity::default(),
         })
+    }
+
+    /// The map sizes the ports must fit in.
+    pub fn set_capacity(&mut self, capacity: Capacity) {
+        self.capacity = capacity;
+    }
+
+    pub fn capacity(&self) -> Capacity {
+        self.capacity
+    }
+
+    /// Refuses port `key` (its new entries `backends` ids, `lists` of
+    /// slots, `svc_backends` pairs, `frontends` and `ranges`) when the
+    /// target with it would not fit the maps. Counts the target as it would
+    /// be with the port's previous entries replaced (a backend another port
+    /// shares is counted as new: near the limit a port may be refused one
+    /// entry early, never let past it).
+    fn fits(
+        &self,
+        key: &ServicePortKey,
+        svc_id: u32,
+        ids: &[(u32, &Backend)],
+        lists: &[(Vec<u32>, bool)],
+        svc_backends: usize,
+        frontends: usize,
+    ) -> Result<(), ReconcileError> {
+        let w = &self.want;
+        let prev = self.ports.get(key);
+        let cap = &self.capacity;
+        let new_svc = usize::from(!w.service_meta.contains_key(&svc_id));
+        cap.check(
+            lb_common::maps::SERVICE_META,
+            w.service_meta.len() + new_svc,
+        )?;
+        let new_backends = ids
+            .iter()
+            .filter(|(id, _)| !w.backends.contains_key(id))
+            .count();
+        cap.check(lb_common::maps::BACKENDS4, w.backends.len() + new_backends)?;
+        let prev_slots: usize = prev.map_or(0, |p| {
+            p.sets
+                .iter()
+                .map(|s| {
+                    w.slots
+                        .range(
+                            SlotKey {
+                                backend_set: *s,
+                                slot: 0,
+                            }..=SlotKey {
+                                backend_set: *s,
+                                slot: u32::MAX,
+                            },
+                        )
+                        .count()
+                })
+                .sum()
+        });
+        let new_slots: usize = lists.iter().map(|(l, _)| l.len()).sum();
+        cap.check(
+            lb_common::maps::BACKEND_SLOTS,
+            (w.slots.len() + new_slots).saturating_sub(prev_slots),
+        )?;
+        let prev_pairs = w
+            .svc_backends
+            .range(
+                ServiceBackendKey {
+                    service_id: svc_id,
+                    backend_id: 0,
+                }..=ServiceBackendKey {
+                    service_id: svc_id,
+                    backend_id: u32::MAX,
+                },
+            )
+            .count();
+        cap.check(
+            lb_common::maps::SERVICE_BACKENDS,
+            (w.svc_backends.len() + svc_backends).saturating_sub(prev_pairs),
+        )?;
+        let prev_frontends = prev.map_or(0, |p| p.frontends.len());
+        cap.check(
+            lb_common::maps::FRONTENDS4,
+            (w.frontends.len() + frontends).saturating_sub(prev_frontends),
+        )?;
+        // LB4_ADDRS_V1 has the size of LB4_FRONTENDS_V1 and an entry per
+        // frontend address (and SNAT address) at most: it fits when they do.
+        Ok(())
     }
 
     /// Maps written by an agent that predates `LB_SVC_BACKENDS_V1` have
@@ -771,6 +901,8 @@ impl<W: MapWriter> Reconciler<W> {
             .get(&key)
             .map(|p| p.sets.clone())
             .unwrap_or_default();
+        let entries = port_backend_flags(&sp, &ids);
+        self.fits(&key, svc_id, &ids, &lists, entries.len(), plans.len())?;
         let sets = self.choose_sets(svc_id, &prev_sets, &lists)?;
 
         // From here on nothing fails.
@@ -807,7 +939,6 @@ impl<W: MapWriter> Reconciler<W> {
                 self.drop_set(*p);
             }
         }
-        let entries = port_backend_flags(&sp, &ids);
         self.write_port_backends(svc_id, &entries);
         let ranges: BTreeSet<RangeKey> = if plans.iter().any(|p| p.flags & FE_SOURCE_RANGES != 0) {
             sp.source_ranges

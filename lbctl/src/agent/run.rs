@@ -52,6 +52,8 @@ pub struct AgentConfig {
     pub source: SourceConfig,
     /// Map sizes by map name, where not the object's.
     pub map_sizes: std::collections::BTreeMap<String, u32>,
+    /// `--lb-map-max`: what the Service ports must fit in.
+    pub capacity: super::reconcile::Capacity,
     /// Source ports for SNAT to backends on other nodes.
     pub snat_ports: std::ops::RangeInclusive<u16>,
     /// `--nodeport-addresses`.
@@ -250,11 +252,18 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
     let mut attached_devices: std::collections::BTreeMap<String, u32> = Default::default();
     // Adopts ids and entries from the pinned maps: no flow moves.
     let mut maps = ServiceMaps::open(&cfg.bpffs)?;
-    // Backends adopted from an agent that predates per-backend counters
-    // get theirs now (new backends get them as they are written).
-    maps.ensure_backend_stats()
-        .context("creating per-backend counters")?;
+    // Backends and Service ports adopted from an agent that predates their
+    // counter maps get theirs now (new ones get them as they are written).
+    maps.ensure_stats()
+        .context("creating per-backend and per-Service-port counters")?;
     let mut rec = Reconciler::adopt(maps)?;
+    rec.set_capacity(cfg.capacity);
+    metrics.map_capacity(&cfg.capacity);
+    // Services with a port refused for a full map: tried again once a
+    // flush has removed entries.
+    // The last refusal of each is kept so a retry that fails alike is not
+    // logged again.
+    let mut refused: std::collections::BTreeMap<super::model::ObjKey, String> = Default::default();
     // Connected UDP sockets of backends that leave are ended off the loop.
     let terminator = super::stale_sockets::Terminator::start(
         cfg.bpffs.clone(),
@@ -487,10 +496,21 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
                 };
                 not_enforced.log(&change.service, &ports);
                 health_checks.update(&change.service, &ports).await;
-                if let Err(e) = rec.set_service(&change.service, ports) {
-                    warn!(service = %change.service, "not programmed: {e}");
-                    metrics.error("sync");
-                    status.error(&format!("{} not programmed: {e}", change.service));
+                match rec.set_service(&change.service, ports) {
+                    Ok(()) => {
+                        refused.remove(&change.service);
+                    }
+                    Err(e) => {
+                        let msg = e.to_string();
+                        if refused.get(&change.service) != Some(&msg) {
+                            warn!(service = %change.service, "not programmed: {msg}");
+                            metrics.error("sync");
+                            status.error(&format!("{} not programmed: {msg}", change.service));
+                        }
+                        if matches!(e, super::reconcile::ReconcileError::Full { .. }) {
+                            refused.insert(change.service.clone(), msg);
+                        }
+                    }
                 }
             }
             unflushed = true;
@@ -504,6 +524,11 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
             Ok(o) => {
                 unflushed = false;
                 terminator.backends_left(o.udp_left.clone());
+                if o.writes > 0 {
+                    for k in refused.keys() {
+                        store.mark_dirty(k.clone());
+                    }
+                }
                 status.synced(o.writes, rec.port_count());
                 metrics.sync_duration.observe(o.elapsed.as_secs_f64());
                 if let Some(t) = change_seen.take() {

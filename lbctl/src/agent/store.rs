@@ -175,6 +175,14 @@ impl Store {
     }
 
     /// Every Service must be translated again (the node changed).
+    /// Translates `key` again at the next pass (a port refused for a full
+    /// map, once others have left room).
+    pub fn mark_dirty(&mut self, key: ObjKey) {
+        if self.objects.services.contains_key(&key) {
+            self.dirty.insert(key);
+        }
+    }
+
     pub fn all_dirty(&mut self) {
         self.dirty.extend(self.objects.services.keys().cloned());
     }

@@ -1135,3 +1135,56 @@ status: {{loadBalancer: {{ingress: [{{ip: 192.0.2.1}}]}}}}
             .all(|f| f.flags & FE_SOURCE_RANGES == 0)
     );
 }
+
+/// A Service port that would take a map past `--lb-map-max` is refused
+/// whole, by name, naming the map and the flag; the ports that fit are
+/// programmed, and an update of a programmed port near the limit still
+/// fits (its old entries are counted out).
+#[test]
+fn a_port_that_does_not_fit_is_refused_by_name_and_the_rest_stays() {
+    let n = node();
+    // 16 backends fit: the first Service (10 endpoints) and not the
+    // second (10 more).
+    let objs = objects(&big_cluster(2));
+    let mut store = Store::default();
+    let mut rec = Reconciler::adopt(InMemory::default()).unwrap();
+    rec.set_capacity(super::reconcile::Capacity { lb_map_max: 16 });
+    feed(&mut store, &objs);
+    let mut refused = Vec::new();
+    for c in store.take_changes(&n) {
+        if let Err(e) = rec.set_service(&c.service, c.ports.unwrap()) {
+            refused.push((c.service.to_string(), e.to_string()));
+        }
+    }
+    assert_eq!(
+        refused,
+        vec![(
+            "ns/s1".to_string(),
+            "map LB4_BACKENDS_V1 is full: 20 entries needed, 16 fit (raise --lb-map-max)"
+                .to_string()
+        )]
+    );
+    rec.flush().unwrap();
+    assert_eq!(rec.port_count(), 1);
+    assert_eq!(rec.state().backends.len(), 10);
+    assert!(rec.state().frontends.len() == 1, "{}", rec.state().dump());
+
+    // Room made (the first Service deleted): the refused one, translated
+    // again (the agent marks it dirty after a flush that wrote), fits.
+    let mut only_second = objs.clone();
+    only_second.services.remove(&model::ObjKey::new("ns", "s0"));
+    only_second.slices.remove(&model::ObjKey::new("ns", "s0-x"));
+    feed(&mut store, &only_second);
+    stage(&mut store, &mut rec, &n);
+    rec.flush().unwrap();
+    assert_eq!(rec.port_count(), 0);
+    store.mark_dirty(model::ObjKey::new("ns", "s1"));
+    stage(&mut store, &mut rec, &n);
+    rec.flush().unwrap();
+    assert_eq!(rec.port_count(), 1);
+    let mut fresh = Reconciler::adopt(InMemory::default()).unwrap();
+    fresh
+        .reconcile(&model::translate(&only_second, &n))
+        .unwrap();
+    assert_eq!(canonical(rec.state()), canonical(fresh.state()));
+}

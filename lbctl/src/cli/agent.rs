@@ -87,10 +87,20 @@ pub struct Args {
     /// without `nodePort` get one from this range (FIRST-LAST).
     #[arg(long, default_value = "30000-32767")]
     pub service_node_port_range: String,
+    /// Size of the Service maps: entries for frontends, addresses,
+    /// Service ports and backends each, twice that for backend slots and
+    /// (Service port, backend) pairs (Cilium's `bpf-lb-map-max`). Hashes
+    /// without preallocation: an idle map costs 16 bytes per entry of its
+    /// size (rounded up to a power of two). A restart with another size
+    /// migrates the pinned maps, entries included.
+    #[arg(long, default_value_t = lb_common::maps::DEFAULT_LB_MAP_MAX)]
+    pub lb_map_max: u32,
     /// Entries of the device path's connection-tracking table (two per
-    /// flow from outside; least recently used evicted first). Default: the
-    /// built-in size (`lbctl status` shows it). A restart with another
-    /// size migrates the pinned table, flows included.
+    /// flow from outside; least recently used evicted first; preallocated,
+    /// about 130 bytes an entry). Default: 0.05% of the node's memory in
+    /// entries, a power of two from 65,536 (below 32 GiB) to 4,194,304
+    /// (`lbctl status` shows it). A restart with another size migrates
+    /// the pinned table, flows included.
     #[arg(long)]
     pub conntrack_max: Option<u32>,
     /// Entries of the session affinity table (one per client and Service
@@ -146,7 +156,20 @@ pub async fn execute(args: Args) -> Result<()> {
     };
     let nodeport_addresses = crate::agent::nodeport_addrs::parse(&args.nodeport_addresses)
         .map_err(anyhow::Error::msg)?;
-    let mut map_sizes = std::collections::BTreeMap::new();
+    anyhow::ensure!(
+        args.lb_map_max >= 16,
+        "--lb-map-max {}: at least 16 entries",
+        args.lb_map_max
+    );
+    let mut map_sizes: std::collections::BTreeMap<String, u32> =
+        lb_common::maps::lb_map_sizes(args.lb_map_max)
+            .into_iter()
+            .map(|(m, n)| (m.to_string(), n))
+            .collect();
+    map_sizes.insert(
+        lb_common::maps::CONNTRACK4.to_string(),
+        conntrack_default(memory_bytes()),
+    );
     for (map, n, flag) in [
         (
             lb_common::maps::CONNTRACK4,
@@ -167,6 +190,9 @@ pub async fn execute(args: Args) -> Result<()> {
     let snat_ports = crate::agent::snat_ports::parse(&args.snat_port_range)
         .map_err(|e| anyhow::anyhow!("--snat-port-range {e}"))?;
     run::run(AgentConfig {
+        capacity: crate::agent::reconcile::Capacity {
+            lb_map_max: args.lb_map_max,
+        },
         map_sizes,
         snat_ports,
         nodeport_addresses,
@@ -188,6 +214,32 @@ pub async fn execute(args: Args) -> Result<()> {
     .await
 }
 
+/// The node's memory (`MemTotal`), 0 when unreadable.
+fn memory_bytes() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map_or(0, |kib| kib * 1024)
+}
+
+/// Conntrack entries for a node of `mem` bytes: 0.05% of its memory at
+/// about 130 bytes an entry, the power of two below, from 65,536 to
+/// 4,194,304 (Cilium sizes its tables from memory the same way, with a
+/// larger share).
+pub fn conntrack_default(mem: u64) -> u32 {
+    let entries = mem / 2000 / 130;
+    let pow2 = if entries == 0 {
+        1
+    } else {
+        1u64 << (63 - entries.leading_zeros())
+    };
+    pow2.clamp(1 << 16, 1 << 22) as u32
+}
+
 fn addr(s: &str) -> Result<Option<std::net::SocketAddr>> {
     if s.is_empty() {
         return Ok(None);
@@ -203,4 +255,21 @@ pub fn hostname() -> Result<String> {
         .context("reading the host name (give --node-name)")?
         .trim()
         .to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::conntrack_default;
+
+    #[test]
+    fn conntrack_follows_memory_within_bounds() {
+        const GIB: u64 = 1 << 30;
+        assert_eq!(conntrack_default(0), 1 << 16);
+        assert_eq!(conntrack_default(2 * GIB), 1 << 16);
+        // This machine (24 GiB): 0.05% is 12.9 MB, 99,000 entries.
+        assert_eq!(conntrack_default(24 * GIB), 1 << 16);
+        assert_eq!(conntrack_default(64 * GIB), 1 << 18);
+        assert_eq!(conntrack_default(256 * GIB), 1 << 20);
+        assert_eq!(conntrack_default(4096 * GIB), 1 << 22);
+    }
 }

@@ -68,6 +68,17 @@ pub fn load_with(
 ) -> Result<(Ebpf, Vec<Migrated>), LoadError> {
     let obj = object(LB_OBJECT)?;
     let pins = || pin_dir.display().to_string();
+    // Maps of an earlier layout, replaced by their next version.
+    for name in lb_common::maps::RETIRED {
+        let p = pin_dir.join(name);
+        if p.exists() {
+            std::fs::remove_file(&p).map_err(|source| LoadError::Migrate {
+                pins: pins(),
+                source,
+            })?;
+            tracing::info!(map = name, "removed a map of an earlier layout");
+        }
+    }
     let defs = migrate::object_defs(obj, sizes)?;
     let staged = migrate::stage(pin_dir, &defs).map_err(|source| LoadError::Migrate {
         pins: pins(),

@@ -145,7 +145,7 @@ pub struct ServiceMaps {
     pub backends: HashMap<MapData, u32, Backend4>,
     pub service_meta: HashMap<MapData, u32, ServiceMeta>,
     pub backend_meta: HashMap<MapData, u32, BackendMeta>,
-    pub service_stats: PerCpuArray<MapData, ServiceStats>,
+    pub service_stats: PerCpuHashMap<MapData, u32, ServiceStats>,
     pub verdicts: PerCpuArray<MapData, u64>,
     pub conntrack: HashMap<MapData, Ct4Key, Ct4Entry>,
     pub affinity: HashMap<MapData, AffinityKey, AffinityEntry>,
@@ -174,7 +174,7 @@ impl ServiceMaps {
             backends: typed!(dir, names::BACKENDS4, HashMap<MapData, u32, Backend4>),
             service_meta: typed!(dir, names::SERVICE_META, HashMap<MapData, u32, ServiceMeta>),
             backend_meta: typed!(dir, names::BACKEND_META, HashMap<MapData, u32, BackendMeta>),
-            service_stats: typed!(dir, names::SERVICE_STATS, PerCpuArray<MapData, ServiceStats>),
+            service_stats: typed!(dir, names::SERVICE_STATS, PerCpuHashMap<MapData, u32, ServiceStats>),
             verdicts: typed!(dir, names::VERDICT_STATS, PerCpuArray<MapData, u64>),
             conntrack: typed!(dir, names::CONNTRACK4, HashMap<MapData, Ct4Key, Ct4Entry>),
             affinity: typed!(dir, names::AFFINITY4, HashMap<MapData, AffinityKey, AffinityEntry>),
@@ -210,11 +210,16 @@ impl ServiceMaps {
             .collect()
     }
 
-    /// Gives every backend in the map a counter entry it lacks.
-    pub fn ensure_backend_stats(&mut self) -> Result<(), AyaMapError> {
+    /// Gives every backend and Service port in the maps a counter entry it
+    /// lacks (maps adopted from an agent that predates them).
+    pub fn ensure_stats(&mut self) -> Result<(), AyaMapError> {
         let ids: Vec<u32> = self.backends.keys().collect::<Result<_, _>>()?;
         for id in ids {
             self.create_backend_stats(id)?;
+        }
+        let ids: Vec<u32> = self.service_meta.keys().collect::<Result<_, _>>()?;
+        for id in ids {
+            create_stats(&mut self.service_stats, id)?;
         }
         Ok(())
     }
@@ -222,31 +227,7 @@ impl ServiceMaps {
     /// Zeroed counters for backend `id`, unless it has some: an adopted or
     /// changed backend keeps its counts.
     fn create_backend_stats(&mut self, id: u32) -> Result<(), AyaMapError> {
-        let cpus = nr_cpus()?;
-        let mut tries = 0;
-        loop {
-            let zero = PerCpuValues::try_from(vec![BackendStats::default(); cpus])?;
-            match self.backend_stats.insert(id, zero, BPF_NOEXIST) {
-                Err(AyaMapError::SyscallError(e))
-                    if e.io_error.raw_os_error() == Some(libc::EEXIST) =>
-                {
-                    return Ok(());
-                }
-                // Per-CPU elements of a map without preallocation come from
-                // the kernel's BPF memory allocator, whose caches are refilled
-                // asynchronously: a burst of inserts (100,000s of backends at
-                // start) can find them empty and get ENOMEM, which clears
-                // within milliseconds (seen here: up to ~50 ms). Wait, not
-                // fail the whole pass.
-                Err(AyaMapError::SyscallError(e))
-                    if e.io_error.raw_os_error() == Some(libc::ENOMEM) && tries < 200 =>
-                {
-                    tries += 1;
-                    std::thread::sleep(std::time::Duration::from_millis(5));
-                }
-                r => return r,
-            }
-        }
+        create_stats(&mut self.backend_stats, id)
     }
 
     /// A backend's counters summed over CPUs (zero when it has none).
@@ -280,9 +261,54 @@ impl ServiceMaps {
         self.config.set(0, c, 0)
     }
 
+    /// Zeroed counters for a new (or reused) Service port id.
     fn reset_stats(&mut self, id: u32) -> Result<(), AyaMapError> {
-        let zero = PerCpuValues::try_from(vec![ServiceStats::default(); nr_cpus()?])?;
-        self.service_stats.set(id, zero, 0)
+        absent_ok(self.service_stats.remove(&id))?;
+        create_stats(&mut self.service_stats, id)
+    }
+}
+
+/// A delete of an absent key is a success (writes are idempotent); aya
+/// reports it as `KeyNotFound` or as the syscall's ENOENT by map type.
+fn absent_ok(r: Result<(), AyaMapError>) -> Result<(), AyaMapError> {
+    match r {
+        Err(AyaMapError::KeyNotFound) => Ok(()),
+        Err(AyaMapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {
+            Ok(())
+        }
+        r => r,
+    }
+}
+
+/// Zeroed per-CPU counters under `id`, unless it has some.
+fn create_stats<V: aya::Pod + Default>(
+    m: &mut PerCpuHashMap<MapData, u32, V>,
+    id: u32,
+) -> Result<(), AyaMapError> {
+    let cpus = nr_cpus()?;
+    let mut tries = 0;
+    loop {
+        let zero = PerCpuValues::try_from(vec![V::default(); cpus])?;
+        match m.insert(id, zero, BPF_NOEXIST) {
+            Err(AyaMapError::SyscallError(e))
+                if e.io_error.raw_os_error() == Some(libc::EEXIST) =>
+            {
+                return Ok(());
+            }
+            // Per-CPU elements of a map without preallocation come from
+            // the kernel's BPF memory allocator, whose caches are refilled
+            // asynchronously: a burst of inserts (100,000s of backends at
+            // start) can find them empty and get ENOMEM, which clears
+            // within milliseconds (seen here: up to ~50 ms). Wait, not
+            // fail the whole pass.
+            Err(AyaMapError::SyscallError(e))
+                if e.io_error.raw_os_error() == Some(libc::ENOMEM) && tries < 200 =>
+            {
+                tries += 1;
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            r => return r,
+        }
     }
 }
 
@@ -331,10 +357,7 @@ fn to_io(e: AyaMapError) -> std::io::Error {
 
 /// Deleting an absent key is a success: writes are idempotent.
 fn del<K: aya::Pod, V: aya::Pod>(m: &mut HashMap<MapData, K, V>, k: &K) -> Result<(), AyaMapError> {
-    match m.remove(k) {
-        Err(AyaMapError::KeyNotFound) => Ok(()),
-        r => r,
-    }
+    absent_ok(m.remove(k))
 }
 
 fn read_all<K: aya::Pod + Ord, V: aya::Pod>(
@@ -380,13 +403,11 @@ impl MapWriter for ServiceMaps {
             Op::PutFrontend(k, v) => self.frontends.insert(k, v, 0),
             Op::DelFrontend(k) => del(&mut self.frontends, &k),
             Op::DelSlot(k) => del(&mut self.slots, &k),
-            Op::DelServiceMeta(k) => del(&mut self.service_meta, &k),
+            Op::DelServiceMeta(k) => del(&mut self.service_meta, &k)
+                .and_then(|_| absent_ok(self.service_stats.remove(&k))),
             Op::DelBackendMeta(k) => del(&mut self.backend_meta, &k),
             Op::DelBackend(k) => {
-                del(&mut self.backends, &k).and_then(|_| match self.backend_stats.remove(&k) {
-                    Err(AyaMapError::KeyNotFound) => Ok(()),
-                    r => r,
-                })
+                del(&mut self.backends, &k).and_then(|_| absent_ok(self.backend_stats.remove(&k)))
             }
         };
         r.map_err(|e| MapError::Write {

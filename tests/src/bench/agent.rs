@@ -62,6 +62,8 @@ pub fn start(
             "",
             "--metrics-bind-address",
             "",
+            "--lb-map-max",
+            &crate::fixture::lb_map_max_for(svcs.len() * 10).to_string(),
         ]);
     if let Some(d) = devices {
         cmd.args(["--devices", d]);

@@ -103,7 +103,7 @@ fn agent_run(n: usize) -> AgentRun {
 /// only it is translated, only the keys it touched are diffed and written,
 /// on real pinned maps. Returns (latencies ms sorted, writes sorted).
 fn changes(n: usize, count: usize) -> (Vec<f64>, Vec<f64>) {
-    let (fs, _ebpf) = crate::fixture::datapath();
+    let (fs, _ebpf) = crate::fixture::datapath_for(n * 10);
     let objs = cluster::to_objects(&cluster::services(n, 10), "node-a");
     let node = node_info(NODE);
     let mut store = Store::default();

@@ -122,7 +122,7 @@ pub fn run(quick: bool, progress: &mut Progress) -> Results {
         progress.step(&format!(
             "per-packet cost: programming {n} Services x 10 backends"
         ));
-        let (fs, mut ebpf) = fixture::datapath();
+        let (fs, mut ebpf) = fixture::datapath_for(n * 10);
         let pins = fs.pins();
         let node = node_info(NODE);
         let svcs = cluster::services(n, 10);
