@@ -102,7 +102,7 @@ pub fn diff_keys(cur: &MapState, want: &MapState, keys: &Keys) -> Vec<Op> {
         &want.backend_meta,
         &keys.backend_meta,
         &mut ops,
-        Op::PutBackendMeta,
+        |k, v| Op::PutBackendMeta(k, Box::new(v)),
     );
     for k in &keys.service_meta {
         if let Some(v) = want.service_meta.get(k)
@@ -110,7 +110,7 @@ pub fn diff_keys(cur: &MapState, want: &MapState, keys: &Keys) -> Vec<Op> {
         {
             ops.push(Op::PutServiceMeta(
                 *k,
-                *v,
+                Box::new(*v),
                 !cur.service_meta.contains_key(k),
             ));
         }

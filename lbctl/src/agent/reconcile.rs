@@ -5,6 +5,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::Ipv4Addr,
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -117,9 +118,51 @@ impl Capacity {
     }
 }
 
+/// The ports that put an entry into the target, each with the value it
+/// wants, in key order: the first wins (as a full translation would give
+/// it). Nearly always one port; a sorted vector of shared keys costs a few
+/// dozen bytes where a map per entry cost two kilobytes (a B-tree node).
+#[derive(Clone, Debug)]
+struct Owners<V>(Vec<(Arc<ServicePortKey>, V)>);
+
+impl<V> Default for Owners<V> {
+    fn default() -> Self {
+        Self(Vec::new())
+    }
+}
+
+impl<V> Owners<V> {
+    fn insert(&mut self, key: &Arc<ServicePortKey>, v: V) {
+        match self.0.binary_search_by(|(k, _)| k.as_ref().cmp(key)) {
+            Ok(i) => self.0[i] = (key.clone(), v),
+            Err(i) => {
+                // One more, not a doubling: most lists stay at one.
+                self.0.reserve_exact(1);
+                self.0.insert(i, (key.clone(), v))
+            }
+        }
+    }
+
+    fn remove(&mut self, key: &ServicePortKey) {
+        if let Ok(i) = self.0.binary_search_by(|(k, _)| k.as_ref().cmp(key)) {
+            self.0.remove(i);
+        }
+    }
+
+    fn first(&self) -> Option<&V> {
+        self.0.first().map(|(_, v)| v)
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
 /// What one service port put into the target.
 #[derive(Clone, Debug)]
 struct PortEntry {
+    /// The port's key, shared with the owner lists.
+    key: Arc<ServicePortKey>,
     input: ServicePortState,
     svc_id: u32,
     backends: Vec<BackendAddr>,
@@ -253,8 +296,8 @@ pub struct Reconciler<W> {
     want: MapState,
     touched: Keys,
     ports: BTreeMap<ServicePortKey, PortEntry>,
-    backend_owners: BTreeMap<u32, BTreeMap<ServicePortKey, (Backend4, BackendMeta)>>,
-    frontend_owners: BTreeMap<Frontend4Key, BTreeMap<ServicePortKey, Frontend>>,
+    backend_owners: BTreeMap<u32, Owners<(Backend4, BackendMeta)>>,
+    frontend_owners: BTreeMap<Frontend4Key, Owners<Frontend>>,
     /// Frontends per address in the target (all, and ClusterIP ones), and
     /// the SNAT addresses.
     addr_frontends: BTreeMap<u32, u32>,
@@ -626,7 +669,7 @@ impl<W: MapWriter> Reconciler<W> {
     }
 
     fn refresh_backend(&mut self, id: u32) {
-        match self.backend_owners.get(&id).and_then(|o| o.values().next()) {
+        match self.backend_owners.get(&id).and_then(Owners::first) {
             Some((b, m)) => {
                 self.want.backends.insert(id, *b);
                 self.want.backend_meta.insert(id, *m);
@@ -657,11 +700,7 @@ impl<W: MapWriter> Reconciler<W> {
             .frontends
             .get(&fk)
             .is_some_and(|f| f.kind == KIND_CLUSTER_IP);
-        match self
-            .frontend_owners
-            .get(&fk)
-            .and_then(|o| o.values().next())
-        {
+        match self.frontend_owners.get(&fk).and_then(Owners::first) {
             Some(v) => {
                 self.want.frontends.insert(fk, *v);
                 if !had {
@@ -908,6 +947,9 @@ impl<W: MapWriter> Reconciler<W> {
         // From here on nothing fails.
         self.retiring_svcs.remove(&key);
         let prev = self.ports.remove(&key);
+        let akey = prev
+            .as_ref()
+            .map_or_else(|| Arc::new(key.clone()), |p| p.key.clone());
         self.want
             .service_meta
             .insert(svc_id, service_meta(&key, &sp));
@@ -917,7 +959,7 @@ impl<W: MapWriter> Reconciler<W> {
             self.backend_owners
                 .entry(*id)
                 .or_default()
-                .insert(key.clone(), (backend_entry(b), backend_meta(b)));
+                .insert(&akey, (backend_entry(b), backend_meta(b)));
             self.refresh_backend(*id);
         }
         let backends: Vec<BackendAddr> = sp.backends.iter().map(|b| b.addr).collect();
@@ -974,7 +1016,7 @@ impl<W: MapWriter> Reconciler<W> {
             self.frontend_owners
                 .entry(plan.key)
                 .or_default()
-                .insert(key.clone(), v);
+                .insert(&akey, v);
             self.refresh_frontend(plan.key);
             frontends.push(plan.key);
         }
@@ -988,6 +1030,7 @@ impl<W: MapWriter> Reconciler<W> {
         self.ports.insert(
             key,
             PortEntry {
+                key: akey,
                 input: sp,
                 svc_id,
                 backends,

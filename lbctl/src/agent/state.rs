@@ -41,9 +41,11 @@ pub struct MapState {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Op {
     PutBackend(u32, Backend4),
-    PutBackendMeta(u32, BackendMeta),
+    /// Boxed, as the service meta below: an op list of a full sync holds
+    /// hundreds of thousands of ops, each as large as its largest variant.
+    PutBackendMeta(u32, Box<BackendMeta>),
     /// A new service id: its meta, and its counters start from zero.
-    PutServiceMeta(u32, ServiceMeta, bool),
+    PutServiceMeta(u32, Box<ServiceMeta>, bool),
     PutSlot(SlotKey, u32),
     PutServiceBackend(ServiceBackendKey, u32),
     PutSourceRange(RangeKey, u32),
@@ -63,8 +65,8 @@ impl MapState {
     pub fn apply(&mut self, op: &Op) {
         match *op {
             Op::PutBackend(k, v) => drop(self.backends.insert(k, v)),
-            Op::PutBackendMeta(k, v) => drop(self.backend_meta.insert(k, v)),
-            Op::PutServiceMeta(k, v, _) => drop(self.service_meta.insert(k, v)),
+            Op::PutBackendMeta(k, ref v) => drop(self.backend_meta.insert(k, **v)),
+            Op::PutServiceMeta(k, ref v, _) => drop(self.service_meta.insert(k, **v)),
             Op::PutSlot(k, v) => drop(self.slots.insert(k, v)),
             Op::PutServiceBackend(k, v) => drop(self.svc_backends.insert(k, v)),
             Op::DelServiceBackend(k) => drop(self.svc_backends.remove(&k)),

@@ -384,11 +384,11 @@ impl MapWriter for ServiceMaps {
                 self.create_backend_stats(k)
                     .and_then(|_| self.backends.insert(k, v, 0))
             }
-            Op::PutBackendMeta(k, v) => self.backend_meta.insert(k, v, 0),
-            Op::PutServiceMeta(k, v, new) => {
+            Op::PutBackendMeta(k, ref v) => self.backend_meta.insert(k, **v, 0),
+            Op::PutServiceMeta(k, ref v, new) => {
                 // A new (or reused) id's counters start at zero.
                 let r = if new { self.reset_stats(k) } else { Ok(()) };
-                r.and_then(|_| self.service_meta.insert(k, v, 0))
+                r.and_then(|_| self.service_meta.insert(k, **v, 0))
             }
             Op::PutSlot(k, v) => self.slots.insert(k, v, 0),
             Op::PutServiceBackend(k, v) => self.svc_backends.insert(k, v, 0),

@@ -64,7 +64,7 @@ pub struct Results {
 }
 
 /// The real agent on a folder of `n` Services: full sync time, peak RSS.
-fn agent_run(n: usize) -> AgentRun {
+pub fn agent_run(n: usize) -> AgentRun {
     let ns = Netns::new("bn");
     let cg = Cgroup::new();
     let fs = Bpffs::new();

@@ -43,6 +43,28 @@ fn main() -> anyhow::Result<()> {
     // The control plane reuses the end-to-end part's rule loads (an nft -f of
     // 10,000 Services takes minutes here).
     let ctl = wants("control").then(|| control::run(quick, e2e.as_ref(), &mut progress));
+    // `--only agent`: the agent alone at 1,000 / 10,000 / 100,000 Services
+    // (start to all in the maps, peak RSS), for working on its memory.
+    if only.contains(&"agent") {
+        let sizes: &[usize] = if quick {
+            &[100]
+        } else {
+            &[1_000, 10_000, 100_000]
+        };
+        println!(
+            "| Services x 10 endpoints | start to all in the maps | peak RSS (VmHWM) |\n|---|---|---|"
+        );
+        for &n in sizes {
+            progress.step(&format!("agent alone: {n} Services"));
+            let a = control::agent_run(n);
+            println!(
+                "| {n} | {:.2} s | {:.1} MiB |",
+                a.full_sync_s,
+                a.peak_rss_kib as f64 / 1024.0
+            );
+        }
+        return Ok(());
+    }
 
     let mut r = format!(
         "# Benchmark{}\n\nMachine: {}. Run took {:.0} s.\n",

@@ -217,9 +217,17 @@ pub struct ClusterSync {
     service_cidrs: Option<BTreeMap<String, Vec<String>>>,
 }
 
+/// What the agent never reads is not kept: `managedFields` (server-side
+/// apply's field owners) is often the largest part of an object the API
+/// sends.
+fn trim<K: Resource>(mut o: K) -> K {
+    o.meta_mut().managed_fields = None;
+    o
+}
+
 /// Applies one event of one kind to `ctx`: a live change at once; a list
 /// is buffered and replaces the kind when it is complete.
-fn step<C, K>(
+fn step<C, K: Resource>(
     sync: &mut KindSync<K>,
     ev: Event<K>,
     ctx: &mut C,
@@ -230,6 +238,7 @@ fn step<C, K>(
     match ev {
         Event::Init => sync.listing = Some(BTreeMap::new()),
         Event::InitApply(o) => {
+            let o = trim(o);
             let k = key(&o);
             sync.listing
                 .get_or_insert_with(BTreeMap::new)
@@ -240,7 +249,10 @@ fn step<C, K>(
             sync.synced = true;
             return Applied { listed: true };
         }
-        Event::Apply(o) => apply(ctx, key(&o), Some(Arc::new(o))),
+        Event::Apply(o) => {
+            let o = trim(o);
+            apply(ctx, key(&o), Some(Arc::new(o)))
+        }
         Event::Delete(o) => apply(ctx, key(&o), None),
     }
     Applied::default()
