@@ -1,5 +1,13 @@
 //! Counter updates. Per-CPU slots, so plain adds are race-free.
+//!
+//! The per-Service-port and per-backend counters are created here, by the
+//! first packet or flow that counts (a per-CPU hash insert from a program
+//! sets this CPU's slot and zeroes the others): the agent only deletes
+//! them with their port or backend. Creating 100,000s of per-CPU entries
+//! from user space at start cost more than everything else the agent
+//! writes (each a per-CPU allocation outside the allocator's caches).
 
+use aya_ebpf::bindings::BPF_NOEXIST;
 use lb_common::counters::{BackendStats, ServiceStats};
 
 use crate::maps::{BACKEND_STATS, SERVICE_STATS, VERDICT_STATS};
@@ -12,11 +20,28 @@ pub fn verdict(v: u32) {
     }
 }
 
-#[inline(always)]
-fn service(id: u32) -> Option<&'static mut ServiceStats> {
-    // SAFETY: per-CPU value, see `verdict`.
-    SERVICE_STATS.get_ptr_mut(&id).map(|p| unsafe { &mut *p })
+/// This CPU's counters of `id` in `$map`, made (zeroed) when missing; out
+/// of line, so each call site costs a call, not the insert's code. A full
+/// map or an empty allocator cache leaves the packet uncounted.
+macro_rules! counters {
+    ($name:ident, $map:ident, $v:ty) => {
+        #[inline(never)]
+        fn $name(id: u32) -> Option<&'static mut $v> {
+            if let Some(p) = $map.get_ptr_mut(&id) {
+                // SAFETY: per-CPU value, see `verdict`.
+                return Some(unsafe { &mut *p });
+            }
+            // Another CPU may create it at the same moment: NOEXIST keeps
+            // theirs.
+            let _ = $map.insert(&id, &<$v>::default(), BPF_NOEXIST as u64);
+            // SAFETY: as above.
+            $map.get_ptr_mut(&id).map(|p| unsafe { &mut *p })
+        }
+    };
 }
+
+counters!(service, SERVICE_STATS, ServiceStats);
+counters!(backend, BACKEND_STATS, BackendStats);
 
 #[inline(always)]
 pub fn new_flow(id: u32) {
@@ -38,12 +63,6 @@ pub fn no_backend(id: u32) {
     if let Some(s) = service(id) {
         s.no_backend += 1;
     }
-}
-
-#[inline(always)]
-fn backend(id: u32) -> Option<&'static mut BackendStats> {
-    // SAFETY: per-CPU value, see `verdict`.
-    BACKEND_STATS.get_ptr_mut(&id).map(|p| unsafe { &mut *p })
 }
 
 /// A flow (device path) or socket was given backend `id`.

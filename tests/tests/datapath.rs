@@ -1419,3 +1419,78 @@ fn conntrack_lifetimes_follow_the_connection() {
         "61 s idle: a new flow"
     );
 }
+
+/// Batched writes (one `bpf()` call per run of ops of one kind) leave the
+/// pinned maps holding exactly what the reconciler's mirror says, through
+/// a full sync of 300 Services, a change of half of them and a removal;
+/// a backend's counters survive a change of its Service.
+#[test]
+fn batched_writes_leave_the_maps_as_the_mirror_says() {
+    require_root();
+    sweep();
+    use lb_tests::bench::cluster;
+    use lbctl::agent::{apply::MapWriter, model};
+    let (fs, _ebpf) = fixture::datapath_for(3000);
+    let pins = fs.pins();
+    let node = NodeInfo {
+        name: "node-a".into(),
+        zone: None,
+        addresses: vec![NODE],
+        snat: None,
+    };
+    let all = cluster::services(300, 10);
+    let mut rec = fixture::program(&pins, &cluster::to_yaml(&all, "node-a"), &node);
+    let read = |rec: &lbctl::agent::reconcile::Reconciler<ServiceMaps>| {
+        rec.writer.read().expect("read the maps back")
+    };
+    assert_eq!(read(&rec), *rec.state(), "after the full sync");
+    assert_eq!(rec.state().backends.len(), 3000);
+
+    // Counters of one backend, bumped as the datapath would.
+    let maps = ServiceMaps::open(&pins).unwrap();
+    let (&id, _) = rec.state().backends.iter().next().unwrap();
+    let cpus = aya::util::nr_cpus().unwrap();
+    let mut stats: aya::maps::PerCpuHashMap<_, u32, lb_common::counters::BackendStats> =
+        aya::maps::PerCpuHashMap::try_from(aya::maps::Map::PerCpuHashMap(
+            aya::maps::MapData::from_pin(pins.join(lb_common::maps::BACKEND_STATS)).unwrap(),
+        ))
+        .unwrap();
+    let bumped = lb_common::counters::BackendStats {
+        flows: 7,
+        packets: 9,
+        bytes: 900,
+    };
+    stats
+        .insert(
+            id,
+            aya::maps::PerCpuValues::try_from(vec![bumped; cpus]).unwrap(),
+            0,
+        )
+        .unwrap();
+
+    // Half the Services with one endpoint fewer and one more, a third
+    // removed.
+    let mut changed = all.clone();
+    for (i, s) in changed.iter_mut().enumerate() {
+        if i % 2 == 0 {
+            s.endpoints.pop();
+            s.endpoints.push((
+                std::net::Ipv4Addr::new(10, 250, (i / 250) as u8, (i % 250) as u8 + 1),
+                8080,
+            ));
+        }
+    }
+    changed.truncate(200);
+    let desired = model::translate(&cluster::to_objects(&changed, "node-a"), &node);
+    let o = rec.reconcile(&desired).expect("reconcile the change");
+    assert!(o.writes > 1000, "{} writes", o.writes);
+    assert_eq!(read(&rec), *rec.state(), "after the change");
+    let kept = maps.backend_stats(id);
+    if rec.state().backends.contains_key(&id) {
+        assert_eq!(
+            (kept.flows, kept.packets, kept.bytes),
+            (7 * cpus as u64, 9 * cpus as u64, 900 * cpus as u64),
+            "a kept backend's counters"
+        );
+    }
+}

@@ -24,6 +24,14 @@ pub enum MapError {
 pub trait MapWriter {
     /// Performs one write. Deleting an absent entry succeeds (idempotent).
     fn apply(&mut self, op: &Op) -> Result<(), MapError>;
+    /// Performs `ops` in order (a writer may batch consecutive ones); on
+    /// an error, how many landed before it.
+    fn apply_all(&mut self, ops: &[Op]) -> Result<(), (usize, MapError)> {
+        for (i, op) in ops.iter().enumerate() {
+            self.apply(op).map_err(|e| (i, e))?;
+        }
+        Ok(())
+    }
     /// Reads back every service map entry.
     fn read(&self) -> Result<MapState, MapError>;
 }

@@ -90,13 +90,13 @@ pub fn diff(cur: &MapState, want: &MapState) -> Vec<Op> {
 /// equal already.
 pub fn diff_keys(cur: &MapState, want: &MapState, keys: &Keys) -> Vec<Op> {
     let mut ops = Vec::new();
-    puts(
-        &cur.backends,
-        &want.backends,
-        &keys.backends,
-        &mut ops,
-        Op::PutBackend,
-    );
+    for k in &keys.backends {
+        if let Some(v) = want.backends.get(k)
+            && cur.backends.get(k) != Some(v)
+        {
+            ops.push(Op::PutBackend(*k, *v, !cur.backends.contains_key(k)));
+        }
+    }
     puts(
         &cur.backend_meta,
         &want.backend_meta,

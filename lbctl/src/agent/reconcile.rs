@@ -597,14 +597,21 @@ impl<W: MapWriter> Reconciler<W> {
     pub fn flush(&mut self) -> Result<Outcome, ReconcileError> {
         let start = Instant::now();
         let ops = plan::diff_keys(&self.maps.state, &self.want, &self.touched);
-        let mut udp_left = Vec::new();
-        for op in &ops {
-            if let Some(l) = udp_backend_leaving(&self.maps.state, op) {
-                udp_left.push(l);
-            }
-            self.writer.apply(op)?;
+        // Each key is in the diff once, so every op can be judged against
+        // the maps as they are before the flush.
+        let udp_left: Vec<UdpLeft> = ops
+            .iter()
+            .filter_map(|op| udp_backend_leaving(&self.maps.state, op))
+            .collect();
+        let written = self.writer.apply_all(&ops);
+        let landed = match &written {
+            Ok(()) => ops.len(),
+            Err((n, _)) => *n,
+        };
+        for op in &ops[..landed] {
             self.maps.apply(op);
         }
+        written.map_err(|(_, e)| e)?;
         self.touched = Keys::default();
         // The maps hold nothing of the retired ids now.
         for k in std::mem::take(&mut self.retiring_svcs) {

@@ -251,11 +251,8 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
     // made again under the same name gets a new index and is attached anew.
     let mut attached_devices: std::collections::BTreeMap<String, u32> = Default::default();
     // Adopts ids and entries from the pinned maps: no flow moves.
-    let mut maps = ServiceMaps::open(&cfg.bpffs)?;
-    // Backends and Service ports adopted from an agent that predates their
-    // counter maps get theirs now (new ones get them as they are written).
-    maps.ensure_stats()
-        .context("creating per-backend and per-Service-port counters")?;
+    let maps = ServiceMaps::open(&cfg.bpffs)?;
+
     let mut rec = Reconciler::adopt(maps)?;
     rec.set_capacity(cfg.capacity);
     metrics.map_capacity(&cfg.capacity);

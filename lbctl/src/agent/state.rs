@@ -40,7 +40,9 @@ pub struct MapState {
 /// One map write.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Op {
-    PutBackend(u32, Backend4),
+    /// With whether the id is new to the maps (its counters are created
+    /// zeroed; an existing id keeps its counts).
+    PutBackend(u32, Backend4, bool),
     /// Boxed, as the service meta below: an op list of a full sync holds
     /// hundreds of thousands of ops, each as large as its largest variant.
     PutBackendMeta(u32, Box<BackendMeta>),
@@ -64,7 +66,7 @@ pub enum Op {
 impl MapState {
     pub fn apply(&mut self, op: &Op) {
         match *op {
-            Op::PutBackend(k, v) => drop(self.backends.insert(k, v)),
+            Op::PutBackend(k, v, _) => drop(self.backends.insert(k, v)),
             Op::PutBackendMeta(k, ref v) => drop(self.backend_meta.insert(k, **v)),
             Op::PutServiceMeta(k, ref v, _) => drop(self.service_meta.insert(k, **v)),
             Op::PutSlot(k, v) => drop(self.slots.insert(k, v)),

@@ -115,7 +115,7 @@ fn view(cur: &MapState, op: &Op) -> DiffView {
             }
             (SERVICE_BACKENDS, cur.svc_backends.contains_key(k))
         }
-        Op::PutBackend(k, _) | Op::DelBackend(k) => {
+        Op::PutBackend(k, ..) | Op::DelBackend(k) => {
             if let Some(v) = cur.backends.get(k) {
                 have.backends.insert(*k, *v);
             }

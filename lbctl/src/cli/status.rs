@@ -213,9 +213,17 @@ pub fn execute(args: Args) -> Result<()> {
     let mut attachments = Vec::new();
     for (file, program, device) in attach::pinned(pins) {
         let path = crate::datapath::pins::links_dir(pins).join(&file);
-        let link: aya::programs::links::FdLink = aya::programs::links::PinnedLink::from_pin(&path)
-            .with_context(|| format!("opening {}", path.display()))?
-            .into();
+        // A link the agent removes meanwhile (a device no longer matched)
+        // is no longer attached: left out, not an error.
+        if !path.exists() {
+            continue;
+        }
+        let link: aya::programs::links::FdLink =
+            match aya::programs::links::PinnedLink::from_pin(&path) {
+                Ok(l) => l.into(),
+                Err(_) if !path.exists() => continue,
+                Err(e) => return Err(e).with_context(|| format!("opening {}", path.display())),
+            };
         let info = link
             .info()
             .with_context(|| format!("reading {}", path.display()))?;

@@ -5,7 +5,6 @@ use std::path::{Path, PathBuf};
 
 use aya::maps::{
     Array, HashMap, Map, MapData, MapError as AyaMapError, PerCpuArray, PerCpuHashMap,
-    PerCpuValues,
     lpm_trie::{Key as TrieKey, LpmTrie},
 };
 use lb_common::{
@@ -152,6 +151,8 @@ pub struct ServiceMaps {
     pub config: Array<MapData, Config>,
     pub backend_stats: PerCpuHashMap<MapData, u32, BackendStats>,
     pub agent: Array<MapData, AgentStatus>,
+    /// Descriptors for batched writes (aya's maps do not lend theirs).
+    batch_fds: super::batch_writer::Fds,
 }
 
 impl std::fmt::Debug for ServiceMaps {
@@ -181,6 +182,7 @@ impl ServiceMaps {
             config: typed!(dir, names::CONFIG, Array<MapData, Config>),
             backend_stats: typed!(dir, names::BACKEND_STATS, PerCpuHashMap<MapData, u32, BackendStats>),
             agent: typed!(dir, names::AGENT_STATUS, Array<MapData, AgentStatus>),
+            batch_fds: Default::default(),
         })
     }
 
@@ -208,26 +210,6 @@ impl ServiceMaps {
                     .unwrap_or(0)
             })
             .collect()
-    }
-
-    /// Gives every backend and Service port in the maps a counter entry it
-    /// lacks (maps adopted from an agent that predates them).
-    pub fn ensure_stats(&mut self) -> Result<(), AyaMapError> {
-        let ids: Vec<u32> = self.backends.keys().collect::<Result<_, _>>()?;
-        for id in ids {
-            self.create_backend_stats(id)?;
-        }
-        let ids: Vec<u32> = self.service_meta.keys().collect::<Result<_, _>>()?;
-        for id in ids {
-            create_stats(&mut self.service_stats, id)?;
-        }
-        Ok(())
-    }
-
-    /// Zeroed counters for backend `id`, unless it has some: an adopted or
-    /// changed backend keeps its counts.
-    fn create_backend_stats(&mut self, id: u32) -> Result<(), AyaMapError> {
-        create_stats(&mut self.backend_stats, id)
     }
 
     /// A backend's counters summed over CPUs (zero when it has none).
@@ -260,12 +242,6 @@ impl ServiceMaps {
     pub fn set_config(&mut self, c: Config) -> Result<(), AyaMapError> {
         self.config.set(0, c, 0)
     }
-
-    /// Zeroed counters for a new (or reused) Service port id.
-    fn reset_stats(&mut self, id: u32) -> Result<(), AyaMapError> {
-        absent_ok(self.service_stats.remove(&id))?;
-        create_stats(&mut self.service_stats, id)
-    }
 }
 
 /// A delete of an absent key is a success (writes are idempotent); aya
@@ -279,50 +255,6 @@ fn absent_ok(r: Result<(), AyaMapError>) -> Result<(), AyaMapError> {
         r => r,
     }
 }
-
-/// Zeroed per-CPU counters under `id`, unless it has some.
-fn create_stats<V: aya::Pod + Default>(
-    m: &mut PerCpuHashMap<MapData, u32, V>,
-    id: u32,
-) -> Result<(), AyaMapError> {
-    let cpus = nr_cpus()?;
-    let mut tries = 0;
-    loop {
-        let zero = PerCpuValues::try_from(vec![V::default(); cpus])?;
-        match m.insert(id, zero, BPF_NOEXIST) {
-            Err(AyaMapError::SyscallError(e))
-                if e.io_error.raw_os_error() == Some(libc::EEXIST) =>
-            {
-                return Ok(());
-            }
-            // Per-CPU elements of a map without preallocation come from
-            // the kernel's BPF memory allocator, whose caches are refilled
-            // asynchronously: a burst of inserts (100,000s of backends at
-            // start) can find them empty and get ENOMEM, which clears
-            // within milliseconds (seen here: up to ~50 ms). Wait, not
-            // fail the whole pass.
-            Err(AyaMapError::SyscallError(e))
-                if e.io_error.raw_os_error() == Some(libc::ENOMEM) && tries < 200 =>
-            {
-                tries += 1;
-                std::thread::sleep(std::time::Duration::from_millis(5));
-            }
-            r => return r,
-        }
-    }
-}
-
-fn nr_cpus() -> Result<usize, AyaMapError> {
-    aya::util::nr_cpus().map_err(|(_, e)| {
-        AyaMapError::SyscallError(aya::sys::SyscallError {
-            call: "nr_cpus",
-            io_error: e,
-        })
-    })
-}
-
-/// `BPF_NOEXIST`: create only.
-const BPF_NOEXIST: u64 = 1;
 
 /// The socket path's maps (for `lbctl explain --cookie`).
 pub struct SockMaps {
@@ -375,21 +307,30 @@ fn read_all<K: aya::Pod + Ord, V: aya::Pod>(
 }
 
 impl MapWriter for ServiceMaps {
+    fn apply_all(&mut self, ops: &[Op]) -> Result<(), (usize, MapError)> {
+        use super::batch_writer::{kind, write};
+        let mut i = 0;
+        while i < ops.len() {
+            let Some(k) = kind(&ops[i]) else {
+                self.apply(&ops[i]).map_err(|e| (i, e))?;
+                i += 1;
+                continue;
+            };
+            let run = ops[i..].iter().take_while(|o| kind(o) == Some(k)).count();
+            write(&self.dir, &mut self.batch_fds, k, &ops[i..i + run])
+                .map_err(|(done, e)| (i + done, e))?;
+            i += run;
+        }
+        Ok(())
+    }
+
     fn apply(&mut self, op: &Op) -> Result<(), MapError> {
         let r = match *op {
-            Op::PutBackend(k, v) => {
-                // Counters first, so the datapath never meets the backend
-                // without them; an existing entry (same id adopted after a
-                // restart, or a changed backend) keeps its counts.
-                self.create_backend_stats(k)
-                    .and_then(|_| self.backends.insert(k, v, 0))
-            }
+            // Counters are made by the datapath when first used (see
+            // lb-ebpf/src/stats.rs), deleted here with their owner.
+            Op::PutBackend(k, v, _) => self.backends.insert(k, v, 0),
             Op::PutBackendMeta(k, ref v) => self.backend_meta.insert(k, **v, 0),
-            Op::PutServiceMeta(k, ref v, new) => {
-                // A new (or reused) id's counters start at zero.
-                let r = if new { self.reset_stats(k) } else { Ok(()) };
-                r.and_then(|_| self.service_meta.insert(k, **v, 0))
-            }
+            Op::PutServiceMeta(k, ref v, _) => self.service_meta.insert(k, **v, 0),
             Op::PutSlot(k, v) => self.slots.insert(k, v, 0),
             Op::PutServiceBackend(k, v) => self.svc_backends.insert(k, v, 0),
             Op::DelServiceBackend(k) => del(&mut self.svc_backends, &k),

@@ -2,6 +2,8 @@
 //! attachment, and typed access to the pinned maps.
 
 pub mod attach;
+pub mod batch;
+pub mod batch_writer;
 pub mod frame;
 pub mod link;
 pub mod load;
