@@ -90,108 +90,146 @@ pub fn diff(cur: &MapState, want: &MapState) -> Vec<Op> {
 /// equal already.
 pub fn diff_keys(cur: &MapState, want: &MapState, keys: &Keys) -> Vec<Op> {
     let mut ops = Vec::new();
-    for k in &keys.backends {
-        if let Some(v) = want.backends.get(k)
-            && cur.backends.get(k) != Some(v)
-        {
-            ops.push(Op::PutBackend(*k, *v, !cur.backends.contains_key(k)));
-        }
+    for phase in 0..PHASES {
+        diff_phase(phase, cur, want, keys, &mut ops);
     }
-    puts(
-        &cur.backend_meta,
-        &want.backend_meta,
-        &keys.backend_meta,
-        &mut ops,
-        |k, v| Op::PutBackendMeta(k, Box::new(v)),
-    );
-    for k in &keys.service_meta {
-        if let Some(v) = want.service_meta.get(k)
-            && cur.service_meta.get(k) != Some(v)
-        {
-            ops.push(Op::PutServiceMeta(
-                *k,
-                Box::new(*v),
-                !cur.service_meta.contains_key(k),
-            ));
-        }
-    }
-    puts(&cur.slots, &want.slots, &keys.slots, &mut ops, Op::PutSlot);
-    puts(
-        &cur.svc_backends,
-        &want.svc_backends,
-        &keys.svc_backends,
-        &mut ops,
-        Op::PutServiceBackend,
-    );
-    // A frontend is flagged for source ranges only once they are there.
-    puts(
-        &cur.source_ranges,
-        &want.source_ranges,
-        &keys.source_ranges,
-        &mut ops,
-        Op::PutSourceRange,
-    );
-    // The device path's address filter admits an address before its
-    // frontends exist and drops it after they are gone.
-    puts(&cur.addrs, &want.addrs, &keys.addrs, &mut ops, Op::PutAddr);
+    ops
+}
+
+/// How many phases a diff has: each writes one map (puts first, in
+/// make-before-break order, deletions after, in reverse).
+pub const PHASES: usize = 18;
+
+/// The ops of one phase of the diff. Each phase reads only its own map's
+/// entries of `cur`, and the keys of different phases of one map never
+/// meet, so a writer may apply a phase's ops (and update `cur`) before the
+/// next phase is diffed: the ops are the same as [`diff_keys`] gives, and
+/// only one phase's list is ever held (a full sync's whole list was the
+/// agent's largest allocation).
+pub fn diff_phase(phase: usize, cur: &MapState, want: &MapState, keys: &Keys, ops: &mut Vec<Op>) {
     // A frontend's internal-scope entry exists before its all-traffic
     // entry points at it (`FE_TWO_SCOPES`), and goes after it.
-    let (internal, all): (BTreeSet<Frontend4Key>, BTreeSet<Frontend4Key>) =
-        keys.frontends.iter().partition(|k| k.scope != SCOPE_ALL);
-    for part in [&internal, &all] {
-        puts(
+    let scoped = |internal: bool| -> BTreeSet<Frontend4Key> {
+        keys.frontends
+            .iter()
+            .filter(|k| (k.scope != SCOPE_ALL) == internal)
+            .copied()
+            .collect()
+    };
+    match phase {
+        0 => {
+            for k in &keys.backends {
+                if let Some(v) = want.backends.get(k)
+                    && cur.backends.get(k) != Some(v)
+                {
+                    ops.push(Op::PutBackend(*k, *v, !cur.backends.contains_key(k)));
+                }
+            }
+        }
+        1 => puts(
+            &cur.backend_meta,
+            &want.backend_meta,
+            &keys.backend_meta,
+            ops,
+            |k, v| Op::PutBackendMeta(k, Box::new(v)),
+        ),
+        2 => {
+            for k in &keys.service_meta {
+                if let Some(v) = want.service_meta.get(k)
+                    && cur.service_meta.get(k) != Some(v)
+                {
+                    ops.push(Op::PutServiceMeta(
+                        *k,
+                        Box::new(*v),
+                        !cur.service_meta.contains_key(k),
+                    ));
+                }
+            }
+        }
+        3 => puts(&cur.slots, &want.slots, &keys.slots, ops, Op::PutSlot),
+        4 => puts(
+            &cur.svc_backends,
+            &want.svc_backends,
+            &keys.svc_backends,
+            ops,
+            Op::PutServiceBackend,
+        ),
+        // A frontend is flagged for source ranges only once they are there.
+        5 => puts(
+            &cur.source_ranges,
+            &want.source_ranges,
+            &keys.source_ranges,
+            ops,
+            Op::PutSourceRange,
+        ),
+        // The device path's address filter admits an address before its
+        // frontends exist and drops it after they are gone.
+        6 => puts(&cur.addrs, &want.addrs, &keys.addrs, ops, Op::PutAddr),
+        7 => puts(
             &cur.frontends,
             &want.frontends,
-            part,
-            &mut ops,
+            &scoped(true),
+            ops,
             Op::PutFrontend,
-        );
-    }
-    for part in [&all, &internal] {
-        dels(
+        ),
+        8 => puts(
             &cur.frontends,
             &want.frontends,
-            part,
-            &mut ops,
+            &scoped(false),
+            ops,
+            Op::PutFrontend,
+        ),
+        9 => dels(
+            &cur.frontends,
+            &want.frontends,
+            &scoped(false),
+            ops,
             Op::DelFrontend,
-        );
+        ),
+        10 => dels(
+            &cur.frontends,
+            &want.frontends,
+            &scoped(true),
+            ops,
+            Op::DelFrontend,
+        ),
+        11 => dels(&cur.addrs, &want.addrs, &keys.addrs, ops, Op::DelAddr),
+        12 => dels(
+            &cur.source_ranges,
+            &want.source_ranges,
+            &keys.source_ranges,
+            ops,
+            Op::DelSourceRange,
+        ),
+        13 => dels(&cur.slots, &want.slots, &keys.slots, ops, Op::DelSlot),
+        14 => dels(
+            &cur.svc_backends,
+            &want.svc_backends,
+            &keys.svc_backends,
+            ops,
+            Op::DelServiceBackend,
+        ),
+        15 => dels(
+            &cur.service_meta,
+            &want.service_meta,
+            &keys.service_meta,
+            ops,
+            Op::DelServiceMeta,
+        ),
+        16 => dels(
+            &cur.backend_meta,
+            &want.backend_meta,
+            &keys.backend_meta,
+            ops,
+            Op::DelBackendMeta,
+        ),
+        17 => dels(
+            &cur.backends,
+            &want.backends,
+            &keys.backends,
+            ops,
+            Op::DelBackend,
+        ),
+        _ => {}
     }
-    dels(&cur.addrs, &want.addrs, &keys.addrs, &mut ops, Op::DelAddr);
-    dels(
-        &cur.source_ranges,
-        &want.source_ranges,
-        &keys.source_ranges,
-        &mut ops,
-        Op::DelSourceRange,
-    );
-    dels(&cur.slots, &want.slots, &keys.slots, &mut ops, Op::DelSlot);
-    dels(
-        &cur.svc_backends,
-        &want.svc_backends,
-        &keys.svc_backends,
-        &mut ops,
-        Op::DelServiceBackend,
-    );
-    dels(
-        &cur.service_meta,
-        &want.service_meta,
-        &keys.service_meta,
-        &mut ops,
-        Op::DelServiceMeta,
-    );
-    dels(
-        &cur.backend_meta,
-        &want.backend_meta,
-        &keys.backend_meta,
-        &mut ops,
-        Op::DelBackendMeta,
-    );
-    dels(
-        &cur.backends,
-        &want.backends,
-        &keys.backends,
-        &mut ops,
-        Op::DelBackend,
-    );
-    ops
 }

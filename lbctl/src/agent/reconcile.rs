@@ -596,22 +596,30 @@ impl<W: MapWriter> Reconciler<W> {
     /// land; the next flush goes on from there.
     pub fn flush(&mut self) -> Result<Outcome, ReconcileError> {
         let start = Instant::now();
-        let ops = plan::diff_keys(&self.maps.state, &self.want, &self.touched);
-        // Each key is in the diff once, so every op can be judged against
-        // the maps as they are before the flush.
-        let udp_left: Vec<UdpLeft> = ops
-            .iter()
-            .filter_map(|op| udp_backend_leaving(&self.maps.state, op))
-            .collect();
-        let written = self.writer.apply_all(&ops);
-        let landed = match &written {
-            Ok(()) => ops.len(),
-            Err((n, _)) => *n,
-        };
-        for op in &ops[..landed] {
-            self.maps.apply(op);
+        // Phase by phase: only one phase's ops are held at a time.
+        let mut writes = 0;
+        let mut udp_left: Vec<UdpLeft> = Vec::new();
+        let mut ops = Vec::new();
+        for phase in 0..plan::PHASES {
+            ops.clear();
+            plan::diff_phase(phase, &self.maps.state, &self.want, &self.touched, &mut ops);
+            // Each key is in the diff once, so every op can be judged
+            // against the maps as they are before it.
+            udp_left.extend(
+                ops.iter()
+                    .filter_map(|op| udp_backend_leaving(&self.maps.state, op)),
+            );
+            let written = self.writer.apply_all(&ops);
+            let landed = match &written {
+                Ok(()) => ops.len(),
+                Err((n, _)) => *n,
+            };
+            for op in &ops[..landed] {
+                self.maps.apply(op);
+            }
+            writes += landed;
+            written.map_err(|(_, e)| e)?;
         }
-        written.map_err(|(_, e)| e)?;
         self.touched = Keys::default();
         // The maps hold nothing of the retired ids now.
         for k in std::mem::take(&mut self.retiring_svcs) {
@@ -635,7 +643,7 @@ impl<W: MapWriter> Reconciler<W> {
             }
         }
         Ok(Outcome {
-            writes: ops.len(),
+            writes,
             elapsed: start.elapsed(),
             udp_left,
         })
