@@ -625,6 +625,9 @@ fn finish(mut v: Vec<Backend>) -> Vec<Backend> {
     // Terminating) wins, as when slices overlap during a rollout.
     v.sort();
     v.dedup_by(|b, a| a.addr == b.addr);
+    // Kept for the life of the port (the reconciler compares the next
+    // translation with it): no room for growth.
+    v.shrink_to_fit();
     v
 }
 
