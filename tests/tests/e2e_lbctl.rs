@@ -158,9 +158,15 @@ fn explain_backends_and_status_agree_with_real_traffic() {
         "12 flows over 3 backends: {answered:?}"
     );
 
-    // explain changed nothing: its flows went to a scratch table.
+    // explain changed nothing: its flows went to a scratch table. At most
+    // the 12 real flows' two entries each: a closed flow's entries live
+    // 10 s, so on a slow run the first ones may have expired already.
     let ct = c.lbctl_json(&["conntrack", "--count"]).unwrap();
-    assert_eq!(ct["count"], 24, "12 flows, two entries each: {ct}");
+    let n = ct["count"].as_u64().unwrap_or(u64::MAX);
+    assert!(
+        n <= 24 && n.is_multiple_of(2),
+        "12 flows, two entries each, none from explain: {ct}"
+    );
 
     // Per-backend counters: each backend's flows are exactly the requests
     // it answered; packets and bytes went up for those that served.

@@ -14,6 +14,7 @@ pub mod plan;
 pub mod reconcile;
 pub mod run;
 pub mod service_cidrs;
+pub mod slice;
 pub mod snat_ports;
 pub mod source;
 pub mod stale_sockets;

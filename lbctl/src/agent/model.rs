@@ -17,13 +17,11 @@ use std::{
     sync::Arc,
 };
 
-use k8s_openapi::api::{
-    core::v1::{Endpoints, Service},
-    discovery::v1::EndpointSlice,
-};
+use k8s_openapi::api::core::v1::{Endpoints, Service};
 use lb_common::service::NE_PROTOCOL_SCTP;
 
 use super::categorize::{self, EndpointSets, Policies};
+use super::slice::Slice;
 
 pub const LABEL_SERVICE_NAME: &str = "kubernetes.io/service-name";
 pub const LABEL_PROXY_NAME: &str = "service.kubernetes.io/service-proxy-name";
@@ -66,13 +64,14 @@ impl ObjKey {
 #[derive(Clone, Debug, Default)]
 pub struct Objects {
     pub services: BTreeMap<ObjKey, Arc<Service>>,
-    pub slices: BTreeMap<ObjKey, Arc<EndpointSlice>>,
+    /// EndpointSlices as the agent keeps them ([`Slice`]: made at ingest).
+    pub slices: BTreeMap<ObjKey, Arc<Slice>>,
     pub endpoints: BTreeMap<ObjKey, Arc<Endpoints>>,
 }
 
 /// The Service an EndpointSlice belongs to, from its label.
-pub fn slice_service(key: &ObjKey, s: &EndpointSlice) -> Option<ObjKey> {
-    let svc = s.metadata.labels.as_ref()?.get(LABEL_SERVICE_NAME)?;
+pub fn slice_service(key: &ObjKey, s: &Slice) -> Option<ObjKey> {
+    let svc = s.service.as_ref()?;
     Some(ObjKey::new(key.namespace.clone(), svc.clone()))
 }
 
@@ -348,7 +347,7 @@ pub fn translate(objs: &Objects, node: &NodeInfo) -> Desired {
         ..Default::default()
     };
     // Slices by the Service they belong to.
-    let mut slices: BTreeMap<ObjKey, Vec<&EndpointSlice>> = BTreeMap::new();
+    let mut slices: BTreeMap<ObjKey, Vec<&Slice>> = BTreeMap::new();
     for (k, s) in &objs.slices {
         if let Some(svc) = slice_service(k, s) {
             slices.entry(svc).or_default().push(s);
@@ -370,17 +369,13 @@ pub fn translate(objs: &Objects, node: &NodeInfo) -> Desired {
 pub fn translate_service(
     key: &ObjKey,
     svc: &Service,
-    svc_slices: &[&EndpointSlice],
+    svc_slices: &[&Slice],
     endpoints: Option<&Endpoints>,
     node: &NodeInfo,
 ) -> Result<BTreeMap<ServicePortKey, ServicePortState>, ObjectError> {
     let mut out = BTreeMap::new();
     // IPv6 and FQDN slices: not programmed (IPv4 datapath).
-    let v4: Vec<&EndpointSlice> = svc_slices
-        .iter()
-        .copied()
-        .filter(|s| s.address_type == "IPv4")
-        .collect();
+    let v4: Vec<&Slice> = svc_slices.iter().copied().filter(|s| s.ipv4).collect();
     // A Service whose slices are all IPv6 still has slices: it does not
     // fall back to Endpoints.
     let use_endpoints = svc_slices.is_empty();
@@ -446,7 +441,7 @@ fn port_u16(p: i32, what: &str) -> Result<u16, String> {
 fn service(
     key: &ObjKey,
     svc: &Service,
-    svc_slices: &[&EndpointSlice],
+    svc_slices: &[&Slice],
     endpoints: Option<&Endpoints>,
     node: &NodeInfo,
     out: &mut BTreeMap<ServicePortKey, ServicePortState>,
@@ -632,14 +627,14 @@ fn finish(mut v: Vec<Backend>) -> Vec<Backend> {
 }
 
 fn slice_backends(
-    slices: &[&EndpointSlice],
+    slices: &[&Slice],
     port_name: &str,
     proto: Proto,
     node: &NodeInfo,
 ) -> Vec<Backend> {
     let mut out = Vec::new();
     for s in slices {
-        let port = s.ports.iter().flatten().find(|ep| {
+        let port = s.ports.iter().find(|ep| {
             ep.name.as_deref().unwrap_or("") == port_name
                 && Proto::parse(ep.protocol.as_deref()).ok() == Some(proto)
         });
@@ -652,12 +647,11 @@ fn slice_backends(
         if port == 0 {
             continue;
         }
-        for ep in s.endpoints.iter().flatten() {
-            let c = ep.conditions.as_ref();
+        for ep in &s.endpoints {
             // Unset ready means ready; unset serving follows ready.
-            let ready = c.and_then(|c| c.ready).unwrap_or(true);
-            let serving = c.and_then(|c| c.serving).unwrap_or(ready);
-            let terminating = c.and_then(|c| c.terminating).unwrap_or(false);
+            let ready = ep.ready.unwrap_or(true);
+            let serving = ep.serving.unwrap_or(ready);
+            let terminating = ep.terminating.unwrap_or(false);
             let state = if ready {
                 BackendState::Active
             } else if serving && terminating {
@@ -665,19 +659,11 @@ fn slice_backends(
             } else {
                 BackendState::Quarantined
             };
-            let hints = ep.hints.as_ref();
-            let hint_zones: Vec<String> = hints
-                .and_then(|h| h.for_zones.as_ref())
-                .map(|z| z.iter().map(|z| z.name.clone()).collect())
-                .unwrap_or_default();
-            let hint_nodes: Vec<String> = hints
-                .and_then(|h| h.for_nodes.as_ref())
-                .map(|n| n.iter().map(|n| n.name.clone()).collect())
-                .unwrap_or_default();
-            for a in &ep.addresses {
-                let Ok(addr) = a.parse::<Ipv4Addr>() else {
-                    continue;
-                };
+            let (hint_zones, hint_nodes) = match &ep.hints {
+                Some(h) => (h.for_zones.clone(), h.for_nodes.clone()),
+                None => (Vec::new(), Vec::new()),
+            };
+            for &addr in &ep.addresses {
                 out.push(Backend {
                     addr: BackendAddr { addr, port, proto },
                     state,

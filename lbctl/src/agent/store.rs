@@ -8,14 +8,14 @@ use std::{
     sync::Arc,
 };
 
-use k8s_openapi::api::{
-    core::v1::{Endpoints, Service},
-    discovery::v1::EndpointSlice,
-};
+use k8s_openapi::api::core::v1::{Endpoints, Service};
 
-use super::model::{
-    NodeInfo, ObjKey, ObjectError, Objects, ServicePortKey, ServicePortState, slice_service,
-    translate_service,
+use super::{
+    model::{
+        NodeInfo, ObjKey, ObjectError, Objects, ServicePortKey, ServicePortState, slice_service,
+        translate_service,
+    },
+    slice::Slice,
 };
 
 #[derive(Debug, Default)]
@@ -73,7 +73,7 @@ impl Store {
 
     /// Adds, replaces or deletes one EndpointSlice. Both the Service it
     /// belonged to and the one it belongs to now are dirty.
-    pub fn slice(&mut self, key: ObjKey, slice: Option<Arc<EndpointSlice>>) {
+    pub fn slice(&mut self, key: ObjKey, slice: Option<Arc<Slice>>) {
         let old = match slice {
             Some(s) => {
                 if self.objects.slices.get(&key).is_some_and(|old| *old == s) {
@@ -89,7 +89,7 @@ impl Store {
         }
     }
 
-    fn index_slice(&mut self, key: &ObjKey, s: &EndpointSlice, add: bool) {
+    fn index_slice(&mut self, key: &ObjKey, s: &Slice, add: bool) {
         if let Some(svc) = slice_service(key, s) {
             if add {
                 self.slice_index
@@ -108,7 +108,7 @@ impl Store {
 
     /// Drops the index entry of a slice's previous version, unless the new
     /// version still names the same Service.
-    fn unindex_old(&mut self, key: &ObjKey, old: &EndpointSlice) {
+    fn unindex_old(&mut self, key: &ObjKey, old: &Slice) {
         let now = self
             .objects
             .slices
@@ -152,7 +152,7 @@ impl Store {
         });
     }
 
-    pub fn replace_slices(&mut self, next: BTreeMap<ObjKey, Arc<EndpointSlice>>) {
+    pub fn replace_slices(&mut self, next: BTreeMap<ObjKey, Arc<Slice>>) {
         let mut changes = Vec::new();
         replace_kind(&mut self.objects.slices, next, |k, old, new| {
             changes.push((k.clone(), old.cloned(), new.cloned()));
@@ -174,7 +174,6 @@ impl Store {
         });
     }
 
-    /// Every Service must be translated again (the node changed).
     /// Translates `key` again at the next pass (a port refused for a full
     /// map, once others have left room).
     pub fn mark_dirty(&mut self, key: ObjKey) {
@@ -183,6 +182,7 @@ impl Store {
         }
     }
 
+    /// Every Service must be translated again (the node changed).
     pub fn all_dirty(&mut self) {
         self.dirty.extend(self.objects.services.keys().cloned());
     }
@@ -201,7 +201,7 @@ impl Store {
                 let ports = match self.objects.services.get(&key) {
                     None => Ok(BTreeMap::new()),
                     Some(svc) => {
-                        let slices: Vec<&EndpointSlice> = self
+                        let slices: Vec<&Slice> = self
                             .slice_index
                             .get(&key)
                             .into_iter()

@@ -553,10 +553,9 @@ fn one_slice_change_is_translated_and_diffed_alone() {
     // the writes are its new set, its backend and its frontend flip.
     let key = model::ObjKey::new("ns", "s7-x");
     let mut slice = (**store.objects().slices.get(&key).unwrap()).clone();
-    let eps = slice.endpoints.as_mut().unwrap();
-    let mut ep = eps[0].clone();
-    ep.addresses = vec!["10.200.0.1".into()];
-    eps.push(ep);
+    let mut ep = slice.endpoints[0].clone();
+    ep.addresses = vec![std::net::Ipv4Addr::new(10, 200, 0, 1)];
+    slice.endpoints.push(ep);
     store.slice(key, Some(std::sync::Arc::new(slice)));
     let changes = store.take_changes(&n);
     assert_eq!(changes.len(), 1, "one Service re-translated");

@@ -210,7 +210,12 @@ async fn from_api(args: &Args, store: &mut Store, node_name: &str) -> Result<Opt
         slices
             .items
             .into_iter()
-            .map(|o| (ObjKey::of(&o.metadata), Arc::new(o)))
+            .map(|o| {
+                (
+                    ObjKey::of(&o.metadata),
+                    Arc::new(crate::agent::slice::Slice::from(&o)),
+                )
+            })
             .collect(),
     );
     if args.watch_endpoints {

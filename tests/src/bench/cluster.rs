@@ -102,8 +102,10 @@ pub fn to_objects(svcs: &[Svc], node_name: &str) -> Objects {
             }]),
         };
         o.services.insert(ObjKey::of(&svc.metadata), Arc::new(svc));
-        o.slices
-            .insert(ObjKey::of(&slice.metadata), Arc::new(slice));
+        o.slices.insert(
+            ObjKey::of(&slice.metadata),
+            Arc::new(lbctl::agent::slice::Slice::from(&slice)),
+        );
     }
     o
 }

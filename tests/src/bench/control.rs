@@ -120,8 +120,12 @@ fn changes(n: usize, count: usize) -> (Vec<f64>, Vec<f64>) {
     for i in 0..count {
         let key = keys[(i * 7919) % n].clone();
         let mut slice = (**store.objects().slices.get(&key).unwrap()).clone();
-        slice.endpoints.as_mut().unwrap()[i % 10].addresses =
-            vec![format!("10.250.{}.{}", i / 250, i % 250 + 1)];
+        slice.endpoints[i % 10].addresses = vec![std::net::Ipv4Addr::new(
+            10,
+            250,
+            (i / 250) as u8,
+            (i % 250 + 1) as u8,
+        )];
         let slice = std::sync::Arc::new(slice);
         let t = Instant::now();
         store.slice(key, Some(slice));

@@ -19,7 +19,10 @@ use k8s_openapi::api::{
 };
 use serde::Deserialize;
 
-use crate::agent::model::{ObjKey, Objects};
+use crate::agent::{
+    model::{ObjKey, Objects},
+    slice::Slice,
+};
 
 #[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
 #[error("{file}: {reason}")]
@@ -32,7 +35,8 @@ pub struct FileError {
 #[derive(Clone, Debug, Default)]
 pub struct FileObjects {
     pub services: Vec<Arc<Service>>,
-    pub slices: Vec<Arc<EndpointSlice>>,
+    /// Kept as the agent keeps them, by key (see `agent::slice`).
+    pub slices: Vec<(ObjKey, Arc<Slice>)>,
     pub endpoints: Vec<Arc<Endpoints>>,
     pub nodes: Vec<Node>,
     /// Objects in this file that could not be read; the rest still count.
@@ -102,9 +106,10 @@ fn objects(file: &str, mut docs: Vec<serde_yaml::Value>, out: &mut FileObjects) 
                 Ok(())
             }
             "Service" => serde_yaml::from_value(v.clone()).map(|o| out.services.push(Arc::new(o))),
-            "EndpointSlice" => {
-                serde_yaml::from_value(v.clone()).map(|o| out.slices.push(Arc::new(o)))
-            }
+            "EndpointSlice" => serde_yaml::from_value::<EndpointSlice>(v.clone()).map(|o| {
+                out.slices
+                    .push((ObjKey::of(&o.metadata), Arc::new(Slice::from(&o))))
+            }),
             "Endpoints" => {
                 serde_yaml::from_value(v.clone()).map(|o| out.endpoints.push(Arc::new(o)))
             }
@@ -124,8 +129,8 @@ pub fn merge(objs: &mut Objects, nodes: &mut BTreeMap<String, Node>, f: &FileObj
     for s in &f.services {
         objs.services.insert(key(&s.metadata), s.clone());
     }
-    for s in &f.slices {
-        objs.slices.insert(key(&s.metadata), s.clone());
+    for (k, s) in &f.slices {
+        objs.slices.insert(k.clone(), s.clone());
     }
     for e in &f.endpoints {
         objs.endpoints.insert(key(&e.metadata), e.clone());

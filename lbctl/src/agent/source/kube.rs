@@ -25,7 +25,7 @@ use kube::{
     },
 };
 
-use crate::agent::{model::ObjKey, store::Store};
+use crate::agent::{model::ObjKey, slice::Slice, store::Store};
 
 /// Which object kind an event is about.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -205,7 +205,7 @@ pub struct Applied {
 #[derive(Debug)]
 pub struct ClusterSync {
     services: KindSync<Service>,
-    slices: KindSync<EndpointSlice>,
+    slices: KindSync<Slice>,
     endpoints: KindSync<Endpoints>,
     nodes: KindSync<Node>,
     cidr_sync: KindSync<ServiceCIDR>,
@@ -226,14 +226,18 @@ fn trim<K: Resource>(mut o: K) -> K {
 }
 
 /// Applies one event of one kind to `ctx`: a live change at once; a list
-/// is buffered and replaces the kind when it is complete.
-fn step<C, K: Resource>(
-    sync: &mut KindSync<K>,
+/// is buffered and replaces the kind when it is complete. Each object is
+/// kept as `convert` makes it (EndpointSlices compacted at once, so a list
+/// never holds them whole).
+#[allow(clippy::too_many_arguments)]
+fn step<C, K: Resource, T>(
+    sync: &mut KindSync<T>,
     ev: Event<K>,
     ctx: &mut C,
     key: fn(&K) -> ObjKey,
-    apply: fn(&mut C, ObjKey, Option<Arc<K>>),
-    replace: fn(&mut C, BTreeMap<ObjKey, Arc<K>>),
+    convert: fn(K) -> T,
+    apply: fn(&mut C, ObjKey, Option<Arc<T>>),
+    replace: fn(&mut C, BTreeMap<ObjKey, Arc<T>>),
 ) -> Applied {
     match ev {
         Event::Init => sync.listing = Some(BTreeMap::new()),
@@ -242,7 +246,7 @@ fn step<C, K: Resource>(
             let k = key(&o);
             sync.listing
                 .get_or_insert_with(BTreeMap::new)
-                .insert(k, Arc::new(o));
+                .insert(k, Arc::new(convert(o)));
         }
         Event::InitDone => {
             replace(ctx, sync.listing.take().unwrap_or_default());
@@ -251,7 +255,7 @@ fn step<C, K: Resource>(
         }
         Event::Apply(o) => {
             let o = trim(o);
-            apply(ctx, key(&o), Some(Arc::new(o)))
+            apply(ctx, key(&o), Some(Arc::new(convert(o))))
         }
         Event::Delete(o) => apply(ctx, key(&o), None),
     }
@@ -316,6 +320,7 @@ impl ClusterSync {
                 ev,
                 store,
                 |o| ObjKey::of(&o.metadata),
+                |o| o,
                 Store::service,
                 Store::replace_services,
             ),
@@ -324,6 +329,7 @@ impl ClusterSync {
                 ev,
                 store,
                 |o| ObjKey::of(&o.metadata),
+                |o| Slice::from(&o),
                 Store::slice,
                 Store::replace_slices,
             ),
@@ -332,6 +338,7 @@ impl ClusterSync {
                 ev,
                 store,
                 |o| ObjKey::of(&o.metadata),
+                |o| o,
                 Store::endpoints,
                 Store::replace_endpoints,
             ),
@@ -344,6 +351,7 @@ impl ClusterSync {
                     ev,
                     &mut node,
                     |o| ObjKey::new("", o.metadata.name.clone().unwrap_or_default()),
+                    |o| o,
                     |n, _, o| *n = o.map(|o| (*o).clone()),
                     |n, all| *n = all.into_values().next().map(|o| (*o).clone()),
                 );
@@ -357,6 +365,7 @@ impl ClusterSync {
                     ev,
                     &mut cidrs,
                     |o| ObjKey::new("", o.metadata.name.clone().unwrap_or_default()),
+                    |o| o,
                     |m, k, o| match o {
                         Some(o) => {
                             m.insert(k.name.clone(), cidrs_of(&o));
