@@ -241,8 +241,21 @@ while True:
         self.start_pod_servers_named(port, "");
     }
 
-    /// Same, answering with the pod's name and `suffix` (to tell several
-    /// ports apart).
+    /// A UDP server on `port` in every pod, answering with the pod's name
+    /// (see [`Self::udp_server`]).
+    pub fn start_pod_udp_servers(&mut self, port: u16) {
+        let pods: Vec<(String, String)> = self
+            .pods
+            .iter()
+            .map(|p| (p.ns.name.clone(), p.name.clone()))
+            .collect();
+        for (ns, name) in &pods {
+            self.udp_server(ns, port, name);
+        }
+    }
+
+    /// As [`Self::start_pod_servers`], answering with the pod's name and
+    /// `suffix` (to tell several ports apart).
     pub fn start_pod_servers_named(&mut self, port: u16, suffix: &str) {
         let pods: Vec<(String, String)> = self
             .pods

@@ -485,14 +485,7 @@ fn refusals_first_endpoint_and_terminating_fallback() {
     sweep();
     let mut t = Topology::new(2);
     t.start_pod_servers(8080);
-    let pods: Vec<(String, String)> = t
-        .pods
-        .iter()
-        .map(|p| (p.ns.name.clone(), p.name.clone()))
-        .collect();
-    for (ns, name) in &pods {
-        t.udp_server(ns, 5353, name);
-    }
+    t.start_pod_udp_servers(5353);
     let c = Cluster::start(&lbctl(), t, &[("none.yaml", empty_service())]);
     c.wait_services("the empty Service", |s| {
         s.iter().filter(|s| s["name"] == "none").count() == 2
@@ -625,14 +618,7 @@ fn flows_of_a_backend_that_left_move_or_end() {
     sweep();
     let mut t = Topology::new(2);
     t.start_pod_servers(8080);
-    let pods: Vec<(String, String)> = t
-        .pods
-        .iter()
-        .map(|p| (p.ns.name.clone(), p.name.clone()))
-        .collect();
-    for (ns, name) in &pods {
-        t.udp_server(ns, 5353, name);
-    }
+    t.start_pod_udp_servers(5353);
     let both = [
         ("10.244.1.11", NODE_NAME, READY),
         ("10.244.1.12", NODE_NAME, READY),
@@ -891,14 +877,7 @@ fn dual_stack_sockets_and_hairpin() {
     sweep();
     let mut t = Topology::new(1);
     t.start_pod_servers(8080);
-    let pods: Vec<(String, String)> = t
-        .pods
-        .iter()
-        .map(|p| (p.ns.name.clone(), p.name.clone()))
-        .collect();
-    for (ns, name) in &pods {
-        t.udp_server(ns, 5353, name);
-    }
+    t.start_pod_udp_servers(5353);
     let one = [("10.244.1.11", NODE_NAME, READY)];
     let c = Cluster::start(&lbctl(), t, &[("moving.yaml", &moving_service(&one))]);
     c.wait_services("moving", |s| backends_of(s, "moving") == 1);
@@ -1049,14 +1028,7 @@ fn fragmented_datagrams_through_a_node_port() {
     sweep();
     let mut t = Topology::with_remote(1, 1);
     t.start_pod_servers(8080);
-    let pods: Vec<(String, String)> = t
-        .pods
-        .iter()
-        .map(|p| (p.ns.name.clone(), p.name.clone()))
-        .collect();
-    for (ns, name) in &pods {
-        t.udp_server(ns, 5353, name);
-    }
+    t.start_pod_udp_servers(5353);
     let both = [
         ("10.244.1.11", NODE_NAME, READY),
         ("10.244.2.11", NODE_B_NAME, READY),

@@ -105,14 +105,7 @@ fn services_answer_from_pods_host_and_outside() {
     sweep();
     let mut t = Topology::new(3);
     t.start_pod_servers(8080);
-    let pods: Vec<(String, String)> = t
-        .pods
-        .iter()
-        .map(|p| (p.ns.name.clone(), p.name.clone()))
-        .collect();
-    for (ns, name) in &pods {
-        t.udp_server(ns, 5353, name);
-    }
+    t.start_pod_udp_servers(5353);
     let ext = t.ext.name.clone();
     t.http_server(&ext, 8000, "external");
     Topology::wait_listening(&ext, 8000);

@@ -420,40 +420,14 @@ impl<W: MapWriter> Reconciler<W> {
             .count();
         cap.check(lb_common::maps::BACKENDS4, w.backends.len() + new_backends)?;
         let prev_slots: usize = prev.map_or(0, |p| {
-            p.sets
-                .iter()
-                .map(|s| {
-                    w.slots
-                        .range(
-                            SlotKey {
-                                backend_set: *s,
-                                slot: 0,
-                            }..=SlotKey {
-                                backend_set: *s,
-                                slot: u32::MAX,
-                            },
-                        )
-                        .count()
-                })
-                .sum()
+            p.sets.iter().map(|s| set_slots(&w.slots, *s).count()).sum()
         });
         let new_slots: usize = lists.iter().map(|(l, _)| l.len()).sum();
         cap.check(
             lb_common::maps::BACKEND_SLOTS,
             (w.slots.len() + new_slots).saturating_sub(prev_slots),
         )?;
-        let prev_pairs = w
-            .svc_backends
-            .range(
-                ServiceBackendKey {
-                    service_id: svc_id,
-                    backend_id: 0,
-                }..=ServiceBackendKey {
-                    service_id: svc_id,
-                    backend_id: u32::MAX,
-                },
-            )
-            .count();
+        let prev_pairs = port_backends(&w.svc_backends, svc_id).count();
         cap.check(
             lb_common::maps::SERVICE_BACKENDS,
             (w.svc_backends.len() + svc_backends).saturating_sub(prev_pairs),
