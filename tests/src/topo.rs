@@ -241,15 +241,19 @@ while True:
         self.start_pod_servers_named(port, "");
     }
 
+    /// (namespace, pod name) of every pod, owned: the servers started for
+    /// them borrow the topology mutably.
+    fn pod_names(&self) -> Vec<(String, String)> {
+        self.pods
+            .iter()
+            .map(|p| (p.ns.name.clone(), p.name.clone()))
+            .collect()
+    }
+
     /// A UDP server on `port` in every pod, answering with the pod's name
     /// (see [`Self::udp_server`]).
     pub fn start_pod_udp_servers(&mut self, port: u16) {
-        let pods: Vec<(String, String)> = self
-            .pods
-            .iter()
-            .map(|p| (p.ns.name.clone(), p.name.clone()))
-            .collect();
-        for (ns, name) in &pods {
+        for (ns, name) in &self.pod_names() {
             self.udp_server(ns, port, name);
         }
     }
@@ -257,11 +261,7 @@ while True:
     /// As [`Self::start_pod_servers`], answering with the pod's name and
     /// `suffix` (to tell several ports apart).
     pub fn start_pod_servers_named(&mut self, port: u16, suffix: &str) {
-        let pods: Vec<(String, String)> = self
-            .pods
-            .iter()
-            .map(|p| (p.ns.name.clone(), p.name.clone()))
-            .collect();
+        let pods = self.pod_names();
         for (ns, name) in &pods {
             self.http_server(ns, port, &format!("{name}{suffix}"));
         }
