@@ -72,8 +72,12 @@ pub fn kubernetes_version() -> String {
 
 /// The cluster's PKI: one CA, the API server's serving certificate, client
 /// certificates for the admin and each component, and the ServiceAccount
-/// token signing key.
-fn write_pki(dir: &Path, ip: Ipv4Addr) {
+/// token signing key; with real nodes also each kubelet's client
+/// certificate (`system:node:<name>` in `system:nodes`, as the Node
+/// authorizer expects), the API server's client certificate for the
+/// kubelets (exec, logs, port-forward) and the CA key the controller
+/// manager signs with.
+fn write_pki(dir: &Path, ip: Ipv4Addr, nodes: &[String]) {
     let ca_key = KeyPair::generate().expect("CA key");
     let mut ca = CertificateParams::new(Vec::<String>::new()).expect("CA params");
     ca.distinguished_name
@@ -86,6 +90,9 @@ fn write_pki(dir: &Path, ip: Ipv4Addr) {
     ];
     let ca_cert = ca.self_signed(&ca_key).expect("CA certificate");
     std::fs::write(dir.join("ca.crt"), ca_cert.pem()).expect("write ca.crt");
+    if !nodes.is_empty() {
+        std::fs::write(dir.join("ca.key"), ca_key.serialize_pem()).expect("write ca.key");
+    }
     let issuer = Issuer::new(ca, ca_key);
 
     let leaf = |name: &str, cn: &str, org: Option<&str>, sans: Vec<String>, server: bool| {
@@ -139,6 +146,24 @@ fn write_pki(dir: &Path, ip: Ipv4Addr) {
         false,
     );
     leaf("scheduler", "system:kube-scheduler", None, vec![], false);
+    for node in nodes {
+        leaf(
+            &format!("kubelet-{node}"),
+            &format!("system:node:{node}"),
+            Some("system:nodes"),
+            vec![],
+            false,
+        );
+    }
+    if !nodes.is_empty() {
+        leaf(
+            "apiserver-kubelet-client",
+            "kube-apiserver-kubelet-client",
+            Some("system:masters"),
+            vec![],
+            false,
+        );
+    }
     let sa = KeyPair::generate().expect("SA key");
     std::fs::write(dir.join("sa.key"), sa.serialize_pem()).expect("write sa.key");
     std::fs::write(dir.join("sa.pub"), sa.public_key_pem()).expect("write sa.pub");
@@ -167,6 +192,8 @@ pub struct ControlPlane {
     apiserver: Option<Proc>,
     controller_manager: Option<Proc>,
     scheduler: Option<Proc>,
+    /// Real kubelets' node names (empty when the tests stand in for them).
+    nodes: Vec<String>,
 }
 
 impl ControlPlane {
@@ -195,18 +222,42 @@ impl ControlPlane {
         port: &str,
         dir: PathBuf,
     ) -> Self {
+        Self::start_for_nodes(lan, bridge, ip, netns, port, dir, &[])
+    }
+
+    /// As `start_in`, for real kubelets named `nodes`: their credentials,
+    /// the API server's client certificate for them, and every controller
+    /// of kube-controller-manager's default set (a real cluster's, node
+    /// lifecycle included) instead of the few the stand-in needs.
+    pub fn start_for_nodes(
+        lan: &Netns,
+        bridge: &str,
+        ip: Ipv4Addr,
+        netns: Netns,
+        port: &str,
+        dir: PathBuf,
+        nodes: &[&str],
+    ) -> Self {
+        let nodes: Vec<String> = nodes.iter().map(|n| n.to_string()).collect();
         std::fs::create_dir_all(dir.join("logs")).expect("control plane folder");
         let port = &port[port.len().saturating_sub(15)..];
         crate::topo::veth(lan, port, &netns, "eth0");
         crate::topo::ip(lan, &["link", "set", port, "master", bridge]);
         crate::topo::ip(&netns, &["addr", "add", &format!("{ip}/24"), "dev", "eth0"]);
-        write_pki(&dir, ip);
+        write_pki(&dir, ip, &nodes);
         let server = format!("https://{ip}:{API_PORT}");
+        let kubelets: Vec<(String, String)> = nodes
+            .iter()
+            .map(|n| (format!("kubelet-{n}"), format!("kubelet-{n}")))
+            .collect();
         for (name, cert) in [
             ("admin", "admin"),
             ("controller-manager", "controller-manager"),
             ("scheduler", "scheduler"),
-        ] {
+        ]
+        .into_iter()
+        .chain(kubelets.iter().map(|(a, b)| (a.as_str(), b.as_str())))
+        {
             let user = format!(
                 "    client-certificate: {}\n    client-key: {}\n",
                 dir.join(format!("{cert}.crt")).display(),
@@ -226,6 +277,7 @@ impl ControlPlane {
             apiserver: None,
             controller_manager: None,
             scheduler: None,
+            nodes,
         };
         cp.start_etcd();
         cp.start_apiserver();
@@ -298,7 +350,7 @@ impl ControlPlane {
 
     fn apiserver_args(&self) -> Vec<String> {
         let d = |f: &str| self.dir.join(f).display().to_string();
-        vec![
+        let mut args = vec![
             format!("--etcd-servers={ETCD_CLIENT}"),
             // Every address of the control plane's own namespace: its
             // loopback and CP_IP, nothing of the machine's.
@@ -327,7 +379,20 @@ impl ControlPlane {
             // Soon-to-be-compacted watch caches are what the 410 test needs;
             // default compaction every 5 minutes stays out of the way.
             "--v=1".into(),
-        ]
+        ];
+        if !self.nodes.is_empty() {
+            // exec, logs and port-forward reach the kubelets as this client.
+            args.push(format!(
+                "--kubelet-client-certificate={}",
+                d("apiserver-kubelet-client.crt")
+            ));
+            args.push(format!(
+                "--kubelet-client-key={}",
+                d("apiserver-kubelet-client.key")
+            ));
+            args.push("--kubelet-preferred-address-types=InternalIP,Hostname".into());
+        }
+        args
     }
 
     pub fn start_apiserver(&mut self) {
@@ -347,7 +412,7 @@ impl ControlPlane {
 
     fn start_controllers(&mut self) {
         let d = |f: &str| self.dir.join(f).display().to_string();
-        let kcm: Vec<String> = vec![
+        let mut kcm: Vec<String> = vec![
             format!("--kubeconfig={}", d("controller-manager.kubeconfig")),
             format!(
                 "--authentication-kubeconfig={}",
@@ -358,12 +423,17 @@ impl ControlPlane {
                 d("controller-manager.kubeconfig")
             ),
             // The controllers that write what the agent reads, and those
-            // that keep a cluster's objects consistent.
-            "--controllers=endpointslice-controller,endpointslice-mirroring-controller,\
-             serviceaccount-controller,serviceaccount-token-controller,namespace-controller,\
-             garbage-collector-controller,deployment-controller,replicaset-controller,\
-             service-cidr-controller"
-                .into(),
+            // that keep a cluster's objects consistent; with real kubelets
+            // the whole default set, as a real cluster runs.
+            if self.nodes.is_empty() {
+                "--controllers=endpointslice-controller,endpointslice-mirroring-controller,\
+                 serviceaccount-controller,serviceaccount-token-controller,namespace-controller,\
+                 garbage-collector-controller,deployment-controller,replicaset-controller,\
+                 service-cidr-controller"
+                    .into()
+            } else {
+                "--controllers=*".into()
+            },
             format!("--service-account-private-key-file={}", d("sa.key")),
             format!("--root-ca-file={}", d("ca.crt")),
             "--use-service-account-credentials=true".into(),
@@ -374,6 +444,13 @@ impl ControlPlane {
             // nothing either, but say so).
             "--endpointslice-updates-batch-period=0s".into(),
         ];
+        if !self.nodes.is_empty() {
+            kcm.push(format!("--cluster-signing-cert-file={}", d("ca.crt")));
+            kcm.push(format!("--cluster-signing-key-file={}", d("ca.key")));
+            // Pod networks are the nodes' own (each node's CNI
+            // configuration), not allocated by the controller manager.
+            kcm.push("--allocate-node-cidrs=false".into());
+        }
         self.controller_manager = Some(self.spawn(
             "kube-controller-manager",
             &bin("kube-controller-manager"),
@@ -397,6 +474,12 @@ impl ControlPlane {
             .args(args)
             .output()
             .unwrap_or_else(|e| panic!("{program}: {e}"))
+    }
+
+    /// The kubeconfig of the real kubelet of `node` (its client
+    /// certificate), written at start.
+    pub fn kubelet_kubeconfig(&self, node: &str) -> PathBuf {
+        self.dir.join(format!("kubelet-{node}.kubeconfig"))
     }
 
     pub fn admin_kubeconfig(&self) -> PathBuf {

@@ -8,6 +8,8 @@ use std::{
     path::{Path, PathBuf},
     process::{Child, Command},
     sync::atomic::{AtomicU32, Ordering},
+    thread,
+    time::{Duration, Instant},
 };
 
 /// Prefix of everything the tests create: namespaces, bpffs folders,
@@ -206,6 +208,84 @@ impl Drop for Proc {
     }
 }
 
+/// The kernel tunables' values before the kubelets ran, in the cluster's
+/// folder.
+pub const TUNABLES_FILE: &str = "kernel-tunables";
+
+/// Writes back tunables recorded by `NodeCluster::start`.
+fn restore_tunables(file: &Path) {
+    for line in std::fs::read_to_string(file).unwrap_or_default().lines() {
+        if let Some((path, value)) = line.split_once(' ')
+            && path.starts_with("/proc/sys/")
+        {
+            let _ = std::fs::write(path, value);
+        }
+    }
+}
+
+/// The v1 controller mounts of this host (cgroupfs driver paths).
+pub fn cgroup_v1_mounts() -> Vec<PathBuf> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    info.lines()
+        .filter_map(|line| {
+            let (left, right) = line.split_once(" - ")?;
+            if right.split_whitespace().next() != Some("cgroup") {
+                return None;
+            }
+            left.split_whitespace().nth(4).map(PathBuf::from)
+        })
+        .collect()
+}
+
+/// Every folder of a cgroup tree, deepest first.
+fn cgroup_tree(root: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        if let Ok(rd) = std::fs::read_dir(&d) {
+            for e in rd.flatten() {
+                if e.file_type().is_ok_and(|t| t.is_dir()) {
+                    stack.push(e.path());
+                }
+            }
+        }
+        out.push(d);
+    }
+    out.reverse();
+    out
+}
+
+/// SIGKILLs every process in a cgroup tree (v1: no `cgroup.kill`) and
+/// removes its folders once empty.
+pub fn kill_and_remove_tree(root: &Path) {
+    if !root.exists() {
+        return;
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let tree = cgroup_tree(root);
+        let mut alive = 0;
+        for d in &tree {
+            for pid in std::fs::read_to_string(d.join("cgroup.procs"))
+                .unwrap_or_default()
+                .lines()
+                .filter_map(|p| p.parse::<i32>().ok())
+            {
+                alive += 1;
+                // SAFETY: a process in a cgroup this cluster made.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
+        for d in &tree {
+            let _ = std::fs::remove_dir(d);
+        }
+        if (alive == 0 && !root.exists()) || Instant::now() > deadline {
+            return;
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// Removes leftovers of earlier runs: namespaces, bpffs mounts and cgroups
 /// whose names carry the test prefix and a PID that is no longer alive.
 pub fn sweep() {
@@ -218,6 +298,33 @@ pub fn sweep() {
             .collect();
         !digits.is_empty() && Path::new("/proc").join(&digits).exists()
     };
+    // Real nodes of a run that died: the kernel tunables their kubelets
+    // changed, then every process in their cgroups (v2, and the kubelets'
+    // v1 roots), before their folders and namespaces go.
+    if let Ok(rd) = fs::read_dir(std::env::temp_dir()) {
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().to_string();
+            if name.starts_with(PREFIX) && !alive(&name) {
+                restore_tunables(&e.path().join(TUNABLES_FILE));
+            }
+        }
+    }
+    let mut roots: Vec<PathBuf> = cgroup_v1_mounts();
+    if let Ok(v2) = lbctl::datapath::pins::cgroup2_root() {
+        roots.push(v2);
+    }
+    for root in roots {
+        let Ok(rd) = fs::read_dir(&root) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().to_string();
+            if name.starts_with(PREFIX) && !alive(&name) {
+                let _ = fs::write(e.path().join("cgroup.kill"), "1");
+                kill_and_remove_tree(&e.path());
+            }
+        }
+    }
     if let Ok(out) = Command::new("ip").args(["netns", "list"]).output() {
         for line in String::from_utf8_lossy(&out.stdout).lines() {
             let name = line.split_whitespace().next().unwrap_or("");
@@ -237,16 +344,6 @@ pub fn sweep() {
                 } else {
                     fs::remove_file(&path)
                 };
-            }
-        }
-    }
-    if let Ok(root) = lbctl::datapath::pins::cgroup2_root()
-        && let Ok(rd) = fs::read_dir(root)
-    {
-        for e in rd.flatten() {
-            let name = e.file_name().to_string_lossy().to_string();
-            if name.starts_with(PREFIX) && !alive(&name) {
-                let _ = fs::remove_dir(e.path());
             }
         }
     }

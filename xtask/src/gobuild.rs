@@ -21,13 +21,34 @@ use anyhow::{Context, Result, bail};
 
 use crate::sh;
 
-/// One Go module of ours and the binaries it builds: (output name, package).
+/// How a set's binaries are made.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// `go build` of main packages, all in one command.
+    Build,
+    /// `go test -c` of one package per binary (upstream's `e2e.test`).
+    TestBinary,
+}
+
+/// One set of binaries built from a Go module of ours. A module may give
+/// several sets (the control plane, the static test image, e2e.test), each
+/// cached on its own so that a set's recipe changes alone.
 pub struct GoModule {
+    /// The cache folder's prefix; unique per set.
+    pub name: &'static str,
+    /// The module's folder under `tests/cluster/`.
     pub dir: &'static str,
+    pub kind: Kind,
+    /// (output name, package).
     pub binaries: &'static [(&'static str, &'static str)],
     /// `-X` link flags stamping the release into the binaries (as the
     /// upstream release builds do), from the module version it pins.
     pub stamp: fn(&str) -> Vec<String>,
+    /// Build tags, comma-separated ("" for none).
+    pub tags: &'static str,
+    /// Whether cgo is on: off for what goes into a container image (a
+    /// static binary), on where the upstream build needs C (runc).
+    pub cgo: bool,
 }
 
 /// Kubernetes' version stamps: without them the binaries report
@@ -50,7 +71,7 @@ fn kubernetes_stamp(v: &str) -> Vec<String> {
     .collect()
 }
 
-fn etcd_stamp(_: &str) -> Vec<String> {
+fn no_stamp(_: &str) -> Vec<String> {
     vec![]
 }
 
@@ -58,9 +79,21 @@ fn helm_stamp(v: &str) -> Vec<String> {
     vec![format!("helm.sh/helm/v3/internal/version.version={v}")]
 }
 
+fn containerd_stamp(v: &str) -> Vec<String> {
+    vec![format!(
+        "github.com/containerd/containerd/v2/version.Version={v}"
+    )]
+}
+
+fn runc_stamp(v: &str) -> Vec<String> {
+    vec![format!("main.version={}", v.trim_start_matches('v'))]
+}
+
 pub const MODULES: &[GoModule] = &[
     GoModule {
+        name: "kubernetes",
         dir: "kubernetes",
+        kind: Kind::Build,
         binaries: &[
             ("kube-apiserver", "k8s.io/kubernetes/cmd/kube-apiserver"),
             (
@@ -69,18 +102,105 @@ pub const MODULES: &[GoModule] = &[
             ),
             ("kube-scheduler", "k8s.io/kubernetes/cmd/kube-scheduler"),
             ("kubectl", "k8s.io/kubernetes/cmd/kubectl"),
+            ("kubelet", "k8s.io/kubernetes/cmd/kubelet"),
         ],
         stamp: kubernetes_stamp,
+        tags: "",
+        cgo: true,
+    },
+    // The upstream test image's program, static for its image.
+    GoModule {
+        name: "agnhost",
+        dir: "kubernetes",
+        kind: Kind::Build,
+        binaries: &[("agnhost", "k8s.io/kubernetes/test/images/agnhost")],
+        stamp: kubernetes_stamp,
+        tags: "",
+        cgo: false,
     },
     GoModule {
+        name: "e2e",
+        dir: "kubernetes",
+        kind: Kind::TestBinary,
+        binaries: &[("e2e.test", "k8s.io/kubernetes/test/e2e")],
+        stamp: kubernetes_stamp,
+        tags: "",
+        cgo: true,
+    },
+    GoModule {
+        name: "etcd",
         dir: "etcd",
+        kind: Kind::Build,
         binaries: &[("etcd", "go.etcd.io/etcd/server/v3")],
-        stamp: etcd_stamp,
+        stamp: no_stamp,
+        tags: "",
+        cgo: true,
     },
     GoModule {
+        name: "helm",
         dir: "helm",
+        kind: Kind::Build,
         binaries: &[("helm", "helm.sh/helm/v3/cmd/helm")],
         stamp: helm_stamp,
+        tags: "",
+        cgo: true,
+    },
+    GoModule {
+        name: "containerd",
+        dir: "containerd",
+        kind: Kind::Build,
+        binaries: &[
+            (
+                "containerd",
+                "github.com/containerd/containerd/v2/cmd/containerd",
+            ),
+            (
+                "containerd-shim-runc-v2",
+                "github.com/containerd/containerd/v2/cmd/containerd-shim-runc-v2",
+            ),
+            ("ctr", "github.com/containerd/containerd/v2/cmd/ctr"),
+        ],
+        stamp: containerd_stamp,
+        tags: "",
+        cgo: true,
+    },
+    // runc needs cgo (its nsenter is C) and libseccomp for the
+    // RuntimeDefault profile pods ask for.
+    GoModule {
+        name: "runc",
+        dir: "runc",
+        kind: Kind::Build,
+        binaries: &[("runc", "github.com/opencontainers/runc")],
+        stamp: runc_stamp,
+        tags: "seccomp",
+        cgo: true,
+    },
+    // The CNI plugins a kind node has: the pod network on each node.
+    GoModule {
+        name: "cni",
+        dir: "cni",
+        kind: Kind::Build,
+        binaries: &[
+            (
+                "host-local",
+                "github.com/containernetworking/plugins/plugins/ipam/host-local",
+            ),
+            (
+                "bridge",
+                "github.com/containernetworking/plugins/plugins/main/bridge",
+            ),
+            (
+                "loopback",
+                "github.com/containernetworking/plugins/plugins/main/loopback",
+            ),
+            (
+                "portmap",
+                "github.com/containernetworking/plugins/plugins/meta/portmap",
+            ),
+        ],
+        stamp: no_stamp,
+        tags: "",
+        cgo: false,
     },
 ];
 
@@ -134,12 +254,19 @@ fn go_version() -> Result<String> {
 
 /// Bump when the build recipe changes (flags, environment), so cached
 /// binaries built the old way are not reused.
-const RECIPE: &str = "go build -trimpath, stamped, v2";
+const RECIPE: &str = "go build -trimpath, stamped, CGO_ENABLED set, v3";
 
 fn cache_key(m: &GoModule, go: &str) -> Result<String> {
     let dir = module_dir(m);
     let mut h = fnv(go.as_bytes(), 0xcbf2_9ce4_8422_2325);
     h = fnv(RECIPE.as_bytes(), h);
+    // What the set builds and how.
+    h = fnv(m.tags.as_bytes(), h);
+    h = fnv(&[u8::from(m.cgo), u8::from(m.kind == Kind::TestBinary)], h);
+    for (name, pkg) in m.binaries {
+        h = fnv(name.as_bytes(), h);
+        h = fnv(pkg.as_bytes(), h);
+    }
     for f in ["go.mod", "go.sum"] {
         let p = dir.join(f);
         h = fnv(
@@ -147,7 +274,7 @@ fn cache_key(m: &GoModule, go: &str) -> Result<String> {
             h,
         );
     }
-    Ok(format!("{}-{h:016x}", m.dir))
+    Ok(format!("{}-{h:016x}", m.name))
 }
 
 /// Builds every module whose cache folder is missing and links the
@@ -164,7 +291,7 @@ pub fn build_all() -> Result<()> {
     for m in MODULES {
         let out = cache_root().join("go").join(cache_key(m, &go)?);
         if out.is_dir() {
-            eprintln!("    {}: cached in {}", m.dir, out.display());
+            eprintln!("    {}: cached in {}", m.name, out.display());
         } else {
             build(m, &out)?;
             prune(m, &out);
@@ -187,8 +314,13 @@ fn prune(m: &GoModule, keep: &Path) {
     };
     for e in rd.flatten() {
         let name = e.file_name().to_string_lossy().to_string();
-        if name.starts_with(&format!("{}-", m.dir)) && e.path() != keep {
-            eprintln!("    {}: removing the older build {name}", m.dir);
+        let Some(hash) = name.strip_prefix(&format!("{}-", m.name)) else {
+            continue;
+        };
+        // Only this set's folders: `name-<16 hex digits>[.partial]`.
+        let hash = hash.trim_end_matches(".partial");
+        if hash.len() == 16 && hash.bytes().all(|b| b.is_ascii_hexdigit()) && e.path() != keep {
+            eprintln!("    {}: removing the older build {name}", m.name);
             let _ = std::fs::remove_dir_all(e.path());
         }
     }
@@ -201,33 +333,53 @@ fn build(m: &GoModule, out: &Path) -> Result<()> {
     let tmp = out.with_extension("partial");
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-    // One `go build` for all of a module's binaries: packages shared
-    // between them compile once, in parallel.
     let version = required_version(m)?;
     let ldflags: Vec<String> = (m.stamp)(&version)
         .into_iter()
         .map(|x| format!("-X {x}"))
         .collect();
-    let mut c = Command::new("go");
-    c.current_dir(module_dir(m))
-        .envs(go_env())
-        .args(["build", "-trimpath"])
-        .arg(format!("-ldflags={}", ldflags.join(" ")))
-        .arg("-o")
-        .arg(format!("{}/", tmp.display()))
-        .args(m.binaries.iter().map(|(_, pkg)| pkg));
-    sh::step(&format!("go build ({})", m.dir), c)?;
-    for (name, pkg) in m.binaries {
-        let built = tmp.join(default_name(pkg));
-        if built != tmp.join(name) {
-            std::fs::rename(&built, tmp.join(name))
-                .with_context(|| format!("renaming {}", built.display()))?;
+    let go = |args: &[&str]| {
+        let mut c = Command::new("go");
+        c.current_dir(module_dir(m))
+            .envs(go_env())
+            .env("CGO_ENABLED", if m.cgo { "1" } else { "0" })
+            .args(args)
+            .arg("-trimpath")
+            .arg(format!("-ldflags={}", ldflags.join(" ")));
+        if !m.tags.is_empty() {
+            c.arg(format!("-tags={}", m.tags));
+        }
+        c
+    };
+    match m.kind {
+        Kind::Build => {
+            // One `go build` for all of a set's binaries: packages shared
+            // between them compile once, in parallel.
+            let mut c = go(&["build"]);
+            c.arg("-o")
+                .arg(format!("{}/", tmp.display()))
+                .args(m.binaries.iter().map(|(_, pkg)| pkg));
+            sh::step(&format!("go build ({})", m.name), c)?;
+            for (name, pkg) in m.binaries {
+                let built = tmp.join(default_name(pkg));
+                if built != tmp.join(name) {
+                    std::fs::rename(&built, tmp.join(name))
+                        .with_context(|| format!("renaming {}", built.display()))?;
+                }
+            }
+        }
+        Kind::TestBinary => {
+            for (name, pkg) in m.binaries {
+                let mut c = go(&["test", "-c"]);
+                c.arg("-o").arg(tmp.join(name)).arg(pkg);
+                sh::step(&format!("go test -c {pkg} ({})", m.name), c)?;
+            }
         }
     }
     std::fs::rename(&tmp, out).with_context(|| format!("renaming to {}", out.display()))?;
     eprintln!(
         "    {}: built in {:.0}s into {}",
-        m.dir,
+        m.name,
         start.elapsed().as_secs_f64(),
         out.display()
     );
@@ -316,7 +468,11 @@ pub fn kubernetes_gomod(version: &str, upstream: &str) -> Result<String> {
         s.push_str(&format!("\t{m} => {m} {twin}\n"));
     }
     s.push_str(")\n\ntool (\n");
-    for (_, pkg) in MODULES[0].binaries {
+    let tools = MODULES
+        .iter()
+        .filter(|m| m.dir == "kubernetes" && m.kind == Kind::Build)
+        .flat_map(|m| m.binaries.iter().map(|(_, pkg)| pkg));
+    for pkg in tools {
         s.push_str(&format!("\t{pkg}\n"));
     }
     s.push_str(")\n");

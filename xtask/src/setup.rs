@@ -20,7 +20,10 @@ use crate::sh;
 /// (iproute2 for namespaces, python3 for HTTP and UDP servers and clients,
 /// curl as a client, PostgreSQL for the external-service tests) and the
 /// benchmark (nginx backends, wrk as the client, iptables and nftables for
-/// kube-proxy's recreated rule sets).
+/// kube-proxy's recreated rule sets), and for the real nodes: libseccomp
+/// for runc's RuntimeDefault profile, umoci to make the OCI images the
+/// nodes run, busybox-static for the upstream tests' busybox image and the
+/// tools upstream's agnhost image has (netcat-openbsd, socat, dig).
 const PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "iproute2",
@@ -31,6 +34,12 @@ const PACKAGES: &[&str] = &[
     "wrk",
     "iptables",
     "nftables",
+    "libseccomp-dev",
+    "umoci",
+    "busybox-static",
+    "netcat-openbsd",
+    "socat",
+    "bind9-dnsutils",
 ];
 const LLVM_BIN: &str = "/usr/lib/llvm-22/bin";
 
