@@ -43,6 +43,11 @@ impl Archive {
 pub const PAUSE: &str = "registry.k8s.io/pause:3.10.2";
 pub const AGNHOST: &str = "registry.k8s.io/e2e-test-images/agnhost:2.66.1";
 pub const BUSYBOX: &str = "registry.k8s.io/e2e-test-images/busybox:1.37.0-2";
+pub const NGINX: &str = "registry.k8s.io/e2e-test-images/nginx:1.27.0-2";
+pub const REGRESSION_74839: &str = "registry.k8s.io/e2e-test-images/regression-issue-74839:1.5";
+pub const DISTROLESS_IPTABLES: &str = "registry.k8s.io/build-image/distroless-iptables:v0.9.9";
+/// The cluster DNS, at the version kubeadm installs with the release.
+pub const COREDNS: &str = "registry.k8s.io/coredns/coredns:v1.14.6";
 
 /// The agent's image as the chart and deploy/ name it: the chart's
 /// repository at the chart's appVersion.
@@ -71,7 +76,7 @@ fn images_dir() -> PathBuf {
 }
 
 /// Bump when a recipe below changes.
-const RECIPE: &str = "images v1";
+const RECIPE: &str = "images v3";
 
 /// Every image the nodes need, made (or found) in `target/images/`.
 pub fn build_all(lbctl: &Path) -> Vec<Archive> {
@@ -86,6 +91,57 @@ pub fn build_all(lbctl: &Path) -> Vec<Archive> {
             &["pause"],
         ),
         build(BUSYBOX, &[], busybox_rootfs, &[], &["sh"]),
+        build(
+            NGINX,
+            &[Path::new("/usr/sbin/nginx")],
+            nginx_rootfs,
+            &["/usr/sbin/nginx", "-g", "daemon off;"],
+            &[],
+        ),
+        build(
+            REGRESSION_74839,
+            &[&controlplane::bin("regression-issue-74839")],
+            |root| {
+                etc(root);
+                copy_file(
+                    root,
+                    &controlplane::bin("regression-issue-74839"),
+                    "/regression-issue-74839",
+                );
+            },
+            &["/regression-issue-74839"],
+            &[],
+        ),
+        build(
+            DISTROLESS_IPTABLES,
+            &[],
+            |root| {
+                etc(root);
+                for (program, to) in [
+                    ("/usr/sbin/conntrack", "/usr/sbin/conntrack"),
+                    ("/usr/sbin/xtables-nft-multi", "/usr/sbin/xtables-nft-multi"),
+                ] {
+                    copy_program(root, Path::new(program), to);
+                }
+                for name in ["iptables", "iptables-save", "iptables-restore"] {
+                    symlink("xtables-nft-multi", root.join("usr/sbin").join(name))
+                        .expect("iptables link");
+                }
+                busybox(root);
+            },
+            &[],
+            &[],
+        ),
+        build(
+            COREDNS,
+            &[&controlplane::bin("coredns")],
+            |root| {
+                etc(root);
+                copy_file(root, &controlplane::bin("coredns"), "/coredns");
+            },
+            &["/coredns"],
+            &[],
+        ),
         build(
             &agent_reference(),
             &[lbctl],
@@ -134,6 +190,15 @@ fn build(
     };
     if archive.path.exists() {
         return archive;
+    }
+    // Older builds of this image go.
+    if let Ok(rd) = std::fs::read_dir(images_dir()) {
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().to_string();
+            if name.starts_with(&format!("{slug}-")) && name.ends_with(".tar") {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
     }
     let work = images_dir().join(format!("{slug}-{h:016x}.work"));
     let _ = std::fs::remove_dir_all(&work);
@@ -259,17 +324,26 @@ fn etc(root: &Path) {
     std::fs::write(root.join("etc/nsswitch.conf"), "hosts: files dns\n").expect("nsswitch");
 }
 
-/// busybox-static and a link per applet in /bin (where no other program
-/// of the image is already).
+/// busybox (Debian's, with the libraries it loads) and a link per applet in /bin, where no other program
+/// of the image has the name in any folder of PATH (busybox's shell runs
+/// its own applets before PATH, so the image's shell is bash when it has
+/// one: `sh -c 'nc -v ...'` must run netcat-openbsd, as on upstream's
+/// Alpine image).
 fn busybox(root: &Path) {
-    copy_file(root, Path::new("/bin/busybox"), "/bin/busybox");
+    if root.join("bin/bash").exists() && !root.join("bin/sh").exists() {
+        symlink("bash", root.join("bin/sh")).expect("/bin/sh");
+    }
+    copy_program(root, Path::new("/bin/busybox"), "/bin/busybox");
     let out = Command::new("/bin/busybox")
         .arg("--list")
         .output()
         .expect("busybox --list");
     for applet in String::from_utf8_lossy(&out.stdout).lines() {
         let link = root.join("bin").join(applet);
-        if applet != "busybox" && !link.exists() {
+        let elsewhere = ["sbin", "usr/bin", "usr/sbin", "usr/local/bin"]
+            .iter()
+            .any(|d| root.join(d).join(applet).exists());
+        if applet != "busybox" && !link.exists() && !elsewhere {
             symlink("busybox", &link).expect("busybox applet link");
         }
     }
@@ -323,14 +397,53 @@ fn agnhost_rootfs(root: &Path) {
         ("/usr/bin/socat", "/usr/bin/socat"),
         ("/usr/bin/dig", "/usr/bin/dig"),
         ("/usr/bin/nslookup", "/usr/bin/nslookup"),
+        // busybox 1.35's wget crashes on `-T`, which the tests use.
+        ("/usr/bin/wget", "/usr/bin/wget"),
     ] {
         copy_program(root, Path::new(program), to);
     }
     busybox(root);
 }
 
+/// As upstream's nginx test image: nginx serving its default page on
+/// port 80 (Debian's nginx-light and what it loads).
+fn nginx_rootfs(root: &Path) {
+    etc(root);
+    copy_program(root, Path::new("/usr/sbin/nginx"), "/usr/sbin/nginx");
+    copy_file(
+        root,
+        Path::new("/etc/nginx/mime.types"),
+        "/etc/nginx/mime.types",
+    );
+    mkdirs(
+        root,
+        &[
+            "var/log/nginx",
+            "var/lib/nginx",
+            "run",
+            "usr/share/nginx/html",
+        ],
+    );
+    std::fs::write(
+        root.join("etc/nginx/nginx.conf"),
+        "user root;\nworker_processes 1;\npid /run/nginx.pid;\nerror_log /dev/stderr;\n\
+         events { worker_connections 512; }\n\
+         http {\n  include /etc/nginx/mime.types;\n  access_log /dev/stdout;\n\
+         server {\n    listen 80;\n    root /usr/share/nginx/html;\n  }\n}\n",
+    )
+    .expect("nginx.conf");
+    std::fs::write(
+        root.join("usr/share/nginx/html/index.html"),
+        "<html><body><h1>Welcome to nginx!</h1></body></html>\n",
+    )
+    .expect("index.html");
+    busybox(root);
+}
+
 fn busybox_rootfs(root: &Path) {
     etc(root);
+    // busybox 1.35's wget crashes on `-T`, which the tests use.
+    copy_program(root, Path::new("/usr/bin/wget"), "/usr/bin/wget");
     busybox(root);
 }
 

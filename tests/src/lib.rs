@@ -5,6 +5,7 @@
 pub mod apiserver;
 pub mod bench;
 pub mod controlplane;
+pub mod e2e;
 pub mod fixture;
 pub mod guard;
 pub mod images;

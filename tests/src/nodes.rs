@@ -36,12 +36,26 @@ use crate::{
     topo,
 };
 
+fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_path_buf()
+}
+
 /// What each node is: name, LAN address, the third octet of its pod
 /// network, zone.
 pub const NODES: &[(&str, Ipv4Addr, u8, &str)] = &[
     ("node-a", Ipv4Addr::new(172, 18, 0, 2), 1, "zone-a"),
     ("node-b", Ipv4Addr::new(172, 18, 0, 3), 2, "zone-b"),
+    // Three: several upstream tests want three schedulable nodes in three
+    // zones.
+    ("node-c", Ipv4Addr::new(172, 18, 0, 4), 3, "zone-c"),
 ];
+
+/// LoadBalancer addresses: routed from the LAN's router (the control
+/// plane's namespace) to the nodes.
+pub const LB_POOL: &str = "172.18.1.0/24";
 
 /// The kernel tunables the kubelet sets machine-wide
 /// (pkg/kubelet/cm: setupKernelTunables), restored when the cluster goes.
@@ -462,6 +476,8 @@ fn wait_for(what: &str, secs: u64, mut ok: impl FnMut() -> bool) {
 /// The whole cluster. Dropping it ends the nodes, restores the kernel
 /// tunables, then stops the control plane.
 pub struct NodeCluster {
+    /// The load balancer controller (`lb-cloud`), when started.
+    lb_cloud: Option<Proc>,
     pub nodes: Vec<RealNode>,
     pub cp: ControlPlane,
     pub lan: Netns,
@@ -517,6 +533,7 @@ impl NodeCluster {
                 .expect("CNI plugin link");
         }
         let mut cluster = Self {
+            lb_cloud: None,
             nodes: Vec::new(),
             cp,
             lan,
@@ -593,6 +610,89 @@ impl NodeCluster {
             .iter()
             .find(|n| n.name == name)
             .unwrap_or_else(|| panic!("no node {name}"))
+    }
+
+    /// The agent installed with the chart as the README's command does,
+    /// with this cluster's API server address and the hybrid host's cgroup
+    /// v2 mount; waits for the DaemonSet's pods on every node.
+    pub fn install_agent(&self) {
+        let chart = workspace().join("charts/lbctl");
+        let out = self.helm(&[
+            "install",
+            "lbctl",
+            &chart.display().to_string(),
+            "--namespace",
+            "lb-system",
+            "--create-namespace",
+            "--set",
+            &format!("k8sServiceHost={CP_IP}"),
+            "--set",
+            "k8sServicePort=6443",
+            "--set",
+            "cgroupRoot=/sys/fs/cgroup/unified",
+        ]);
+        assert!(
+            out.status.success(),
+            "helm install: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        self.rollout("lb-system", "daemonset/lbctl");
+    }
+
+    /// CoreDNS as kubeadm installs it (tests/cluster/addons/coredns.yaml),
+    /// behind the `kube-dns` Service the kubelets point pods at.
+    pub fn install_dns(&self) {
+        let manifest = workspace().join("tests/cluster/addons/coredns.yaml");
+        self.cp
+            .kubectl_ok(&["apply", "-f", &manifest.display().to_string()]);
+        self.rollout("kube-system", "deployment/coredns");
+    }
+
+    /// `kubectl rollout status`, with the pods, their events and the
+    /// kubelets' logs when it times out.
+    pub fn rollout(&self, namespace: &str, what: &str) {
+        let status =
+            self.cp
+                .kubectl(&["-n", namespace, "rollout", "status", what, "--timeout=180s"]);
+        if !status.status.success() {
+            let pods = self
+                .cp
+                .kubectl(&["-n", namespace, "get", "pods", "-o", "wide"]);
+            let describe = self.cp.kubectl(&["-n", namespace, "describe", "pods"]);
+            let logs: String = self
+                .nodes
+                .iter()
+                .map(|n| format!("--- {} kubelet:\n{}\n", n.name, n.log_tail("kubelet")))
+                .collect();
+            panic!(
+                "{what} did not roll out: {}\n{}\n{}\n{logs}",
+                String::from_utf8_lossy(&status.stderr),
+                String::from_utf8_lossy(&pods.stdout),
+                String::from_utf8_lossy(&describe.stdout)
+            );
+        }
+    }
+
+    /// The "cloud" load balancer (the `lb-cloud` binary beside `lbctl`):
+    /// addresses from `LB_POOL` for Services of type LoadBalancer, routed
+    /// from the control plane's namespace (where e2e.test runs) to the
+    /// nodes that pass its health checks.
+    pub fn start_load_balancer(&mut self, lb_cloud: &Path) {
+        let log = self.work.join("lb-cloud.log");
+        let file = std::fs::File::create(&log).expect("lb-cloud log");
+        let child = Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", self.cp.netns.name))
+            .arg(lb_cloud)
+            .arg("--kubeconfig")
+            .arg(self.cp.admin_kubeconfig())
+            .args(["--pool", LB_POOL])
+            .stdin(Stdio::null())
+            .stdout(file.try_clone().expect("log"))
+            .stderr(file)
+            .spawn()
+            .expect("lb-cloud");
+        self.lb_cloud = Some(Proc(child));
     }
 
     /// `helm` as the cluster admin, from the control plane's namespace.

@@ -2,25 +2,22 @@
 //! kube-proxy is absent, and the agent is installed with the Helm chart as
 //! the README tells users, running as the DaemonSet's pods on both nodes.
 //! Traffic goes from real pods to a ClusterIP and from outside the nodes
-//! to a NodePort, to backends on both nodes.
+//! to a NodePort, to backends on both nodes; `kubectl rollout restart` of
+//! the DaemonSet under steady traffic through both loses no request.
 
 use std::{
     collections::BTreeSet,
-    path::Path,
+    io::{BufRead, BufReader},
+    process::Stdio,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
     thread,
     time::{Duration, Instant},
 };
 
-use lb_tests::{controlplane::CP_IP, nodes::NodeCluster, require_root, topo::lbctl_binary};
-
-fn chart_dir() -> String {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("workspace root")
-        .join("charts/lbctl")
-        .display()
-        .to_string()
-}
+use lb_tests::{nodes::NodeCluster, require_root, topo::lbctl_binary};
 
 /// Waits for `ok`, with a deadline; `what` names it in the panic.
 fn wait(what: &str, secs: u64, mut ok: impl FnMut() -> bool) {
@@ -28,56 +25,6 @@ fn wait(what: &str, secs: u64, mut ok: impl FnMut() -> bool) {
     while !ok() {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         thread::sleep(Duration::from_millis(250));
-    }
-}
-
-/// The chart installed as the README's command does, with this cluster's
-/// API server address and the hybrid host's cgroup v2 mount; waits for the
-/// DaemonSet's pods on every node.
-fn install_agent(c: &NodeCluster) {
-    let out = c.helm(&[
-        "install",
-        "lbctl",
-        &chart_dir(),
-        "--namespace",
-        "lb-system",
-        "--create-namespace",
-        "--set",
-        &format!("k8sServiceHost={CP_IP}"),
-        "--set",
-        "k8sServicePort=6443",
-        "--set",
-        "cgroupRoot=/sys/fs/cgroup/unified",
-    ]);
-    assert!(
-        out.status.success(),
-        "helm install: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let status = c.cp.kubectl(&[
-        "-n",
-        "lb-system",
-        "rollout",
-        "status",
-        "daemonset/lbctl",
-        "--timeout=180s",
-    ]);
-    if !status.status.success() {
-        let pods =
-            c.cp.kubectl(&["-n", "lb-system", "get", "pods", "-o", "wide"]);
-        let describe = c.cp.kubectl(&["-n", "lb-system", "describe", "pods"]);
-        let logs: String = c
-            .nodes
-            .iter()
-            .map(|n| format!("--- {} kubelet:\n{}\n", n.name, n.log_tail("kubelet")))
-            .collect();
-        panic!(
-            "the DaemonSet did not roll out: {}\n{}\n{}\n{logs}",
-            String::from_utf8_lossy(&status.stderr),
-            String::from_utf8_lossy(&pods.stdout),
-            String::from_utf8_lossy(&describe.stdout)
-        );
     }
 }
 
@@ -132,8 +79,8 @@ spec:
 #[test]
 fn the_chart_on_real_nodes_serves_cluster_ips_and_node_ports() {
     require_root();
-    let c = NodeCluster::start(&lbctl_binary());
-    install_agent(&c);
+    let mut c = NodeCluster::start(&lbctl_binary());
+    c.install_agent();
     c.cp.apply(BACKENDS);
     c.cp.kubectl_ok(&[
         "wait",
@@ -214,4 +161,181 @@ fn the_chart_on_real_nodes_serves_cluster_ips_and_node_ports() {
             },
         );
     }
+
+    restart_under_traffic(&c, &cluster_ip, node_port);
+    restart_the_api_server(&mut c, &cluster_ip);
+}
+
+/// The API server restarted (as upstream's "should work after restarting
+/// apiserver", which needs SSH to a control-plane node): Services keep
+/// working while it is down, and once it is back the agents' watches
+/// resume and a new Service is forwarded.
+fn restart_the_api_server(c: &mut NodeCluster, cluster_ip: &str) {
+    c.cp.stop_apiserver();
+    // Pods reach the ClusterIP with no API server (exec needs one: ask
+    // from the node that runs the client pod, through the datapath of
+    // that node's own processes).
+    let node = c.node("node-a");
+    let out = node
+        .command(std::path::Path::new("curl"))
+        .args([
+            "-s",
+            "--max-time",
+            "2",
+            &format!("http://{cluster_ip}/hostname"),
+        ])
+        .output()
+        .expect("curl");
+    assert!(
+        out.status.success(),
+        "the ClusterIP answers with the API server down"
+    );
+    c.cp.start_apiserver();
+    c.cp.apply(
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: after-restart\nspec:\n  selector: {app: web}\n  ports:\n    - port: 81\n      targetPort: 8080\n",
+    );
+    let ip = c.cp.get_json(&["service", "after-restart"])["spec"]["clusterIP"]
+        .as_str()
+        .expect("clusterIP")
+        .to_string();
+    wait("the Service made after the restart", 60, || {
+        c.cp.kubectl(&[
+            "exec",
+            "client",
+            "--",
+            "curl",
+            "-s",
+            "--max-time",
+            "2",
+            &format!("http://{ip}:81/hostname"),
+        ])
+        .status
+        .success()
+    });
+}
+
+/// `kubectl rollout restart` of the agent's DaemonSet while a pod sends
+/// requests to the ClusterIP and a client outside the nodes to each
+/// node's NodePort, back to back: every request is answered. The old pod
+/// leaves its programs and maps pinned; the new one adopts them.
+fn restart_under_traffic(c: &NodeCluster, cluster_ip: &str, node_port: u64) {
+    let old_pods = c.cp.kubectl_ok(&[
+        "-n",
+        "lb-system",
+        "get",
+        "pods",
+        "-l",
+        "app.kubernetes.io/name=lbctl",
+        "-o",
+        "jsonpath={.items[*].metadata.name}",
+    ]);
+    // In the pod: one line per request, the HTTP status or ERR, until
+    // /tmp/stop appears.
+    let mut pod_loop = c
+        .cp
+        .kubectl_command()
+        .args([
+            "exec",
+            "client",
+            "--",
+            "bash",
+            "-c",
+            &format!(
+                "while [ ! -e /tmp/stop ]; do curl -s -o /dev/null --max-time 2 -w '%{{http_code}}\\n' \
+                 http://{cluster_ip}/hostname || echo ERR; done"
+            ),
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("kubectl exec");
+    let stdout = pod_loop.stdout.take().expect("stdout");
+    let pod_counts = thread::spawn(move || {
+        let (mut ok, mut failed) = (0u64, 0u64);
+        for line in BufReader::new(stdout).lines() {
+            match line.unwrap_or_default().trim() {
+                "200" => ok += 1,
+                _ => failed += 1,
+            }
+        }
+        (ok, failed)
+    });
+    // Outside: the control plane's namespace on the LAN, each node's
+    // NodePort in turn.
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok_out, failed_out) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let outside = {
+        let (stop, ok_out, failed_out) = (stop.clone(), ok_out.clone(), failed_out.clone());
+        let netns = c.cp.netns.name.clone();
+        let urls: Vec<String> = c
+            .nodes
+            .iter()
+            .map(|n| format!("http://{}:{node_port}/hostname", n.ip))
+            .collect();
+        thread::spawn(move || {
+            let mut i = 0;
+            while !stop.load(Ordering::Relaxed) {
+                let out = std::process::Command::new("nsenter")
+                    .arg(format!("--net=/run/netns/{netns}"))
+                    .args(["curl", "-sf", "-o", "/dev/null", "--max-time", "2"])
+                    .arg(&urls[i % urls.len()])
+                    .output()
+                    .expect("curl");
+                if out.status.success() {
+                    ok_out.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    failed_out.fetch_add(1, Ordering::Relaxed);
+                }
+                i += 1;
+            }
+        })
+    };
+    // Traffic flows before the restart begins.
+    wait("requests before the restart", 30, || {
+        ok_out.load(Ordering::Relaxed) >= 5
+    });
+    c.cp.kubectl_ok(&["-n", "lb-system", "rollout", "restart", "daemonset/lbctl"]);
+    c.rollout("lb-system", "daemonset/lbctl");
+    let new_pods = c.cp.kubectl_ok(&[
+        "-n",
+        "lb-system",
+        "get",
+        "pods",
+        "-l",
+        "app.kubernetes.io/name=lbctl",
+        "-o",
+        "jsonpath={.items[*].metadata.name}",
+    ]);
+    let old: BTreeSet<&str> = old_pods.split_whitespace().collect();
+    assert!(
+        new_pods.split_whitespace().all(|p| !old.contains(p)),
+        "every agent pod was replaced: {old_pods} -> {new_pods}"
+    );
+    // And after it, until the new agents have served some.
+    let after = ok_out.load(Ordering::Relaxed);
+    wait("requests after the restart", 30, || {
+        ok_out.load(Ordering::Relaxed) >= after + 5
+    });
+    stop.store(true, Ordering::Relaxed);
+    outside.join().expect("outside client");
+    c.cp.kubectl_ok(&["exec", "client", "--", "touch", "/tmp/stop"]);
+    let _ = pod_loop.wait();
+    let (ok_pod, failed_pod) = pod_counts.join().expect("pod client");
+    let (ok_out, failed_out) = (
+        ok_out.load(Ordering::Relaxed),
+        failed_out.load(Ordering::Relaxed),
+    );
+    eprintln!(
+        "rollout restart under traffic: ClusterIP from a pod {ok_pod} answered, {failed_pod} lost; \
+         NodePort from outside {ok_out} answered, {failed_out} lost"
+    );
+    assert!(ok_pod > 0, "the pod's requests ran");
+    assert_eq!(
+        failed_pod, 0,
+        "requests to the ClusterIP lost during the restart"
+    );
+    assert_eq!(
+        failed_out, 0,
+        "requests to the NodePorts lost during the restart"
+    );
 }

@@ -108,13 +108,29 @@ pub const MODULES: &[GoModule] = &[
         tags: "",
         cgo: true,
     },
-    // The upstream test image's program, static for its image.
+    // The upstream test images' programs, static for their images.
     GoModule {
         name: "agnhost",
         dir: "kubernetes",
         kind: Kind::Build,
-        binaries: &[("agnhost", "k8s.io/kubernetes/test/images/agnhost")],
+        binaries: &[
+            ("agnhost", "k8s.io/kubernetes/test/images/agnhost"),
+            (
+                "regression-issue-74839",
+                "k8s.io/kubernetes/test/images/regression-issue-74839",
+            ),
+        ],
         stamp: kubernetes_stamp,
+        tags: "",
+        cgo: false,
+    },
+    // Ginkgo's runner: e2e.test's tests in parallel processes.
+    GoModule {
+        name: "ginkgo",
+        dir: "kubernetes",
+        kind: Kind::Build,
+        binaries: &[("ginkgo", "github.com/onsi/ginkgo/v2/ginkgo")],
+        stamp: no_stamp,
         tags: "",
         cgo: false,
     },
@@ -174,6 +190,17 @@ pub const MODULES: &[GoModule] = &[
         stamp: runc_stamp,
         tags: "seccomp",
         cgo: true,
+    },
+    // The cluster DNS (the version kubeadm installs with this release),
+    // static for its image.
+    GoModule {
+        name: "coredns",
+        dir: "coredns",
+        kind: Kind::Build,
+        binaries: &[("coredns", "github.com/coredns/coredns")],
+        stamp: no_stamp,
+        tags: "",
+        cgo: false,
     },
     // The CNI plugins a kind node has: the pod network on each node.
     GoModule {

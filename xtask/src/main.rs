@@ -42,6 +42,16 @@ enum Task {
         #[command(subcommand)]
         action: ClusterAction,
     },
+    /// Set up, build, start two real nodes (kubelet, containerd) with the
+    /// agent installed by its chart, and run the upstream e2e suite's
+    /// `[sig-network]` Service tests (`--report docs/e2e.md` writes the
+    /// results table).
+    E2e {
+        /// Arguments for the runner: --focus REGEX, --skip REGEX,
+        /// --report FILE, --keep-logs.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// Set up, build, and print datapath cost figures (not a test).
     Bench {
         /// A small run that only checks the benchmark still works.
@@ -95,6 +105,27 @@ fn main() -> Result<()> {
             )?;
             let args: &[&str] = if quick { &["--quick"] } else { &[] };
             sh::step("bench", release_bin("bench", args))
+        }
+        Task::E2e { args } => {
+            setup::run()?;
+            gobuild::build_all()?;
+            // The agent's image is made from the release lbctl, which the
+            // runner finds beside itself.
+            sh::step(
+                "build (release)",
+                sh::cargo(&[
+                    "build",
+                    "--release",
+                    "--quiet",
+                    "-p",
+                    "lbctl",
+                    "-p",
+                    "lb-tests",
+                    "--bins",
+                ]),
+            )?;
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            sh::step("e2e", release_bin("e2e", &args))
         }
         Task::Lint => {
             gobuild::build_all()?;
@@ -221,9 +252,45 @@ fn test(lint: bool, extra: &[String]) -> Result<()> {
             ]),
         )?;
     }
+    let mut e2e_passed = 0;
+    if extra.is_empty() {
+        // The upstream e2e tests that pass on real nodes
+        // (tests/cluster/e2e-passing.txt): each must still pass.
+        sh::step(
+            "build lbctl, the e2e runner and lb-cloud",
+            sh::cargo(&[
+                "build", "--quiet", "-p", "lbctl", "-p", "lb-tests", "--bins",
+            ]),
+        )?;
+        sh::step(
+            "upstream e2e: the passing [sig-network] tests on real nodes",
+            sh::cargo(&[
+                "run",
+                "--quiet",
+                "-p",
+                "lb-tests",
+                "--bin",
+                "e2e",
+                "--",
+                "--passing",
+            ]),
+        )?;
+        e2e_passed = passing_count()?;
+    }
     println!(
-        "summary: {} passed, {} failed, {} skipped",
+        "summary: {} passed, {} failed, {} skipped; upstream e2e: {e2e_passed} passed",
         counts.passed, counts.failed, counts.ignored
     );
     Ok(())
+}
+
+/// The number of upstream e2e tests the passing list holds.
+fn passing_count() -> Result<usize> {
+    let path = gobuild::root().join("tests/cluster/e2e-passing.txt");
+    let text = std::fs::read_to_string(&path)
+        .map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))?;
+    Ok(text
+        .lines()
+        .filter(|l| !l.trim().is_empty() && !l.starts_with('#'))
+        .count())
 }

@@ -22,8 +22,10 @@ use crate::sh;
 /// benchmark (nginx backends, wrk as the client, iptables and nftables for
 /// kube-proxy's recreated rule sets), and for the real nodes: libseccomp
 /// for runc's RuntimeDefault profile, umoci to make the OCI images the
-/// nodes run, busybox-static for the upstream tests' busybox image and the
-/// tools upstream's agnhost image has (netcat-openbsd, socat, dig).
+/// nodes run, busybox for the upstream tests' busybox image and the tools
+/// upstream's agnhost image has (netcat-openbsd, socat, dig; GNU wget,
+/// since Debian's busybox wget crashes on `-T`, which the tests use;
+/// conntrack for the image of kube-proxy's tests).
 const PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "iproute2",
@@ -36,7 +38,9 @@ const PACKAGES: &[&str] = &[
     "nftables",
     "libseccomp-dev",
     "umoci",
-    "busybox-static",
+    "busybox",
+    "wget",
+    "conntrack",
     "netcat-openbsd",
     "socat",
     "bind9-dnsutils",

@@ -9,11 +9,13 @@ use std::net::{IpAddr, Ipv4Addr};
 
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
-use super::model::LABEL_SERVICE_NAME;
+use super::model::{LABEL_HEADLESS, LABEL_PROXY_NAME, LABEL_SERVICE_NAME};
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Slice {
-    /// The `kubernetes.io/service-name` label: the Service it serves.
+    /// The `kubernetes.io/service-name` label: the Service it serves (none
+    /// when the slice is labelled `service.kubernetes.io/headless` or
+    /// `service.kubernetes.io/service-proxy-name`).
     pub service: Option<String>,
     /// `addressType: IPv4` (IPv6 and FQDN slices are not programmed).
     pub ipv4: bool,
@@ -93,12 +95,16 @@ impl From<&EndpointSlice> for Slice {
                 }
             })
             .collect();
+        let labels = s.metadata.labels.as_ref();
+        // As kube-proxy's informers select them: a slice labelled headless
+        // or for another proxy serves no Service of ours, whatever its
+        // service-name says.
+        let foreign = labels
+            .is_some_and(|l| l.contains_key(LABEL_HEADLESS) || l.contains_key(LABEL_PROXY_NAME));
         Self {
-            service: s
-                .metadata
-                .labels
-                .as_ref()
+            service: labels
                 .and_then(|l| l.get(LABEL_SERVICE_NAME))
+                .filter(|_| !foreign)
                 .cloned(),
             ipv4: s.address_type == "IPv4",
             ports: s

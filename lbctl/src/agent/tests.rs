@@ -286,6 +286,61 @@ spec: {clusterIP: 10.96.0.31, ports: [{port: 80}]}
 }
 
 #[test]
+fn slices_labelled_headless_or_for_another_proxy_serve_nothing() {
+    // kube-proxy's informers leave these slices out whatever their
+    // service-name label says (upstream e2e: "should implement
+    // service.kubernetes.io/headless").
+    let d = model::translate(
+        &objects(
+            r#"
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: demo}
+spec: {clusterIP: 10.96.0.10, ports: [{port: 80}]}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: web-headless
+  namespace: demo
+  labels: {kubernetes.io/service-name: web, service.kubernetes.io/headless: ""}
+addressType: IPv4
+ports: [{port: 8080}]
+endpoints: [{addresses: [10.244.1.11], conditions: {ready: true}}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: web-other
+  namespace: demo
+  labels: {kubernetes.io/service-name: web, service.kubernetes.io/service-proxy-name: someone-else}
+addressType: IPv4
+ports: [{port: 8080}]
+endpoints: [{addresses: [10.244.1.12], conditions: {ready: true}}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: web-1
+  namespace: demo
+  labels: {kubernetes.io/service-name: web}
+addressType: IPv4
+ports: [{port: 8080}]
+endpoints: [{addresses: [10.244.1.13], conditions: {ready: true}}]
+"#,
+        ),
+        &node(),
+    );
+    let web = &d.ports[&key("demo", "web", "")];
+    let addrs: Vec<String> = web
+        .backends
+        .iter()
+        .map(|b| b.addr.addr.to_string())
+        .collect();
+    assert_eq!(addrs, vec!["10.244.1.13".to_string()]);
+}
+
+#[test]
 fn selectorless_service_uses_hand_written_endpoints() {
     // The PostgreSQL primary outside the cluster, and twelve gateways on six
     // hosts with two ports each behind one Service port.

@@ -1,0 +1,197 @@
+//! `cargo xtask e2e`: the upstream Kubernetes e2e suite (`e2e.test`, built
+//! from the pinned release) against real nodes with the agent installed by
+//! its Helm chart and no kube-proxy. Runs the `[sig-network]` focus of
+//! issue #15 (or `--focus`), prints each test's result and, with
+//! `--report FILE`, writes the results table (docs/e2e.md).
+//!
+//! `--passing` runs only the tests listed in tests/cluster/e2e-passing.txt
+//! and fails unless every one of them passes (the layer `cargo xtask test`
+//! runs); `--write-passing` rewrites that list from the run.
+//!
+//! Usage: e2e [--focus REGEX] [--skip REGEX] [--passing] [--write-passing]
+//!            [--report FILE] [--procs N] [--keep-logs]
+
+use std::{
+    collections::BTreeMap,
+    io::{BufRead, BufReader},
+    path::PathBuf,
+    process::{Command, Stdio},
+    time::Instant,
+};
+
+use anyhow::{Context, Result, bail};
+use lb_tests::{
+    controlplane::{self, kubernetes_version},
+    e2e::{self, Outcome},
+    nodes::NodeCluster,
+    topo::lbctl_binary,
+};
+
+struct Args {
+    focus: String,
+    skip: String,
+    report: Option<PathBuf>,
+    /// The listed tests only, each of which must pass.
+    passing: Option<Vec<String>>,
+    write_passing: bool,
+    /// Parallel test processes.
+    procs: usize,
+}
+
+fn parse_args() -> Result<Args> {
+    let mut args = Args {
+        focus: e2e::FOCUS.to_string(),
+        skip: e2e::skip_regex(),
+        report: None,
+        passing: None,
+        write_passing: false,
+        procs: 3,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--focus" => args.focus = it.next().context("--focus REGEX")?,
+            "--skip" => args.skip = it.next().context("--skip REGEX")?,
+            "--report" => args.report = Some(it.next().context("--report FILE")?.into()),
+            "--passing" => {
+                let names = e2e::read_passing(&e2e::passing_list())?;
+                args.focus = e2e::focus_of(&names);
+                args.passing = Some(names);
+            }
+            "--write-passing" => args.write_passing = true,
+            "--procs" => args.procs = it.next().context("--procs N")?.parse()?,
+            "--keep-logs" => {
+                // SAFETY: single-threaded at this point.
+                unsafe { std::env::set_var("LB_KEEP_CLUSTER_LOGS", "1") };
+            }
+            other => bail!(
+                "unknown argument {other}; usage: e2e [--focus RE] [--skip RE] [--passing] \
+                 [--write-passing] [--report FILE] [--procs N] [--keep-logs]"
+            ),
+        }
+    }
+    Ok(args)
+}
+
+fn main() -> Result<()> {
+    lb_tests::require_root();
+    let args = parse_args()?;
+    let started = Instant::now();
+    let lbctl = lbctl_binary();
+    let mut cluster = NodeCluster::start(&lbctl);
+    cluster.start_load_balancer(&lbctl.with_file_name("lb-cloud"));
+    let up = started.elapsed();
+    cluster.install_agent();
+    cluster.install_dns();
+    let ready = started.elapsed();
+    eprintln!(
+        "==> cluster up in {:.0}s (nodes Ready), agent and DNS ready at {:.0}s",
+        up.as_secs_f64(),
+        ready.as_secs_f64()
+    );
+    let json = cluster.work.join("e2e-report.json");
+    let log = cluster.work.join("e2e.log");
+    let e2e_args = e2e::suite_args(
+        &controlplane::bin("e2e.test"),
+        &cluster.cp.admin_kubeconfig(),
+        &json,
+        &args.focus,
+        &args.skip,
+        args.procs,
+    );
+    eprintln!("==> ginkgo {} (log: {})", e2e_args.join(" "), log.display());
+    let run_start = Instant::now();
+    let mut child = Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{}", cluster.cp.netns.name))
+        .arg(controlplane::bin("ginkgo"))
+        .args(&e2e_args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("e2e.test")?;
+    let stderr = child.stderr.take().expect("stderr");
+    let err_log = log.with_extension("stderr");
+    let err_thread = std::thread::spawn(move || {
+        let mut f = std::fs::File::create(err_log).expect("stderr log");
+        let _ = std::io::copy(&mut BufReader::new(stderr), &mut f);
+    });
+    let mut out = std::fs::File::create(&log).context("e2e log")?;
+    for line in BufReader::new(child.stdout.take().expect("stdout")).lines() {
+        let line = line.unwrap_or_default();
+        use std::io::Write;
+        let _ = writeln!(out, "{line}");
+        // Progress: one line per finished test.
+        if line.starts_with("• [") || line.contains("[FAILED]") && line.starts_with('•') {
+            eprintln!("    {line}");
+        }
+    }
+    let status = child.wait()?;
+    let _ = err_thread.join();
+    let took = run_start.elapsed();
+    let results = e2e::read_report(&json)?;
+    let mut counts: BTreeMap<Outcome, usize> = BTreeMap::new();
+    for r in &results {
+        *counts.entry(r.outcome).or_default() += 1;
+        if r.outcome == Outcome::Failed {
+            eprintln!(
+                "FAILED: {}\n    {}",
+                r.name,
+                r.failure.lines().next().unwrap_or("")
+            );
+        }
+    }
+    eprintln!(
+        "==> e2e.test exited {status} after {:.0} min: {counts:?}",
+        took.as_secs_f64() / 60.0
+    );
+    if let Some(path) = &args.report {
+        let command = format!(
+            "cargo xtask e2e{}",
+            if args.focus == e2e::FOCUS {
+                String::new()
+            } else {
+                format!(" --focus '{}'", args.focus)
+            }
+        );
+        let text = e2e::markdown(&results, &kubernetes_version(), &command, up, ready, took);
+        std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
+        eprintln!("==> wrote {}", path.display());
+    }
+    if args.write_passing {
+        let mut text = String::from(
+            "# The upstream e2e tests that pass here (written by `cargo xtask e2e \
+             --write-passing`); `cargo xtask test` runs them and fails if one stops passing.\n",
+        );
+        for r in results.iter().filter(|r| r.outcome == Outcome::Passed) {
+            text.push_str(&r.name);
+            text.push('\n');
+        }
+        std::fs::write(e2e::passing_list(), text)?;
+        eprintln!("==> wrote {}", e2e::passing_list().display());
+    }
+    drop(cluster);
+    if let Some(names) = &args.passing {
+        let passed: std::collections::BTreeSet<&str> = results
+            .iter()
+            .filter(|r| r.outcome == Outcome::Passed)
+            .map(|r| r.name.as_str())
+            .collect();
+        let missing: Vec<&String> = names
+            .iter()
+            .filter(|n| !passed.contains(n.as_str()))
+            .collect();
+        if !missing.is_empty() {
+            bail!(
+                "{} listed e2e tests did not pass: {missing:#?}",
+                missing.len()
+            );
+        }
+        eprintln!("==> all {} listed e2e tests passed", names.len());
+        return Ok(());
+    }
+    let failed = counts.get(&Outcome::Failed).copied().unwrap_or(0);
+    if failed > 0 || !status.success() {
+        bail!("{failed} e2e tests failed (e2e.test exited {status})");
+    }
+    Ok(())
+}

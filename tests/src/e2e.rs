@@ -1,0 +1,301 @@
+//! The upstream e2e suite as we run it: its focus, the tests skipped (each
+//! with the reason), the arguments of `e2e.test`, and its JSON report
+//! turned into the table of docs/e2e.md.
+
+use std::{path::Path, time::Duration};
+
+use anyhow::{Context, Result};
+
+/// Issue #15's focus: the `[sig-network]` tests of Services and of what a
+/// Service proxy does.
+pub const FOCUS: &str = r"\[sig-network\] (Services|Conntrack|Networking Granular Checks: Services|KubeProxy|EndpointSlice|EndpointSliceMirroring|Traffic Distribution|LoadBalancers)";
+
+/// Tests left out, each with why: only what needs something this machine
+/// cannot have, or tests of another component.
+pub const SKIPS: &[(&str, &str)] = &[(
+    r"\[Feature:KubeProxyNFAcct\]",
+    "counts packets with kube-proxy's nfacct objects (iptables/nftables rules); a test of kube-proxy's own metrics",
+)];
+
+/// The skips as one `--ginkgo.skip` regular expression.
+pub fn skip_regex() -> String {
+    SKIPS
+        .iter()
+        .map(|(re, _)| format!("({re})"))
+        .collect::<Vec<_>>()
+        .join("|")
+}
+
+/// The command line: Ginkgo's runner (`ginkgo`) with `procs` parallel
+/// processes, the focus and skip, one JSON report, then `e2e.test` and
+/// its own flags (the admin kubeconfig, the default skeleton provider as
+/// a kind cluster's run). Tests marked `[Serial]` run alone at the end,
+/// as upstream's parallel runs do.
+pub fn suite_args(
+    e2e_test: &Path,
+    kubeconfig: &Path,
+    json: &Path,
+    focus: &str,
+    skip: &str,
+    procs: usize,
+) -> Vec<String> {
+    let mut a = vec![
+        format!("--procs={procs}"),
+        format!("--focus={focus}"),
+        format!("--json-report={}", json.display()),
+        "--no-color".into(),
+        // Each step's log, so that a failure can be read afterwards.
+        "-v".into(),
+        "--timeout=4h".into(),
+    ];
+    if !skip.is_empty() {
+        a.push(format!("--skip={skip}"));
+    }
+    a.push(e2e_test.display().to_string());
+    a.push("--".into());
+    a.extend([
+        format!("--kubeconfig={}", kubeconfig.display()),
+        "--provider=skeleton".into(),
+        format!("--num-nodes={}", crate::nodes::NODES.len()),
+        "--disable-log-dump".into(),
+    ]);
+    a
+}
+
+/// The tests of the focus that pass here, one full name per line:
+/// `cargo xtask test` runs them and fails if one stops passing; `cargo
+/// xtask e2e --report ...` rewrites the list from a whole run.
+pub fn passing_list() -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("cluster/e2e-passing.txt")
+}
+
+/// The names in the passing list (comments and blank lines aside).
+pub fn read_passing(path: &Path) -> Result<Vec<String>> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    Ok(text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(str::to_string)
+        .collect())
+}
+
+/// A focus that selects exactly these tests: their full names, regex
+/// metacharacters escaped, as one alternation.
+pub fn focus_of(names: &[String]) -> String {
+    let escape = |n: &str| {
+        let mut out = String::new();
+        for c in n.chars() {
+            if "\\.+*?()|[]{}^$".contains(c) {
+                out.push('\\');
+            }
+            out.push(c);
+        }
+        out
+    };
+    names
+        .iter()
+        .map(|n| escape(n))
+        .collect::<Vec<_>>()
+        .join("|")
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Outcome {
+    Passed,
+    Failed,
+    Skipped,
+}
+
+impl Outcome {
+    pub fn word(self) -> &'static str {
+        match self {
+            Outcome::Passed => "pass",
+            Outcome::Failed => "fail",
+            Outcome::Skipped => "skip",
+        }
+    }
+}
+
+/// One test of the focus and how it went.
+pub struct TestResult {
+    pub name: String,
+    pub outcome: Outcome,
+    /// The failure's message, or why the test was skipped.
+    pub failure: String,
+    pub seconds: f64,
+}
+
+/// Ginkgo's JSON report: the tests that ran, those that skipped
+/// themselves (with their message) and those our skips left out (with the
+/// reason).
+pub fn read_report(path: &Path) -> Result<Vec<TestResult>> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let suites: serde_json::Value = serde_json::from_str(&text).context("the JSON report")?;
+    let mut out = Vec::new();
+    for suite in suites.as_array().into_iter().flatten() {
+        for spec in suite["SpecReports"].as_array().into_iter().flatten() {
+            if spec["LeafNodeType"] != "It" {
+                continue;
+            }
+            let mut parts: Vec<String> = spec["ContainerHierarchyTexts"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|t| t.as_str().map(str::to_string))
+                .collect();
+            parts.push(spec["LeafNodeText"].as_str().unwrap_or("").to_string());
+            let name = parts.join(" ");
+            let state = spec["State"].as_str().unwrap_or("");
+            let skipped_by_filter =
+                state == "skipped" && spec["Failure"]["Message"].as_str().unwrap_or("").is_empty();
+            // A test the run's filters left out is listed only when one of
+            // our skips named it (then with the reason).
+            if skipped_by_filter && !(in_focus(&name) && skip_reason(&name).is_some()) {
+                continue;
+            }
+            let outcome = match state {
+                "passed" => Outcome::Passed,
+                "skipped" | "pending" => Outcome::Skipped,
+                _ => Outcome::Failed,
+            };
+            let failure = if outcome == Outcome::Skipped && skipped_by_filter {
+                skip_reason(&name).unwrap_or("skipped").to_string()
+            } else {
+                spec["Failure"]["Message"]
+                    .as_str()
+                    .unwrap_or("")
+                    .to_string()
+            };
+            let ns = spec["RunTime"].as_f64().unwrap_or(0.0);
+            out.push(TestResult {
+                name,
+                outcome,
+                failure,
+                seconds: ns / 1e9,
+            });
+        }
+    }
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(out)
+}
+
+fn in_focus(name: &str) -> bool {
+    regex_lite_match(FOCUS, name)
+}
+
+/// The reason of the skip whose pattern names this test.
+fn skip_reason(name: &str) -> Option<&'static str> {
+    SKIPS
+        .iter()
+        .find(|(re, _)| regex_lite_match(re, name))
+        .map(|(_, why)| *why)
+}
+
+/// The focus and skip patterns are alternations of literal texts with
+/// escaped brackets: matching them needs no regex engine.
+fn regex_lite_match(re: &str, text: &str) -> bool {
+    let unescaped = re.replace(r"\[", "[").replace(r"\]", "]");
+    match (unescaped.find('('), unescaped.rfind(')')) {
+        (Some(open), Some(close)) if open < close => {
+            let prefix = &unescaped[..open];
+            let suffix = &unescaped[close + 1..];
+            unescaped[open + 1..close]
+                .split('|')
+                .any(|alt| text.contains(&format!("{prefix}{alt}{suffix}")))
+        }
+        _ => text.contains(&unescaped),
+    }
+}
+
+/// docs/e2e.md: when, which release, the command, the counts and times,
+/// and one row per test.
+pub fn markdown(
+    results: &[TestResult],
+    version: &str,
+    command: &str,
+    up: Duration,
+    ready: Duration,
+    took: Duration,
+) -> String {
+    let count = |o: Outcome| results.iter().filter(|r| r.outcome == o).count();
+    let mut s = String::new();
+    s.push_str("# Upstream e2e results\n\n");
+    s.push_str(&format!(
+        "Run on {} with `{command}`: Kubernetes **{version}** (`e2e.test` built from \
+         `k8s.io/kubernetes/test/e2e` at that release), two real nodes (kubelet, containerd, \
+         runc, CNI bridge), no kube-proxy, the agent installed with `helm install` from \
+         `charts/lbctl`.\n\n",
+        crate::controlplane::now()
+    ));
+    s.push_str(&format!(
+        "**{} passed, {} failed, {} skipped** of {} tests. Cluster up (nodes Ready) in {:.0} s, \
+         agent and DNS ready at {:.0} s; the suite took {:.0} min.\n\n",
+        count(Outcome::Passed),
+        count(Outcome::Failed),
+        count(Outcome::Skipped),
+        results.len(),
+        up.as_secs_f64(),
+        ready.as_secs_f64(),
+        took.as_secs_f64() / 60.0
+    ));
+    s.push_str("| test | result | time | reason or failure |\n|---|---|---|---|\n");
+    for r in results {
+        let why = r
+            .failure
+            .lines()
+            .next()
+            .unwrap_or("")
+            .replace('|', "\\|")
+            .chars()
+            .take(300)
+            .collect::<String>();
+        s.push_str(&format!(
+            "| {} | {} | {:.0} s | {} |\n",
+            r.name.replace('|', "\\|"),
+            r.outcome.word(),
+            r.seconds,
+            why
+        ));
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_focus_and_skips_match_as_ginkgo_would() {
+        assert!(in_focus(
+            "[sig-network] Services should serve a basic endpoint from pods [Conformance]"
+        ));
+        assert!(in_focus(
+            "[sig-network] Networking Granular Checks: Services should function for pod-Service: http"
+        ));
+        assert!(!in_focus(
+            "[sig-network] DNS should provide DNS for services"
+        ));
+        assert!(skip_reason(
+            "[sig-network] KubeProxy should update metric for tracking accepted packets destined for localhost nodeports [Feature:KubeProxyNFAcct]"
+        )
+        .is_some());
+        assert!(
+            skip_reason("[sig-network] Services should be able to up and down services").is_none()
+        );
+    }
+
+    #[test]
+    fn a_passing_list_becomes_an_escaped_focus() {
+        let names = vec![
+            "[sig-network] Services should serve a basic endpoint from pods [Conformance]".to_string(),
+            "[sig-network] Networking Granular Checks: Services should function for pod-Service: http".to_string(),
+        ];
+        assert_eq!(
+            focus_of(&names),
+            "\\[sig-network\\] Services should serve a basic endpoint from pods \\[Conformance\\]|\\[sig-network\\] Networking Granular Checks: Services should function for pod-Service: http"
+        );
+    }
+}
