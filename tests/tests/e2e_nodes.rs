@@ -17,7 +17,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use lb_tests::{nodes::NodeCluster, require_root, topo::lbctl_binary};
+use lb_tests::{nodes::NodeCluster, require_root};
 
 /// Waits for `ok`, with a deadline; `what` names it in the panic.
 fn wait(what: &str, secs: u64, mut ok: impl FnMut() -> bool) {
@@ -79,7 +79,9 @@ spec:
 #[test]
 fn the_chart_on_real_nodes_serves_cluster_ips_and_node_ports() {
     require_root();
-    let mut c = NodeCluster::start(&lbctl_binary());
+    // The agent's image is made from this package's lbctl (cargo builds it
+    // before the tests; the lbctl package's own binary it does not).
+    let mut c = NodeCluster::start(std::path::Path::new(env!("CARGO_BIN_EXE_lbctl-e2e")));
     c.install_agent();
     c.cp.apply(BACKENDS);
     c.cp.kubectl_ok(&[
@@ -162,6 +164,7 @@ fn the_chart_on_real_nodes_serves_cluster_ips_and_node_ports() {
         );
     }
 
+    load_balancer_from_outside(&mut c, &pods);
     restart_under_traffic(&c, &cluster_ip, node_port);
     restart_the_api_server(&mut c, &cluster_ip);
 }
@@ -212,6 +215,47 @@ fn restart_the_api_server(c: &mut NodeCluster, cluster_ip: &str) {
         .status
         .success()
     });
+}
+
+/// A Service of type LoadBalancer: the test cluster's load balancer
+/// (`lb-cloud`) writes its address and routes it to the nodes; a client
+/// outside the nodes reaches both backends through it; deleting the
+/// Service releases the address (the cleanup finalizer is removed).
+fn load_balancer_from_outside(c: &mut NodeCluster, pods: &BTreeSet<String>) {
+    c.start_load_balancer(std::path::Path::new(env!("CARGO_BIN_EXE_lb-cloud")));
+    c.cp.apply(
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: web-lb\nspec:\n  type: LoadBalancer\n  selector: {app: web}\n  ports:\n    - port: 80\n      targetPort: 8080\n",
+    );
+    let mut ip = String::new();
+    wait("the load balancer's address", 60, || {
+        ip = c.cp.kubectl_ok(&[
+            "get",
+            "service",
+            "web-lb",
+            "-o",
+            "jsonpath={.status.loadBalancer.ingress[0].ip}",
+        ]);
+        !ip.is_empty()
+    });
+    assert!(ip.starts_with("172.18.1."), "an address of the pool: {ip}");
+    let mut seen = BTreeSet::new();
+    wait("both backends behind the load balancer", 60, || {
+        let out = c.cp.in_netns(
+            "curl",
+            &["-s", "--max-time", "2", &format!("http://{ip}/hostname")],
+        );
+        if out.status.success() {
+            seen.insert(String::from_utf8_lossy(&out.stdout).trim().to_string());
+        }
+        seen == *pods
+    });
+    c.cp.kubectl_ok(&[
+        "delete",
+        "service",
+        "web-lb",
+        "--wait=true",
+        "--timeout=60s",
+    ]);
 }
 
 /// `kubectl rollout restart` of the agent's DaemonSet while a pod sends
