@@ -1049,7 +1049,7 @@ fn forwarding_survives_agent_apiserver_and_etcd_disruption() {
     rc.cp.stop_apiserver();
     rc.cp.compact_etcd();
     rc.cp.start_apiserver();
-    // The scale-down deletes a pod, which the stand-in kubelet stops 2 s
+    // The scale-down deletes a pod, which the stand-in kubelet stops 5 s
     // later: it is made once the agent watches again (its re-list done),
     // as a real pod's grace period outlasts a proxy's reconnect. Before
     // that no datapath can know the pod is going, and new connections to
