@@ -273,6 +273,13 @@ fn test(lint: bool, extra: &[String]) -> Result<()> {
                 "e2e",
                 "--",
                 "--passing",
+                // One process, as the list was made: with three on two
+                // cores, "Conntrack should be able to preserve UDP traffic
+                // when server pod cycles for a ClusterIP service with
+                // InternalTrafficPolicy set to Local" failed once (to be
+                // understood, issue #15).
+                "--procs",
+                "1",
             ]),
         )?;
         e2e_passed = passing_count()?;
