@@ -258,12 +258,9 @@ fn load_balancer_from_outside(c: &mut NodeCluster, pods: &BTreeSet<String>) {
     ]);
 }
 
-/// `kubectl rollout restart` of the agent's DaemonSet while a pod sends
-/// requests to the ClusterIP and a client outside the nodes to each
-/// node's NodePort, back to back: every request is answered. The old pod
-/// leaves its programs and maps pinned; the new one adopts them.
-fn restart_under_traffic(c: &NodeCluster, cluster_ip: &str, node_port: u64) {
-    let old_pods = c.cp.kubectl_ok(&[
+/// The names of the agent's pods, space-separated.
+fn agent_pods(c: &NodeCluster) -> String {
+    c.cp.kubectl_ok(&[
         "-n",
         "lb-system",
         "get",
@@ -272,7 +269,15 @@ fn restart_under_traffic(c: &NodeCluster, cluster_ip: &str, node_port: u64) {
         "app.kubernetes.io/name=lbctl",
         "-o",
         "jsonpath={.items[*].metadata.name}",
-    ]);
+    ])
+}
+
+/// `kubectl rollout restart` of the agent's DaemonSet while a pod sends
+/// requests to the ClusterIP and a client outside the nodes to each
+/// node's NodePort, back to back: every request is answered. The old pod
+/// leaves its programs and maps pinned; the new one adopts them.
+fn restart_under_traffic(c: &NodeCluster, cluster_ip: &str, node_port: u64) {
+    let old_pods = agent_pods(c);
     // In the pod: one line per request, the HTTP status or ERR, until
     // /tmp/stop appears.
     let mut pod_loop = c
@@ -340,16 +345,7 @@ fn restart_under_traffic(c: &NodeCluster, cluster_ip: &str, node_port: u64) {
     });
     c.cp.kubectl_ok(&["-n", "lb-system", "rollout", "restart", "daemonset/lbctl"]);
     c.rollout("lb-system", "daemonset/lbctl");
-    let new_pods = c.cp.kubectl_ok(&[
-        "-n",
-        "lb-system",
-        "get",
-        "pods",
-        "-l",
-        "app.kubernetes.io/name=lbctl",
-        "-o",
-        "jsonpath={.items[*].metadata.name}",
-    ]);
+    let new_pods = agent_pods(c);
     let old: BTreeSet<&str> = old_pods.split_whitespace().collect();
     assert!(
         new_pods.split_whitespace().all(|p| !old.contains(p)),
