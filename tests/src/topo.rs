@@ -644,6 +644,27 @@ impl Cluster {
         panic!("timed out waiting for {what}; last services: {last}\nagent log:\n{log}");
     }
 
+    /// Waits until `lbctl status -o json` satisfies `ok` (the agent
+    /// publishes its record after the maps it describes are written, so a
+    /// reader that saw the maps may still see the previous record).
+    pub fn wait_status(
+        &self,
+        what: &str,
+        ok: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut last = String::new();
+        while Instant::now() < deadline {
+            match self.lbctl_json(&["status"]) {
+                Ok(v) if ok(&v) => return v,
+                Ok(v) => last = format!("{v:#}"),
+                Err(e) => last = e,
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+        panic!("timed out waiting for {what}; last status: {last}");
+    }
+
     /// A command in `ns` whose process is in the socket-LB cgroup.
     pub fn in_cgroup(&self, ns: &Netns, program: &str, args: &[&str]) -> Command {
         self.topo.in_pod_cgroup(ns, program, args)

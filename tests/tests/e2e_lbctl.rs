@@ -105,10 +105,11 @@ fn explain_backends_and_status_agree_with_real_traffic() {
     c.wait_services("e2e/web", |s| s.len() == 1);
 
     // The agent's record: running, synced, from this folder and cgroup.
-    let status = c.lbctl_json(&["status"]).unwrap();
+    let status = c.wait_status("the agent's record to say ready", |s| {
+        s["agent"]["ready"] == true
+    });
     let agent = &status["agent"];
     assert_eq!(agent["running"], true, "{status:#}");
-    assert_eq!(agent["ready"], true, "{status:#}");
     assert_eq!(agent["source"], "manifests");
     assert_eq!(agent["source_location"], c.manifests.display().to_string());
     assert_eq!(agent["node"], NODE_NAME);

@@ -1153,14 +1153,12 @@ fn a_full_map_refuses_the_port_that_does_not_fit_and_the_rest_forwards() {
     c.wait_services("the Service that fits", |s| backends_of(s, "fits") == 1);
     // Refused when the Service that fits is in (21 backends) or not yet
     // (20): the map, its size and the flag are named either way.
-    let status = c.lbctl_json(&["status"]).expect("lbctl status");
-    assert!(
+    c.wait_status("the refusal in the agent's record", |status| {
         status["agent"]["last_error"].as_str().is_some_and(|e| {
             e.starts_with("e2e/big not programmed: map LB4_BACKENDS_V1 is full: ")
                 && e.ends_with(" entries needed, 16 fit (raise --lb-map-max)")
-        }),
-        "lbctl status: {status}"
-    );
+        })
+    });
     assert!(c.agent_log().contains("map LB4_BACKENDS_V1 is full"));
     assert_eq!(c.get_from_client("http://172.18.0.2:30097/"), "pod-1");
     assert_eq!(

@@ -288,6 +288,9 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         &cfg.node_name,
         &cgroup.display().to_string(),
     );
+    // Published before the first sync: `lbctl status` shows a starting
+    // agent (pending) rather than no agent while a large first sync runs.
+    publish(&mut rec, &mut status);
     let mut store = Store::default();
     let mut not_enforced = super::unenforced::NotEnforced::default();
     let mut health_checks = super::hcnp::HealthCheckServers::new(health.clone());
