@@ -24,7 +24,7 @@ use rcgen::{
     KeyUsagePurpose,
 };
 
-use crate::guard::{Netns, Proc, unique};
+use crate::guard::{Cgroup, Netns, PREFIX, Proc, unique};
 
 /// The control plane's address on the LAN (the nodes reach the API server
 /// there, as kubelets reach a control-plane node).
@@ -194,6 +194,10 @@ pub struct ControlPlane {
     scheduler: Option<Proc>,
     /// Real kubelets' node names (empty when the tests stand in for them).
     nodes: Vec<String>,
+    /// A test's control plane runs in a cgroup of the test's (named with
+    /// its PID), so a run that dies before its drop leaves nothing the
+    /// next run's sweep does not kill. Last: dropped after the processes.
+    cgroup: Option<Cgroup>,
 }
 
 impl ControlPlane {
@@ -278,7 +282,12 @@ impl ControlPlane {
             controller_manager: None,
             scheduler: None,
             nodes,
+            // `cluster up` names its namespace itself and outlives us.
+            cgroup: None,
         };
+        if cp.netns.name.starts_with(PREFIX) {
+            cp.cgroup = Some(Cgroup::new());
+        }
         cp.start_etcd();
         cp.start_apiserver();
         cp.start_controllers();
@@ -302,10 +311,20 @@ impl ControlPlane {
             .append(true)
             .open(self.dir.join("logs").join(format!("{name}.log")))
             .expect("log file");
-        let child = Command::new("nsenter")
-            .arg(format!("--net=/run/netns/{}", self.netns.name))
-            .arg(program)
-            .args(args)
+        let netns = format!("--net=/run/netns/{}", self.netns.name);
+        let mut cmd = match &self.cgroup {
+            Some(cg) => {
+                let mut all = vec![netns.as_str(), program.to_str().expect("utf-8 path")];
+                all.extend(args.iter().map(String::as_str));
+                cg.command("nsenter", &all)
+            }
+            None => {
+                let mut c = Command::new("nsenter");
+                c.arg(&netns).arg(program).args(args);
+                c
+            }
+        };
+        let child = cmd
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log)

@@ -83,6 +83,23 @@ fn the_chart_on_real_nodes_serves_cluster_ips_and_node_ports() {
     // before the tests; the lbctl package's own binary it does not).
     let mut c = NodeCluster::start(std::path::Path::new(env!("CARGO_BIN_EXE_lbctl-e2e")));
     c.install_agent();
+    // The node's netfilter conntrack tuned as kube-proxy tunes it (the
+    // timeouts are the node's network namespace's own; the hash size and
+    // nf_conntrack_max, the machine's, are left).
+    for node in &c.nodes {
+        let sysctl = |name: &str| {
+            let out = std::process::Command::new("nsenter")
+                .arg(format!("--net=/run/netns/{}", node.netns.name))
+                .args(["cat", &format!("/proc/sys/net/netfilter/{name}")])
+                .output()
+                .expect("nsenter");
+            String::from_utf8_lossy(&out.stdout).trim().to_string()
+        };
+        wait("kube-proxy's conntrack timeouts on the node", 30, || {
+            sysctl("nf_conntrack_tcp_timeout_close_wait") == "3600"
+                && sysctl("nf_conntrack_tcp_timeout_established") == "86400"
+        });
+    }
     c.cp.apply(BACKENDS);
     c.cp.kubectl_ok(&[
         "wait",

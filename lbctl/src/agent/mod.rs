@@ -9,6 +9,7 @@ pub mod ids;
 pub mod logs;
 pub mod metrics;
 pub mod model;
+pub mod nf_conntrack;
 pub mod nodeport_addrs;
 pub mod plan;
 pub mod reconcile;

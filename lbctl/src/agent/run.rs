@@ -82,6 +82,8 @@ pub struct AgentConfig {
     pub metrics_addr: Option<SocketAddr>,
     /// `/healthz` fails once a change waits longer than this.
     pub healthz_timeout: Duration,
+    /// The node's netfilter conntrack settings (kube-proxy's flags).
+    pub nf_conntrack: super::nf_conntrack::Settings,
 }
 
 /// Node facts: flags win over the Node object; NodePort addresses as
@@ -288,6 +290,7 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         &cfg.node_name,
         &cgroup.display().to_string(),
     );
+    tune_nf_conntrack(&cfg.nf_conntrack, &mut status);
     // Published before the first sync: `lbctl status` shows a starting
     // agent (pending) rather than no agent while a large first sync runs.
     publish(&mut rec, &mut status);
@@ -578,6 +581,33 @@ fn publish(rec: &mut Reconciler<ServiceMaps>, status: &mut StatusRecord) {
         && let Err(e) = rec.writer.set_agent_status(s)
     {
         debug!("writing the status record: {e}");
+    }
+}
+
+/// Writes the node's netfilter conntrack settings once, at start, as
+/// kube-proxy does; a failure is logged and recorded, never fatal.
+fn tune_nf_conntrack(settings: &super::nf_conntrack::Settings, status: &mut StatusRecord) {
+    use super::nf_conntrack::{Files, Outcome, apply};
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
+    let (outcomes, errors) = apply(settings, cpus, &Files::default());
+    for o in outcomes {
+        match o {
+            Outcome::Set { name, from, to } => {
+                info!(%name, from, to, "netfilter conntrack setting")
+            }
+            Outcome::Unchanged { name, value } => {
+                debug!(%name, value, "netfilter conntrack setting already so")
+            }
+            Outcome::HostOnly { name, value } => info!(
+                %name,
+                value,
+                "netfilter conntrack setting of the host, not writable from this network namespace: left as is"
+            ),
+        }
+    }
+    for e in errors {
+        warn!("netfilter conntrack: {e}");
+        status.error(&format!("netfilter conntrack: {e}"));
     }
 }
 

@@ -7,6 +7,7 @@ use anyhow::{Context, Result};
 use super::PinArgs;
 use crate::agent::{
     allocate::Allocator,
+    nf_conntrack::{Settings as NfSettings, parse_duration},
     run::{self, AgentConfig, SourceConfig},
     service_cidrs::ServiceCidrs,
 };
@@ -113,6 +114,36 @@ pub struct Args {
     /// ip_local_reserved_ports, so no socket of the node gets one.
     #[arg(long, default_value = "61000-65535")]
     pub snat_port_range: String,
+    /// The node's netfilter conntrack table (`nf_conntrack_max`), as
+    /// kube-proxy sizes it: this many entries per CPU, at least
+    /// `--conntrack-min` (0: leave the kernel's). Written only from the
+    /// host's network namespace (the kernel allows no other). This is
+    /// netfilter's table, for the node's traffic that no Service
+    /// translates; `--conntrack-max` sizes the datapath's own.
+    #[arg(long, default_value_t = 32768)]
+    pub conntrack_max_per_core: u32,
+    /// The least `nf_conntrack_max` set from `--conntrack-max-per-core`.
+    #[arg(long, default_value_t = 131072)]
+    pub conntrack_min: u32,
+    /// Netfilter's timeout for established TCP flows of the node (`0`:
+    /// leave the kernel's), as kube-proxy's flag; Go durations (`24h`,
+    /// `1h0m0s`).
+    #[arg(long, default_value = "24h", value_parser = duration)]
+    pub conntrack_tcp_timeout_established: Duration,
+    /// Netfilter's timeout for TCP flows in CLOSE_WAIT (`0`: leave), as
+    /// kube-proxy's flag.
+    #[arg(long, default_value = "1h", value_parser = duration)]
+    pub conntrack_tcp_timeout_close_wait: Duration,
+    /// Turn on `nf_conntrack_tcp_be_liberal` (out-of-window packets are
+    /// not marked INVALID), as kube-proxy's flag.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", default_value_t = false)]
+    pub conntrack_tcp_be_liberal: bool,
+    /// Netfilter's timeout for UDP flows seen one way (`0`: leave).
+    #[arg(long, default_value = "0", value_parser = duration)]
+    pub conntrack_udp_timeout: Duration,
+    /// Netfilter's timeout for UDP flows seen both ways (`0`: leave).
+    #[arg(long, default_value = "0", value_parser = duration)]
+    pub conntrack_udp_timeout_stream: Duration,
     /// Remove every attachment and pinned map, then exit.
     #[arg(long)]
     pub cleanup: bool,
@@ -210,6 +241,15 @@ pub async fn execute(args: Args) -> Result<()> {
         healthz_addr: addr(&args.healthz_bind_address)?,
         metrics_addr: addr(&args.metrics_bind_address)?,
         healthz_timeout: Duration::from_secs(args.healthz_timeout_s),
+        nf_conntrack: NfSettings {
+            max_per_core: args.conntrack_max_per_core,
+            min: args.conntrack_min,
+            tcp_established: args.conntrack_tcp_timeout_established,
+            tcp_close_wait: args.conntrack_tcp_timeout_close_wait,
+            tcp_be_liberal: args.conntrack_tcp_be_liberal,
+            udp: args.conntrack_udp_timeout,
+            udp_stream: args.conntrack_udp_timeout_stream,
+        },
     })
     .await
 }
@@ -238,6 +278,10 @@ pub fn conntrack_default(mem: u64) -> u32 {
         1u64 << (63 - entries.leading_zeros())
     };
     pow2.clamp(1 << 16, 1 << 22) as u32
+}
+
+fn duration(s: &str) -> Result<Duration, String> {
+    parse_duration(s)
 }
 
 fn addr(s: &str) -> Result<Option<std::net::SocketAddr>> {

@@ -40,7 +40,7 @@ pub struct PinArgs {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the agent: keep the datapath in sync with the Services.
-    Agent(agent::Args),
+    Agent(Box<agent::Args>),
     /// List Services as the datapath has them.
     #[command(alias = "svc")]
     Services(services::Args),
@@ -79,7 +79,7 @@ pub fn main() -> Result<()> {
         .init();
     let cli = Cli::parse();
     match cli.command {
-        Command::Agent(a) => tokio::runtime::Runtime::new()?.block_on(agent::execute(a)),
+        Command::Agent(a) => tokio::runtime::Runtime::new()?.block_on(agent::execute(*a)),
         Command::Services(a) => services::execute(a),
         Command::Backends(a) => backends::execute(a),
         Command::Conntrack(a) => conntrack::execute(a),

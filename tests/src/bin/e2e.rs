@@ -8,8 +8,11 @@
 //! and fails unless every one of them passes (the layer `cargo xtask test`
 //! runs); `--write-passing` rewrites that list from the run.
 //!
-//! Usage: e2e [--focus REGEX] [--skip REGEX] [--passing] [--write-passing]
-//!            [--report FILE] [--procs N] [--keep-logs]
+//! `--tests FILE` runs the tests named in FILE (one full name a line, as
+//! in the passing list), e.g. those a stopped run did not reach.
+//!
+//! Usage: e2e [--focus REGEX] [--skip REGEX] [--passing] [--tests FILE]
+//!            [--write-passing] [--report FILE] [--procs N] [--keep-logs]
 
 use std::{
     collections::BTreeMap,
@@ -58,6 +61,10 @@ fn parse_args() -> Result<Args> {
                 args.focus = e2e::focus_of(&names);
                 args.passing = Some(names);
             }
+            "--tests" => {
+                let file = it.next().context("--tests FILE")?;
+                args.focus = e2e::focus_of(&e2e::read_passing(std::path::Path::new(&file))?);
+            }
             "--write-passing" => args.write_passing = true,
             "--procs" => args.procs = it.next().context("--procs N")?.parse()?,
             "--keep-logs" => {
@@ -66,7 +73,7 @@ fn parse_args() -> Result<Args> {
             }
             other => bail!(
                 "unknown argument {other}; usage: e2e [--focus RE] [--skip RE] [--passing] \
-                 [--write-passing] [--report FILE] [--procs N] [--keep-logs]"
+                 [--tests FILE] [--write-passing] [--report FILE] [--procs N] [--keep-logs]"
             ),
         }
     }
