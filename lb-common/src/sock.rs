@@ -21,9 +21,15 @@ const _: () = assert!(core::mem::size_of::<SockRevNat4Key>() == 16);
 pub struct SockRevNat4 {
     pub frontend_addr: u32,
     pub frontend_port: u16,
-    pub _pad: u16,
+    /// `REV_*`.
+    pub flags: u16,
     pub service_id: u32,
 }
+
+/// The frontend has `loadBalancerSourceRanges`: the socket's first packet
+/// (a TCP SYN) or each datagram is checked against them on egress, once
+/// its source address is known (`lb_sock_egress`).
+pub const REV_SOURCE_RANGES: u16 = 1 << 0;
 const _: () = assert!(core::mem::size_of::<SockRevNat4>() == 12);
 
 /// An unconnected UDP socket's flow to one frontend, so its datagrams keep

@@ -8,6 +8,7 @@
 //! | `lb_recvmsg4`      | cgroup recvmsg4       | show the Service address as the sender        |
 //! | `lb_getpeername4`  | cgroup getpeername4   | show the Service address as the peer          |
 //! | `lb_connect6` ...  | the same four, IPv6   | the same for `::ffff:a.b.c.d` (dual-stack sockets) |
+//! | `lb_sock_egress`   | cgroup skb egress     | `loadBalancerSourceRanges` for sockets (while some Service has them) |
 //! | `lb_from_netdev`   | tc ingress, node dev  | NodePort/external/LB: DNAT (+SNAT), replies   |
 //! | `lb_to_netdev`     | tc egress, node dev   | local backends' replies back to the frontend  |
 #![no_std]
@@ -30,11 +31,12 @@ mod reject;
 mod route;
 mod select;
 mod sock;
+mod sock_egress;
 mod stats;
 
 use aya_ebpf::{
-    macros::{cgroup_sock_addr, classifier},
-    programs::{SockAddrContext, TcContext},
+    macros::{cgroup_skb, cgroup_sock_addr, classifier},
+    programs::{SkBuffContext, SockAddrContext, TcContext},
 };
 use sock::Family;
 
@@ -76,6 +78,11 @@ pub fn lb_recvmsg6(ctx: SockAddrContext) -> i32 {
 #[cgroup_sock_addr(getpeername6)]
 pub fn lb_getpeername6(ctx: SockAddrContext) -> i32 {
     sock::reverse(&ctx, Family::V4Mapped)
+}
+
+#[cgroup_skb(egress)]
+pub fn lb_sock_egress(ctx: SkBuffContext) -> i32 {
+    sock_egress::check(&ctx)
 }
 
 #[classifier]

@@ -20,9 +20,10 @@ use lb_common::{
     },
     hash,
     service::{
-        ADDR_CLUSTER_IP, AFFINITY_BY_NETNS, Frontend4Key, SB_SERVING, SCOPE_ALL, ServiceBackendKey,
+        ADDR_CLUSTER_IP, AFFINITY_BY_NETNS, FE_SOURCE_RANGES, Frontend4Key, SB_SERVING, SCOPE_ALL,
+        ServiceBackendKey,
     },
-    sock::{SockFlow4, SockFlow4Key, SockRevNat4, SockRevNat4Key},
+    sock::{REV_SOURCE_RANGES, SockFlow4, SockFlow4Key, SockRevNat4, SockRevNat4Key},
 };
 
 use crate::{
@@ -247,7 +248,11 @@ pub fn translate(ctx: &SockAddrContext, family: Family, sticky: bool) -> i32 {
     let rev = SockRevNat4 {
         frontend_addr: key.addr,
         frontend_port: key.port,
-        _pad: 0,
+        flags: if fe.flags & FE_SOURCE_RANGES != 0 {
+            REV_SOURCE_RANGES
+        } else {
+            0
+        },
         service_id: fe.service_id,
     };
     // A datagram socket that keeps its backend has its entry already: a

@@ -1494,3 +1494,83 @@ fn batched_writes_leave_the_maps_as_the_mirror_says() {
         );
     }
 }
+
+/// `lb_sock_egress` (cgroup skb egress) under PROG_TEST_RUN: the verifier
+/// takes it, and nothing but a guarded socket's first packet is ever
+/// dropped or rewritten. The kernel gives a test skb a socket of its own
+/// whose cookie no hook has translated, so every case here passes; the
+/// drops (a pod outside the ranges: its SYN, its datagrams) are shown end
+/// to end by `e2e_semantics::source_ranges_guard_the_load_balancer_ip`.
+#[test]
+fn socket_egress_passes_what_is_not_a_guarded_sockets_first_packet() {
+    use aya::programs::CgroupSkb;
+    require_root();
+    sweep();
+    let (fs, mut ebpf) = fixture::datapath();
+    let pins = fs.pins();
+    let node = NodeInfo {
+        name: "node-a".into(),
+        zone: None,
+        addresses: vec![NODE],
+        snat: None,
+    };
+    let _rec = fixture::program(&pins, MANIFESTS, &node);
+    let maps = ServiceMaps::open(&pins).unwrap();
+    let prog: &mut CgroupSkb = ebpf
+        .program_mut("lb_sock_egress")
+        .unwrap()
+        .try_into()
+        .unwrap();
+    prog.load()
+        .unwrap_or_else(|e| panic!("verifier rejects lb_sock_egress: {e}"));
+    const PASS: u32 = 1;
+    let outside = (OUTSIDER, 41000);
+    let be = (RANGED_POD, 8080);
+    let mut later_fragment = Frame::udp(outside, be);
+    later_fragment.frag = 185; // offset 1480, no L4 header in this one
+    let syn = Frame::tcp(outside, be, SYN).bytes();
+    let mut cases: Vec<(&str, Vec<u8>)> = vec![
+        ("a SYN of a socket no hook translated", syn.clone()),
+        (
+            "a datagram of a socket no hook translated",
+            Frame::udp(outside, be).bytes(),
+        ),
+        (
+            "an established flow's ACK",
+            Frame::tcp(outside, be, ACK).bytes(),
+        ),
+        (
+            "a server's SYN+ACK",
+            Frame::tcp(outside, be, SYN | ACK).bytes(),
+        ),
+        ("a later fragment (no ports)", later_fragment.bytes()),
+    ];
+    // Truncated inside the TCP header: passed, never read past the end
+    // (PROG_TEST_RUN refuses an IPv4 frame shorter than its IP header).
+    for cut in [14 + 20, 14 + 20 + 1, 14 + 20 + 13] {
+        cases.push(("truncated", syn[..cut].to_vec()));
+    }
+    let mut v6 = syn.clone();
+    v6[14] = 0x60;
+    cases.push(("not IPv4", v6));
+    for (name, input) in cases {
+        let before = maps.verdicts()[V_DROP_SOURCE_RANGE as usize];
+        let mut out = vec![0u8; input.len() + 128];
+        let r = prog
+            .test_run(TestRunOptions {
+                data_in: Some(&input),
+                data_out: Some(&mut out),
+                ..Default::default()
+            })
+            .unwrap_or_else(|e| panic!("{name}: PROG_TEST_RUN: {e:?}"));
+        assert_eq!(r.return_value, PASS, "{name}");
+        // Never rewritten (the kernel zeroes the Ethernet header it hands
+        // a cgroup program).
+        assert_eq!(&out[14..r.data_size_out as usize], &input[14..], "{name}");
+        assert_eq!(
+            maps.verdicts()[V_DROP_SOURCE_RANGE as usize],
+            before,
+            "{name}: drop_source_range"
+        );
+    }
+}

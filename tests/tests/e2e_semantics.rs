@@ -696,8 +696,9 @@ fn flows_of_a_backend_that_left_move_or_end() {
 fn source_ranges_guard_the_load_balancer_ip() {
     require_root();
     sweep();
-    let mut t = Topology::new(1);
+    let mut t = Topology::new(2);
     t.start_pod_servers(8080);
+    t.start_pod_udp_servers(8080);
     // A second client address on the LAN, and the LoadBalancer IP routed
     // to node-a as a load balancer or router would.
     let np = NODE_IP.to_string();
@@ -706,14 +707,8 @@ fn source_ranges_guard_the_load_balancer_ip() {
     t.client
         .run(&["ip", "route", "add", "198.51.100.6/32", "via", &np]);
     let yaml = format!(
-        "apiVersion: v1\nkind: Service\nmetadata: {{name: ranged, namespace: e2e}}\nspec:\n  type: LoadBalancer\n  clusterIP: 10.96.0.95\n  loadBalancerSourceRanges: [{}/32]\n  ports: [{{port: 80, targetPort: 8080, nodePort: 30096}}]\nstatus: {{loadBalancer: {{ingress: [{{ip: 198.51.100.6}}]}}}}\n{}",
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: ranged, namespace: e2e}}\nspec:\n  type: LoadBalancer\n  clusterIP: 10.96.0.95\n  loadBalancerSourceRanges: [{}/32, 10.244.1.11/32]\n  ports: [{{name: tcp, port: 80, targetPort: 8080, nodePort: 30096}}, {{name: udp, protocol: UDP, port: 80, targetPort: 8080, nodePort: 30096}}]\nstatus: {{loadBalancer: {{ingress: [{{ip: 198.51.100.6}}]}}}}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: ranged-1, namespace: e2e, labels: {{kubernetes.io/service-name: ranged}}}}\naddressType: IPv4\nports: [{{name: tcp, port: 8080}}, {{name: udp, protocol: UDP, port: 8080}}]\nendpoints:\n- {{addresses: [10.244.1.11], nodeName: {NODE_NAME}, conditions: {{ready: true}}}}\n",
         topo::CLIENT_IP,
-        slice(
-            "ranged-1",
-            "ranged",
-            8080,
-            &[("10.244.1.11", NODE_NAME, READY)]
-        )
     );
     let c = Cluster::start(&lbctl(), t, &[("ranged.yaml", &yaml)]);
     c.wait_services("ranged", |s| {
@@ -749,6 +744,48 @@ fn source_ranges_guard_the_load_balancer_ip() {
         "connected",
         "the NodePort is not subject to the ranges"
     );
+    // Pods: the socket programs translate at connect(), before the source
+    // is chosen; the egress check drops the first packet of a pod outside
+    // the ranges (a SYN: connect() times out; a datagram: lost), as
+    // kube-proxy's rules drop it.
+    let before = c.verdicts()["drop_source_range"];
+    for proto in ["tcp", "udp-connected", "udp"] {
+        let inside = probe_from(&c, From::Pod("pod-1"), &[proto, "198.51.100.6", "80", "3"]);
+        assert!(
+            inside == "connected" || inside.starts_with("reply "),
+            "{proto} from pod-1 (in the ranges): {inside}"
+        );
+        assert_eq!(
+            probe_from(&c, From::Pod("pod-2"), &[proto, "198.51.100.6", "80", "1"]),
+            "TimeoutError",
+            "{proto} from pod-2 (outside the ranges)"
+        );
+        // The ClusterIP is not subject to the ranges.
+        let cluster = probe_from(&c, From::Pod("pod-2"), &[proto, "10.96.0.95", "80", "3"]);
+        assert!(
+            cluster == "connected" || cluster.starts_with("reply "),
+            "{proto} from pod-2 to the ClusterIP: {cluster}"
+        );
+    }
+    assert!(c.verdicts()["drop_source_range"] >= before + 3);
+    let status = c.lbctl_json(&["status"]).expect("lbctl status");
+    assert!(
+        status["attachments"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|a| a["program"] == "lb_sock_egress"),
+        "the egress check is on while a Service has ranges: {status:#}"
+    );
+    // No Service with ranges left: the egress program comes off.
+    c.write("ranged.yaml", "");
+    c.wait_status("lb_sock_egress detached", |s| {
+        !s["attachments"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|a| a["program"] == "lb_sock_egress")
+    });
 }
 
 /// An agent restarted with another connection-tracking size migrates the

@@ -252,6 +252,9 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
     // Devices done, by name and the ifindex they had: a device deleted and
     // made again under the same name gets a new index and is attached anew.
     let mut attached_devices: std::collections::BTreeMap<String, u32> = Default::default();
+    // Whether lb_sock_egress is on the cgroup (None: not yet decided by
+    // this agent; a pinned one of an earlier agent is swapped or removed).
+    let mut sock_egress: Option<bool> = None;
     // Adopts ids and entries from the pinned maps: no flow moves.
     let maps = ServiceMaps::open(&cfg.bpffs)?;
 
@@ -566,6 +569,26 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
                 warn!("sync incomplete, retrying: {e}");
                 status.pending();
                 status.error(&format!("sync incomplete: {e}"));
+            }
+        }
+        // Source ranges on the socket path: the egress program is on the
+        // cgroup while some Service has ranges, off otherwise.
+        let want_egress = !rec.state().source_ranges.is_empty();
+        if sock_egress != Some(want_egress) {
+            match attach::sock_egress(&mut ebpf, &cfg.bpffs, &cgroup, want_egress) {
+                Ok(changed) => {
+                    if changed {
+                        info!(
+                            attached = want_egress,
+                            "socket egress check of loadBalancerSourceRanges"
+                        );
+                    }
+                    sock_egress = Some(want_egress);
+                }
+                Err(e) => {
+                    warn!("socket egress program: {e:#}");
+                    status.error(&format!("socket egress program: {e:#}"));
+                }
             }
         }
         publish(&mut rec, &mut status);

@@ -15,8 +15,8 @@ use anyhow::{Context, Result};
 use aya::{
     Ebpf,
     programs::{
-        CgroupAttachMode, CgroupSockAddr, LinkOrder, SchedClassifier, TcAttachType, links::FdLink,
-        tc::TcAttachOptions,
+        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, LinkOrder,
+        SchedClassifier, TcAttachType, links::FdLink, tc::TcAttachOptions,
     },
 };
 
@@ -33,6 +33,9 @@ pub const SOCK_PROGRAMS: &[&str] = &[
     "lb_recvmsg6",
     "lb_getpeername6",
 ];
+/// `loadBalancerSourceRanges` for sockets: on the cgroup only while some
+/// Service has source ranges.
+pub const SOCK_EGRESS: &str = "lb_sock_egress";
 pub const FROM_NETDEV: &str = "lb_from_netdev";
 pub const TO_NETDEV: &str = "lb_to_netdev";
 
@@ -128,6 +131,46 @@ pub fn cgroup(ebpf: &mut Ebpf, pins: &Path, cgroup: &Path) -> Result<Outcome> {
             .with_context(|| format!("pinning {}", path.display()))?;
     }
     Ok(out)
+}
+
+/// Puts `lb_sock_egress` on `cgroup` (`on`), swapping this agent's program
+/// in under a pinned link of an earlier agent, or takes it off. Returns
+/// whether an attachment was made or removed.
+pub fn sock_egress(ebpf: &mut Ebpf, pins: &Path, cgroup: &Path, on: bool) -> Result<bool> {
+    let path = link_path(pins, SOCK_EGRESS, None);
+    if !on {
+        if !path.exists() {
+            return Ok(false);
+        }
+        fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
+        return Ok(true);
+    }
+    let cg =
+        fs::File::open(cgroup).with_context(|| format!("opening cgroup {}", cgroup.display()))?;
+    let want = std::os::unix::fs::MetadataExt::ino(&cg.metadata()?);
+    let prog: &mut CgroupSkb = ebpf
+        .program_mut(SOCK_EGRESS)
+        .with_context(|| format!("program {SOCK_EGRESS} missing from the object"))?
+        .try_into()?;
+    if prog.fd().is_err() {
+        prog.load()
+            .with_context(|| format!("loading {SOCK_EGRESS}"))?;
+    }
+    let moving = on_other_cgroup(&path, want)?;
+    if !moving && replace_pinned(&path, prog.fd()?.as_fd())? {
+        return Ok(false);
+    }
+    let id = prog
+        .attach(&cg, CgroupSkbAttachType::Egress, CgroupAttachMode::Single)
+        .with_context(|| format!("attaching {SOCK_EGRESS} to cgroup {}", cgroup.display()))?;
+    let link: FdLink = prog.take_link(id)?.try_into()?;
+    if moving {
+        fs::remove_file(&path)
+            .with_context(|| format!("removing {} (another cgroup)", path.display()))?;
+    }
+    link.pin(&path)
+        .with_context(|| format!("pinning {}", path.display()))?;
+    Ok(true)
 }
 
 /// Attaches the device programs to `device` (tcx ingress and egress), or
