@@ -12,10 +12,16 @@ pub const FOCUS: &str = r"\[sig-network\] (Services|Conntrack|Networking Granula
 
 /// Tests left out, each with why: only what needs something this machine
 /// cannot have, or tests of another component.
-pub const SKIPS: &[(&str, &str)] = &[(
-    r"\[Feature:KubeProxyNFAcct\]",
-    "counts packets with kube-proxy's nfacct objects (iptables/nftables rules); a test of kube-proxy's own metrics",
-)];
+pub const SKIPS: &[(&str, &str)] = &[
+    (
+        r"\[Feature:KubeProxyNFAcct\]",
+        "counts packets with kube-proxy's nfacct objects (iptables/nftables rules); a test of kube-proxy's own metrics",
+    ),
+    (
+        r"\[Feature:SCTPConnectivity\]",
+        "needs SCTP sockets, which this machine's kernel does not have (socket(AF_INET, SOCK_STREAM, IPPROTO_SCTP) fails with EPROTONOSUPPORT; no loadable modules); the datapath does not forward SCTP either (README, Status)",
+    ),
+];
 
 /// The skips as one `--ginkgo.skip` regular expression.
 pub fn skip_regex() -> String {
@@ -210,9 +216,73 @@ fn regex_lite_match(re: &str, text: &str) -> bool {
     }
 }
 
-/// docs/e2e.md: when, which release, the command, the counts and times,
-/// and one row per test.
-pub fn markdown(
+/// The generated part of docs/e2e.md lies between these lines; the prose
+/// around it (the analysis of each failure) is kept as written.
+pub const BEGIN: &str =
+    "<!-- e2e results: written by `cargo xtask e2e --report`, rows merged run after run -->";
+pub const END: &str = "<!-- end of e2e results -->";
+
+/// One test's row: its latest result.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Row {
+    pub result: String,
+    pub seconds: u64,
+    /// The date of the run that gave it (UTC).
+    pub run: String,
+    pub why: String,
+}
+
+/// The rows and the list of runs of a report written before.
+pub fn parse_report(md: &str) -> (std::collections::BTreeMap<String, Row>, Vec<String>) {
+    let mut rows = std::collections::BTreeMap::new();
+    let mut runs = Vec::new();
+    let Some(block) = md.split(BEGIN).nth(1).and_then(|b| b.split(END).next()) else {
+        return (rows, runs);
+    };
+    for line in block.lines() {
+        if let Some(run) = line.strip_prefix("- run ") {
+            runs.push(run.to_string());
+            continue;
+        }
+        if !line.starts_with("| [") {
+            continue;
+        }
+        // Cells are split on `|` not escaped as `\|`.
+        let mut cells = Vec::new();
+        let mut cur = String::new();
+        let mut chars = line.trim().trim_matches('|').chars().peekable();
+        while let Some(c) = chars.next() {
+            match c {
+                '\\' if chars.peek() == Some(&'|') => {
+                    cur.push('|');
+                    chars.next();
+                }
+                '|' => cells.push(std::mem::take(&mut cur).trim().to_string()),
+                c => cur.push(c),
+            }
+        }
+        cells.push(cur.trim().to_string());
+        if let [name, result, time, run, why] = &cells[..] {
+            rows.insert(
+                name.clone(),
+                Row {
+                    result: result.clone(),
+                    seconds: time.trim_end_matches(" s").parse().unwrap_or(0),
+                    run: run.clone(),
+                    why: why.clone(),
+                },
+            );
+        }
+    }
+    (rows, runs)
+}
+
+/// The report with this run's results merged into `previous` (a test run
+/// again replaces its row; the others keep theirs with their run's date).
+/// The prose before and after the generated block is kept.
+#[allow(clippy::too_many_arguments)]
+pub fn report(
+    previous: &str,
     results: &[TestResult],
     version: &str,
     command: &str,
@@ -220,47 +290,78 @@ pub fn markdown(
     ready: Duration,
     took: Duration,
 ) -> String {
-    let count = |o: Outcome| results.iter().filter(|r| r.outcome == o).count();
-    let mut s = String::new();
-    s.push_str("# Upstream e2e results\n\n");
-    s.push_str(&format!(
-        "Run on {} with `{command}`: Kubernetes **{version}** (`e2e.test` built from \
-         `k8s.io/kubernetes/test/e2e` at that release), two real nodes (kubelet, containerd, \
-         runc, CNI bridge), no kube-proxy, the agent installed with `helm install` from \
-         `charts/lbctl`.\n\n",
-        crate::controlplane::now()
-    ));
-    s.push_str(&format!(
-        "**{} passed, {} failed, {} skipped** of {} tests. Cluster up (nodes Ready) in {:.0} s, \
-         agent and DNS ready at {:.0} s; the suite took {:.0} min.\n\n",
-        count(Outcome::Passed),
-        count(Outcome::Failed),
-        count(Outcome::Skipped),
-        results.len(),
-        up.as_secs_f64(),
-        ready.as_secs_f64(),
-        took.as_secs_f64() / 60.0
-    ));
-    s.push_str("| test | result | time | reason or failure |\n|---|---|---|---|\n");
+    let today = crate::controlplane::now();
+    let date = today.split('T').next().unwrap_or(&today).to_string();
+    let (mut rows, mut runs) = parse_report(previous);
     for r in results {
         let why = r
             .failure
             .lines()
             .next()
             .unwrap_or("")
-            .replace('|', "\\|")
             .chars()
             .take(300)
             .collect::<String>();
-        s.push_str(&format!(
-            "| {} | {} | {:.0} s | {} |\n",
-            r.name.replace('|', "\\|"),
-            r.outcome.word(),
+        rows.insert(
+            r.name.clone(),
+            Row {
+                result: r.outcome.word().to_string(),
+                seconds: r.seconds.round() as u64,
+                run: date.clone(),
+                why,
+            },
+        );
+    }
+    runs.push(format!(
+        "{today}: `{command}`, {} tests in {:.0} min (Kubernetes {version}; three nodes Ready {:.0} s after start, agent and DNS ready at {:.0} s)",
+        results.len(),
+        took.as_secs_f64() / 60.0,
+        up.as_secs_f64(),
+        ready.as_secs_f64()
+    ));
+    let count = |w: &str| rows.values().filter(|r| r.result == w).count();
+    let mut b = String::new();
+    b.push_str(BEGIN);
+    b.push_str("\n\n## Results\n\n");
+    b.push_str(&format!(
+        "**{} passed, {} failed, {} skipped** of the {} tests of the focus that have run, each \
+         with its latest result.\n\nRuns:\n\n",
+        count("pass"),
+        count("fail"),
+        count("skip"),
+        rows.len()
+    ));
+    for run in &runs {
+        b.push_str(&format!("- run {run}\n"));
+    }
+    b.push_str("\n| test | result | time | run | reason or failure |\n|---|---|---|---|---|\n");
+    for (name, r) in &rows {
+        b.push_str(&format!(
+            "| {} | {} | {} s | {} | {} |\n",
+            name.replace('|', "\\|"),
+            r.result,
             r.seconds,
-            why
+            r.run,
+            r.why.replace('|', "\\|")
         ));
     }
-    s
+    b.push_str(END);
+    b.push('\n');
+    match (previous.find(BEGIN), previous.find(END)) {
+        (Some(i), Some(j)) if i < j => {
+            format!(
+                "{}{}{}",
+                &previous[..i],
+                b,
+                &previous[j + END.len()..].trim_start_matches('\n')
+            )
+        }
+        _ => format!(
+            "{}{}{b}",
+            previous,
+            if previous.is_empty() { "" } else { "\n" }
+        ),
+    }
 }
 
 #[cfg(test)]
@@ -282,6 +383,10 @@ mod tests {
             "[sig-network] KubeProxy should update metric for tracking accepted packets destined for localhost nodeports [Feature:KubeProxyNFAcct]"
         )
         .is_some());
+        assert!(skip_reason(
+            "[sig-network] Networking Granular Checks: Services should function for pod-Service: sctp [Feature:SCTPConnectivity]"
+        )
+        .is_some_and(|why| why.contains("EPROTONOSUPPORT")));
         assert!(
             skip_reason("[sig-network] Services should be able to up and down services").is_none()
         );
@@ -297,5 +402,68 @@ mod tests {
             focus_of(&names),
             "\\[sig-network\\] Services should serve a basic endpoint from pods \\[Conformance\\]|\\[sig-network\\] Networking Granular Checks: Services should function for pod-Service: http"
         );
+    }
+
+    #[test]
+    fn reports_merge_run_after_run_and_keep_the_prose() {
+        let t = |name: &str, outcome, failure: &str| TestResult {
+            name: name.into(),
+            outcome,
+            failure: failure.into(),
+            seconds: 3.4,
+        };
+        let d = Duration::from_secs(60);
+        let first = report(
+            "# Upstream e2e results\n\nprose before\n",
+            &[
+                t("[sig-network] A", Outcome::Passed, ""),
+                t(
+                    "[sig-network] B | pipes",
+                    Outcome::Failed,
+                    "timed out\nmore",
+                ),
+            ],
+            "v1.37.2",
+            "cargo xtask e2e",
+            d,
+            d,
+            d,
+        );
+        let with_after = format!("{first}\n## Failures\n\nprose after\n");
+        let second = report(
+            &with_after,
+            &[t("[sig-network] B | pipes", Outcome::Passed, "")],
+            "v1.37.2",
+            "cargo xtask e2e --tests rest.txt",
+            d,
+            d,
+            d,
+        );
+        assert!(second.starts_with("# Upstream e2e results\n\nprose before\n"));
+        assert!(second.ends_with("## Failures\n\nprose after\n"), "{second}");
+        let (rows, runs) = parse_report(&second);
+        assert_eq!(runs.len(), 2);
+        assert!(runs[1].contains("--tests rest.txt"));
+        assert_eq!(rows.len(), 2);
+        assert_eq!(rows["[sig-network] A"].result, "pass");
+        assert_eq!(rows["[sig-network] B | pipes"].result, "pass");
+        assert_eq!(rows["[sig-network] A"].seconds, 3);
+        assert!(second.contains("**2 passed, 0 failed, 0 skipped** of the 2 tests"));
+        assert_eq!(second.matches(BEGIN).count(), 1);
+    }
+
+    #[test]
+    fn the_committed_report_parses_and_holds_only_tests_of_the_focus() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/e2e.md");
+        let (rows, runs) = parse_report(&std::fs::read_to_string(path).unwrap());
+        assert!(!runs.is_empty());
+        assert!(rows.len() >= 68, "{} rows", rows.len());
+        for (name, row) in &rows {
+            assert!(in_focus(name), "{name}");
+            assert!(
+                ["pass", "fail", "skip"].contains(&row.result.as_str()),
+                "{name}"
+            );
+        }
     }
 }

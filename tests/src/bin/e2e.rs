@@ -39,6 +39,8 @@ struct Args {
     write_passing: bool,
     /// Parallel test processes.
     procs: usize,
+    /// `--tests FILE`: the file, for the report's command line.
+    tests: Option<String>,
 }
 
 fn parse_args() -> Result<Args> {
@@ -49,6 +51,7 @@ fn parse_args() -> Result<Args> {
         passing: None,
         write_passing: false,
         procs: 3,
+        tests: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
@@ -64,6 +67,7 @@ fn parse_args() -> Result<Args> {
             "--tests" => {
                 let file = it.next().context("--tests FILE")?;
                 args.focus = e2e::focus_of(&e2e::read_passing(std::path::Path::new(&file))?);
+                args.tests = Some(file);
             }
             "--write-passing" => args.write_passing = true,
             "--procs" => args.procs = it.next().context("--procs N")?.parse()?,
@@ -154,13 +158,24 @@ fn main() -> Result<()> {
     if let Some(path) = &args.report {
         let command = format!(
             "cargo xtask e2e{}",
-            if args.focus == e2e::FOCUS {
-                String::new()
-            } else {
-                format!(" --focus '{}'", args.focus)
+            match &args.tests {
+                Some(file) => format!(" --tests {file}"),
+                None if args.focus == e2e::FOCUS => String::new(),
+                None => format!(" --focus '{}'", args.focus),
             }
         );
-        let text = e2e::markdown(&results, &kubernetes_version(), &command, up, ready, took);
+        // Merged into the report there: rows of tests not run this time
+        // stay, with their run's date.
+        let previous = std::fs::read_to_string(path).unwrap_or_default();
+        let text = e2e::report(
+            &previous,
+            &results,
+            &kubernetes_version(),
+            &command,
+            up,
+            ready,
+            took,
+        );
         std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
         eprintln!("==> wrote {}", path.display());
     }
