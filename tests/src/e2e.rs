@@ -44,6 +44,7 @@ pub fn suite_args(
     focus: &str,
     skip: &str,
     procs: usize,
+    nodes: usize,
 ) -> Vec<String> {
     let mut a = vec![
         format!("--procs={procs}"),
@@ -62,7 +63,7 @@ pub fn suite_args(
     a.extend([
         format!("--kubeconfig={}", kubeconfig.display()),
         "--provider=skeleton".into(),
-        format!("--num-nodes={}", crate::nodes::NODES.len()),
+        format!("--num-nodes={nodes}"),
         "--disable-log-dump".into(),
     ]);
     a
@@ -313,7 +314,7 @@ pub fn report(
         );
     }
     runs.push(format!(
-        "{today}: `{command}`, {} tests in {:.0} min (Kubernetes {version}; three nodes Ready {:.0} s after start, agent and DNS ready at {:.0} s)",
+        "{today}: `{command}`, {} tests in {:.0} min (Kubernetes {version}; nodes Ready {:.0} s after start, agent and DNS ready at {:.0} s)",
         results.len(),
         took.as_secs_f64() / 60.0,
         up.as_secs_f64(),

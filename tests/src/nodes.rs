@@ -51,7 +51,15 @@ pub const NODES: &[(&str, Ipv4Addr, u8, &str)] = &[
     // Three: several upstream tests want three schedulable nodes in three
     // zones.
     ("node-c", Ipv4Addr::new(172, 18, 0, 4), 3, "zone-c"),
+    // Six (`NodeCluster::start_with`): Traffic Distribution's zone tests
+    // want two nodes in each of three zones.
+    ("node-d", Ipv4Addr::new(172, 18, 0, 5), 4, "zone-a"),
+    ("node-e", Ipv4Addr::new(172, 18, 0, 6), 5, "zone-b"),
+    ("node-f", Ipv4Addr::new(172, 18, 0, 7), 6, "zone-c"),
 ];
+
+/// Nodes of a cluster started with [`NodeCluster::start`].
+pub const DEFAULT_NODES: usize = 3;
 
 /// LoadBalancer addresses: routed from the LAN's router (the control
 /// plane's namespace) to the nodes.
@@ -490,6 +498,17 @@ impl NodeCluster {
     /// its kubelet registered and Ready. `lbctl` is the release binary the
     /// agent image is made from.
     pub fn start(lbctl: &Path) -> Self {
+        Self::start_with(lbctl, DEFAULT_NODES)
+    }
+
+    /// As [`Self::start`], with the first `count` of [`NODES`].
+    pub fn start_with(lbctl: &Path, count: usize) -> Self {
+        assert!(
+            (1..=NODES.len()).contains(&count),
+            "1 to {} nodes",
+            NODES.len()
+        );
+        let nodes = &NODES[..count];
         // Nodes first (their processes, cgroups and kernel tunables), then
         // the namespaces and folders of runs that died.
         crate::guard::sweep();
@@ -499,7 +518,7 @@ impl NodeCluster {
         let lan = Netns::new("ln");
         topo::ip(&lan, &["link", "add", "lan0", "type", "bridge"]);
         topo::ip(&lan, &["link", "set", "lan0", "up"]);
-        let names: Vec<&str> = NODES.iter().map(|n| n.0).collect();
+        let names: Vec<&str> = nodes.iter().map(|n| n.0).collect();
         let cp = ControlPlane::start_for_nodes(
             &lan,
             "lan0",
@@ -540,7 +559,7 @@ impl NodeCluster {
             work,
             tunables,
         };
-        for (name, ip, net, _) in NODES {
+        for (name, ip, net, _) in nodes {
             cluster
                 .nodes
                 .push(RealNode::new(&cluster.lan, name, *ip, *net, &cluster.work));
@@ -548,7 +567,7 @@ impl NodeCluster {
         // Pod networks are routed: each node to the others' pods, the
         // control plane to every pod (webhooks, the `kubernetes` Service's
         // replies).
-        for (_, ip, net, _) in NODES {
+        for (_, ip, net, _) in nodes {
             let dst = format!("10.244.{net}.0/24");
             topo::ip(
                 &cluster.cp.netns,
@@ -560,7 +579,7 @@ impl NodeCluster {
                 }
             }
         }
-        for (i, (_, _, _, zone)) in NODES.iter().enumerate() {
+        for (i, (_, _, _, zone)) in nodes.iter().enumerate() {
             cluster.nodes[i].start_containerd(&cni_bin, &images);
             let cp = &cluster.cp;
             cluster.nodes[i].start_kubelet(cp, zone);

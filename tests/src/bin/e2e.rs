@@ -12,7 +12,11 @@
 //! in the passing list), e.g. those a stopped run did not reach.
 //!
 //! Usage: e2e [--focus REGEX] [--skip REGEX] [--passing] [--tests FILE]
-//!            [--write-passing] [--report FILE] [--procs N] [--keep-logs]
+//!            [--write-passing] [--report FILE] [--procs N] [--nodes N]
+//!            [--keep-logs]
+//!
+//! `--nodes 6` (default 3) runs two nodes in each of the three zones, as
+//! Traffic Distribution's zone tests want.
 
 use std::{
     collections::BTreeMap,
@@ -41,6 +45,8 @@ struct Args {
     procs: usize,
     /// `--tests FILE`: the file, for the report's command line.
     tests: Option<String>,
+    /// Nodes of the cluster (3; 6 for Traffic Distribution's zone tests).
+    nodes: usize,
 }
 
 fn parse_args() -> Result<Args> {
@@ -52,6 +58,7 @@ fn parse_args() -> Result<Args> {
         write_passing: false,
         procs: 3,
         tests: None,
+        nodes: lb_tests::nodes::DEFAULT_NODES,
     };
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
@@ -71,13 +78,14 @@ fn parse_args() -> Result<Args> {
             }
             "--write-passing" => args.write_passing = true,
             "--procs" => args.procs = it.next().context("--procs N")?.parse()?,
+            "--nodes" => args.nodes = it.next().context("--nodes N")?.parse()?,
             "--keep-logs" => {
                 // SAFETY: single-threaded at this point.
                 unsafe { std::env::set_var("LB_KEEP_CLUSTER_LOGS", "1") };
             }
             other => bail!(
                 "unknown argument {other}; usage: e2e [--focus RE] [--skip RE] [--passing] \
-                 [--tests FILE] [--write-passing] [--report FILE] [--procs N] [--keep-logs]"
+                 [--tests FILE] [--write-passing] [--report FILE] [--procs N] [--nodes N] [--keep-logs]"
             ),
         }
     }
@@ -89,7 +97,7 @@ fn main() -> Result<()> {
     let args = parse_args()?;
     let started = Instant::now();
     let lbctl = lbctl_binary();
-    let mut cluster = NodeCluster::start(&lbctl);
+    let mut cluster = NodeCluster::start_with(&lbctl, args.nodes);
     cluster.start_load_balancer(&lbctl.with_file_name("lb-cloud"));
     let up = started.elapsed();
     cluster.install_agent();
@@ -109,6 +117,7 @@ fn main() -> Result<()> {
         &args.focus,
         &args.skip,
         args.procs,
+        args.nodes,
     );
     eprintln!("==> ginkgo {} (log: {})", e2e_args.join(" "), log.display());
     let run_start = Instant::now();
@@ -157,7 +166,12 @@ fn main() -> Result<()> {
     );
     if let Some(path) = &args.report {
         let command = format!(
-            "cargo xtask e2e{}",
+            "cargo xtask e2e{}{}",
+            if args.nodes == lb_tests::nodes::DEFAULT_NODES {
+                String::new()
+            } else {
+                format!(" --nodes {}", args.nodes)
+            },
             match &args.tests {
                 Some(file) => format!(" --tests {file}"),
                 None if args.focus == e2e::FOCUS => String::new(),
