@@ -635,28 +635,39 @@ impl NodeCluster {
     /// with this cluster's API server address and the hybrid host's cgroup
     /// v2 mount; waits for the DaemonSet's pods on every node.
     pub fn install_agent(&self) {
+        self.install_agent_in("lb-system", &[]);
+    }
+
+    /// As [`Self::install_agent`], into `namespace` with more `--set`
+    /// values (`key=value`).
+    pub fn install_agent_in(&self, namespace: &str, sets: &[&str]) {
         let chart = workspace().join("charts/lbctl");
-        let out = self.helm(&[
+        let host = format!("k8sServiceHost={CP_IP}");
+        let mut args = vec![
             "install",
             "lbctl",
-            &chart.display().to_string(),
+            chart.to_str().expect("utf-8 path"),
             "--namespace",
-            "lb-system",
+            namespace,
             "--create-namespace",
             "--set",
-            &format!("k8sServiceHost={CP_IP}"),
+            &host,
             "--set",
             "k8sServicePort=6443",
             "--set",
             "cgroupRoot=/sys/fs/cgroup/unified",
-        ]);
+        ];
+        for s in sets {
+            args.extend(["--set", s]);
+        }
+        let out = self.helm(&args);
         assert!(
             out.status.success(),
             "helm install: {}{}",
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
-        self.rollout("lb-system", "daemonset/lbctl");
+        self.rollout(namespace, "daemonset/lbctl");
     }
 
     /// CoreDNS as kubeadm installs it (tests/cluster/addons/coredns.yaml),
