@@ -88,6 +88,15 @@ pub fn read_passing(path: &Path) -> Result<Vec<String>> {
         .collect())
 }
 
+/// Not marked `[Slow]`, `[Serial]` or `[Disruptive]`: what `cargo xtask
+/// test` runs of the passing list (the marked ones take minutes each, or
+/// the cluster alone).
+pub fn is_quick(name: &str) -> bool {
+    !["[Slow]", "[Serial]", "[Disruptive]"]
+        .iter()
+        .any(|m| name.contains(m))
+}
+
 /// A focus that selects exactly these tests: their full names, regex
 /// metacharacters escaped, as one alternation.
 pub fn focus_of(names: &[String]) -> String {

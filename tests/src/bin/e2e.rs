@@ -8,6 +8,9 @@
 //! and fails unless every one of them passes (the layer `cargo xtask test`
 //! runs); `--write-passing` rewrites that list from the run.
 //!
+//! `--quick` (with `--passing`) leaves out the listed tests marked
+//! `[Slow]`, `[Serial]` or `[Disruptive]` (what CI's time allows).
+//!
 //! `--tests FILE` runs the tests named in FILE (one full name a line, as
 //! in the passing list), e.g. those a stopped run did not reach.
 //!
@@ -60,6 +63,7 @@ fn parse_args() -> Result<Args> {
         tests: None,
         nodes: lb_tests::nodes::DEFAULT_NODES,
     };
+    let mut quick = false;
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
         match a.as_str() {
@@ -71,6 +75,7 @@ fn parse_args() -> Result<Args> {
                 args.focus = e2e::focus_of(&names);
                 args.passing = Some(names);
             }
+            "--quick" => quick = true,
             "--tests" => {
                 let file = it.next().context("--tests FILE")?;
                 args.focus = e2e::focus_of(&e2e::read_passing(std::path::Path::new(&file))?);
@@ -84,10 +89,21 @@ fn parse_args() -> Result<Args> {
                 unsafe { std::env::set_var("LB_KEEP_CLUSTER_LOGS", "1") };
             }
             other => bail!(
-                "unknown argument {other}; usage: e2e [--focus RE] [--skip RE] [--passing] \
+                "unknown argument {other}; usage: e2e [--focus RE] [--skip RE] [--passing [--quick]] \
                  [--tests FILE] [--write-passing] [--report FILE] [--procs N] [--nodes N] [--keep-logs]"
             ),
         }
+    }
+    if quick {
+        let names = args
+            .passing
+            .take()
+            .context("--quick narrows --passing")?
+            .into_iter()
+            .filter(|n| e2e::is_quick(n))
+            .collect::<Vec<_>>();
+        args.focus = e2e::focus_of(&names);
+        args.passing = Some(names);
     }
     Ok(args)
 }
