@@ -65,6 +65,13 @@ pub const DEFAULT_NODES: usize = 3;
 /// plane's namespace) to the nodes.
 pub const LB_POOL: &str = "172.18.1.0/24";
 
+/// The source of traffic from the LAN's router (where e2e.test runs) to
+/// the LoadBalancer addresses: a client outside the nodes' network, as on
+/// the internet (RFC 2544's benchmarking range). Upstream's
+/// externalTrafficPolicy tests check that the source a backend sees is not
+/// in the nodes' /16. The nodes route it back through the router.
+pub const OUTSIDE_CLIENT: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
+
 /// The kernel tunables the kubelet sets machine-wide
 /// (pkg/kubelet/cm: setupKernelTunables), restored when the cluster goes.
 const KERNEL_TUNABLES: &[&str] = &[
@@ -579,6 +586,24 @@ impl NodeCluster {
                 }
             }
         }
+        // The outside client: an address of the router, routed back to it
+        // by every node.
+        topo::ip(
+            &cluster.cp.netns,
+            &["addr", "add", &format!("{OUTSIDE_CLIENT}/32"), "dev", "lo"],
+        );
+        for n in &cluster.nodes {
+            topo::ip(
+                &n.netns,
+                &[
+                    "route",
+                    "add",
+                    &format!("{OUTSIDE_CLIENT}/32"),
+                    "via",
+                    &CP_IP.to_string(),
+                ],
+            );
+        }
         for (i, (_, _, _, zone)) in nodes.iter().enumerate() {
             cluster.nodes[i].start_containerd(&cni_bin, &images);
             let cp = &cluster.cp;
@@ -717,6 +742,7 @@ impl NodeCluster {
             .arg("--kubeconfig")
             .arg(self.cp.admin_kubeconfig())
             .args(["--pool", LB_POOL])
+            .args(["--src", &OUTSIDE_CLIENT.to_string()])
             .stdin(Stdio::null())
             .stdout(file.try_clone().expect("log"))
             .stderr(file)

@@ -9,7 +9,12 @@
 //! nodes with a local endpoint answer 200), otherwise the proxy's
 //! `/healthz` on 10256; the route's next hops are the nodes that pass.
 //!
-//! Usage: lb-cloud --kubeconfig FILE --pool 172.18.1.0/24
+//! With `--src ADDR` (an address of this namespace), traffic from here to
+//! the load balancer addresses leaves from ADDR, an address outside the
+//! nodes' network, as a client on the internet would be: upstream tests
+//! check that the source a backend sees is not one of the nodes' subnet.
+//!
+//! Usage: lb-cloud --kubeconfig FILE --pool 172.18.1.0/24 [--src ADDR]
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -94,7 +99,12 @@ fn ip_route(args: &[&str]) {
 
 /// The route to `ip` in this namespace: over every healthy node (ECMP),
 /// or none.
-fn set_route(ip: Ipv4Addr, via: &[Ipv4Addr], routed: &mut BTreeMap<Ipv4Addr, Vec<Ipv4Addr>>) {
+fn set_route(
+    ip: Ipv4Addr,
+    via: &[Ipv4Addr],
+    src: Option<Ipv4Addr>,
+    routed: &mut BTreeMap<Ipv4Addr, Vec<Ipv4Addr>>,
+) {
     if routed.get(&ip).is_some_and(|v| v == via) {
         return;
     }
@@ -103,6 +113,9 @@ fn set_route(ip: Ipv4Addr, via: &[Ipv4Addr], routed: &mut BTreeMap<Ipv4Addr, Vec
         ip_route(&["route", "del", &dst]);
     } else {
         let mut args: Vec<String> = vec!["route".into(), "replace".into(), dst];
+        if let Some(src) = src {
+            args.extend(["src".into(), src.to_string()]);
+        }
         for v in via {
             args.extend(["nexthop".into(), "via".into(), v.to_string()]);
         }
@@ -134,6 +147,7 @@ fn ingress_ip(svc: &Service) -> Option<Ipv4Addr> {
 async fn reconcile_once(
     client: &Client,
     pool: &Pool,
+    src: Option<Ipv4Addr>,
     routed: &mut BTreeMap<Ipv4Addr, Vec<Ipv4Addr>>,
 ) -> Result<()> {
     let services: Api<Service> = Api::all(client.clone());
@@ -230,7 +244,7 @@ async fn reconcile_once(
                 _ => healthy(*n, 10256, "/healthz"),
             })
             .collect();
-        set_route(ip, &via, routed);
+        set_route(ip, &via, src, routed);
     }
     let stale: Vec<Ipv4Addr> = routed
         .keys()
@@ -238,7 +252,7 @@ async fn reconcile_once(
         .filter(|ip| !wanted.contains(ip))
         .collect();
     for ip in stale {
-        set_route(ip, &[], routed);
+        set_route(ip, &[], src, routed);
         routed.remove(&ip);
     }
     Ok(())
@@ -248,13 +262,17 @@ async fn reconcile_once(
 async fn main() -> Result<()> {
     let mut kubeconfig = None;
     let mut pool = None;
+    let mut src = None;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
             "--kubeconfig" => kubeconfig = args.next(),
             "--pool" => pool = args.next(),
+            "--src" => src = Some(args.next().context("--src ADDR")?.parse::<Ipv4Addr>()?),
             other => {
-                bail!("unknown argument {other}; usage: lb-cloud --kubeconfig FILE --pool CIDR")
+                bail!(
+                    "unknown argument {other}; usage: lb-cloud --kubeconfig FILE --pool CIDR [--src ADDR]"
+                )
             }
         }
     }
@@ -265,7 +283,7 @@ async fn main() -> Result<()> {
     let client = Client::try_from(config)?;
     let mut routed = BTreeMap::new();
     loop {
-        if let Err(e) = reconcile_once(&client, &pool, &mut routed).await {
+        if let Err(e) = reconcile_once(&client, &pool, src, &mut routed).await {
             eprintln!("lb-cloud: {e:#}");
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
