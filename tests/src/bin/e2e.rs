@@ -216,10 +216,28 @@ fn main() -> Result<()> {
     if args.write_passing {
         let mut text = String::from(
             "# The upstream e2e tests that pass here (written by `cargo xtask e2e \
-             --write-passing`); `cargo xtask test` runs them and fails if one stops passing.\n",
+             --write-passing`, from the report's rows when given --report); `cargo xtask \
+             test` runs those not marked [Slow], [Serial] or [Disruptive] and fails if one \
+             stops passing; `cargo xtask e2e --passing` runs them all.\n",
         );
-        for r in results.iter().filter(|r| r.outcome == Outcome::Passed) {
-            text.push_str(&r.name);
+        // With a report, the merged rows of every run: the list is what
+        // the table says passes.
+        let passed: Vec<String> = match &args.report {
+            Some(path) => {
+                let (rows, _) = e2e::parse_report(&std::fs::read_to_string(path)?);
+                rows.into_iter()
+                    .filter(|(_, r)| r.result == "pass")
+                    .map(|(n, _)| n)
+                    .collect()
+            }
+            None => results
+                .iter()
+                .filter(|r| r.outcome == Outcome::Passed)
+                .map(|r| r.name.clone())
+                .collect(),
+        };
+        for name in passed {
+            text.push_str(&name);
             text.push('\n');
         }
         std::fs::write(e2e::passing_list(), text)?;
