@@ -586,6 +586,14 @@ impl NodeCluster {
                 }
             }
         }
+        // The router spreads flows to a LoadBalancer address over its
+        // nodes by the 5-tuple, as a cloud load balancer spreads
+        // connections (Linux's default hashes addresses only: one client
+        // would always reach one node).
+        cluster
+            .cp
+            .netns
+            .run(&["sysctl", "-q", "-w", "net.ipv4.fib_multipath_hash_policy=1"]);
         // The outside client: an address of the router, routed back to it
         // by every node.
         topo::ip(
