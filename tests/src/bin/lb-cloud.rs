@@ -7,7 +7,10 @@
 //! runs). As a cloud load balancer does, it health-checks the nodes: for
 //! `externalTrafficPolicy: Local` the Service's healthCheckNodePort (only
 //! nodes with a local endpoint answer 200), otherwise the proxy's
-//! `/healthz` on 10256; the route's next hops are the nodes that pass.
+//! `/healthz` on 10256; the route's next hops are the nodes that pass (the
+//! router spreads flows over them by their 5-tuple; a Service with
+//! `sessionAffinity: ClientIP` is routed to one of them, as clouds give
+//! the load balancer the Service's affinity).
 //!
 //! With `--src ADDR` (an address of this namespace), traffic from here to
 //! the load balancer addresses leaves from ADDR, an address outside the
@@ -236,7 +239,7 @@ async fn reconcile_once(
         wanted.insert(ip);
         let spec = svc.spec.as_ref().expect("handled");
         let local = spec.external_traffic_policy.as_deref() == Some("Local");
-        let via: Vec<Ipv4Addr> = node_ips
+        let mut via: Vec<Ipv4Addr> = node_ips
             .iter()
             .copied()
             .filter(|n| match (local, spec.health_check_node_port) {
@@ -244,6 +247,12 @@ async fn reconcile_once(
                 _ => healthy(*n, 10256, "/healthz"),
             })
             .collect();
+        // Client-IP affinity at the load balancer too, as clouds configure
+        // it from the Service: one client, one node (the router spreads
+        // other flows by their 5-tuple).
+        if spec.session_affinity.as_deref() == Some("ClientIP") {
+            via.truncate(1);
+        }
         set_route(ip, &via, src, routed);
     }
     let stale: Vec<Ipv4Addr> = routed
