@@ -418,12 +418,17 @@ evictionHard:
   nodefs.inodesFree: "0%"
   imagefs.available: "0%"
 serializeImagePulls: false
+# The node's own: the default, /var/log/pods, is the machine's, and each
+# kubelet removes the folders of pods it does not know there, so the
+# nodes deleted each other's pod logs (and they outlived the cluster).
+podLogsDir: {pod_logs}
 "#,
             cgroup_root = self.cgroup_root,
             sock = self.containerd_socket().display(),
             ip = self.ip,
             ca = cp.dir.join("ca.crt").display(),
             resolv = self.dir.join("resolv.conf").display(),
+            pod_logs = self.dir.join("pod-logs").display(),
         );
         // Pods of dnsPolicy Default get the node's resolver: none here.
         std::fs::write(self.dir.join("resolv.conf"), "options ndots:1\n").expect("resolv.conf");
