@@ -76,7 +76,7 @@ fn images_dir() -> PathBuf {
 }
 
 /// Bump when a recipe below changes.
-const RECIPE: &str = "images v3";
+const RECIPE: &str = "images v4";
 
 /// Every image the nodes need, made (or found) in `target/images/`.
 pub fn build_all(lbctl: &Path) -> Vec<Archive> {
@@ -397,12 +397,31 @@ fn agnhost_rootfs(root: &Path) {
         ("/usr/bin/socat", "/usr/bin/socat"),
         ("/usr/bin/dig", "/usr/bin/dig"),
         ("/usr/bin/nslookup", "/usr/bin/nslookup"),
-        // busybox 1.35's wget crashes on `-T`, which the tests use.
-        ("/usr/bin/wget", "/usr/bin/wget"),
     ] {
         copy_program(root, Path::new(program), to);
     }
+    wget(root);
     busybox(root);
+}
+
+/// `wget` as upstream's Alpine-based images have it (busybox's), from
+/// GNU wget: busybox 1.35's crashes on `-T`, which the tests use. Busybox
+/// wget tries once; GNU wget retries a timed-out connection 20 times, so a
+/// test that expects a dropped connection to fail within `-T 5` waited
+/// four minutes. The wrapper asks for one try.
+fn wget(root: &Path) {
+    copy_program(root, Path::new("/usr/bin/wget"), "/usr/libexec/wget.gnu");
+    let script = root.join("usr/bin/wget");
+    std::fs::create_dir_all(root.join("usr/bin")).expect("usr/bin");
+    std::fs::write(
+        &script,
+        "#!/bin/sh\n# busybox wget's behaviour: one try (see tests/src/images.rs)\n\
+         exec /usr/libexec/wget.gnu --tries=1 \"$@\"\n",
+    )
+    .expect("wget wrapper");
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755))
+        .expect("wget wrapper mode");
 }
 
 /// As upstream's nginx test image: nginx serving its default page on
@@ -442,8 +461,7 @@ fn nginx_rootfs(root: &Path) {
 
 fn busybox_rootfs(root: &Path) {
     etc(root);
-    // busybox 1.35's wget crashes on `-T`, which the tests use.
-    copy_program(root, Path::new("/usr/bin/wget"), "/usr/bin/wget");
+    wget(root);
     busybox(root);
 }
 
