@@ -94,6 +94,16 @@ fn parse_args() -> Result<Args> {
             ),
         }
     }
+    // The whole passing list wants six nodes when it holds a test that
+    // does (the quick subset leaves those out).
+    if !quick
+        && args
+            .passing
+            .as_ref()
+            .is_some_and(|n| n.iter().any(|n| e2e::needs_six_nodes(n)))
+    {
+        args.nodes = args.nodes.max(6);
+    }
     if quick {
         let names = args
             .passing
