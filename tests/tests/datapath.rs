@@ -1443,7 +1443,7 @@ fn batched_writes_leave_the_maps_as_the_mirror_says() {
     let read = |rec: &lbctl::agent::reconcile::Reconciler<ServiceMaps>| {
         rec.writer.read().expect("read the maps back")
     };
-    assert_eq!(read(&rec), *rec.state(), "after the full sync");
+    assert_eq!(read(&rec), rec.state(), "after the full sync");
     assert_eq!(rec.state().backends.len(), 3000);
 
     // Counters of one backend, bumped as the datapath would.
@@ -1484,7 +1484,7 @@ fn batched_writes_leave_the_maps_as_the_mirror_says() {
     let desired = model::translate(&cluster::to_objects(&changed, "node-a"), &node);
     let o = rec.reconcile(&desired).expect("reconcile the change");
     assert!(o.writes > 1000, "{} writes", o.writes);
-    assert_eq!(read(&rec), *rec.state(), "after the change");
+    assert_eq!(read(&rec), rec.state(), "after the change");
     let kept = maps.backend_stats(id);
     if rec.state().backends.contains_key(&id) {
         assert_eq!(

@@ -471,7 +471,7 @@ spec: {type: ExternalName, externalName: example.com}
         // Seeded from the maps, a new allocator holds what was programmed
         // (before any hash is consulted) and completes the folder the same.
         let mut b = Allocator::new("10.96.0.0/16", "30000-32767").unwrap();
-        b.adopt(rec.state());
+        b.adopt(&rec.state());
         for (k, ip) in &a.cluster_ips {
             assert_eq!(b.cluster_ips.get(k), Some(ip), "{k}");
         }

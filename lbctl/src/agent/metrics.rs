@@ -149,18 +149,9 @@ impl Metrics {
         }
     }
 
-    pub fn map_entries(&self, st: &super::state::MapState) {
-        use lb_common::maps::*;
-        for (map, n) in [
-            (FRONTENDS4, st.frontends.len()),
-            (ADDRS4, st.addrs.len()),
-            (BACKEND_SLOTS, st.slots.len()),
-            (SERVICE_BACKENDS, st.svc_backends.len()),
-            (SOURCE_RANGES4, st.source_ranges.len()),
-            (BACKENDS4, st.backends.len()),
-            (SERVICE_META, st.service_meta.len()),
-            (BACKEND_META, st.backend_meta.len()),
-        ] {
+    /// Entries per map, by name (`Reconciler::written_lens`).
+    pub fn map_entries(&self, lens: &[(&'static str, usize)]) {
+        for &(map, n) in lens {
             self.map_entries
                 .get_or_create(&MapLabel { map: map.into() })
                 .set(n as i64);

@@ -6,6 +6,7 @@ pub mod categorize;
 pub mod hcnp;
 pub mod health;
 pub mod ids;
+pub mod intern;
 pub mod logs;
 pub mod metrics;
 pub mod model;
@@ -23,6 +24,7 @@ pub mod state;
 pub mod status;
 pub mod store;
 pub mod unenforced;
+pub mod written;
 
 #[cfg(test)]
 mod tests;

@@ -274,8 +274,9 @@ pub struct Backend {
     pub terminating: bool,
     /// Runs on this agent's node.
     pub local: bool,
-    pub node_name: Option<String>,
-    pub zone: Option<String>,
+    /// Shared (`intern`).
+    pub node_name: Option<Arc<str>>,
+    pub zone: Option<Arc<str>>,
     /// Topology hints: zones and nodes this endpoint should serve.
     pub hint_zones: Vec<String>,
     pub hint_nodes: Vec<String>,
@@ -663,7 +664,7 @@ fn slice_backends(
                 Some(h) => (h.for_zones.clone(), h.for_nodes.clone()),
                 None => (Vec::new(), Vec::new()),
             };
-            for &addr in &ep.addresses {
+            if let Some(addr) = ep.address {
                 out.push(Backend {
                     addr: BackendAddr { addr, port, proto },
                     state,
@@ -713,7 +714,7 @@ fn endpoints_backends(
                 serving: true,
                 terminating: false,
                 local: a.node_name.as_deref().is_some_and(|n| n == node.name),
-                node_name: a.node_name.clone(),
+                node_name: a.node_name.as_deref().map(super::intern::intern),
                 zone: None,
                 hint_zones: vec![],
                 hint_nodes: vec![],

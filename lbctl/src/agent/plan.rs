@@ -3,95 +3,134 @@
 //! frontend will point at exists before the frontend points at it, and
 //! nothing is removed while a frontend still points at it.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::{collections::BTreeMap, ops::Bound};
 
 use lb_common::service::{Frontend4Key, SCOPE_ALL, ServiceBackendKey, SlotKey};
 
-use super::state::{MapState, Op, RangeKey};
+use super::{
+    state::{MapState, Op, RangeKey},
+    written::{Before, Was},
+};
 
-/// The keys of each map that may differ between two states.
-#[derive(Clone, Debug, Default)]
-pub struct Keys {
-    pub addrs: BTreeSet<u32>,
-    pub frontends: BTreeSet<Frontend4Key>,
-    pub slots: BTreeSet<SlotKey>,
-    pub svc_backends: BTreeSet<ServiceBackendKey>,
-    pub source_ranges: BTreeSet<RangeKey>,
-    pub backends: BTreeSet<u32>,
-    pub service_meta: BTreeSet<u32>,
-    pub backend_meta: BTreeSet<u32>,
+/// Where a phase's diff goes on from: after the last key of its previous
+/// chunk. A flush writes a phase in chunks, so neither its op list nor the
+/// writer's batch buffers ever hold a whole map (they were a sixth of the
+/// agent's peak memory at 10,000 Services).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Resume {
+    #[default]
+    Start,
+    Id(u32),
+    Frontend(Frontend4Key),
+    Slot(SlotKey),
+    Pair(ServiceBackendKey),
+    Range(RangeKey),
 }
 
-impl Keys {
-    /// Every key of a state.
-    pub fn all(s: &MapState) -> Self {
-        Self {
-            addrs: s.addrs.keys().copied().collect(),
-            frontends: s.frontends.keys().copied().collect(),
-            slots: s.slots.keys().copied().collect(),
-            svc_backends: s.svc_backends.keys().copied().collect(),
-            source_ranges: s.source_ranges.keys().copied().collect(),
-            backends: s.backends.keys().copied().collect(),
-            service_meta: s.service_meta.keys().copied().collect(),
-            backend_meta: s.backend_meta.keys().copied().collect(),
+/// A map key a phase can resume after.
+trait PhaseKey: Ord + Copy {
+    fn resume(self) -> Resume;
+    fn after(r: &Resume) -> Option<Self>;
+}
+
+macro_rules! phase_key {
+    ($t:ty, $v:ident) => {
+        impl PhaseKey for $t {
+            fn resume(self) -> Resume {
+                Resume::$v(self)
+            }
+            fn after(r: &Resume) -> Option<Self> {
+                match r {
+                    Resume::$v(k) => Some(*k),
+                    _ => None,
+                }
+            }
+        }
+    };
+}
+phase_key!(u32, Id);
+phase_key!(Frontend4Key, Frontend);
+phase_key!(SlotKey, Slot);
+phase_key!(ServiceBackendKey, Pair);
+phase_key!(RangeKey, Range);
+
+/// The op of each key of `before` after `from` that `only` admits, until
+/// `out` holds `limit`; returns whether keys are left (`from` then says
+/// where to go on).
+fn chunk<K: PhaseKey, V>(
+    before: &BTreeMap<K, Was<V>>,
+    only: impl Fn(&K) -> bool,
+    out: &mut Vec<Op>,
+    from: &mut Resume,
+    limit: usize,
+    mut op: impl FnMut(&K, &Was<V>) -> Option<Op>,
+) -> bool {
+    let start = match K::after(from) {
+        Some(k) => Bound::Excluded(k),
+        None => Bound::Unbounded,
+    };
+    for (k, was) in before.range((start, Bound::Unbounded)) {
+        if !only(k) {
+            continue;
+        }
+        if let Some(o) = op(k, was) {
+            out.push(o);
+            if out.len() >= limit {
+                *from = k.resume();
+                return true;
+            }
         }
     }
-
-    pub fn extend(&mut self, o: Self) {
-        self.addrs.extend(o.addrs);
-        self.frontends.extend(o.frontends);
-        self.slots.extend(o.slots);
-        self.svc_backends.extend(o.svc_backends);
-        self.source_ranges.extend(o.source_ranges);
-        self.backends.extend(o.backends);
-        self.service_meta.extend(o.service_meta);
-        self.backend_meta.extend(o.backend_meta);
-    }
+    false
 }
 
-fn puts<K: Ord + Copy, V: PartialEq + Copy>(
-    cur: &BTreeMap<K, V>,
+fn puts<K: PhaseKey, V: PartialEq + Copy>(
+    before: &BTreeMap<K, Was<V>>,
     want: &BTreeMap<K, V>,
-    keys: &BTreeSet<K>,
-    out: &mut Vec<Op>,
+    only: impl Fn(&K) -> bool,
+    (out, from, limit): (&mut Vec<Op>, &mut Resume, usize),
     op: impl Fn(K, V) -> Op,
-) {
-    for k in keys {
-        if let Some(v) = want.get(k)
-            && cur.get(k) != Some(v)
-        {
-            out.push(op(*k, *v));
-        }
-    }
+) -> bool {
+    chunk(before, only, out, from, limit, |k, was| {
+        let v = want.get(k)?;
+        (was.as_deref() != Some(v)).then(|| op(*k, *v))
+    })
 }
 
-fn dels<K: Ord + Copy, V>(
-    cur: &BTreeMap<K, V>,
+fn dels<K: PhaseKey, V>(
+    before: &BTreeMap<K, Was<V>>,
     want: &BTreeMap<K, V>,
-    keys: &BTreeSet<K>,
-    out: &mut Vec<Op>,
+    only: impl Fn(&K) -> bool,
+    (out, from, limit): (&mut Vec<Op>, &mut Resume, usize),
     op: impl Fn(K) -> Op,
-) {
-    for k in keys {
-        if cur.contains_key(k) && !want.contains_key(k) {
-            out.push(op(*k));
-        }
-    }
+) -> bool {
+    chunk(before, only, out, from, limit, |k, was| {
+        (was.is_some() && !want.contains_key(k)).then(|| op(*k))
+    })
+}
+
+fn any<K>(_: &K) -> bool {
+    true
 }
 
 /// Writes that turn `cur` into `want`; empty when they are equal.
 pub fn diff(cur: &MapState, want: &MapState) -> Vec<Op> {
-    let mut keys = Keys::all(cur);
-    keys.extend(Keys::all(want));
-    diff_keys(cur, want, &keys)
+    diff_before(&Before::of(cur, want), want)
 }
 
-/// Writes that turn `cur` into `want` on `keys`; the rest is taken to be
-/// equal already.
-pub fn diff_keys(cur: &MapState, want: &MapState, keys: &Keys) -> Vec<Op> {
+/// Writes that turn the maps into `want`, where they hold `before` at its
+/// keys and equal `want` elsewhere.
+pub fn diff_before(before: &Before, want: &MapState) -> Vec<Op> {
     let mut ops = Vec::new();
     for phase in 0..PHASES {
-        diff_phase(phase, cur, want, keys, &mut ops);
+        diff_phase(
+            phase,
+            before,
+            want,
+            &mut ops,
+            &mut Resume::Start,
+            usize::MAX,
+        );
     }
     ops
 }
@@ -100,136 +139,105 @@ pub fn diff_keys(cur: &MapState, want: &MapState, keys: &Keys) -> Vec<Op> {
 /// make-before-break order, deletions after, in reverse).
 pub const PHASES: usize = 18;
 
-/// The ops of one phase of the diff. Each phase reads only its own map's
-/// entries of `cur`, and the keys of different phases of one map never
-/// meet, so a writer may apply a phase's ops (and update `cur`) before the
-/// next phase is diffed: the ops are the same as [`diff_keys`] gives, and
-/// only one phase's list is ever held (a full sync's whole list was the
-/// agent's largest allocation).
-pub fn diff_phase(phase: usize, cur: &MapState, want: &MapState, keys: &Keys, ops: &mut Vec<Op>) {
+/// The ops of one phase of the diff, from `from` on, until `ops` holds
+/// `limit`; returns whether the phase has more (`from` then says where to
+/// go on). Each phase reads only its own map's entries of `before`, and
+/// the keys of different phases of one map never meet, so a writer may
+/// apply a chunk's ops (and forget their keys in `before`) before the
+/// next chunk or phase is diffed: the ops are the same as [`diff_before`]
+/// gives, and only one chunk's list is ever held.
+pub fn diff_phase(
+    phase: usize,
+    before: &Before,
+    want: &MapState,
+    ops: &mut Vec<Op>,
+    from: &mut Resume,
+    limit: usize,
+) -> bool {
     // A frontend's internal-scope entry exists before its all-traffic
     // entry points at it (`FE_TWO_SCOPES`), and goes after it.
-    let scoped = |internal: bool| -> BTreeSet<Frontend4Key> {
-        keys.frontends
-            .iter()
-            .filter(|k| (k.scope != SCOPE_ALL) == internal)
-            .copied()
-            .collect()
-    };
+    let internal = |k: &Frontend4Key| k.scope != SCOPE_ALL;
+    let all_traffic = |k: &Frontend4Key| k.scope == SCOPE_ALL;
+    let b = before;
+    let o = (ops, from, limit);
     match phase {
-        0 => {
-            for k in &keys.backends {
-                if let Some(v) = want.backends.get(k)
-                    && cur.backends.get(k) != Some(v)
-                {
-                    ops.push(Op::PutBackend(*k, *v, !cur.backends.contains_key(k)));
-                }
-            }
-        }
-        1 => puts(
-            &cur.backend_meta,
-            &want.backend_meta,
-            &keys.backend_meta,
-            ops,
-            |k, v| Op::PutBackendMeta(k, Box::new(v)),
-        ),
-        2 => {
-            for k in &keys.service_meta {
-                if let Some(v) = want.service_meta.get(k)
-                    && cur.service_meta.get(k) != Some(v)
-                {
-                    ops.push(Op::PutServiceMeta(
-                        *k,
-                        Box::new(*v),
-                        !cur.service_meta.contains_key(k),
-                    ));
-                }
-            }
-        }
-        3 => puts(&cur.slots, &want.slots, &keys.slots, ops, Op::PutSlot),
+        0 => chunk(&b.backends, any, o.0, o.1, o.2, |k, was| {
+            let v = want.backends.get(k)?;
+            (was.as_deref() != Some(v)).then(|| Op::PutBackend(*k, *v, was.is_none()))
+        }),
+        1 => puts(&b.backend_meta, &want.backend_meta, any, o, |k, v| {
+            Op::PutBackendMeta(k, Box::new(v))
+        }),
+        2 => chunk(&b.service_meta, any, o.0, o.1, o.2, |k, was| {
+            let v = want.service_meta.get(k)?;
+            (was.as_deref() != Some(v)).then(|| Op::PutServiceMeta(*k, Box::new(*v), was.is_none()))
+        }),
+        3 => puts(&b.slots, &want.slots, any, o, Op::PutSlot),
         4 => puts(
-            &cur.svc_backends,
+            &b.svc_backends,
             &want.svc_backends,
-            &keys.svc_backends,
-            ops,
+            any,
+            o,
             Op::PutServiceBackend,
         ),
         // A frontend is flagged for source ranges only once they are there.
         5 => puts(
-            &cur.source_ranges,
+            &b.source_ranges,
             &want.source_ranges,
-            &keys.source_ranges,
-            ops,
+            any,
+            o,
             Op::PutSourceRange,
         ),
         // The device path's address filter admits an address before its
         // frontends exist and drops it after they are gone.
-        6 => puts(&cur.addrs, &want.addrs, &keys.addrs, ops, Op::PutAddr),
-        7 => puts(
-            &cur.frontends,
-            &want.frontends,
-            &scoped(true),
-            ops,
-            Op::PutFrontend,
-        ),
+        6 => puts(&b.addrs, &want.addrs, any, o, Op::PutAddr),
+        7 => puts(&b.frontends, &want.frontends, internal, o, Op::PutFrontend),
         8 => puts(
-            &cur.frontends,
+            &b.frontends,
             &want.frontends,
-            &scoped(false),
-            ops,
+            all_traffic,
+            o,
             Op::PutFrontend,
         ),
         9 => dels(
-            &cur.frontends,
+            &b.frontends,
             &want.frontends,
-            &scoped(false),
-            ops,
+            all_traffic,
+            o,
             Op::DelFrontend,
         ),
-        10 => dels(
-            &cur.frontends,
-            &want.frontends,
-            &scoped(true),
-            ops,
-            Op::DelFrontend,
-        ),
-        11 => dels(&cur.addrs, &want.addrs, &keys.addrs, ops, Op::DelAddr),
+        10 => dels(&b.frontends, &want.frontends, internal, o, Op::DelFrontend),
+        11 => dels(&b.addrs, &want.addrs, any, o, Op::DelAddr),
         12 => dels(
-            &cur.source_ranges,
+            &b.source_ranges,
             &want.source_ranges,
-            &keys.source_ranges,
-            ops,
+            any,
+            o,
             Op::DelSourceRange,
         ),
-        13 => dels(&cur.slots, &want.slots, &keys.slots, ops, Op::DelSlot),
+        13 => dels(&b.slots, &want.slots, any, o, Op::DelSlot),
         14 => dels(
-            &cur.svc_backends,
+            &b.svc_backends,
             &want.svc_backends,
-            &keys.svc_backends,
-            ops,
+            any,
+            o,
             Op::DelServiceBackend,
         ),
         15 => dels(
-            &cur.service_meta,
+            &b.service_meta,
             &want.service_meta,
-            &keys.service_meta,
-            ops,
+            any,
+            o,
             Op::DelServiceMeta,
         ),
         16 => dels(
-            &cur.backend_meta,
+            &b.backend_meta,
             &want.backend_meta,
-            &keys.backend_meta,
-            ops,
+            any,
+            o,
             Op::DelBackendMeta,
         ),
-        17 => dels(
-            &cur.backends,
-            &want.backends,
-            &keys.backends,
-            ops,
-            Op::DelBackend,
-        ),
-        _ => {}
+        17 => dels(&b.backends, &want.backends, any, o, Op::DelBackend),
+        _ => false,
     }
 }

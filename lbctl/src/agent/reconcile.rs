@@ -24,9 +24,14 @@ use super::{
         Backend, BackendAddr, BackendState, Desired, FrontendKind, ObjKey, Proto, ServicePortKey,
         ServicePortState, ServiceType, TrafficPolicy,
     },
-    plan::{self, Keys},
+    plan,
     state::{MapState, Op, RangeKey, cstr, fixed},
+    written::{self, Before},
 };
+
+/// Ops a flush diffs and writes at a time (one batch per map): what bounds
+/// the op list and the writer's buffers.
+const FLUSH_CHUNK: usize = 8192;
 
 /// Backend sets: at most two per service port live at once (old and new).
 const MAX_SETS: u32 = u32::MAX - 1;
@@ -66,17 +71,15 @@ pub struct UdpLeft {
 
 /// Whether `op`, about to be applied to `state`, takes a UDP backend out
 /// of a Service port's serving ones (removed, or kept not serving).
-fn udp_backend_leaving(state: &MapState, op: &Op) -> Option<UdpLeft> {
+fn udp_backend_leaving(want: &MapState, before: &Before, op: &Op) -> Option<UdpLeft> {
     let (k, serving_after) = match op {
         Op::DelServiceBackend(k) => (k, false),
         Op::PutServiceBackend(k, f) => (k, f & SB_SERVING != 0),
         _ => return None,
     };
-    let was_serving = state
-        .svc_backends
-        .get(k)
+    let was_serving = written::written(&want.svc_backends, &before.svc_backends, k)
         .is_some_and(|f| f & SB_SERVING != 0);
-    let b = state.backends.get(&k.backend_id)?;
+    let b = written::written(&want.backends, &before.backends, &k.backend_id)?;
     (was_serving && !serving_after && b.proto == lb_common::PROTO_UDP).then_some(UdpLeft {
         service_id: k.service_id,
         addr: b.addr,
@@ -172,28 +175,23 @@ struct PortEntry {
     frontends: Vec<Frontend4Key>,
 }
 
-/// The maps' entries as the reconciler knows them, plus the indexes that
-/// let it answer "which sets do this service's frontends read in the maps"
-/// without a scan.
+/// Which frontends the maps hold for each service and how many read each
+/// backend set, as written: what "which sets do this service's frontends
+/// read in the maps" needs, without a scan.
 #[derive(Debug, Default)]
-struct Mirror {
-    state: MapState,
+struct WrittenIndex {
     /// service id -> its frontend keys, as written.
     fe_by_svc: BTreeMap<u32, BTreeSet<Frontend4Key>>,
     /// backend set -> number of frontends pointing at it, as written.
     set_refs: BTreeMap<u32, u32>,
 }
 
-impl Mirror {
-    fn new(state: MapState) -> Self {
-        let mut m = Self {
-            state: MapState::default(),
-            ..Default::default()
-        };
-        for (k, v) in &state.frontends {
+impl WrittenIndex {
+    fn new<'a>(frontends: impl Iterator<Item = (&'a Frontend4Key, &'a Frontend)>) -> Self {
+        let mut m = Self::default();
+        for (k, v) in frontends {
             m.link(*k, v);
         }
-        m.state = state;
         m
     }
 
@@ -202,10 +200,7 @@ impl Mirror {
         *self.set_refs.entry(v.backend_set).or_default() += 1;
     }
 
-    fn unlink(&mut self, k: Frontend4Key) {
-        let Some(old) = self.state.frontends.get(&k) else {
-            return;
-        };
+    fn unlink(&mut self, k: Frontend4Key, old: &Frontend) {
         if let Some(s) = self.fe_by_svc.get_mut(&old.service_id) {
             s.remove(&k);
             if s.is_empty() {
@@ -220,26 +215,18 @@ impl Mirror {
         }
     }
 
-    fn apply(&mut self, op: &Op) {
-        match op {
-            Op::PutFrontend(k, v) => {
-                self.unlink(*k);
-                self.link(*k, v);
-            }
-            Op::DelFrontend(k) => self.unlink(*k),
-            _ => {}
+    /// `op` is about to land on maps holding `old` at its key.
+    fn apply(&mut self, op: &Op, old: Option<&Frontend>) {
+        let k = match op {
+            Op::PutFrontend(k, _) | Op::DelFrontend(k) => *k,
+            _ => return,
+        };
+        if let Some(old) = old {
+            self.unlink(k, old);
         }
-        self.state.apply(op);
-    }
-
-    /// The sets the maps' frontends of a service read.
-    fn live_sets(&self, svc_id: u32) -> BTreeSet<u32> {
-        self.fe_by_svc
-            .get(&svc_id)
-            .into_iter()
-            .flatten()
-            .filter_map(|k| self.state.frontends.get(k).map(|f| f.backend_set))
-            .collect()
+        if let Op::PutFrontend(k, v) = op {
+            self.link(*k, v);
+        }
     }
 }
 
@@ -289,14 +276,18 @@ struct FrontendPlan {
 /// give them. Every key the target changes is remembered until a flush
 /// writes it; a flush diffs only those keys, so one EndpointSlice update
 /// costs a handful of comparisons and writes whatever the cluster's size.
-/// Invariant: outside `touched`, the maps equal the target.
+/// Invariant: outside the keys of `before`, the maps equal the target.
 pub struct Reconciler<W> {
     pub writer: W,
-    maps: Mirror,
+    /// The target: what the maps should hold.
     want: MapState,
-    touched: Keys,
+    /// What the maps hold where they may differ from the target.
+    before: Before,
+    index: WrittenIndex,
     ports: BTreeMap<ServicePortKey, PortEntry>,
-    backend_owners: BTreeMap<u32, Owners<(Backend4, BackendMeta)>>,
+    /// Backend id -> its address and the ports that list it; its entries
+    /// are made from the first port's input.
+    backend_owners: BTreeMap<u32, (BackendAddr, Owners<()>)>,
     frontend_owners: BTreeMap<Frontend4Key, Owners<Frontend>>,
     /// Frontends per address in the target (all, and ClusterIP ones), and
     /// the SNAT addresses.
@@ -359,12 +350,12 @@ impl<W: MapWriter> Reconciler<W> {
         set_pool.set_used(sets.iter().copied());
         Ok(Self {
             writer,
-            // Everything in the maps is to be compared at the first flush.
-            touched: Keys::all(&state),
             retiring_svcs: svc_ids.keys().cloned().collect(),
             retiring_backends: backend_ids.keys().copied().collect(),
             retiring_sets: sets,
-            maps: Mirror::new(state),
+            index: WrittenIndex::new(state.frontends.iter()),
+            // Everything in the maps is to be compared at the first flush.
+            before: Before::all(state),
             want: MapState::default(),
             ports: BTreeMap::new(),
             backend_owners: BTreeMap::new(),
@@ -448,10 +439,10 @@ impl<W: MapWriter> Reconciler<W> {
     /// every backend a frontend reads is marked serving for its port.
     /// Returns the entries written (0 when the maps have any already).
     pub fn migrate_service_backends(&mut self) -> Result<usize, MapError> {
-        let st = &self.maps.state;
-        if !st.svc_backends.is_empty() {
+        if written::written_len(&self.want.svc_backends, &self.before.svc_backends) != 0 {
             return Ok(0);
         }
+        let st = &self.state();
         let keys: BTreeSet<ServiceBackendKey> = st
             .frontends
             .values()
@@ -463,18 +454,51 @@ impl<W: MapWriter> Reconciler<W> {
             })
             .collect();
         for k in &keys {
-            let op = Op::PutServiceBackend(*k, SB_SERVING | SB_CLUSTER);
-            self.writer.apply(&op)?;
-            self.maps.apply(&op);
+            let v = SB_SERVING | SB_CLUSTER;
+            self.writer.apply(&Op::PutServiceBackend(*k, v))?;
             // Compared with the target at the first flush.
-            self.touched.svc_backends.insert(*k);
+            self.before.svc_backends.insert(*k, Some(Box::new(v)));
         }
         Ok(keys.len())
     }
 
-    /// What is in the maps, as far as this agent wrote or read it.
-    pub fn state(&self) -> &MapState {
-        &self.maps.state
+    /// What is in the maps, as far as this agent wrote or read it: a copy
+    /// (see `written_len` for counts).
+    pub fn state(&self) -> MapState {
+        written::materialize(&self.want, &self.before)
+    }
+
+    /// How many entries each map holds, by name.
+    pub fn written_lens(&self) -> [(&'static str, usize); 8] {
+        use lb_common::maps::*;
+        let (w, b) = (&self.want, &self.before);
+        [
+            (FRONTENDS4, written::written_len(&w.frontends, &b.frontends)),
+            (ADDRS4, written::written_len(&w.addrs, &b.addrs)),
+            (BACKEND_SLOTS, written::written_len(&w.slots, &b.slots)),
+            (
+                SERVICE_BACKENDS,
+                written::written_len(&w.svc_backends, &b.svc_backends),
+            ),
+            (
+                SOURCE_RANGES4,
+                written::written_len(&w.source_ranges, &b.source_ranges),
+            ),
+            (BACKENDS4, written::written_len(&w.backends, &b.backends)),
+            (
+                SERVICE_META,
+                written::written_len(&w.service_meta, &b.service_meta),
+            ),
+            (
+                BACKEND_META,
+                written::written_len(&w.backend_meta, &b.backend_meta),
+            ),
+        ]
+    }
+
+    /// Whether the maps hold a `loadBalancerSourceRanges` entry.
+    pub fn has_source_ranges(&self) -> bool {
+        written::written_len(&self.want.source_ranges, &self.before.source_ranges) > 0
     }
 
     /// What the maps should hold.
@@ -562,7 +586,7 @@ impl<W: MapWriter> Reconciler<W> {
     /// maps lack, hold stale or hold extra compared with the target
     /// (`lbctl diff`).
     pub fn pending_ops(&self) -> Vec<Op> {
-        plan::diff_keys(&self.maps.state, &self.want, &self.touched)
+        plan::diff_before(&self.before, &self.want)
     }
 
     /// Writes what the target changed since the last complete flush, in
@@ -570,31 +594,49 @@ impl<W: MapWriter> Reconciler<W> {
     /// land; the next flush goes on from there.
     pub fn flush(&mut self) -> Result<Outcome, ReconcileError> {
         let start = Instant::now();
-        // Phase by phase: only one phase's ops are held at a time.
+        // Phase by phase, in chunks: only one chunk's ops are held at a time.
         let mut writes = 0;
         let mut udp_left: Vec<UdpLeft> = Vec::new();
         let mut ops = Vec::new();
         for phase in 0..plan::PHASES {
-            ops.clear();
-            plan::diff_phase(phase, &self.maps.state, &self.want, &self.touched, &mut ops);
-            // Each key is in the diff once, so every op can be judged
-            // against the maps as they are before it.
-            udp_left.extend(
-                ops.iter()
-                    .filter_map(|op| udp_backend_leaving(&self.maps.state, op)),
-            );
-            let written = self.writer.apply_all(&ops);
-            let landed = match &written {
-                Ok(()) => ops.len(),
-                Err((n, _)) => *n,
-            };
-            for op in &ops[..landed] {
-                self.maps.apply(op);
+            let mut from = plan::Resume::Start;
+            loop {
+                ops.clear();
+                let more = plan::diff_phase(
+                    phase,
+                    &self.before,
+                    &self.want,
+                    &mut ops,
+                    &mut from,
+                    FLUSH_CHUNK,
+                );
+                // Each key is in the diff once, so every op can be judged
+                // against the maps as they are before it.
+                udp_left.extend(
+                    ops.iter()
+                        .filter_map(|op| udp_backend_leaving(&self.want, &self.before, op)),
+                );
+                let written = self.writer.apply_all(&ops);
+                let landed = match &written {
+                    Ok(()) => ops.len(),
+                    Err((n, _)) => *n,
+                };
+                for op in &ops[..landed] {
+                    if let Op::PutFrontend(k, _) | Op::DelFrontend(k) = op {
+                        let old = written::written(&self.want.frontends, &self.before.frontends, k);
+                        self.index.apply(op, old);
+                    }
+                    self.before.landed(op);
+                }
+                writes += landed;
+                written.map_err(|(_, e)| e)?;
+                if !more {
+                    break;
+                }
             }
-            writes += landed;
-            written.map_err(|(_, e)| e)?;
         }
-        self.touched = Keys::default();
+        // Every key left was equal to the target.
+        self.before = Before::default();
         // The maps hold nothing of the retired ids now.
         for k in std::mem::take(&mut self.retiring_svcs) {
             if !self.ports.contains_key(&k)
@@ -638,8 +680,12 @@ impl<W: MapWriter> Reconciler<W> {
         }
         self.write_port_backends(e.svc_id, &BTreeMap::new());
         self.write_port_ranges(e.svc_id, &BTreeSet::new());
-        self.want.service_meta.remove(&e.svc_id);
-        self.touched.service_meta.insert(e.svc_id);
+        written::set(
+            &mut self.want.service_meta,
+            &mut self.before.service_meta,
+            e.svc_id,
+            None,
+        );
         self.retiring_svcs.insert(k.clone());
     }
 
@@ -647,7 +693,7 @@ impl<W: MapWriter> Reconciler<W> {
         let Some(&id) = self.backend_ids.get(&a) else {
             return;
         };
-        if let Some(owners) = self.backend_owners.get_mut(&id) {
+        if let Some((_, owners)) = self.backend_owners.get_mut(&id) {
             owners.remove(k);
             if owners.is_empty() {
                 self.backend_owners.remove(&id);
@@ -658,18 +704,16 @@ impl<W: MapWriter> Reconciler<W> {
     }
 
     fn refresh_backend(&mut self, id: u32) {
-        match self.backend_owners.get(&id).and_then(Owners::first) {
-            Some((b, m)) => {
-                self.want.backends.insert(id, *b);
-                self.want.backend_meta.insert(id, *m);
-            }
-            None => {
-                self.want.backends.remove(&id);
-                self.want.backend_meta.remove(&id);
-            }
-        }
-        self.touched.backends.insert(id);
-        self.touched.backend_meta.insert(id);
+        let v = self.backend_owners.get(&id).and_then(|(addr, owners)| {
+            let (port, _) = owners.0.first()?;
+            let input = &self.ports.get(port.as_ref())?.input;
+            let i = input.backends.binary_search_by(|b| b.addr.cmp(addr)).ok()?;
+            let b = &input.backends[i];
+            Some((backend_entry(b), backend_meta(b)))
+        });
+        let (w, b) = (&mut self.want, &mut self.before);
+        written::set(&mut w.backends, &mut b.backends, id, v.map(|v| v.0));
+        written::set(&mut w.backend_meta, &mut b.backend_meta, id, v.map(|v| v.1));
     }
 
     fn release_frontend(&mut self, k: &ServicePortKey, fk: Frontend4Key) {
@@ -689,15 +733,19 @@ impl<W: MapWriter> Reconciler<W> {
             .frontends
             .get(&fk)
             .is_some_and(|f| f.kind == KIND_CLUSTER_IP);
-        match self.frontend_owners.get(&fk).and_then(Owners::first) {
-            Some(v) => {
-                self.want.frontends.insert(fk, *v);
+        let v = self
+            .frontend_owners
+            .get(&fk)
+            .and_then(Owners::first)
+            .copied();
+        written::set(&mut self.want.frontends, &mut self.before.frontends, fk, v);
+        match v {
+            Some(_) => {
                 if !had {
                     *self.addr_frontends.entry(fk.addr).or_default() += 1;
                 }
             }
             None => {
-                self.want.frontends.remove(&fk);
                 if had && let Some(n) = self.addr_frontends.get_mut(&fk.addr) {
                     *n -= 1;
                     if *n == 0 {
@@ -722,7 +770,6 @@ impl<W: MapWriter> Reconciler<W> {
                 self.addr_cluster_ips.remove(&fk.addr);
             }
         }
-        self.touched.frontends.insert(fk);
         self.refresh_addr(fk.addr);
     }
 
@@ -737,12 +784,8 @@ impl<W: MapWriter> Reconciler<W> {
         if self.addr_cluster_ips.contains_key(&addr) {
             flags |= ADDR_CLUSTER_IP;
         }
-        if flags == 0 {
-            self.want.addrs.remove(&addr);
-        } else {
-            self.want.addrs.insert(addr, flags);
-        }
-        self.touched.addrs.insert(addr);
+        let v = (flags != 0).then_some(flags);
+        written::set(&mut self.want.addrs, &mut self.before.addrs, addr, v);
     }
 
     /// Takes a set's slots out of the target; the set id is freed after
@@ -758,8 +801,7 @@ impl<W: MapWriter> Reconciler<W> {
         let old: Vec<SlotKey> = set_slots(&self.want.slots, set).map(|(k, _)| *k).collect();
         for k in old {
             if k.slot as usize >= slots.len() {
-                self.want.slots.remove(&k);
-                self.touched.slots.insert(k);
+                written::set(&mut self.want.slots, &mut self.before.slots, k, None);
             }
         }
         for (i, id) in slots.iter().enumerate() {
@@ -767,9 +809,7 @@ impl<W: MapWriter> Reconciler<W> {
                 backend_set: set,
                 slot: i as u32,
             };
-            if self.want.slots.insert(k, *id) != Some(*id) {
-                self.touched.slots.insert(k);
-            }
+            written::set(&mut self.want.slots, &mut self.before.slots, k, Some(*id));
         }
     }
 
@@ -789,14 +829,13 @@ impl<W: MapWriter> Reconciler<W> {
             .collect();
         for k in old {
             if !ranges.contains(&k) {
-                self.want.source_ranges.remove(&k);
-                self.touched.source_ranges.insert(k);
+                let b = &mut self.before.source_ranges;
+                written::set(&mut self.want.source_ranges, b, k, None);
             }
         }
         for k in ranges {
-            if self.want.source_ranges.insert(*k, 1) != Some(1) {
-                self.touched.source_ranges.insert(*k);
-            }
+            let b = &mut self.before.source_ranges;
+            written::set(&mut self.want.source_ranges, b, *k, Some(1));
         }
     }
 
@@ -808,8 +847,8 @@ impl<W: MapWriter> Reconciler<W> {
             .collect();
         for k in old {
             if !entries.contains_key(&k.backend_id) {
-                self.want.svc_backends.remove(&k);
-                self.touched.svc_backends.insert(k);
+                let b = &mut self.before.svc_backends;
+                written::set(&mut self.want.svc_backends, b, k, None);
             }
         }
         for (id, flags) in entries {
@@ -817,10 +856,44 @@ impl<W: MapWriter> Reconciler<W> {
                 service_id: svc_id,
                 backend_id: *id,
             };
-            if self.want.svc_backends.insert(k, *flags) != Some(*flags) {
-                self.touched.svc_backends.insert(k);
+            let b = &mut self.before.svc_backends;
+            written::set(&mut self.want.svc_backends, b, k, Some(*flags));
+        }
+    }
+
+    /// The sets the maps' frontends of a service read.
+    fn live_sets(&self, svc_id: u32) -> BTreeSet<u32> {
+        self.index
+            .fe_by_svc
+            .get(&svc_id)
+            .into_iter()
+            .flatten()
+            .filter_map(|k| {
+                written::written(&self.want.frontends, &self.before.frontends, k)
+                    .map(|f| f.backend_set)
+            })
+            .collect()
+    }
+
+    /// The slots of `set` as the maps hold them.
+    fn written_slots(&self, set: u32) -> BTreeMap<SlotKey, u32> {
+        let mut m: BTreeMap<SlotKey, u32> = set_slots(&self.want.slots, set)
+            .map(|(k, v)| (*k, *v))
+            .collect();
+        let range = SlotKey {
+            backend_set: set,
+            slot: 0,
+        }..=SlotKey {
+            backend_set: set,
+            slot: u32::MAX,
+        };
+        for (k, w) in self.before.slots.range(range) {
+            match w {
+                Some(v) => drop(m.insert(*k, **v)),
+                None => drop(m.remove(k)),
             }
         }
+        m
     }
 
     fn slots_equal(slots: &BTreeMap<SlotKey, u32>, set: u32, want: &[u32]) -> bool {
@@ -852,11 +925,14 @@ impl<W: MapWriter> Reconciler<W> {
                 .copied()
                 .find(|s| free(&chosen, *s) && Self::slots_equal(&self.want.slots, *s, l));
         }
-        let live = self.maps.live_sets(svc_id);
+        let live = self.live_sets(svc_id);
         for (i, (l, _)) in lists.iter().enumerate() {
             if chosen[i].is_none() {
                 chosen[i] = live.iter().copied().find(|s| {
-                    free(&chosen, *s) && Self::slots_equal(&self.maps.state.slots, *s, l)
+                    free(&chosen, *s) && {
+                        let written = self.written_slots(*s);
+                        Self::slots_equal(&written, *s, l)
+                    }
                 });
             }
         }
@@ -865,7 +941,7 @@ impl<W: MapWriter> Reconciler<W> {
                 chosen[i] = prev
                     .iter()
                     .copied()
-                    .find(|s| free(&chosen, *s) && !self.maps.set_refs.contains_key(s));
+                    .find(|s| free(&chosen, *s) && !self.index.set_refs.contains_key(s));
             }
         }
         let mut fresh = Vec::new();
@@ -939,22 +1015,72 @@ impl<W: MapWriter> Reconciler<W> {
         let akey = prev
             .as_ref()
             .map_or_else(|| Arc::new(key.clone()), |p| p.key.clone());
-        self.want
-            .service_meta
-            .insert(svc_id, service_meta(&key, &sp));
-        self.touched.service_meta.insert(svc_id);
-        for (id, b) in &ids {
-            self.retiring_backends.remove(&b.addr);
+        let meta = service_meta(&key, &sp);
+        let ranges: BTreeSet<RangeKey> = if plans.iter().any(|p| p.flags & FE_SOURCE_RANGES != 0) {
+            sp.source_ranges
+                .iter()
+                .map(|(a, len)| RangeKey {
+                    service_id: svc_id,
+                    addr: ip4(a.octets()),
+                    prefix_len: *len,
+                })
+                .collect()
+        } else {
+            BTreeSet::new()
+        };
+        let fe_values: Vec<(Frontend4Key, Frontend)> = plans
+            .iter()
+            .map(|plan| {
+                let (slots, fallback) = &lists[plan.list];
+                let count = slots.len().min(u16::MAX as usize) as u16;
+                let v = Frontend {
+                    service_id: svc_id,
+                    backend_set: sets[plan.list],
+                    count,
+                    terminating: if *fallback { count } else { 0 },
+                    flags: plan.flags,
+                    kind: plan.kind.number(),
+                    _pad: 0,
+                    affinity_timeout_s: sp.affinity_timeout_s.unwrap_or(0),
+                    _reserved: 0,
+                };
+                (plan.key, v)
+            })
+            .collect();
+        let id_list: Vec<(u32, BackendAddr)> = ids.iter().map(|(id, b)| (*id, b.addr)).collect();
+        // Sorted by address, as the translation sorts the backends.
+        let backends: Vec<BackendAddr> = sp.backends.iter().map(|b| b.addr).collect();
+        // The port is in place before its backends are refreshed: their
+        // values are read from the first owner's input.
+        self.ports.insert(
+            key.clone(),
+            PortEntry {
+                key: akey.clone(),
+                input: sp,
+                svc_id,
+                backends: backends.clone(),
+                sets: sets.clone(),
+                frontends: fe_values.iter().map(|(k, _)| *k).collect(),
+            },
+        );
+        written::set(
+            &mut self.want.service_meta,
+            &mut self.before.service_meta,
+            svc_id,
+            Some(meta),
+        );
+        for (id, addr) in &id_list {
+            self.retiring_backends.remove(addr);
             self.backend_owners
                 .entry(*id)
-                .or_default()
-                .insert(&akey, (backend_entry(b), backend_meta(b)));
+                .or_insert_with(|| (*addr, Owners::default()))
+                .1
+                .insert(&akey, ());
             self.refresh_backend(*id);
         }
-        let backends: Vec<BackendAddr> = sp.backends.iter().map(|b| b.addr).collect();
         if let Some(p) = &prev {
             for a in &p.backends {
-                if !backends.contains(a) {
+                if backends.binary_search(a).is_err() {
                     self.release_backend(&key, *a);
                 }
             }
@@ -971,62 +1097,24 @@ impl<W: MapWriter> Reconciler<W> {
             }
         }
         self.write_port_backends(svc_id, &entries);
-        let ranges: BTreeSet<RangeKey> = if plans.iter().any(|p| p.flags & FE_SOURCE_RANGES != 0) {
-            sp.source_ranges
-                .iter()
-                .map(|(a, len)| RangeKey {
-                    service_id: svc_id,
-                    addr: ip4(a.octets()),
-                    prefix_len: *len,
-                })
-                .collect()
-        } else {
-            BTreeSet::new()
-        };
         self.write_port_ranges(svc_id, &ranges);
 
-        let mut frontends = Vec::with_capacity(plans.len());
-        for plan in plans {
-            let (slots, fallback) = &lists[plan.list];
-            let count = slots.len().min(u16::MAX as usize) as u16;
-            let v = Frontend {
-                service_id: svc_id,
-                backend_set: sets[plan.list],
-                count,
-                terminating: if *fallback { count } else { 0 },
-                flags: plan.flags,
-                kind: plan.kind.number(),
-                _pad: 0,
-                affinity_timeout_s: sp.affinity_timeout_s.unwrap_or(0),
-                _reserved: 0,
-            };
+        for (fk, v) in &fe_values {
             // Two Services claiming one address:port: the first (by
             // namespace/name) keeps it, as with kube-proxy's sorted rules.
             self.frontend_owners
-                .entry(plan.key)
+                .entry(*fk)
                 .or_default()
-                .insert(&akey, v);
-            self.refresh_frontend(plan.key);
-            frontends.push(plan.key);
+                .insert(&akey, *v);
+            self.refresh_frontend(*fk);
         }
         if let Some(p) = &prev {
             for fk in &p.frontends {
-                if !frontends.contains(fk) {
+                if !fe_values.iter().any(|(k, _)| k == fk) {
                     self.release_frontend(&key, *fk);
                 }
             }
         }
-        self.ports.insert(
-            key,
-            PortEntry {
-                key: akey,
-                input: sp,
-                svc_id,
-                backends,
-                sets,
-                frontends,
-            },
-        );
         Ok(())
     }
 }

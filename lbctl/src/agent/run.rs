@@ -174,6 +174,7 @@ fn datapath_config(
 }
 
 pub async fn run(cfg: AgentConfig) -> Result<()> {
+    let started = Instant::now();
     pins::prepare(&cfg.bpffs)?;
     super::snat_ports::reserve(&cfg.snat_ports)
         .context("reserving the SNAT ports (ip_local_reserved_ports)")?;
@@ -286,7 +287,7 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
     }
     // Addresses and ports given out by a previous agent stay the same.
     let mut allocator = cfg.allocator.clone();
-    allocator.adopt(rec.state());
+    allocator.adopt(&rec.state());
     let mut status = StatusRecord::new(
         matches!(cfg.source, SourceConfig::Cluster { .. }),
         &source_label,
@@ -316,6 +317,8 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
     let mut waiting_logged = false;
     // When the oldest change not yet in the maps was seen.
     let mut change_seen: Option<Instant> = None;
+    // Time spent translating into the target since the last flush.
+    let mut translating = std::time::Duration::ZERO;
     let mut ticker = tokio::time::interval(cfg.poll);
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
@@ -489,6 +492,7 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         if store.is_dirty() {
             health.pending();
             change_seen.get_or_insert_with(Instant::now);
+            let t = Instant::now();
             for change in store.take_changes(node) {
                 let ports = match change.ports {
                     Ok(p) => p,
@@ -520,6 +524,7 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
                 }
             }
             unflushed = true;
+            translating += t.elapsed();
         }
         if !unflushed {
             status.in_sync();
@@ -529,6 +534,7 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         match rec.flush() {
             Ok(o) => {
                 unflushed = false;
+                let translated = std::mem::take(&mut translating);
                 terminator.backends_left(o.udp_left.clone());
                 if o.writes > 0 {
                     for k in refused.keys() {
@@ -543,13 +549,15 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
                         .observe(t.elapsed().as_secs_f64());
                 }
                 health.synced();
-                metrics.map_entries(rec.state());
+                metrics.map_entries(&rec.written_lens());
                 if !synced_once {
                     // After a restart this is 0: every id and entry adopted.
                     info!(
                         writes = o.writes,
                         service_ports = rec.port_count(),
+                        translate_us = translated.as_micros() as u64,
                         elapsed_us = o.elapsed.as_micros() as u64,
+                        since_start_ms = started.elapsed().as_millis() as u64,
                         "first sync done"
                     );
                     synced_once = true;
@@ -573,7 +581,7 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         }
         // Source ranges on the socket path: the egress program is on the
         // cgroup while some Service has ranges, off otherwise.
-        let want_egress = !rec.state().source_ranges.is_empty();
+        let want_egress = rec.has_source_ranges();
         if sock_egress != Some(want_egress) {
             match attach::sock_egress(&mut ebpf, &cfg.bpffs, &cgroup, want_egress) {
                 Ok(changed) => {

@@ -5,11 +5,17 @@
 //! addresses parsed once. At 10,000 Services of 10 endpoints the store's
 //! slices shrank from 35 MiB to a few.
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::{
+    net::{IpAddr, Ipv4Addr},
+    sync::Arc,
+};
 
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
-use super::model::{LABEL_HEADLESS, LABEL_PROXY_NAME, LABEL_SERVICE_NAME};
+use super::{
+    intern::intern,
+    model::{LABEL_HEADLESS, LABEL_PROXY_NAME, LABEL_SERVICE_NAME},
+};
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Slice {
@@ -32,15 +38,18 @@ pub struct SlicePort {
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct SliceEndpoint {
-    /// The IPv4 addresses (others, and unparsable ones, are left out: the
-    /// datapath is IPv4 and the API server validates addresses).
-    pub addresses: Vec<Ipv4Addr>,
+    /// The first IPv4 address: kube-proxy uses only an endpoint's first
+    /// address (the API calls them fungible). Others, and unparsable ones,
+    /// are left out: the datapath is IPv4 and the API server validates
+    /// addresses.
+    pub address: Option<Ipv4Addr>,
     /// The conditions as written (unset is not false: see the model).
     pub ready: Option<bool>,
     pub serving: Option<bool>,
     pub terminating: Option<bool>,
-    pub node_name: Option<String>,
-    pub zone: Option<String>,
+    /// Shared (`intern`).
+    pub node_name: Option<Arc<str>>,
+    pub zone: Option<Arc<str>>,
     /// Topology hints (zones, nodes), rare: boxed.
     pub hints: Option<Box<Hints>>,
 }
@@ -75,22 +84,17 @@ impl From<&EndpointSlice> for Slice {
                             .collect(),
                     })
                 });
-                let mut addresses: Vec<Ipv4Addr> = ep
-                    .addresses
-                    .iter()
-                    .filter_map(|a| match a.parse::<IpAddr>() {
-                        Ok(IpAddr::V4(a)) => Some(a),
-                        _ => None,
-                    })
-                    .collect();
-                addresses.shrink_to_fit();
+                let address = ep.addresses.iter().find_map(|a| match a.parse::<IpAddr>() {
+                    Ok(IpAddr::V4(a)) => Some(a),
+                    _ => None,
+                });
                 SliceEndpoint {
-                    addresses,
+                    address,
                     ready: c.and_then(|c| c.ready),
                     serving: c.and_then(|c| c.serving),
                     terminating: c.and_then(|c| c.terminating),
-                    node_name: ep.node_name.clone(),
-                    zone: ep.zone.clone(),
+                    node_name: ep.node_name.as_deref().map(intern),
+                    zone: ep.zone.as_deref().map(intern),
                     hints,
                 }
             })
@@ -162,7 +166,7 @@ endpoints:
             }]
         );
         let e = &c.endpoints[0];
-        assert_eq!(e.addresses, vec![Ipv4Addr::new(10, 244, 1, 5)]);
+        assert_eq!(e.address, Some(Ipv4Addr::new(10, 244, 1, 5)));
         assert_eq!(
             (e.ready, e.serving, e.terminating),
             (Some(false), Some(true), Some(true))

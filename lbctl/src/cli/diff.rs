@@ -321,7 +321,7 @@ endpoints: [{addresses: [10.244.1.11]}]
             rec.set_service(&c.service, c.ports.unwrap()).unwrap();
         }
         rec.flush().unwrap();
-        let synced = rec.state().clone();
+        let synced = rec.state();
         assert!(
             compute(synced.clone(), &mut store(), &node)
                 .unwrap()

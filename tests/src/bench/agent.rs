@@ -43,8 +43,13 @@ pub fn start(
     let log = work.join("agent.log");
     let start = Instant::now();
     let mut cmd = Command::new("nsenter");
-    cmd.arg(format!("--net=/run/netns/{}", node.name))
-        .arg(lbctl())
+    cmd.arg(format!("--net=/run/netns/{}", node.name));
+    // A profiler around the agent (`LB_BENCH_AGENT_WRAP="heaptrack -o
+    // /tmp/agent"`): where its bytes and time go, with the same inputs.
+    if let Ok(wrap) = std::env::var("LB_BENCH_AGENT_WRAP") {
+        cmd.args(wrap.split_whitespace());
+    }
+    cmd.arg(lbctl())
         .args(["agent", "--manifests"])
         .arg(&manifests)
         .arg("--bpffs")

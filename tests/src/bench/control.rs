@@ -28,7 +28,24 @@ pub struct AgentRun {
     /// Agent start to every Service in the maps (read, parse, translate,
     /// write), seconds.
     pub full_sync_s: f64,
+    /// Of it, as the agent logs its first sync: translating the objects
+    /// into the target, and writing the maps (seconds).
+    pub translate_s: f64,
+    pub write_s: f64,
     pub peak_rss_kib: u64,
+}
+
+/// A `key=value` field of the agent's "first sync done" log line, in
+/// seconds (the fields are in microseconds).
+fn first_sync_field(log: &str, key: &str) -> f64 {
+    log.lines()
+        .find(|l| l.contains("first sync done"))
+        .and_then(|l| {
+            l.split_whitespace()
+                .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
+                .and_then(|v| v.parse::<f64>().ok())
+        })
+        .map_or(f64::NAN, |us| us / 1e6)
 }
 
 /// One kube-proxy backend's syncs at one size.
@@ -90,10 +107,20 @@ pub fn agent_run(n: usize) -> AgentRun {
         },
     );
     agent::stop(agent, &fs.pins());
+    let log = std::fs::read_to_string(work.join("agent.log")).unwrap_or_default();
+    // The agent's own account of its start (timestamps of each step).
+    for l in log.lines().take_while(|l| !l.contains("first sync done")) {
+        eprintln!("agent: {l}");
+    }
+    if let Some(l) = log.lines().find(|l| l.contains("first sync done")) {
+        eprintln!("agent: {l}");
+    }
     let _ = std::fs::remove_dir_all(&work);
     AgentRun {
         services: n,
         full_sync_s: full.as_secs_f64(),
+        translate_s: first_sync_field(&log, "translate_us"),
+        write_s: first_sync_field(&log, "elapsed_us"),
         peak_rss_kib: peak_kib,
     }
 }
@@ -120,12 +147,12 @@ fn changes(n: usize, count: usize) -> (Vec<f64>, Vec<f64>) {
     for i in 0..count {
         let key = keys[(i * 7919) % n].clone();
         let mut slice = (**store.objects().slices.get(&key).unwrap()).clone();
-        slice.endpoints[i % 10].addresses = vec![std::net::Ipv4Addr::new(
+        slice.endpoints[i % 10].address = Some(std::net::Ipv4Addr::new(
             10,
             250,
             (i / 250) as u8,
             (i % 250 + 1) as u8,
-        )];
+        ));
         let slice = std::sync::Arc::new(slice);
         let t = Instant::now();
         store.slice(key, Some(slice));
@@ -283,9 +310,11 @@ impl Results {
         );
         for (a, r) in self.agent.iter().zip(&self.rules) {
             s += &format!(
-                "| {} Services x 10 endpoints: start to all in the datapath | {:.2} s (agent start, read, parse, translate, write) | {} (iptables-restore, {} rules) | {} | {} (nft -f) |\n",
+                "| {} Services x 10 endpoints: start to all in the datapath | {:.2} s (agent start, read, parse, translate, write; of it translate {:.2} s, write {:.2} s) | {} (iptables-restore, {} rules) | {} | {} (nft -f) |\n",
                 super::thousands(a.services),
                 a.full_sync_s,
+                a.translate_s,
+                a.write_s,
                 secs(r.iptables_legacy.first_s),
                 super::thousands(r.iptables_rules),
                 secs(r.iptables_nft.first_s),

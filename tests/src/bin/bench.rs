@@ -2,7 +2,8 @@
 //! one run (see `lb_tests::bench`). Prints a Markdown report, writes it with
 //! SVG plots to `target/bench/`. A benchmark, not a test: it asserts
 //! nothing about the figures. `--quick` runs a small version to check it
-//! still runs; `--only packet|e2e|control` runs one part.
+//! still runs; `--only packet|e2e|control` runs one part; `--only agent
+//! [--services N,...]` the agent alone.
 
 use std::path::PathBuf;
 
@@ -46,20 +47,27 @@ fn main() -> anyhow::Result<()> {
     // `--only agent`: the agent alone at 1,000 / 10,000 / 100,000 Services
     // (start to all in the maps, peak RSS), for working on its memory.
     if only.contains(&"agent") {
-        let sizes: &[usize] = if quick {
-            &[100]
-        } else {
-            &[1_000, 10_000, 100_000]
+        // `--services 10000,...`: only these sizes.
+        let given: Option<Vec<usize>> = args
+            .windows(2)
+            .find(|w| w[0] == "--services")
+            .map(|w| w[1].split(',').filter_map(|n| n.parse().ok()).collect());
+        let sizes: &[usize] = match &given {
+            Some(v) => v,
+            None if quick => &[100],
+            None => &[1_000, 10_000, 100_000],
         };
         println!(
-            "| Services x 10 endpoints | start to all in the maps | peak RSS (VmHWM) |\n|---|---|---|"
+            "| Services x 10 endpoints | start to all in the maps | of it: translate | of it: write | peak RSS (VmHWM) |\n|---|---|---|---|---|"
         );
         for &n in sizes {
             progress.step(&format!("agent alone: {n} Services"));
             let a = control::agent_run(n);
             println!(
-                "| {n} | {:.2} s | {:.1} MiB |",
+                "| {n} | {:.2} s | {:.2} s | {:.2} s | {:.1} MiB |",
                 a.full_sync_s,
+                a.translate_s,
+                a.write_s,
                 a.peak_rss_kib as f64 / 1024.0
             );
         }

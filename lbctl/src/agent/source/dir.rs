@@ -58,6 +58,71 @@ fn object_name(v: &serde_yaml::Value) -> String {
 
 /// Parses the text of one manifest file.
 pub fn parse(file: &str, text: &str) -> FileObjects {
+    // Large files are parsed in parts, one per core: YAML parsing was most
+    // of a 10,000-Service folder's start. A part is a run of whole
+    // documents (a `---` line at column 0 always starts one: no scalar
+    // may hold such a line).
+    let parts = split_documents(text, parallelism(text.len()));
+    if parts.len() == 1 {
+        return parse_part(file, text).0;
+    }
+    let results: Vec<(FileObjects, bool)> = std::thread::scope(|s| {
+        let handles: Vec<_> = parts
+            .iter()
+            .map(|part| s.spawn(move || parse_part(file, part)))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|_| (FileObjects::default(), true)))
+            .collect()
+    });
+    // A broken document: the file again in one pass, for the error as one
+    // pass names it (its line numbers) and for what precedes it.
+    if results.iter().any(|(_, broken)| *broken) {
+        return parse_part(file, text).0;
+    }
+    let mut out = FileObjects::default();
+    for (part, _) in results {
+        out.services.extend(part.services);
+        out.slices.extend(part.slices);
+        out.endpoints.extend(part.endpoints);
+        out.nodes.extend(part.nodes);
+        out.errors.extend(part.errors);
+    }
+    out
+}
+
+/// Parts for files of a megabyte or more, one per core.
+fn parallelism(len: usize) -> usize {
+    if len < 1 << 20 {
+        return 1;
+    }
+    std::thread::available_parallelism().map_or(1, |n| n.get().min(16))
+}
+
+/// `text` cut into at most `n` runs of whole documents.
+fn split_documents(text: &str, n: usize) -> Vec<&str> {
+    if n <= 1 {
+        return vec![text];
+    }
+    let target = text.len() / n + 1;
+    let mut parts = Vec::new();
+    let (mut start, mut pos) = (0, 0);
+    for line in text.split_inclusive('\n') {
+        let marker =
+            line.starts_with("---") && line[3..].chars().next().is_none_or(char::is_whitespace);
+        if marker && pos > start && pos - start >= target {
+            parts.push(&text[start..pos]);
+            start = pos;
+        }
+        pos += line.len();
+    }
+    parts.push(&text[start..]);
+    parts
+}
+
+/// One run of documents; whether a broken document ended it.
+fn parse_part(file: &str, text: &str) -> (FileObjects, bool) {
     let mut out = FileObjects::default();
     // Each document is turned into objects before the next is parsed, so
     // only one document's generic tree is in memory at a time.
@@ -72,11 +137,11 @@ pub fn parse(file: &str, text: &str) -> FileObjects {
                 });
                 // The rest of a broken stream cannot be trusted to split
                 // into the same documents.
-                break;
+                return (out, true);
             }
         }
     }
-    out
+    (out, false)
 }
 
 /// Objects of one document (a `List`'s items in order).
@@ -87,16 +152,22 @@ fn objects(file: &str, mut docs: Vec<serde_yaml::Value>, out: &mut FileObjects) 
             .and_then(|k| k.as_str())
             .unwrap_or("")
             .to_string();
+        // Named before the value is consumed (no copy of the tree): only
+        // a failed object's error uses it.
+        let name = match kind.as_str() {
+            "Service" | "EndpointSlice" | "Endpoints" | "Node" => object_name(&v),
+            _ => String::new(),
+        };
         let err = |e: String| FileError {
             file: file.into(),
-            reason: format!("{kind} {}: {e}", object_name(&v)),
+            reason: format!("{kind} {name}: {e}"),
         };
         let r = match kind.as_str() {
             "List" | "ServiceList" | "EndpointSliceList" | "EndpointsList" | "NodeList" => {
-                if let Some(items) = v.get("items").and_then(|i| i.as_sequence()) {
+                let mut v = v;
+                if let Some(items) = v.get_mut("items").and_then(|i| i.as_sequence_mut()) {
                     let item_kind = kind.strip_suffix("List").unwrap_or("");
-                    for item in items.iter().rev() {
-                        let mut item = item.clone();
+                    for mut item in std::mem::take(items).into_iter().rev() {
                         if let (Some(m), false) = (item.as_mapping_mut(), item_kind.is_empty()) {
                             m.entry("kind".into()).or_insert(item_kind.into());
                         }
@@ -105,15 +176,13 @@ fn objects(file: &str, mut docs: Vec<serde_yaml::Value>, out: &mut FileObjects) 
                 }
                 Ok(())
             }
-            "Service" => serde_yaml::from_value(v.clone()).map(|o| out.services.push(Arc::new(o))),
-            "EndpointSlice" => serde_yaml::from_value::<EndpointSlice>(v.clone()).map(|o| {
+            "Service" => serde_yaml::from_value(v).map(|o| out.services.push(Arc::new(o))),
+            "EndpointSlice" => serde_yaml::from_value::<EndpointSlice>(v).map(|o| {
                 out.slices
                     .push((ObjKey::of(&o.metadata), Arc::new(Slice::from(&o))))
             }),
-            "Endpoints" => {
-                serde_yaml::from_value(v.clone()).map(|o| out.endpoints.push(Arc::new(o)))
-            }
-            "Node" => serde_yaml::from_value(v.clone()).map(|o| out.nodes.push(o)),
+            "Endpoints" => serde_yaml::from_value(v).map(|o| out.endpoints.push(Arc::new(o))),
+            "Node" => serde_yaml::from_value(v).map(|o| out.nodes.push(o)),
             _ => Ok(()),
         };
         if let Err(e) = r {
@@ -249,4 +318,53 @@ fn walk(dir: &Path, out: &mut BTreeMap<PathBuf, Stamp>) -> std::io::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stream(n: usize, broken_at: Option<usize>) -> String {
+        let mut t = String::new();
+        for i in 0..n {
+            if Some(i) == broken_at {
+                t += "---\napiVersion: v1\nkind: Service\nmetadata: {name: x\n";
+                continue;
+            }
+            t += &format!(
+                "---\napiVersion: v1\nkind: Service\nmetadata: {{name: s{i}, namespace: n}}\nspec: {{clusterIP: 10.96.{}.{}, ports: [{{port: 80}}]}}\n# {}\n",
+                i / 250,
+                i % 250 + 1,
+                "padding ".repeat(20)
+            );
+        }
+        t
+    }
+
+    #[test]
+    fn a_large_file_parsed_in_parts_gives_what_one_pass_gives() {
+        let text = stream(8000, None);
+        assert!(text.len() > 1 << 20);
+        let parts = split_documents(&text, 3);
+        assert_eq!(parts.len(), 3);
+        assert_eq!(parts.iter().map(|p| p.len()).sum::<usize>(), text.len());
+        let whole = parse_part("f", &text).0;
+        let split = parse("f", &text);
+        assert_eq!(whole.services.len(), 8000);
+        assert_eq!(split.services, whole.services);
+
+        // A broken document: named by its number in the whole file, and
+        // nothing after it is read, as in one pass.
+        let text = stream(8000, Some(6000));
+        let whole = parse_part("f", &text).0;
+        let split = parse("f", &text);
+        assert_eq!(split.errors.len(), 1);
+        assert_eq!(split.errors[0].to_string(), whole.errors[0].to_string());
+        assert!(
+            split.errors[0].to_string().contains("document 6001"),
+            "{}",
+            split.errors[0]
+        );
+        assert_eq!(split.services.len(), whole.services.len());
+    }
 }
