@@ -82,31 +82,52 @@ pub struct Results {
 
 /// The real agent on a folder of `n` Services: full sync time, peak RSS.
 pub fn agent_run(n: usize) -> AgentRun {
+    agent_runs(n, false).0
+}
+
+/// As [`agent_run`]; with `restart`, the agent is then killed and started
+/// again on the maps it left pinned, as in a DaemonSet rollout: the second
+/// run is its start to the first sync (adopting every id, writing nothing)
+/// and its peak RSS.
+pub fn agent_runs(n: usize, restart: bool) -> (AgentRun, Option<AgentRun>) {
     let ns = Netns::new("bn");
     let cg = Cgroup::new();
     let fs = Bpffs::new();
     let work = std::env::temp_dir().join(unique("bw"));
-    let mut peak_kib = 0u64;
-    let (agent, full) = agent::start(
-        &ns,
-        &work,
-        &cluster::services(n, 10),
-        &fs.pins(),
-        &cg.path,
-        None,
-        |pid| {
-            if let Ok(st) = std::fs::read_to_string(format!("/proc/{pid}/status"))
-                && let Some(v) = st.lines().find(|l| l.starts_with("VmHWM:"))
-            {
-                peak_kib = v
-                    .split_whitespace()
-                    .nth(1)
-                    .and_then(|x| x.parse().ok())
-                    .unwrap_or(peak_kib);
-            }
-        },
-    );
+    let svcs = cluster::services(n, 10);
+    let (agent, first) = one_start(n, &ns, &cg, &fs, &work, &svcs);
+    let (agent, second) = if restart {
+        drop(agent);
+        let (agent, again) = one_start(n, &ns, &cg, &fs, &work, &svcs);
+        (agent, Some(again))
+    } else {
+        (agent, None)
+    };
     agent::stop(agent, &fs.pins());
+    let _ = std::fs::remove_dir_all(&work);
+    (first, second)
+}
+
+fn one_start(
+    n: usize,
+    ns: &Netns,
+    cg: &Cgroup,
+    fs: &Bpffs,
+    work: &std::path::Path,
+    svcs: &[kubeproxy::Svc],
+) -> (crate::guard::Proc, AgentRun) {
+    let mut peak_kib = 0u64;
+    let (agent, full) = agent::start(ns, work, svcs, &fs.pins(), &cg.path, None, |pid| {
+        if let Ok(st) = std::fs::read_to_string(format!("/proc/{pid}/status"))
+            && let Some(v) = st.lines().find(|l| l.starts_with("VmHWM:"))
+        {
+            peak_kib = v
+                .split_whitespace()
+                .nth(1)
+                .and_then(|x| x.parse().ok())
+                .unwrap_or(peak_kib);
+        }
+    });
     let log = std::fs::read_to_string(work.join("agent.log")).unwrap_or_default();
     // The agent's own account of its start (timestamps of each step).
     for l in log.lines().take_while(|l| !l.contains("first sync done")) {
@@ -115,21 +136,21 @@ pub fn agent_run(n: usize) -> AgentRun {
     if let Some(l) = log.lines().find(|l| l.contains("first sync done")) {
         eprintln!("agent: {l}");
     }
-    let _ = std::fs::remove_dir_all(&work);
-    AgentRun {
+    let run = AgentRun {
         services: n,
         full_sync_s: full.as_secs_f64(),
         translate_s: first_sync_field(&log, "translate_us"),
         write_s: first_sync_field(&log, "elapsed_us"),
         peak_rss_kib: peak_kib,
-    }
+    };
+    (agent, run)
 }
 
 /// One EndpointSlice change (an endpoint replaced) to its map writes, as
 /// the agent handles a watch event: the store marks the Service dirty,
 /// only it is translated, only the keys it touched are diffed and written,
 /// on real pinned maps. Returns (latencies ms sorted, writes sorted).
-fn changes(n: usize, count: usize) -> (Vec<f64>, Vec<f64>) {
+pub fn changes(n: usize, count: usize) -> (Vec<f64>, Vec<f64>) {
     let (fs, _ebpf) = crate::fixture::datapath_for(n * 10);
     let objs = cluster::to_objects(&cluster::services(n, 10), "node-a");
     let node = node_info(NODE);
@@ -137,6 +158,10 @@ fn changes(n: usize, count: usize) -> (Vec<f64>, Vec<f64>) {
     store.replace_services(objs.services.clone());
     store.replace_slices(objs.slices.clone());
     let mut rec = Reconciler::adopt(ServiceMaps::open(&fs.pins()).unwrap()).unwrap();
+    // The capacity the maps were made with (`--lb-map-max`).
+    rec.set_capacity(lbctl::agent::reconcile::Capacity {
+        lb_map_max: crate::fixture::lb_map_max_for(n * 10),
+    });
     for c in store.take_changes(&node) {
         rec.set_service(&c.service, c.ports.unwrap()).unwrap();
     }

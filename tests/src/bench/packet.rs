@@ -132,6 +132,10 @@ pub fn run(quick: bool, progress: &mut Progress) -> Results {
         let desired = model::translate(&cluster::to_objects(&svcs, "node-a"), &node);
         assert!(desired.errors.is_empty(), "{:?}", desired.errors);
         let mut rec = Reconciler::adopt(ServiceMaps::open(&pins).unwrap()).unwrap();
+        // The capacity the maps were made with (`--lb-map-max`).
+        rec.set_capacity(lbctl::agent::reconcile::Capacity {
+            lb_map_max: fixture::lb_map_max_for(n * 10),
+        });
         rec.reconcile(&desired).expect("program the maps");
         res.program_s.push(t.elapsed().as_secs_f64());
         drop(svcs);

@@ -3,7 +3,8 @@
 //! SVG plots to `target/bench/`. A benchmark, not a test: it asserts
 //! nothing about the figures. `--quick` runs a small version to check it
 //! still runs; `--only packet|e2e|control` runs one part; `--only agent
-//! [--services N,...]` the agent alone.
+//! [--services N,...]` the agent alone; `--only change [--services N]` one
+//! EndpointSlice change's latency.
 
 use std::path::PathBuf;
 
@@ -46,6 +47,26 @@ fn main() -> anyhow::Result<()> {
     let ctl = wants("control").then(|| control::run(quick, e2e.as_ref(), &mut progress));
     // `--only agent`: the agent alone at 1,000 / 10,000 / 100,000 Services
     // (start to all in the maps, peak RSS), for working on its memory.
+    // `--only change`: one EndpointSlice change among 10,000 Services (or
+    // `--services N`), p50 and p99 over 200, as the control part measures.
+    if only.contains(&"change") {
+        let n = args
+            .windows(2)
+            .find(|w| w[0] == "--services")
+            .and_then(|w| w[1].parse().ok())
+            .unwrap_or(if quick { 100 } else { 10_000 });
+        let count = if quick { 20 } else { 200 };
+        progress.step(&format!("{count} EndpointSlice changes among {n} Services"));
+        let (lat, writes) = control::changes(n, count);
+        println!(
+            "one EndpointSlice change among {n} Services: p50 {:.3} ms, p99 {:.3} ms over {count}; map writes p50 {}, max {}",
+            bench::percentile(&lat, 0.5),
+            bench::percentile(&lat, 0.99),
+            bench::percentile(&writes, 0.5),
+            writes.last().unwrap()
+        );
+        return Ok(());
+    }
     if only.contains(&"agent") {
         // `--services 10000,...`: only these sizes.
         let given: Option<Vec<usize>> = args
@@ -60,16 +81,22 @@ fn main() -> anyhow::Result<()> {
         println!(
             "| Services x 10 endpoints | start to all in the maps | of it: translate | of it: write | peak RSS (VmHWM) |\n|---|---|---|---|---|"
         );
-        for &n in sizes {
-            progress.step(&format!("agent alone: {n} Services"));
-            let a = control::agent_run(n);
+        let row = |n: usize, what: &str, a: &control::AgentRun| {
             println!(
-                "| {n} | {:.2} s | {:.2} s | {:.2} s | {:.1} MiB |",
+                "| {n}{what} | {:.2} s | {:.2} s | {:.2} s | {:.1} MiB |",
                 a.full_sync_s,
                 a.translate_s,
                 a.write_s,
                 a.peak_rss_kib as f64 / 1024.0
-            );
+            )
+        };
+        for &n in sizes {
+            progress.step(&format!("agent alone: {n} Services, then restarted"));
+            let (a, again) = control::agent_runs(n, true);
+            row(n, "", &a);
+            if let Some(b) = again {
+                row(n, ", restarted on its pinned maps", &b);
+            }
         }
         return Ok(());
     }
