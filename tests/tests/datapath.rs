@@ -1445,6 +1445,20 @@ fn batched_writes_leave_the_maps_as_the_mirror_says() {
     };
     assert_eq!(read(&rec), rec.state(), "after the full sync");
     assert_eq!(rec.state().backends.len(), 3000);
+    // Batched reads in chunks of any size, including ones that end inside
+    // a hash bucket, read every entry once.
+    {
+        use std::os::fd::AsFd;
+        let fd = lbctl::datapath::link::open_pinned(&pins.join(lb_common::maps::BACKENDS4))
+            .expect("open the backends map");
+        for chunk in [1, 7, 2999, 3000, 3001, 8192] {
+            let got: Vec<(u32, lb_common::service::Backend4)> =
+                lbctl::datapath::batch::lookup_all(fd.as_fd(), chunk).expect("batched lookup");
+            assert_eq!(got.len(), 3000, "chunk {chunk}: each entry once");
+            let got: std::collections::BTreeMap<_, _> = got.into_iter().collect();
+            assert_eq!(got, rec.state().backends, "chunk {chunk}");
+        }
+    }
 
     // Counters of one backend, bumped as the datapath would.
     let maps = ServiceMaps::open(&pins).unwrap();

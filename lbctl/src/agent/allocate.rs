@@ -21,7 +21,10 @@ use std::{
 };
 
 use k8s_openapi::api::core::v1::Service;
-use lb_common::{ip4_octets, port_host};
+use lb_common::{
+    ip4_octets, port_host,
+    service::{Frontend, Frontend4Key, ServiceMeta},
+};
 
 use super::{
     model::{FrontendKind, ObjKey, ObjectError},
@@ -98,8 +101,19 @@ impl Allocator {
     /// Takes the ClusterIPs and nodePorts the maps were programmed with,
     /// by Service (and port name), from a previous agent's entries.
     pub fn adopt(&mut self, maps: &MapState) {
-        for (k, f) in &maps.frontends {
-            let Some(meta) = maps.service_meta.get(&f.service_id) else {
+        self.adopt_frontends(&maps.frontends, |id| maps.service_meta.get(&id).copied());
+    }
+
+    /// As `adopt`, from the frontends alone and a Service port's names by
+    /// id: an agent starting on its pinned maps seeds the allocator
+    /// without a copy of every map.
+    pub fn adopt_frontends(
+        &mut self,
+        frontends: &BTreeMap<Frontend4Key, Frontend>,
+        meta_of: impl Fn(u32) -> Option<ServiceMeta>,
+    ) {
+        for (k, f) in frontends {
+            let Some(meta) = meta_of(f.service_id) else {
                 continue;
             };
             let svc = ObjKey {

@@ -468,6 +468,16 @@ impl<W: MapWriter> Reconciler<W> {
         written::materialize(&self.want, &self.before)
     }
 
+    /// The frontends the maps hold (a copy of that map alone).
+    pub fn written_frontends(&self) -> BTreeMap<Frontend4Key, Frontend> {
+        written::overlay(&self.want.frontends, &self.before.frontends)
+    }
+
+    /// A Service port's names as the maps hold them.
+    pub fn written_service_meta(&self, id: u32) -> Option<&ServiceMeta> {
+        written::written(&self.want.service_meta, &self.before.service_meta, &id)
+    }
+
     /// How many entries each map holds, by name.
     pub fn written_lens(&self) -> [(&'static str, usize); 8] {
         use lb_common::maps::*;

@@ -203,7 +203,9 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
     let (mut source, source_label) = match &cfg.source {
         SourceConfig::Dir(dir) => {
             info!(folder = %dir.display(), "source: manifest folder");
-            (Source::Dir(DirSource::new(dir)), dir.display().to_string())
+            let mut src = DirSource::new(dir);
+            src.prefetch();
+            (Source::Dir(src), dir.display().to_string())
         }
         SourceConfig::Cluster {
             kubeconfig,
@@ -287,7 +289,9 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
     }
     // Addresses and ports given out by a previous agent stay the same.
     let mut allocator = cfg.allocator.clone();
-    allocator.adopt(&rec.state());
+    allocator.adopt_frontends(&rec.written_frontends(), |id| {
+        rec.written_service_meta(id).copied()
+    });
     let mut status = StatusRecord::new(
         matches!(cfg.source, SourceConfig::Cluster { .. }),
         &source_label,

@@ -700,6 +700,42 @@ fn dir_source_follows_added_changed_and_removed_files() {
     std::fs::remove_dir_all(&tmp).unwrap();
 }
 
+/// The folder read ahead (while the agent loads its programs and reads its
+/// pinned maps) gives the first poll what reading it then would, and a
+/// file changed after the read-ahead is read again.
+#[test]
+fn dir_source_read_ahead_gives_what_the_first_poll_would() {
+    let tmp = std::env::temp_dir().join(format!("lbctl-dir-ahead-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).unwrap();
+    let svc = |name: &str| format!("apiVersion: v1\nkind: Service\nmetadata: {{name: {name}}}\n");
+    std::fs::write(tmp.join("a"), svc("a")).unwrap();
+    std::fs::write(tmp.join("b"), svc("b")).unwrap();
+    let names = |snap: dir::Snapshot| -> Vec<String> {
+        snap.objects
+            .services
+            .keys()
+            .map(|k| k.name.clone())
+            .collect()
+    };
+    let mut plain = dir::DirSource::new(&tmp);
+    let mut ahead = dir::DirSource::new(&tmp);
+    ahead.prefetch();
+    assert_eq!(
+        names(ahead.poll().unwrap().unwrap()),
+        names(plain.poll().unwrap().unwrap())
+    );
+    assert!(ahead.poll().unwrap().is_none(), "no change, no snapshot");
+
+    let mut ahead = dir::DirSource::new(&tmp);
+    ahead.prefetch();
+    // Changed (another length) and removed after the read-ahead.
+    std::fs::write(tmp.join("a"), svc("a-changed")).unwrap();
+    std::fs::remove_file(tmp.join("b")).unwrap();
+    assert_eq!(names(ahead.poll().unwrap().unwrap()), ["a-changed"]);
+    std::fs::remove_dir_all(&tmp).unwrap();
+}
+
 mod property {
     use proptest::prelude::*;
 

@@ -160,7 +160,8 @@ pub fn written_len<K: Ord, V>(want: &BTreeMap<K, V>, before: &BTreeMap<K, Was<V>
     n
 }
 
-fn overlay<K: Ord + Copy, V: Copy>(
+/// One map's contents, whole (a copy).
+pub fn overlay<K: Ord + Copy, V: Copy>(
     want: &BTreeMap<K, V>,
     before: &BTreeMap<K, Was<V>>,
 ) -> BTreeMap<K, V> {

@@ -1,7 +1,10 @@
 //! Typed access to the pinned maps, for the agent (writes) and `lbctl`
 //! (reads).
 
-use std::path::{Path, PathBuf};
+use std::{
+    os::fd::AsFd,
+    path::{Path, PathBuf},
+};
 
 use aya::maps::{
     Array, HashMap, Map, MapData, MapError as AyaMapError, PerCpuArray, PerCpuHashMap,
@@ -292,18 +295,19 @@ fn del<K: aya::Pod, V: aya::Pod>(m: &mut HashMap<MapData, K, V>, k: &K) -> Resul
     absent_ok(m.remove(k))
 }
 
+/// A whole hash map in batches of 8,192 entries: one call per batch
+/// rather than two per entry (a restart reads every entry once).
 fn read_all<K: aya::Pod + Ord, V: aya::Pod>(
     m: &HashMap<MapData, K, V>,
     name: &'static str,
 ) -> Result<std::collections::BTreeMap<K, V>, MapError> {
-    m.iter()
-        .map(|r| {
-            r.map_err(|e| MapError::Read {
-                map: name,
-                source: to_io(e),
-            })
-        })
-        .collect()
+    use aya::maps::IterableMap;
+    let fd = m.map().fd().as_fd();
+    let entries = super::batch::lookup_all::<K, V>(fd, 8192).map_err(|e| MapError::Read {
+        map: name,
+        source: e,
+    })?;
+    Ok(entries.into_iter().collect())
 }
 
 impl MapWriter for ServiceMaps {

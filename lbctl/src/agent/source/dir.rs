@@ -223,7 +223,11 @@ pub struct DirSource {
     root: PathBuf,
     files: BTreeMap<PathBuf, (Stamp, FileObjects)>,
     polled: bool,
+    /// The folder as read by `prefetch`'s thread, taken by the next poll.
+    prefetched: Option<std::thread::JoinHandle<Files>>,
 }
+
+type Files = BTreeMap<PathBuf, (Stamp, FileObjects)>;
 
 /// Everything the folder says now.
 #[derive(Clone, Debug, Default)]
@@ -239,12 +243,30 @@ impl DirSource {
             root: root.into(),
             files: BTreeMap::new(),
             polled: false,
+            prefetched: None,
         }
+    }
+
+    /// Reads and parses the folder on another thread, while the agent
+    /// loads its programs and reads its pinned maps: the first `poll` then
+    /// finds the files parsed (it re-reads any whose stamp changed since).
+    pub fn prefetch(&mut self) {
+        let root = self.root.clone();
+        self.prefetched = Some(std::thread::spawn(move || {
+            let mut src = DirSource::new(root);
+            // Errors are found again, and reported, by the poll that
+            // takes these files.
+            let _ = src.poll();
+            src.files
+        }));
     }
 
     /// Rescans the folder. Returns a snapshot when anything changed since
     /// the last call (always on the first).
     pub fn poll(&mut self) -> Result<Option<Snapshot>, FileError> {
+        if let Some(files) = self.prefetched.take().and_then(|h| h.join().ok()) {
+            self.files = files;
+        }
         let mut seen = BTreeMap::new();
         walk(&self.root, &mut seen).map_err(|e| FileError {
             file: self.root.display().to_string(),
