@@ -31,7 +31,7 @@ pub fn start(
     pins: &Path,
     cgroup: &Path,
     devices: Option<&str>,
-    mut waiting: impl FnMut(u32),
+    waiting: impl FnMut(u32),
 ) -> (Proc, Duration) {
     let manifests = work.join("manifests");
     std::fs::create_dir_all(&manifests).unwrap();
@@ -40,6 +40,33 @@ pub fn start(
         cluster::to_yaml(svcs, "node-a"),
     )
     .unwrap();
+    let source = ["--manifests".to_string(), manifests.display().to_string()];
+    start_on(
+        node,
+        work,
+        &source,
+        svcs.len(),
+        pins,
+        cgroup,
+        devices,
+        waiting,
+    )
+}
+
+/// As `start`, with the source flags given (`--kubeconfig F` for an API
+/// server holding `services` Services).
+#[expect(clippy::too_many_arguments, reason = "one call per source, all named")]
+pub fn start_on(
+    node: &Netns,
+    work: &Path,
+    source: &[String],
+    services: usize,
+    pins: &Path,
+    cgroup: &Path,
+    devices: Option<&str>,
+    mut waiting: impl FnMut(u32),
+) -> (Proc, Duration) {
+    std::fs::create_dir_all(work).unwrap();
     let log = work.join("agent.log");
     let start = Instant::now();
     let mut cmd = Command::new("nsenter");
@@ -50,8 +77,8 @@ pub fn start(
         cmd.args(wrap.split_whitespace());
     }
     cmd.arg(lbctl())
-        .args(["agent", "--manifests"])
-        .arg(&manifests)
+        .arg("agent")
+        .args(source)
         .arg("--bpffs")
         .arg(pins)
         .arg("--cgroup")
@@ -68,7 +95,7 @@ pub fn start(
             "--metrics-bind-address",
             "",
             "--lb-map-max",
-            &crate::fixture::lb_map_max_for(svcs.len() * 10).to_string(),
+            &crate::fixture::lb_map_max_for(services * 10).to_string(),
         ]);
     if let Some(d) = devices {
         cmd.args(["--devices", d]);

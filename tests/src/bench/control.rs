@@ -118,15 +118,7 @@ fn one_start(
 ) -> (crate::guard::Proc, AgentRun) {
     let mut peak_kib = 0u64;
     let (agent, full) = agent::start(ns, work, svcs, &fs.pins(), &cg.path, None, |pid| {
-        if let Ok(st) = std::fs::read_to_string(format!("/proc/{pid}/status"))
-            && let Some(v) = st.lines().find(|l| l.starts_with("VmHWM:"))
-        {
-            peak_kib = v
-                .split_whitespace()
-                .nth(1)
-                .and_then(|x| x.parse().ok())
-                .unwrap_or(peak_kib);
-        }
+        peak_kib = peak_kib.max(vm_hwm_kib(pid))
     });
     let log = std::fs::read_to_string(work.join("agent.log")).unwrap_or_default();
     // The agent's own account of its start (timestamps of each step).
@@ -144,6 +136,102 @@ fn one_start(
         peak_rss_kib: peak_kib,
     };
     (agent, run)
+}
+
+/// The agent on the Kubernetes API: `n` Services x 10 endpoints created in
+/// a real API server (built from upstream; ClusterIPs allocated by it, as
+/// users write Services), then the agent started with a kubeconfig, timed
+/// from its start until every Service is in the maps (its first sync, which
+/// is when `/readyz` turns 200). Returns the run and how long loading the
+/// objects took (seconds).
+pub fn api_run(n: usize) -> (AgentRun, f64) {
+    use crate::{controlplane, topo};
+    let t = topo::Topology::new(0);
+    let cp = controlplane::ControlPlane::start(&t.lan, "lan0", controlplane::CP_IP);
+    let svcs = cluster::services(n, 10);
+    let yaml: String = cluster::to_yaml(&svcs, "node-a")
+        .lines()
+        // The API server allocates them.
+        .filter(|l| !l.trim_start().starts_with("clusterIP: "))
+        .flat_map(|l| [l, "\n"])
+        .collect();
+    let namespaces: std::collections::BTreeSet<&str> =
+        svcs.iter().map(|s| s.namespace.as_str()).collect();
+    for ns in namespaces {
+        cp.kubectl_ok(&["create", "namespace", ns]);
+    }
+    // In four `kubectl create` processes at once: one is one request at a
+    // time (minutes at 100,000 objects).
+    let loaded = Instant::now();
+    let docs: Vec<&str> = yaml.split("---\n").filter(|d| !d.is_empty()).collect();
+    let parts: Vec<String> = docs
+        .chunks(docs.len().div_ceil(4).max(1))
+        .map(|c| c.join("---\n"))
+        .collect();
+    let work = std::env::temp_dir().join(unique("bw"));
+    std::fs::create_dir_all(&work).unwrap();
+    std::thread::scope(|sc| {
+        for (i, part) in parts.iter().enumerate() {
+            let cp = &cp;
+            // From a file: kubectl creates as it reads and prints a line
+            // per object, so a pipe both ways would fill and stall.
+            let file = work.join(format!("part-{i}.yaml"));
+            std::fs::write(&file, part).unwrap();
+            sc.spawn(move || {
+                let out = cp
+                    .kubectl_command()
+                    .arg("create")
+                    .arg("-f")
+                    .arg(&file)
+                    .output()
+                    .expect("kubectl");
+                assert!(
+                    out.status.success(),
+                    "kubectl create: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            });
+        }
+    });
+    let load_s = loaded.elapsed().as_secs_f64();
+    let fs = Bpffs::new();
+    let kubeconfig = work.join("kubeconfig");
+    std::fs::copy(cp.admin_kubeconfig(), &kubeconfig).expect("kubeconfig");
+    let source = ["--kubeconfig".to_string(), kubeconfig.display().to_string()];
+    let mut peak_kib = 0u64;
+    let (agent, full) = agent::start_on(
+        &t.node,
+        &work,
+        &source,
+        n,
+        &fs.pins(),
+        &t.cgroup.path,
+        None,
+        |pid| peak_kib = peak_kib.max(vm_hwm_kib(pid)),
+    );
+    let log = std::fs::read_to_string(work.join("agent.log")).unwrap_or_default();
+    let run = AgentRun {
+        services: n,
+        full_sync_s: full.as_secs_f64(),
+        translate_s: first_sync_field(&log, "translate_us"),
+        write_s: first_sync_field(&log, "elapsed_us"),
+        peak_rss_kib: peak_kib,
+    };
+    agent::stop(agent, &fs.pins());
+    let _ = std::fs::remove_dir_all(&work);
+    (run, load_s)
+}
+
+/// A process's peak resident set (VmHWM), KiB; 0 when gone.
+fn vm_hwm_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|st| {
+            st.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|v| v.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
 }
 
 /// One EndpointSlice change (an endpoint replaced) to its map writes, as

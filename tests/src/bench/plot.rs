@@ -23,14 +23,29 @@ type Series = (String, Vec<(f64, f64)>);
 
 /// One line chart over a log x axis of Service counts. `paired`: the
 /// second half of the series are companions of the first (p99 of p50):
-/// same colour, thin line, hollow points.
+/// same colour, thin line, hollow points. `log_y`: a log y axis too (for
+/// figures that grow with the Service count).
 fn lines(
     path: &Path,
     title: &str,
     y_label: &str,
     series: &[Series],
     paired: bool,
+    log_y: bool,
 ) -> anyhow::Result<()> {
+    // A log y axis is drawn as a linear axis of log10 values, labelled
+    // with the values themselves.
+    let series: Vec<Series> = series
+        .iter()
+        .map(|(n, pts)| {
+            let pts = pts
+                .iter()
+                .map(|&(x, y)| (x, if log_y { y.max(1e-9).log10() } else { y }))
+                .collect();
+            (n.clone(), pts)
+        })
+        .collect();
+    let series = &series[..];
     let xs: Vec<f64> = series
         .iter()
         .flat_map(|s| s.1.iter().map(|p| p.0))
@@ -43,7 +58,13 @@ fn lines(
         xs.iter().copied().fold(f64::MAX, f64::min).max(1.0),
         xs.iter().copied().fold(1.0, f64::max),
     );
-    let y1 = ys.iter().copied().fold(1.0, f64::max) * 1.15;
+    let (y0, y1) = if log_y {
+        let lo = ys.iter().copied().fold(f64::MAX, f64::min);
+        let hi = ys.iter().copied().fold(f64::MIN, f64::max);
+        (lo - 0.2, hi + 0.3)
+    } else {
+        (0.0, ys.iter().copied().fold(1.0, f64::max) * 1.15)
+    };
     let root = SVGBackend::new(path, (900, 520)).into_drawing_area();
     root.fill(&WHITE)?;
     let mut chart = ChartBuilder::on(&root)
@@ -51,13 +72,23 @@ fn lines(
         .margin(15)
         .x_label_area_size(45)
         .y_label_area_size(70)
-        .build_cartesian_2d((x0 * 0.7..x1 * 1.4).log_scale(), 0.0..y1)?;
-    chart
-        .configure_mesh()
-        .x_desc("Services in the datapath (log scale)")
+        .build_cartesian_2d((x0 * 0.7..x1 * 1.4).log_scale(), y0..y1)?;
+    let unlog = |v: &f64| {
+        let v = 10f64.powf(*v);
+        if v >= 10.0 {
+            format!("{v:.0}")
+        } else {
+            format!("{v:.2}")
+        }
+    };
+    let mut mesh = chart.configure_mesh();
+    mesh.x_desc("Services in the datapath (log scale)")
         .y_desc(y_label)
-        .x_label_formatter(&|x| super::thousands(x.round() as usize))
-        .draw()?;
+        .x_label_formatter(&|x| super::thousands(x.round() as usize));
+    if log_y {
+        mesh.y_label_formatter(&unlog);
+    }
+    mesh.draw()?;
     let half = series.len().div_ceil(2);
     for (i, (name, pts)) in series.iter().enumerate() {
         let companion = paired && i >= half;
@@ -116,6 +147,7 @@ pub fn write(
             "ns per packet",
             &series,
             false,
+            false,
         )?;
         files.push("packet-cost.svg".into());
     }
@@ -157,6 +189,7 @@ pub fn write(
                 "fraction of the direct-to-pod rate",
                 &ratio,
                 false,
+                false,
             )?;
             files.push(name);
             let mut lat = per(&|m, _| Some(m.p50_us));
@@ -175,9 +208,55 @@ pub fn write(
                 "µs (thick: p50, thin: p99)",
                 &lat,
                 true,
+                false,
             )?;
             files.push(name);
         }
     }
     Ok(files)
+}
+
+/// The agent alone (`bench --only agent`): start to every Service in the
+/// maps, and peak RSS, fresh and restarted on its pinned maps, against the
+/// number of Services. Returns the files written.
+pub fn write_agent(
+    dir: &Path,
+    runs: &[(super::control::AgentRun, Option<super::control::AgentRun>)],
+) -> anyhow::Result<Vec<String>> {
+    std::fs::create_dir_all(dir)?;
+    let series = |f: &dyn Fn(&super::control::AgentRun) -> f64| -> Vec<Series> {
+        vec![
+            (
+                "fresh start".to_string(),
+                runs.iter()
+                    .map(|(a, _)| (a.services as f64, f(a)))
+                    .collect(),
+            ),
+            (
+                "restarted on its pinned maps".to_string(),
+                runs.iter()
+                    .filter_map(|(_, b)| b.as_ref().map(|b| (b.services as f64, f(b))))
+                    .collect(),
+            ),
+        ]
+    };
+    let sync = dir.join("agent-sync.svg");
+    lines(
+        &sync,
+        "Agent start to every Service in the maps (10 endpoints each)",
+        "seconds (log scale)",
+        &series(&|a| a.full_sync_s),
+        false,
+        true,
+    )?;
+    let rss = dir.join("agent-rss.svg");
+    lines(
+        &rss,
+        "Agent peak RSS (VmHWM), 10 endpoints per Service",
+        "MiB (log scale)",
+        &series(&|a| a.peak_rss_kib as f64 / 1024.0),
+        false,
+        true,
+    )?;
+    Ok(vec!["agent-sync.svg".into(), "agent-rss.svg".into()])
 }

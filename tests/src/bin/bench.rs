@@ -67,6 +67,27 @@ fn main() -> anyhow::Result<()> {
         );
         return Ok(());
     }
+    // `--only api [--services N]`: the agent on a real API server holding
+    // 10,000 Services (or N), start to all in the maps.
+    if only.contains(&"api") {
+        let n = args
+            .windows(2)
+            .find(|w| w[0] == "--services")
+            .and_then(|w| w[1].parse().ok())
+            .unwrap_or(if quick { 100 } else { 10_000 });
+        progress.step(&format!(
+            "{n} Services in a real API server, then the agent"
+        ));
+        let (a, load_s) = control::api_run(n);
+        println!(
+            "agent on the API ({n} Services x 10 endpoints, loaded in {load_s:.0} s): start to all in the maps {:.2} s (translate {:.2} s, write {:.2} s), peak RSS {:.1} MiB",
+            a.full_sync_s,
+            a.translate_s,
+            a.write_s,
+            a.peak_rss_kib as f64 / 1024.0
+        );
+        return Ok(());
+    }
     if only.contains(&"agent") {
         // `--services 10000,...`: only these sizes.
         let given: Option<Vec<usize>> = args
@@ -90,12 +111,19 @@ fn main() -> anyhow::Result<()> {
                 a.peak_rss_kib as f64 / 1024.0
             )
         };
+        let mut runs = Vec::new();
         for &n in sizes {
             progress.step(&format!("agent alone: {n} Services, then restarted"));
             let (a, again) = control::agent_runs(n, true);
             row(n, "", &a);
-            if let Some(b) = again {
-                row(n, ", restarted on its pinned maps", &b);
+            if let Some(b) = &again {
+                row(n, ", restarted on its pinned maps", b);
+            }
+            runs.push((a, again));
+        }
+        if runs.len() > 1 {
+            for f in plot::write_agent(&out_dir, &runs)? {
+                eprintln!("plot: {}", out_dir.join(f).display());
             }
         }
         return Ok(());
