@@ -9,7 +9,7 @@ pub const AFFINITY4: &str = "LB4_AFFINITY_V1";
 pub const SOURCE_RANGES4: &str = "LB4_SOURCE_RANGES_V1";
 pub const BACKENDS4: &str = "LB4_BACKENDS_V1";
 pub const SERVICE_META: &str = "LB_SVC_META_V1";
-pub const BACKEND_META: &str = "LB_BE_META_V1";
+pub const NAMES: &str = "LB_NAMES_V1";
 pub const CONNTRACK4: &str = "LB4_CT_V1";
 pub const FRAGS4: &str = "LB4_FRAGS_V1";
 pub const SOCK_REVNAT4: &str = "LB4_SOCK_REVNAT_V1";
@@ -29,7 +29,7 @@ pub const ALL: &[&str] = &[
     SOURCE_RANGES4,
     BACKENDS4,
     SERVICE_META,
-    BACKEND_META,
+    NAMES,
     CONNTRACK4,
     FRAGS4,
     AFFINITY4,
@@ -48,6 +48,10 @@ pub const RETIRED: &[&str] = &[
     // A per-CPU array indexed by service id: its memory grew with the
     // CPU count whatever the number of Services. Now a per-CPU hash.
     "LB_SVC_STATS_V1",
+    // A backend's node and zone names and conditions, 104 bytes per
+    // backend. Now ids and bits in `LB4_BACKENDS_V1` and one name per node
+    // or zone in `LB_NAMES_V1`.
+    "LB_BE_META_V1",
 ];
 
 /// Default of the agent's `--lb-map-max` (Cilium's `bpf-lb-map-max`
@@ -61,7 +65,7 @@ pub const DEFAULT_LB_MAP_MAX: u32 = 1 << 16;
 /// Local lists, and its old and new set during a swap). All are hashes
 /// without preallocation (an LPM trie for the ranges): a map holds a
 /// bucket array (16 bytes per power-of-two entry) until entries come.
-pub const fn lb_map_sizes(n: u32) -> [(&'static str, u32); 10] {
+pub const fn lb_map_sizes(n: u32) -> [(&'static str, u32); 9] {
     let twice = n.saturating_mul(2);
     [
         (FRONTENDS4, n),
@@ -70,7 +74,6 @@ pub const fn lb_map_sizes(n: u32) -> [(&'static str, u32); 10] {
         (SERVICE_STATS, n),
         (SOURCE_RANGES4, n),
         (BACKENDS4, n),
-        (BACKEND_META, n),
         (BACKEND_STATS, n),
         (BACKEND_SLOTS, twice),
         (SERVICE_BACKENDS, twice),
@@ -84,6 +87,9 @@ pub const MAX_FRONTENDS: u32 = DEFAULT_LB_MAP_MAX;
 pub const MAX_SLOTS: u32 = DEFAULT_LB_MAP_MAX * 2;
 /// Distinct backends (address, port, protocol).
 pub const MAX_BACKENDS: u32 = DEFAULT_LB_MAP_MAX;
+/// Node and zone names (`LB_NAMES_V1`): ids up to `NAME_NODE_MAX` nodes
+/// and 255 zones.
+pub const MAX_NAMES: u32 = 1 << 15;
 /// Service ports (the unit of counters and names).
 pub const MAX_SERVICES: u32 = DEFAULT_LB_MAP_MAX;
 /// Service port ids are `1..SERVICE_ID_SPACE` and backend ids

@@ -178,6 +178,9 @@ pub const BACKEND_QUARANTINED: u8 = 2;
 /// `Backend4::flags`: the backend runs on this node (no SNAT needed for
 /// NodePort traffic, eligible under `Local` traffic policies).
 pub const BACKEND_LOCAL: u8 = 1 << 0;
+/// `Backend4::flags`: the endpoint's conditions as the API had them, for
+/// `lbctl` (the kernel reads `state`): bits `COND_*` shifted by this.
+pub const BACKEND_COND_SHIFT: u8 = 1;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -188,12 +191,42 @@ pub struct Backend4 {
     pub port: u16,
     pub proto: u8,
     pub state: u8,
+    /// `BACKEND_LOCAL`, and the conditions (`BACKEND_COND_SHIFT`).
     pub flags: u8,
-    /// Agent-assigned zone index (topology hints), 0 = unknown.
+    /// The endpoint's zone: its name is `LB_NAMES_V1[NAME_ZONE | zone]`;
+    /// 0 = none. For `lbctl`: topology is decided by the agent. (Always 0
+    /// before names had ids, so older entries read as "no zone".)
     pub zone: u8,
-    pub _pad: u16,
+    /// The endpoint's node: `LB_NAMES_V1[NAME_NODE | node]`; 0 = none.
+    /// (Was padding, always 0.)
+    pub node: u16,
 }
 const _: () = assert!(core::mem::size_of::<Backend4>() == 12);
+
+/// `LB_NAMES_V1` keys: node and zone names by the id backends carry, for
+/// `lbctl`; the kernel never reads them. One entry per node or zone, where
+/// a name per backend took a 104-byte value for each (`LB_BE_META_V1`).
+pub const NAME_NODE: u32 = 1 << 16;
+pub const NAME_ZONE: u32 = 2 << 16;
+/// Ids `1..=NAME_NODE_MAX` for nodes, `1..=255` for zones (`Backend4`'s
+/// field sizes); a name past them is shown as none.
+pub const NAME_NODE_MAX: u16 = 16_383;
+pub const NAME_ZONE_MAX: u8 = u8::MAX;
+
+/// A node or zone name, NUL-padded UTF-8 (Kubernetes names fit in 63
+/// bytes).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Name {
+    pub name: [u8; 64],
+}
+const _: () = assert!(core::mem::size_of::<Name>() == 64);
+
+impl Default for Name {
+    fn default() -> Self {
+        Self { name: [0; 64] }
+    }
+}
 
 /// Names for `lbctl`, written by the agent; the kernel never reads them.
 #[repr(C)]
@@ -279,29 +312,6 @@ pub const SVC_TYPE_LOAD_BALANCER: u8 = 3;
 pub const POLICY_CLUSTER: u8 = 0;
 pub const POLICY_LOCAL: u8 = 1;
 
-/// Backend names for `lbctl`, written by the agent.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct BackendMeta {
-    pub node_name: [u8; 64],
-    pub zone: [u8; 32],
-    /// Endpoint conditions as the API had them (`COND_*`).
-    pub conditions: u8,
-    pub _pad: [u8; 7],
-}
-const _: () = assert!(core::mem::size_of::<BackendMeta>() == 104);
-
-impl Default for BackendMeta {
-    fn default() -> Self {
-        Self {
-            node_name: [0; 64],
-            zone: [0; 32],
-            conditions: 0,
-            _pad: [0; 7],
-        }
-    }
-}
-
 pub const COND_READY: u8 = 1 << 0;
 pub const COND_SERVING: u8 = 1 << 1;
 pub const COND_TERMINATING: u8 = 1 << 2;
@@ -316,5 +326,5 @@ user_pod!(
     AffinityEntry,
     Backend4,
     ServiceMeta,
-    BackendMeta
+    Name
 );

@@ -11,12 +11,12 @@ use lb_common::{
     conntrack::{Ct4Entry, Ct4Key, Frag4Key, Frag4Ports},
     counters::{BackendStats, MAX_VERDICTS, ServiceStats},
     maps::{
-        MAX_AFFINITY, MAX_BACKENDS, MAX_CONNTRACK, MAX_FRAGS, MAX_FRONTENDS, MAX_SERVICES,
-        MAX_SLOTS, MAX_SOCK_FLOWS, MAX_SOCK_REVNAT, MAX_SOURCE_RANGES,
+        MAX_AFFINITY, MAX_BACKENDS, MAX_CONNTRACK, MAX_FRAGS, MAX_FRONTENDS, MAX_NAMES,
+        MAX_SERVICES, MAX_SLOTS, MAX_SOCK_FLOWS, MAX_SOCK_REVNAT, MAX_SOURCE_RANGES,
     },
     service::{
-        AffinityEntry, AffinityKey, Backend4, BackendMeta, Frontend, Frontend4Key,
-        ServiceBackendKey, ServiceMeta, SlotKey, SourceRange4,
+        AffinityEntry, AffinityKey, Backend4, Frontend, Frontend4Key, Name, ServiceBackendKey,
+        ServiceMeta, SlotKey, SourceRange4,
     },
     sock::{SockFlow4, SockFlow4Key, SockRevNat4, SockRevNat4Key},
     status::AgentStatus,
@@ -59,10 +59,10 @@ pub static BACKENDS4: HashMap<u32, Backend4> = HashMap::pinned(MAX_BACKENDS, BPF
 pub static SERVICE_META: HashMap<u32, ServiceMeta> =
     HashMap::pinned(MAX_SERVICES, BPF_F_NO_PREALLOC);
 
-/// Backend node and zone for `lbctl` (never read here).
-#[map(name = "LB_BE_META_V1")]
-pub static BACKEND_META: HashMap<u32, BackendMeta> =
-    HashMap::pinned(MAX_BACKENDS, BPF_F_NO_PREALLOC);
+/// Node and zone names by the ids backends carry, for `lbctl` (never read
+/// here).
+#[map(name = "LB_NAMES_V1")]
+pub static NAMES: HashMap<u32, Name> = HashMap::pinned(MAX_NAMES, BPF_F_NO_PREALLOC);
 
 /// Per-packet flows (device path), both directions.
 #[map(name = "LB4_CT_V1")]

@@ -10,6 +10,7 @@ pub mod intern;
 pub mod logs;
 pub mod metrics;
 pub mod model;
+pub mod names;
 pub mod nf_conntrack;
 pub mod nodeport_addrs;
 pub mod plan;

@@ -165,8 +165,8 @@ pub fn diff_phase(
             let v = want.backends.get(k)?;
             (was.as_deref() != Some(v)).then(|| Op::PutBackend(*k, *v, was.is_none()))
         }),
-        1 => puts(&b.backend_meta, &want.backend_meta, any, o, |k, v| {
-            Op::PutBackendMeta(k, Box::new(v))
+        1 => puts(&b.names, &want.names, any, o, |k, v| {
+            Op::PutName(k, Box::new(v))
         }),
         2 => chunk(&b.service_meta, any, o.0, o.1, o.2, |k, was| {
             let v = want.service_meta.get(k)?;
@@ -230,13 +230,7 @@ pub fn diff_phase(
             o,
             Op::DelServiceMeta,
         ),
-        16 => dels(
-            &b.backend_meta,
-            &want.backend_meta,
-            any,
-            o,
-            Op::DelBackendMeta,
-        ),
+        16 => dels(&b.names, &want.names, any, o, Op::DelName),
         17 => dels(&b.backends, &want.backends, any, o, Op::DelBackend),
         _ => false,
     }

@@ -24,7 +24,7 @@ use super::{
         Backend, BackendAddr, BackendState, Desired, FrontendKind, ObjKey, Proto, ServicePortKey,
         ServicePortState, ServiceType, TrafficPolicy,
     },
-    plan,
+    names, plan,
     state::{MapState, Op, RangeKey, cstr, fixed},
     written::{self, Before},
 };
@@ -306,6 +306,8 @@ pub struct Reconciler<W> {
     retiring_sets: BTreeSet<u32>,
     /// Backend set -> the port whose frontends read it in the target.
     set_owner: BTreeMap<u32, ServicePortKey>,
+    /// Node and zone names' ids, counted over the target's backends.
+    name_ids: names::NameIds,
     capacity: Capacity,
 }
 
@@ -354,6 +356,7 @@ impl<W: MapWriter> Reconciler<W> {
             retiring_backends: backend_ids.keys().copied().collect(),
             retiring_sets: sets,
             index: WrittenIndex::new(state.frontends.iter()),
+            name_ids: names::NameIds::adopt(&state.names),
             // Everything in the maps is to be compared at the first flush.
             before: Before::all(state),
             want: MapState::default(),
@@ -499,10 +502,7 @@ impl<W: MapWriter> Reconciler<W> {
                 SERVICE_META,
                 written::written_len(&w.service_meta, &b.service_meta),
             ),
-            (
-                BACKEND_META,
-                written::written_len(&w.backend_meta, &b.backend_meta),
-            ),
+            (NAMES, written::written_len(&w.names, &b.names)),
         ]
     }
 
@@ -714,16 +714,38 @@ impl<W: MapWriter> Reconciler<W> {
     }
 
     fn refresh_backend(&mut self, id: u32) {
-        let v = self.backend_owners.get(&id).and_then(|(addr, owners)| {
+        let b = self.backend_owners.get(&id).and_then(|(addr, owners)| {
             let (port, _) = owners.0.first()?;
             let input = &self.ports.get(port.as_ref())?.input;
             let i = input.backends.binary_search_by(|b| b.addr.cmp(addr)).ok()?;
-            let b = &input.backends[i];
-            Some((backend_entry(b), backend_meta(b)))
+            Some(&input.backends[i])
         });
-        let (w, b) = (&mut self.want, &mut self.before);
-        written::set(&mut w.backends, &mut b.backends, id, v.map(|v| v.0));
-        written::set(&mut w.backend_meta, &mut b.backend_meta, id, v.map(|v| v.1));
+        // The new names are taken before the old are let go: a name the
+        // backend keeps is never dropped in between.
+        let new = b.map(|b| {
+            let mut v = backend_entry(b);
+            if let Some(n) = &b.node_name {
+                let (key, e) = self.name_ids.acquire(NAME_NODE, n);
+                name_entry(&mut self.want, &mut self.before, key, e);
+                v.node = key as u16;
+            }
+            if let Some(z) = &b.zone {
+                let (key, e) = self.name_ids.acquire(NAME_ZONE, z);
+                name_entry(&mut self.want, &mut self.before, key, e);
+                v.zone = key as u8;
+            }
+            v
+        });
+        if let Some(old) = self.want.backends.get(&id).copied() {
+            for key in [names::node_key(old.node), names::zone_key(old.zone)]
+                .into_iter()
+                .flatten()
+            {
+                let e = self.name_ids.release(key);
+                name_entry(&mut self.want, &mut self.before, key, e);
+            }
+        }
+        written::set(&mut self.want.backends, &mut self.before.backends, id, new);
     }
 
     fn release_frontend(&mut self, k: &ServicePortKey, fk: Frontend4Key) {
@@ -1248,23 +1270,19 @@ fn port_backend_flags(sp: &ServicePortState, ids: &[(u32, &Backend)]) -> BTreeMa
         .collect()
 }
 
-fn backend_entry(b: &Backend) -> Backend4 {
-    Backend4 {
-        addr: ip4(b.addr.addr.octets()),
-        port: port(b.addr.port),
-        proto: b.addr.proto.number(),
-        state: match b.state {
-            BackendState::Active => BACKEND_ACTIVE,
-            BackendState::Terminating => BACKEND_TERMINATING,
-            BackendState::Quarantined => BACKEND_QUARANTINED,
-        },
-        flags: if b.local { BACKEND_LOCAL } else { 0 },
-        zone: 0,
-        _pad: 0,
-    }
+/// The names map's entry at `key` as `NameIds` says.
+fn name_entry(want: &mut MapState, before: &mut Before, key: u32, e: names::Entry) {
+    let v = match e {
+        names::Entry::Same => return,
+        names::Entry::Put(v) => Some(v),
+        names::Entry::Delete => None,
+    };
+    written::set(&mut want.names, &mut before.names, key, v);
 }
 
-fn backend_meta(b: &Backend) -> BackendMeta {
+/// A backend's entry, without its node and zone ids (`refresh_backend`
+/// gives them).
+fn backend_entry(b: &Backend) -> Backend4 {
     let mut conditions = 0;
     if b.ready {
         conditions |= COND_READY;
@@ -1275,11 +1293,19 @@ fn backend_meta(b: &Backend) -> BackendMeta {
     if b.terminating {
         conditions |= COND_TERMINATING;
     }
-    BackendMeta {
-        node_name: fixed(b.node_name.as_deref().unwrap_or("")),
-        zone: fixed(b.zone.as_deref().unwrap_or("")),
-        conditions,
-        _pad: [0; 7],
+    let local = if b.local { BACKEND_LOCAL } else { 0 };
+    Backend4 {
+        addr: ip4(b.addr.addr.octets()),
+        port: port(b.addr.port),
+        proto: b.addr.proto.number(),
+        state: match b.state {
+            BackendState::Active => BACKEND_ACTIVE,
+            BackendState::Terminating => BACKEND_TERMINATING,
+            BackendState::Quarantined => BACKEND_QUARANTINED,
+        },
+        flags: local | conditions << BACKEND_COND_SHIFT,
+        zone: 0,
+        node: 0,
     }
 }
 

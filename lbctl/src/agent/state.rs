@@ -7,9 +7,7 @@ use std::{collections::BTreeMap, fmt::Write as _, net::Ipv4Addr};
 
 use lb_common::{
     ip4_octets, port_host,
-    service::{
-        Backend4, BackendMeta, Frontend, Frontend4Key, ServiceBackendKey, ServiceMeta, SlotKey,
-    },
+    service::{Backend4, Frontend, Frontend4Key, Name, ServiceBackendKey, ServiceMeta, SlotKey},
 };
 
 /// A `loadBalancerSourceRanges` prefix of a Service port
@@ -34,7 +32,8 @@ pub struct MapState {
     pub svc_backends: BTreeMap<ServiceBackendKey, u32>,
     pub backends: BTreeMap<u32, Backend4>,
     pub service_meta: BTreeMap<u32, ServiceMeta>,
-    pub backend_meta: BTreeMap<u32, BackendMeta>,
+    /// Node and zone names by `NAME_NODE | id` / `NAME_ZONE | id`.
+    pub names: BTreeMap<u32, Name>,
 }
 
 /// One map write.
@@ -45,7 +44,7 @@ pub enum Op {
     PutBackend(u32, Backend4, bool),
     /// Boxed, as the service meta below: an op list of a full sync holds
     /// hundreds of thousands of ops, each as large as its largest variant.
-    PutBackendMeta(u32, Box<BackendMeta>),
+    PutName(u32, Box<Name>),
     /// A new service id: its meta, and its counters start from zero.
     PutServiceMeta(u32, Box<ServiceMeta>, bool),
     PutSlot(SlotKey, u32),
@@ -59,7 +58,7 @@ pub enum Op {
     DelServiceBackend(ServiceBackendKey),
     DelSourceRange(RangeKey),
     DelServiceMeta(u32),
-    DelBackendMeta(u32),
+    DelName(u32),
     DelBackend(u32),
 }
 
@@ -67,7 +66,7 @@ impl MapState {
     pub fn apply(&mut self, op: &Op) {
         match *op {
             Op::PutBackend(k, v, _) => drop(self.backends.insert(k, v)),
-            Op::PutBackendMeta(k, ref v) => drop(self.backend_meta.insert(k, **v)),
+            Op::PutName(k, ref v) => drop(self.names.insert(k, **v)),
             Op::PutServiceMeta(k, ref v, _) => drop(self.service_meta.insert(k, **v)),
             Op::PutSlot(k, v) => drop(self.slots.insert(k, v)),
             Op::PutServiceBackend(k, v) => drop(self.svc_backends.insert(k, v)),
@@ -80,9 +79,23 @@ impl MapState {
             Op::DelFrontend(k) => drop(self.frontends.remove(&k)),
             Op::DelSlot(k) => drop(self.slots.remove(&k)),
             Op::DelServiceMeta(k) => drop(self.service_meta.remove(&k)),
-            Op::DelBackendMeta(k) => drop(self.backend_meta.remove(&k)),
+            Op::DelName(k) => drop(self.names.remove(&k)),
             Op::DelBackend(k) => drop(self.backends.remove(&k)),
         }
+    }
+
+    /// A backend's node name as the names map holds it ("" when none).
+    pub fn node_name(&self, b: &Backend4) -> &str {
+        super::names::node_key(b.node)
+            .and_then(|k| self.names.get(&k))
+            .map_or("", |n| cstr(&n.name))
+    }
+
+    /// A backend's zone name ("" when none).
+    pub fn zone_name(&self, b: &Backend4) -> &str {
+        super::names::zone_key(b.zone)
+            .and_then(|k| self.names.get(&k))
+            .map_or("", |n| cstr(&n.name))
     }
 
     pub fn entries(&self) -> usize {
@@ -93,7 +106,7 @@ impl MapState {
             + self.source_ranges.len()
             + self.backends.len()
             + self.service_meta.len()
-            + self.backend_meta.len()
+            + self.names.len()
     }
 
     /// One line per entry, stable order: golden files and diffs.
@@ -145,13 +158,15 @@ impl MapState {
         for (k, v) in &self.backends {
             let _ = writeln!(
                 s,
-                "backend {} -> {}:{}/{} state={} flags={:#x}",
+                "backend {} -> {}:{}/{} state={} flags={:#x} node={} zone={}",
                 k,
                 Ipv4Addr::from(ip4_octets(v.addr)),
                 port_host(v.port),
                 v.proto,
                 v.state,
-                v.flags
+                v.flags,
+                v.node,
+                v.zone
             );
         }
         for (k, v) in &self.service_meta {
@@ -164,14 +179,13 @@ impl MapState {
                 cstr(&v.port_name)
             );
         }
-        for (k, v) in &self.backend_meta {
-            let _ = writeln!(
-                s,
-                "backend-meta {} -> node={} zone={}",
-                k,
-                cstr(&v.node_name),
-                cstr(&v.zone)
-            );
+        for (k, v) in &self.names {
+            let kind = match k & !0xffff {
+                lb_common::service::NAME_NODE => "node",
+                lb_common::service::NAME_ZONE => "zone",
+                _ => "?",
+            };
+            let _ = writeln!(s, "name {kind} {} -> {}", k & 0xffff, cstr(&v.name));
         }
         s
     }

@@ -125,6 +125,20 @@ fn canonical(s: &MapState) -> BTreeSet<String> {
     let fronts: BTreeSet<u32> = s.frontends.keys().map(|k| k.addr).collect();
     let addrs: BTreeSet<u32> = s.addrs.keys().copied().collect();
     assert_eq!(fronts, addrs, "address filter out of step with frontends");
+    // The names map holds exactly the node and zone names backends carry.
+    let carried: BTreeSet<u32> = s
+        .backends
+        .values()
+        .flat_map(|b| {
+            [
+                crate::agent::names::node_key(b.node),
+                crate::agent::names::zone_key(b.zone),
+            ]
+        })
+        .flatten()
+        .collect();
+    let named: BTreeSet<u32> = s.names.keys().copied().collect();
+    assert_eq!(carried, named, "names out of step with backends");
     // Nothing dangling: every slot's set is pointed at, every backend used.
     let sets: BTreeSet<u32> = s.frontends.values().map(|f| f.backend_set).collect();
     assert!(
@@ -619,9 +633,9 @@ fn one_slice_change_is_translated_and_diffed_alone() {
     }
     let before = rec.writer.writes;
     let o = rec.flush().unwrap();
-    // backend + meta, what it is to its port, 11 slots of the new set,
-    // the frontend, 10 old slots.
-    assert_eq!(o.writes, 2 + 1 + 11 + 1 + 10, "{}", rec.state().dump());
+    // The backend (its node's name is in the maps already), what it is to
+    // its port, 11 slots of the new set, the frontend, 10 old slots.
+    assert_eq!(o.writes, 1 + 1 + 11 + 1 + 10, "{}", rec.state().dump());
     assert_eq!(rec.writer.writes - before, o.writes);
     let mut fresh = Reconciler::adopt(InMemory::default()).unwrap();
     fresh

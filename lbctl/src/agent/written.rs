@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 
 use lb_common::service::{
-    Backend4, BackendMeta, Frontend, Frontend4Key, ServiceBackendKey, ServiceMeta, SlotKey,
+    Backend4, Frontend, Frontend4Key, Name, ServiceBackendKey, ServiceMeta, SlotKey,
 };
 
 use super::state::{MapState, Op, RangeKey};
@@ -27,7 +27,7 @@ pub struct Before {
     pub source_ranges: BTreeMap<RangeKey, Was<u32>>,
     pub backends: BTreeMap<u32, Was<Backend4>>,
     pub service_meta: BTreeMap<u32, Was<ServiceMeta>>,
-    pub backend_meta: BTreeMap<u32, Was<BackendMeta>>,
+    pub names: BTreeMap<u32, Was<Name>>,
 }
 
 fn was_of<K: Ord + Copy, V: Copy>(
@@ -69,7 +69,7 @@ impl Before {
             source_ranges: keys!(source_ranges),
             backends: keys!(backends),
             service_meta: keys!(service_meta),
-            backend_meta: keys!(backend_meta),
+            names: keys!(names),
         }
     }
 
@@ -84,7 +84,7 @@ impl Before {
             source_ranges: all_of(cur.source_ranges),
             backends: all_of(cur.backends),
             service_meta: all_of(cur.service_meta),
-            backend_meta: all_of(cur.backend_meta),
+            names: all_of(cur.names),
         }
     }
 
@@ -96,7 +96,7 @@ impl Before {
             && self.source_ranges.is_empty()
             && self.backends.is_empty()
             && self.service_meta.is_empty()
-            && self.backend_meta.is_empty()
+            && self.names.is_empty()
     }
 
     /// `op` landed: the maps hold the target's value at its key (a flush
@@ -104,7 +104,7 @@ impl Before {
     pub fn landed(&mut self, op: &Op) {
         match op {
             Op::PutBackend(k, ..) | Op::DelBackend(k) => drop(self.backends.remove(k)),
-            Op::PutBackendMeta(k, _) | Op::DelBackendMeta(k) => drop(self.backend_meta.remove(k)),
+            Op::PutName(k, _) | Op::DelName(k) => drop(self.names.remove(k)),
             Op::PutServiceMeta(k, ..) | Op::DelServiceMeta(k) => drop(self.service_meta.remove(k)),
             Op::PutSlot(k, _) | Op::DelSlot(k) => drop(self.slots.remove(k)),
             Op::PutServiceBackend(k, _) | Op::DelServiceBackend(k) => {
@@ -186,7 +186,7 @@ pub fn materialize(want: &MapState, before: &Before) -> MapState {
         source_ranges: overlay(&want.source_ranges, &before.source_ranges),
         backends: overlay(&want.backends, &before.backends),
         service_meta: overlay(&want.service_meta, &before.service_meta),
-        backend_meta: overlay(&want.backend_meta, &before.backend_meta),
+        names: overlay(&want.names, &before.names),
     }
 }
 

@@ -127,11 +127,11 @@ fn view(cur: &MapState, op: &Op) -> DiffView {
             }
             (SERVICE_META, cur.service_meta.contains_key(k))
         }
-        Op::PutBackendMeta(k, _) | Op::DelBackendMeta(k) => {
-            if let Some(v) = cur.backend_meta.get(k) {
-                have.backend_meta.insert(*k, *v);
+        Op::PutName(k, _) | Op::DelName(k) => {
+            if let Some(v) = cur.names.get(k) {
+                have.names.insert(*k, *v);
             }
-            (BACKEND_META, cur.backend_meta.contains_key(k))
+            (NAMES, cur.names.contains_key(k))
         }
     };
     let deleting = matches!(
@@ -143,7 +143,7 @@ fn view(cur: &MapState, op: &Op) -> DiffView {
             | Op::DelSourceRange(_)
             | Op::DelBackend(_)
             | Op::DelServiceMeta(_)
-            | Op::DelBackendMeta(_)
+            | Op::DelName(_)
     );
     let change = match (deleting, present) {
         (true, _) => "extra",

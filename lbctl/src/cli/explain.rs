@@ -253,10 +253,7 @@ fn backend_info(st: &MapState, id: u32) -> Option<BackendInfo> {
         id,
         address: Ipv4Addr::from(ip4_octets(b.addr)),
         port: port_host(b.port),
-        node: st
-            .backend_meta
-            .get(&id)
-            .map_or(String::new(), |m| cstr(&m.node_name).into()),
+        node: st.node_name(b).into(),
         local: b.flags & BACKEND_LOCAL != 0,
         active: b.state == BACKEND_ACTIVE,
     })

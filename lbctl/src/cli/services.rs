@@ -165,21 +165,22 @@ pub fn view(
         let Some(b) = state.backends.get(&id) else {
             continue;
         };
-        let meta = state.backend_meta.get(&id).copied().unwrap_or_default();
-        let terminating = meta.conditions & COND_TERMINATING != 0;
+        // The endpoint's conditions as the API had them.
+        let conditions = b.flags >> BACKEND_COND_SHIFT;
+        let terminating = conditions & COND_TERMINATING != 0;
         let local = b.flags & BACKEND_LOCAL != 0;
         v.backends.push(BackendView {
             id,
             address: Ipv4Addr::from(ip4_octets(b.addr)),
             port: port_host(b.port),
             state: state_label(b.state).into(),
-            ready: meta.conditions & COND_READY != 0,
-            serving: meta.conditions & COND_SERVING != 0,
+            ready: conditions & COND_READY != 0,
+            serving: conditions & COND_SERVING != 0,
             terminating,
             local,
             new_flows: new_flows(*flags, terminating, local),
-            node: cstr(&meta.node_name).into(),
-            zone: cstr(&meta.zone).into(),
+            node: state.node_name(b).into(),
+            zone: state.zone_name(b).into(),
         });
     }
     out.into_values().collect()

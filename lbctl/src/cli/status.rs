@@ -254,7 +254,7 @@ pub fn execute(args: Args) -> Result<()> {
             (lb_common::maps::SOURCE_RANGES4, st.source_ranges.len()),
             (lb_common::maps::BACKENDS4, st.backends.len()),
             (lb_common::maps::SERVICE_META, st.service_meta.len()),
-            (lb_common::maps::BACKEND_META, st.backend_meta.len()),
+            (lb_common::maps::NAMES, st.names.len()),
             (lb_common::maps::CONNTRACK4, ct),
             (
                 lb_common::maps::FRAGS4,

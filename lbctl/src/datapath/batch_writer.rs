@@ -21,7 +21,7 @@ use crate::agent::{apply::MapError, state::Op};
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Kind {
     PutBackend,
-    PutBackendMeta,
+    PutName,
     PutServiceMeta,
     PutSlot,
     PutServiceBackend,
@@ -32,14 +32,14 @@ pub enum Kind {
     DelSlot,
     DelServiceBackend,
     DelServiceMeta,
-    DelBackendMeta,
+    DelName,
     DelBackend,
 }
 
 pub fn kind(op: &Op) -> Option<Kind> {
     Some(match op {
         Op::PutBackend(..) => Kind::PutBackend,
-        Op::PutBackendMeta(..) => Kind::PutBackendMeta,
+        Op::PutName(..) => Kind::PutName,
         Op::PutServiceMeta(..) => Kind::PutServiceMeta,
         Op::PutSlot(..) => Kind::PutSlot,
         Op::PutServiceBackend(..) => Kind::PutServiceBackend,
@@ -50,7 +50,7 @@ pub fn kind(op: &Op) -> Option<Kind> {
         Op::DelSlot(..) => Kind::DelSlot,
         Op::DelServiceBackend(..) => Kind::DelServiceBackend,
         Op::DelServiceMeta(..) => Kind::DelServiceMeta,
-        Op::DelBackendMeta(..) => Kind::DelBackendMeta,
+        Op::DelName(..) => Kind::DelName,
         Op::DelBackend(..) => Kind::DelBackend,
         // Source ranges live in an LPM trie, which has no batch update.
         Op::PutSourceRange(..) | Op::DelSourceRange(..) => return None,
@@ -145,8 +145,8 @@ pub fn write(dir: &Path, fds: &mut Fds, kind: Kind, ops: &[Op]) -> Result<(), (u
         // that counts (see lb-ebpf/src/stats.rs), deleted here with their
         // backend or port.
         Kind::PutBackend => puts!(names::BACKENDS4, Op::PutBackend(k, v, _) => (*k, *v)),
-        Kind::PutBackendMeta => {
-            puts!(names::BACKEND_META, Op::PutBackendMeta(k, v) => (*k, **v))
+        Kind::PutName => {
+            puts!(names::NAMES, Op::PutName(k, v) => (*k, **v))
         }
         Kind::PutServiceMeta => {
             puts!(names::SERVICE_META, Op::PutServiceMeta(k, v, _) => (*k, **v))
@@ -167,7 +167,7 @@ pub fn write(dir: &Path, fds: &mut Fds, kind: Kind, ops: &[Op]) -> Result<(), (u
             dels!(names::SERVICE_META, Op::DelServiceMeta(k) => *k)?;
             dels!(names::SERVICE_STATS, Op::DelServiceMeta(k) => *k)
         }
-        Kind::DelBackendMeta => dels!(names::BACKEND_META, Op::DelBackendMeta(k) => *k),
+        Kind::DelName => dels!(names::NAMES, Op::DelName(k) => *k),
         Kind::DelBackend => {
             dels!(names::BACKENDS4, Op::DelBackend(k) => *k)?;
             dels!(names::BACKEND_STATS, Op::DelBackend(k) => *k)

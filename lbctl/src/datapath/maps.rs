@@ -16,8 +16,8 @@ use lb_common::{
     counters::{BackendStats, MAX_VERDICTS, ServiceStats},
     maps as names,
     service::{
-        AffinityEntry, AffinityKey, Backend4, BackendMeta, Frontend, Frontend4Key,
-        SOURCE_RANGE_ID_BITS, ServiceBackendKey, ServiceMeta, SlotKey, SourceRange4,
+        AffinityEntry, AffinityKey, Backend4, Frontend, Frontend4Key, Name, SOURCE_RANGE_ID_BITS,
+        ServiceBackendKey, ServiceMeta, SlotKey, SourceRange4,
     },
     sock::{SockFlow4, SockFlow4Key, SockRevNat4, SockRevNat4Key},
     status::AgentStatus,
@@ -146,7 +146,7 @@ pub struct ServiceMaps {
     pub source_ranges: LpmTrie<MapData, SourceRange4, u32>,
     pub backends: HashMap<MapData, u32, Backend4>,
     pub service_meta: HashMap<MapData, u32, ServiceMeta>,
-    pub backend_meta: HashMap<MapData, u32, BackendMeta>,
+    pub names: HashMap<MapData, u32, Name>,
     pub service_stats: PerCpuHashMap<MapData, u32, ServiceStats>,
     pub verdicts: PerCpuArray<MapData, u64>,
     pub conntrack: HashMap<MapData, Ct4Key, Ct4Entry>,
@@ -177,7 +177,7 @@ impl ServiceMaps {
             source_ranges: typed!(dir, names::SOURCE_RANGES4, LpmTrie<MapData, SourceRange4, u32>),
             backends: typed!(dir, names::BACKENDS4, HashMap<MapData, u32, Backend4>),
             service_meta: typed!(dir, names::SERVICE_META, HashMap<MapData, u32, ServiceMeta>),
-            backend_meta: typed!(dir, names::BACKEND_META, HashMap<MapData, u32, BackendMeta>),
+            names: typed!(dir, names::NAMES, HashMap<MapData, u32, Name>),
             service_stats: typed!(dir, names::SERVICE_STATS, PerCpuHashMap<MapData, u32, ServiceStats>),
             verdicts: typed!(dir, names::VERDICT_STATS, PerCpuArray<MapData, u64>),
             conntrack: typed!(dir, names::CONNTRACK4, HashMap<MapData, Ct4Key, Ct4Entry>),
@@ -333,7 +333,7 @@ impl MapWriter for ServiceMaps {
             // Counters are made by the datapath when first used (see
             // lb-ebpf/src/stats.rs), deleted here with their owner.
             Op::PutBackend(k, v, _) => self.backends.insert(k, v, 0),
-            Op::PutBackendMeta(k, ref v) => self.backend_meta.insert(k, **v, 0),
+            Op::PutName(k, ref v) => self.names.insert(k, **v, 0),
             Op::PutServiceMeta(k, ref v, _) => self.service_meta.insert(k, **v, 0),
             Op::PutSlot(k, v) => self.slots.insert(k, v, 0),
             Op::PutServiceBackend(k, v) => self.svc_backends.insert(k, v, 0),
@@ -350,7 +350,7 @@ impl MapWriter for ServiceMaps {
             Op::DelSlot(k) => del(&mut self.slots, &k),
             Op::DelServiceMeta(k) => del(&mut self.service_meta, &k)
                 .and_then(|_| absent_ok(self.service_stats.remove(&k))),
-            Op::DelBackendMeta(k) => del(&mut self.backend_meta, &k),
+            Op::DelName(k) => del(&mut self.names, &k),
             Op::DelBackend(k) => {
                 del(&mut self.backends, &k).and_then(|_| absent_ok(self.backend_stats.remove(&k)))
             }
@@ -386,7 +386,7 @@ impl MapWriter for ServiceMaps {
                 .collect::<Result<_, MapError>>()?,
             backends: read_all(&self.backends, names::BACKENDS4)?,
             service_meta: read_all(&self.service_meta, names::SERVICE_META)?,
-            backend_meta: read_all(&self.backend_meta, names::BACKEND_META)?,
+            names: read_all(&self.names, names::NAMES)?,
         })
     }
 }

@@ -38,7 +38,7 @@ const SHARED: &[&str] = &[
     names::BACKENDS4,
     names::CONFIG,
     names::SERVICE_META,
-    names::BACKEND_META,
+    names::NAMES,
     names::AGENT_STATUS,
 ];
 
