@@ -663,6 +663,34 @@ fn a_restarted_agent_adopts_ids_and_writes_nothing() {
     );
 }
 
+/// Maps an agent wrote before backends carried node and zone ids (their
+/// names were in `LB_BE_META_V1`, now retired): the first flush gives every
+/// backend its ids and conditions in place, under the same backend id, and
+/// puts the names; nothing else is written and no backend moves.
+#[test]
+fn maps_from_before_name_ids_get_them_in_place() {
+    let desired = model::translate(&objects(WEB), &node());
+    let mut rec = Reconciler::adopt(InMemory::default()).unwrap();
+    rec.reconcile(&desired).unwrap();
+    let now = rec.state();
+    assert!(!now.names.is_empty(), "WEB has node and zone names");
+    let mut old = now.clone();
+    for b in old.backends.values_mut() {
+        b.flags &= lb_common::service::BACKEND_LOCAL;
+        b.node = 0;
+        b.zone = 0;
+    }
+    old.names.clear();
+    let maps = InMemory {
+        state: old,
+        writes: 0,
+    };
+    let mut upgraded = Reconciler::adopt(maps).unwrap();
+    let o = upgraded.reconcile(&desired).unwrap();
+    assert_eq!(o.writes, now.backends.len() + now.names.len());
+    assert_eq!(upgraded.state(), now, "same ids, entries as a fresh agent's");
+}
+
 #[test]
 fn dir_parse_reports_broken_documents_by_file() {
     let f = dir::parse(
