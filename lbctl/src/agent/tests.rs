@@ -688,7 +688,11 @@ fn maps_from_before_name_ids_get_them_in_place() {
     let mut upgraded = Reconciler::adopt(maps).unwrap();
     let o = upgraded.reconcile(&desired).unwrap();
     assert_eq!(o.writes, now.backends.len() + now.names.len());
-    assert_eq!(upgraded.state(), now, "same ids, entries as a fresh agent's");
+    assert_eq!(
+        upgraded.state(),
+        now,
+        "same ids, entries as a fresh agent's"
+    );
 }
 
 #[test]
