@@ -35,6 +35,20 @@ pub struct AgentRun {
     pub peak_rss_kib: u64,
 }
 
+impl AgentRun {
+    /// One start of the agent: `full` from start to its first sync, the
+    /// rest from its log line "first sync done".
+    fn from_log(services: usize, full: std::time::Duration, log: &str, peak_rss_kib: u64) -> Self {
+        Self {
+            services,
+            full_sync_s: full.as_secs_f64(),
+            translate_s: first_sync_field(log, "translate_us"),
+            write_s: first_sync_field(log, "elapsed_us"),
+            peak_rss_kib,
+        }
+    }
+}
+
 /// A `key=value` field of the agent's "first sync done" log line, in
 /// seconds (the fields are in microseconds).
 fn first_sync_field(log: &str, key: &str) -> f64 {
@@ -128,13 +142,7 @@ fn one_start(
     if let Some(l) = log.lines().find(|l| l.contains("first sync done")) {
         eprintln!("agent: {l}");
     }
-    let run = AgentRun {
-        services: n,
-        full_sync_s: full.as_secs_f64(),
-        translate_s: first_sync_field(&log, "translate_us"),
-        write_s: first_sync_field(&log, "elapsed_us"),
-        peak_rss_kib: peak_kib,
-    };
+    let run = AgentRun::from_log(n, full, &log, peak_kib);
     (agent, run)
 }
 
@@ -210,13 +218,7 @@ pub fn api_run(n: usize) -> (AgentRun, f64) {
         |pid| peak_kib = peak_kib.max(vm_hwm_kib(pid)),
     );
     let log = std::fs::read_to_string(work.join("agent.log")).unwrap_or_default();
-    let run = AgentRun {
-        services: n,
-        full_sync_s: full.as_secs_f64(),
-        translate_s: first_sync_field(&log, "translate_us"),
-        write_s: first_sync_field(&log, "elapsed_us"),
-        peak_rss_kib: peak_kib,
-    };
+    let run = AgentRun::from_log(n, full, &log, peak_kib);
     agent::stop(agent, &fs.pins());
     let _ = std::fs::remove_dir_all(&work);
     (run, load_s)

@@ -50,10 +50,8 @@ fn main() -> anyhow::Result<()> {
     // `--only change`: one EndpointSlice change among 10,000 Services (or
     // `--services N`), p50 and p99 over 200, as the control part measures.
     if only.contains(&"change") {
-        let n = args
-            .windows(2)
-            .find(|w| w[0] == "--services")
-            .and_then(|w| w[1].parse().ok())
+        let n = services_arg(&args)
+            .and_then(|v| v.parse().ok())
             .unwrap_or(if quick { 100 } else { 10_000 });
         let count = if quick { 20 } else { 200 };
         progress.step(&format!("{count} EndpointSlice changes among {n} Services"));
@@ -70,10 +68,8 @@ fn main() -> anyhow::Result<()> {
     // `--only api [--services N]`: the agent on a real API server holding
     // 10,000 Services (or N), start to all in the maps.
     if only.contains(&"api") {
-        let n = args
-            .windows(2)
-            .find(|w| w[0] == "--services")
-            .and_then(|w| w[1].parse().ok())
+        let n = services_arg(&args)
+            .and_then(|v| v.parse().ok())
             .unwrap_or(if quick { 100 } else { 10_000 });
         progress.step(&format!(
             "{n} Services in a real API server, then the agent"
@@ -90,10 +86,8 @@ fn main() -> anyhow::Result<()> {
     }
     if only.contains(&"agent") {
         // `--services 10000,...`: only these sizes.
-        let given: Option<Vec<usize>> = args
-            .windows(2)
-            .find(|w| w[0] == "--services")
-            .map(|w| w[1].split(',').filter_map(|n| n.parse().ok()).collect());
+        let given: Option<Vec<usize>> =
+            services_arg(&args).map(|v| v.split(',').filter_map(|n| n.parse().ok()).collect());
         let sizes: &[usize] = match &given {
             Some(v) => v,
             None if quick => &[100],
@@ -177,4 +171,11 @@ fn main() -> anyhow::Result<()> {
     print!("{r}");
     eprintln!("report and plots in {}", out_dir.display());
     Ok(())
+}
+
+/// The value of `--services` (`N` or `N,M,...`), if given.
+fn services_arg(args: &[String]) -> Option<&str> {
+    args.windows(2)
+        .find(|w| w[0] == "--services")
+        .map(|w| w[1].as_str())
 }
