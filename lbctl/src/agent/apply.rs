@@ -37,7 +37,7 @@ pub trait MapWriter {
 }
 
 /// Maps in memory: unit tests and `--dry-run`.
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct InMemory {
     pub state: MapState,
     pub writes: usize,

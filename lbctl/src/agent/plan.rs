@@ -9,7 +9,7 @@ use lb_common::service::{Frontend4Key, SCOPE_ALL, ServiceBackendKey, SlotKey};
 
 use super::{
     state::{MapState, Op, RangeKey},
-    written::{Before, Was},
+    written::{Before, Kept},
 };
 
 /// Where a phase's diff goes on from: after the last key of its previous
@@ -57,19 +57,18 @@ phase_key!(RangeKey, Range);
 /// The op of each key of `before` after `from` that `only` admits, until
 /// `out` holds `limit`; returns whether keys are left (`from` then says
 /// where to go on).
-fn chunk<K: PhaseKey, V>(
-    before: &BTreeMap<K, Was<V>>,
+fn chunk<K: PhaseKey, V: Copy>(
+    before: &Kept<K, V>,
+    want: &BTreeMap<K, V>,
     only: impl Fn(&K) -> bool,
-    out: &mut Vec<Op>,
-    from: &mut Resume,
-    limit: usize,
-    mut op: impl FnMut(&K, &Was<V>) -> Option<Op>,
+    (out, from, limit): (&mut Vec<Op>, &mut Resume, usize),
+    mut op: impl FnMut(&K, Option<&V>) -> Option<Op>,
 ) -> bool {
     let start = match K::after(from) {
         Some(k) => Bound::Excluded(k),
         None => Bound::Unbounded,
     };
-    for (k, was) in before.range((start, Bound::Unbounded)) {
+    for (k, was) in before.pending(want, start) {
         if !only(k) {
             continue;
         }
@@ -85,26 +84,26 @@ fn chunk<K: PhaseKey, V>(
 }
 
 fn puts<K: PhaseKey, V: PartialEq + Copy>(
-    before: &BTreeMap<K, Was<V>>,
+    before: &Kept<K, V>,
     want: &BTreeMap<K, V>,
     only: impl Fn(&K) -> bool,
-    (out, from, limit): (&mut Vec<Op>, &mut Resume, usize),
+    o: (&mut Vec<Op>, &mut Resume, usize),
     op: impl Fn(K, V) -> Op,
 ) -> bool {
-    chunk(before, only, out, from, limit, |k, was| {
+    chunk(before, want, only, o, |k, was| {
         let v = want.get(k)?;
-        (was.as_deref() != Some(v)).then(|| op(*k, *v))
+        (was != Some(v)).then(|| op(*k, *v))
     })
 }
 
-fn dels<K: PhaseKey, V>(
-    before: &BTreeMap<K, Was<V>>,
+fn dels<K: PhaseKey, V: Copy>(
+    before: &Kept<K, V>,
     want: &BTreeMap<K, V>,
     only: impl Fn(&K) -> bool,
-    (out, from, limit): (&mut Vec<Op>, &mut Resume, usize),
+    o: (&mut Vec<Op>, &mut Resume, usize),
     op: impl Fn(K) -> Op,
 ) -> bool {
-    chunk(before, only, out, from, limit, |k, was| {
+    chunk(before, want, only, o, |k, was| {
         (was.is_some() && !want.contains_key(k)).then(|| op(*k))
     })
 }
@@ -161,16 +160,16 @@ pub fn diff_phase(
     let b = before;
     let o = (ops, from, limit);
     match phase {
-        0 => chunk(&b.backends, any, o.0, o.1, o.2, |k, was| {
+        0 => chunk(&b.backends, &want.backends, any, o, |k, was| {
             let v = want.backends.get(k)?;
-            (was.as_deref() != Some(v)).then(|| Op::PutBackend(*k, *v, was.is_none()))
+            (was != Some(v)).then(|| Op::PutBackend(*k, *v, was.is_none()))
         }),
         1 => puts(&b.names, &want.names, any, o, |k, v| {
             Op::PutName(k, Box::new(v))
         }),
-        2 => chunk(&b.service_meta, any, o.0, o.1, o.2, |k, was| {
+        2 => chunk(&b.service_meta, &want.service_meta, any, o, |k, was| {
             let v = want.service_meta.get(k)?;
-            (was.as_deref() != Some(v)).then(|| Op::PutServiceMeta(*k, Box::new(*v), was.is_none()))
+            (was != Some(v)).then(|| Op::PutServiceMeta(*k, Box::new(*v), was.is_none()))
         }),
         3 => puts(&b.slots, &want.slots, any, o, Op::PutSlot),
         4 => puts(

@@ -230,17 +230,20 @@ impl WrittenIndex {
     }
 }
 
+/// The slot keys of one backend set.
+fn set_range(set: u32) -> std::ops::RangeInclusive<SlotKey> {
+    SlotKey {
+        backend_set: set,
+        slot: 0,
+    }..=SlotKey {
+        backend_set: set,
+        slot: u32::MAX,
+    }
+}
+
 /// The slots of one backend set.
 fn set_slots(slots: &BTreeMap<SlotKey, u32>, set: u32) -> impl Iterator<Item = (&SlotKey, &u32)> {
-    slots.range(
-        SlotKey {
-            backend_set: set,
-            slot: 0,
-        }..=SlotKey {
-            backend_set: set,
-            slot: u32::MAX,
-        },
-    )
+    slots.range(set_range(set))
 }
 
 /// The backend entries of one Service port.
@@ -309,6 +312,9 @@ pub struct Reconciler<W> {
     /// Node and zone names' ids, counted over the target's backends.
     name_ids: names::NameIds,
     capacity: Capacity,
+    /// A flush failed while a map was whole: the maps are to be
+    /// read before the next one (see `reread_maps`).
+    reread: bool,
 }
 
 impl<W: MapWriter> Reconciler<W> {
@@ -373,6 +379,7 @@ impl<W: MapWriter> Reconciler<W> {
             set_pool,
             set_owner: BTreeMap::new(),
             capacity: Capacity::default(),
+            reread: false,
         })
     }
 
@@ -460,7 +467,10 @@ impl<W: MapWriter> Reconciler<W> {
             let v = SB_SERVING | SB_CLUSTER;
             self.writer.apply(&Op::PutServiceBackend(*k, v))?;
             // Compared with the target at the first flush.
-            self.before.svc_backends.insert(*k, Some(Box::new(v)));
+            self.before
+                .svc_backends
+                .keys_mut(&self.want.svc_backends)
+                .insert(*k, Some(Box::new(v)));
         }
         Ok(keys.len())
     }
@@ -604,6 +614,7 @@ impl<W: MapWriter> Reconciler<W> {
     /// land; the next flush goes on from there.
     pub fn flush(&mut self) -> Result<Outcome, ReconcileError> {
         let start = Instant::now();
+        self.reread_maps()?;
         // Phase by phase, in chunks: only one chunk's ops are held at a time.
         let mut writes = 0;
         let mut udp_left: Vec<UdpLeft> = Vec::new();
@@ -639,7 +650,15 @@ impl<W: MapWriter> Reconciler<W> {
                     self.before.landed(op);
                 }
                 writes += landed;
-                written.map_err(|(_, e)| e)?;
+                if let Err((_, e)) = written {
+                    // A whole map does not record which of its keys
+                    // landed: what the maps hold is read instead.
+                    if self.before.has_whole_map() {
+                        self.reread = true;
+                        self.reread_maps()?;
+                    }
+                    return Err(e.into());
+                }
                 if !more {
                     break;
                 }
@@ -673,6 +692,18 @@ impl<W: MapWriter> Reconciler<W> {
             elapsed: start.elapsed(),
             udp_left,
         })
+    }
+
+    /// After a flush failed on a whole map: what the maps hold,
+    /// read, is what the next flush compares with (until it is read, the
+    /// target's changes are not recorded against those maps).
+    fn reread_maps(&mut self) -> Result<(), MapError> {
+        if self.reread {
+            let cur = self.writer.read()?;
+            self.before = Before::of(&cur, &self.want);
+            self.reread = false;
+        }
+        Ok(())
     }
 
     fn remove_port(&mut self, k: &ServicePortKey) {
@@ -909,23 +940,7 @@ impl<W: MapWriter> Reconciler<W> {
 
     /// The slots of `set` as the maps hold them.
     fn written_slots(&self, set: u32) -> BTreeMap<SlotKey, u32> {
-        let mut m: BTreeMap<SlotKey, u32> = set_slots(&self.want.slots, set)
-            .map(|(k, v)| (*k, *v))
-            .collect();
-        let range = SlotKey {
-            backend_set: set,
-            slot: 0,
-        }..=SlotKey {
-            backend_set: set,
-            slot: u32::MAX,
-        };
-        for (k, w) in self.before.slots.range(range) {
-            match w {
-                Some(v) => drop(m.insert(*k, **v)),
-                None => drop(m.remove(k)),
-            }
-        }
-        m
+        written::written_range(&self.want.slots, &self.before.slots, set_range(set))
     }
 
     fn slots_equal(slots: &BTreeMap<SlotKey, u32>, set: u32, want: &[u32]) -> bool {

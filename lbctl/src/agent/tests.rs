@@ -1364,3 +1364,95 @@ fn a_flush_larger_than_a_chunk_lands_whole_despite_faults() {
         "the maps as the agent sees them"
     );
 }
+
+/// Until its first flush an agent records nothing of the maps beyond what
+/// it found in them (`Kept::Whole`): when that flush fails part way, what
+/// landed is read back, so entries the next target drops are deleted, not
+/// left behind. For a failure at every write of the first flush, on empty
+/// maps and restarted on full ones.
+#[test]
+fn a_first_flush_cut_short_on_empty_maps_leaves_nothing_behind() {
+    /// Fails the `at`th write, once.
+    #[derive(Debug, Default)]
+    struct FailOnce {
+        inner: InMemory,
+        at: usize,
+        seen: usize,
+    }
+    impl crate::agent::apply::MapWriter for FailOnce {
+        fn apply(
+            &mut self,
+            op: &crate::agent::state::Op,
+        ) -> Result<(), crate::agent::apply::MapError> {
+            self.seen += 1;
+            if self.seen == self.at {
+                return Err(crate::agent::apply::MapError::Injected(Box::new(
+                    op.clone(),
+                )));
+            }
+            self.inner.apply(op)
+        }
+        fn read(&self) -> Result<MapState, crate::agent::apply::MapError> {
+            self.inner.read()
+        }
+    }
+    let svc = |s: &str, ip: &str, ep: &str| {
+        format!(
+            "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {s}, namespace: demo}}\nspec:\n  type: NodePort\n  clusterIP: {ip}\n  ports: [{{name: http, port: 80, targetPort: 8080}}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {s}-1, namespace: demo, labels: {{kubernetes.io/service-name: {s}}}}}\naddressType: IPv4\nports: [{{name: http, port: 8080}}]\nendpoints:\n- {{addresses: [{ep}], conditions: {{ready: true}}, nodeName: node-b}}\n"
+        )
+    };
+    let (a, b) = (
+        svc("a", "10.96.0.10", "10.244.1.5"),
+        svc("b", "10.96.0.11", "10.244.2.5"),
+    );
+    let both = model::translate(&objects(&(a.clone() + &b)), &node());
+    let only_b = model::translate(&objects(&b), &node());
+    let mut fresh = Reconciler::adopt(InMemory::default()).unwrap();
+    let total = fresh.reconcile(&both).unwrap().writes;
+    let mut fresh_b = Reconciler::adopt(InMemory::default()).unwrap();
+    fresh_b.reconcile(&only_b).unwrap();
+    for at in 1..=total {
+        let writer = FailOnce {
+            at,
+            ..Default::default()
+        };
+        let mut rec = Reconciler::adopt(writer).unwrap();
+        assert!(rec.reconcile(&both).is_err(), "write {at} fails");
+        rec.reconcile(&only_b).unwrap();
+        assert_eq!(
+            canonical(&rec.writer.inner.state),
+            canonical(&fresh_b.state()),
+            "failed at write {at} of {total}"
+        );
+        assert_eq!(
+            rec.state(),
+            rec.writer.inner.state,
+            "as the agent sees them"
+        );
+    }
+    // Restarted on maps holding both: the first flush (a goes) fails at
+    // each of its writes, then the next target (a back) is reached.
+    let mut b_only = Reconciler::adopt(fresh.writer.clone()).unwrap();
+    let dropped = b_only.reconcile(&only_b).unwrap().writes;
+    assert!(dropped > 0);
+    for at in 1..=dropped {
+        let writer = FailOnce {
+            inner: fresh.writer.clone(),
+            at,
+            ..Default::default()
+        };
+        let mut rec = Reconciler::adopt(writer).unwrap();
+        assert!(rec.reconcile(&only_b).is_err(), "write {at} fails");
+        rec.reconcile(&both).unwrap();
+        assert_eq!(
+            canonical(&rec.writer.inner.state),
+            canonical(&fresh.state()),
+            "restarted, failed at write {at} of {dropped}"
+        );
+        assert_eq!(
+            rec.state(),
+            rec.writer.inner.state,
+            "as the agent sees them"
+        );
+    }
+}
