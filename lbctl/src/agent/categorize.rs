@@ -98,14 +98,14 @@ fn topology_mode(backends: &[Backend], node: &str, zone: Option<&str>) -> Option
     let (mut all_zone_hints, mut for_zone) = (true, false);
     for b in backends.iter().filter(|b| ready(b)) {
         any_ready = true;
-        if b.hint_nodes.is_empty() {
+        if b.hint_nodes().is_empty() {
             all_node_hints = false;
-        } else if b.hint_nodes.iter().any(|n| n == node) {
+        } else if b.hint_nodes().iter().any(|n| n == node) {
             for_node = true;
         }
-        if b.hint_zones.is_empty() {
+        if b.hint_zones().is_empty() {
             all_zone_hints = false;
-        } else if zone.is_some_and(|z| b.hint_zones.iter().any(|h| h == z)) {
+        } else if zone.is_some_and(|z| b.hint_zones().iter().any(|h| h == z)) {
             for_zone = true;
         }
     }
@@ -124,9 +124,9 @@ fn topology_mode(backends: &[Backend], node: &str, zone: Option<&str>) -> Option
 fn available(b: &Backend, mode: Option<TopologyMode>, node: &str, zone: Option<&str>) -> bool {
     match mode {
         None => true,
-        Some(TopologyMode::PreferSameNode) => b.hint_nodes.iter().any(|n| n == node),
+        Some(TopologyMode::PreferSameNode) => b.hint_nodes().iter().any(|n| n == node),
         Some(TopologyMode::PreferSameZone) => {
-            zone.is_some_and(|z| b.hint_zones.iter().any(|h| h == z))
+            zone.is_some_and(|z| b.hint_zones().iter().any(|h| h == z))
         }
     }
 }
@@ -182,9 +182,15 @@ mod tests {
             local,
             node_name: None,
             zone: None,
-            hint_zones: vec![],
-            hint_nodes: vec![],
+            hints: None,
         }
+    }
+
+    fn hints(zones: &[&str], nodes: &[&str]) -> Option<Box<crate::agent::slice::Hints>> {
+        Some(Box::new(crate::agent::slice::Hints {
+            for_zones: zones.iter().map(|z| z.to_string()).collect(),
+            for_nodes: nodes.iter().map(|n| n.to_string()).collect(),
+        }))
     }
 
     fn lasts(p: &PolicyEndpoints) -> Vec<u8> {
@@ -260,9 +266,9 @@ mod tests {
     #[test]
     fn zone_hints_narrow_only_when_all_ready_have_them() {
         let mut a = be(1, R, false);
-        a.hint_zones = vec!["z1".into()];
+        a.hints = hints(&["z1"], &[]);
         let mut b = be(2, R, false);
-        b.hint_zones = vec!["z2".into()];
+        b.hints = hints(&["z2"], &[]);
         let s = categorize(&[a.clone(), b.clone()], CLUSTER, "n", Some("z1"));
         assert_eq!(lasts(&s.cluster), [1]);
         assert_eq!(s.topology, Some(TopologyMode::PreferSameZone));
@@ -285,11 +291,9 @@ mod tests {
     #[test]
     fn node_hints_come_before_zone_hints() {
         let mut a = be(1, R, true);
-        a.hint_nodes = vec!["n".into()];
-        a.hint_zones = vec!["z1".into()];
+        a.hints = hints(&["z1"], &["n"]);
         let mut b = be(2, R, false);
-        b.hint_nodes = vec!["m".into()];
-        b.hint_zones = vec!["z1".into()];
+        b.hints = hints(&["z1"], &["m"]);
         let s = categorize(&[a.clone(), b.clone()], CLUSTER, "n", Some("z1"));
         assert_eq!(s.topology, Some(TopologyMode::PreferSameNode));
         assert_eq!(lasts(&s.cluster), [1]);

@@ -9,6 +9,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+use smallvec::SmallVec;
+
 use lb_common::{
     ip4,
     maps::{BACKEND_ID_SPACE, SERVICE_ID_SPACE},
@@ -123,14 +125,15 @@ impl Capacity {
 
 /// The ports that put an entry into the target, each with the value it
 /// wants, in key order: the first wins (as a full translation would give
-/// it). Nearly always one port; a sorted vector of shared keys costs a few
-/// dozen bytes where a map per entry cost two kilobytes (a B-tree node).
+/// it). Nearly always one port, held inline: a sorted vector of shared
+/// keys on the heap cost a 32-byte allocation per backend, a map per
+/// entry two kilobytes (a B-tree node).
 #[derive(Clone, Debug)]
-struct Owners<V>(Vec<(Arc<ServicePortKey>, V)>);
+struct Owners<V>(SmallVec<[(Arc<ServicePortKey>, V); 1]>);
 
 impl<V> Default for Owners<V> {
     fn default() -> Self {
-        Self(Vec::new())
+        Self(SmallVec::new())
     }
 }
 

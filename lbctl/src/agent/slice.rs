@@ -54,7 +54,7 @@ pub struct SliceEndpoint {
     pub hints: Option<Box<Hints>>,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Hints {
     pub for_zones: Vec<String>,
     pub for_nodes: Vec<String>,
