@@ -109,9 +109,7 @@ fn split_documents(text: &str, n: usize) -> Vec<&str> {
     let mut parts = Vec::new();
     let (mut start, mut pos) = (0, 0);
     for line in text.split_inclusive('\n') {
-        let marker =
-            line.starts_with("---") && line[3..].chars().next().is_none_or(char::is_whitespace);
-        if marker && pos > start && pos - start >= target {
+        if is_marker(line) && pos > start && pos - start >= target {
             parts.push(&text[start..pos]);
             start = pos;
         }
@@ -123,6 +121,14 @@ fn split_documents(text: &str, n: usize) -> Vec<&str> {
 
 /// One run of documents; whether a broken document ended it.
 fn parse_part(file: &str, text: &str) -> (FileObjects, bool) {
+    match parse_typed(text) {
+        Some(out) => (out, false),
+        None => parse_generic(file, text),
+    }
+}
+
+/// One run of documents through their generic trees.
+fn parse_generic(file: &str, text: &str) -> (FileObjects, bool) {
     let mut out = FileObjects::default();
     // Each document is turned into objects before the next is parsed, so
     // only one document's generic tree is in memory at a time.
@@ -142,6 +148,120 @@ fn parse_part(file: &str, text: &str) -> (FileObjects, bool) {
         }
     }
     (out, false)
+}
+
+/// The common case, fast: every document one of the kinds the agent
+/// reads, named by a top-level `kind:` line, and read straight into its
+/// type. The generic tree of each document the general pass builds first
+/// (`serde_yaml::Value`, a string and a map per node) was most of the
+/// allocations of a 10,000-Service folder's start. None: anything else in
+/// `text` (another kind, a `List`, JSON, a document that does not read):
+/// the general pass reads it all, and reports what it finds as it always
+/// has. The types check `apiVersion` and `kind` themselves, so a document
+/// a `kind:` line misnames fails here and goes the general way.
+fn parse_typed(text: &str) -> Option<FileObjects> {
+    let mut out = FileObjects::default();
+    for doc in split_documents_all(text) {
+        if blank(doc) {
+            continue;
+        }
+        match top_level_kind(doc)? {
+            "Service" => {
+                let mut o: Service = serde_yaml::from_str(doc).ok()?;
+                shrink(&mut o);
+                out.services.push(Arc::new(o));
+            }
+            "EndpointSlice" => {
+                let o: EndpointSlice = serde_yaml::from_str(doc).ok()?;
+                out.slices
+                    .push((ObjKey::of(&o.metadata), Arc::new(Slice::from(&o))));
+            }
+            "Endpoints" => out
+                .endpoints
+                .push(Arc::new(serde_yaml::from_str(doc).ok()?)),
+            "Node" => out.nodes.push(serde_yaml::from_str(doc).ok()?),
+            _ => return None,
+        }
+    }
+    Some(out)
+}
+
+/// Lists read from a stream grow by doubling (their length is not known
+/// ahead, as it is from a tree): a Service's one port took room for four,
+/// 3 MiB at 10,000 Services. Kept as long as the Service is.
+fn shrink(s: &mut Service) {
+    if let Some(spec) = &mut s.spec {
+        for v in [
+            &mut spec.cluster_ips,
+            &mut spec.external_ips,
+            &mut spec.ip_families,
+            &mut spec.load_balancer_source_ranges,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            v.shrink_to_fit();
+        }
+        if let Some(p) = &mut spec.ports {
+            p.shrink_to_fit();
+        }
+    }
+    let ingress = s.status.as_mut().and_then(|st| st.load_balancer.as_mut());
+    if let Some(i) = ingress.and_then(|lb| lb.ingress.as_mut()) {
+        i.shrink_to_fit();
+    }
+}
+
+/// A document marker line: `---` at column 0, alone or before a space.
+fn is_marker(line: &str) -> bool {
+    line.starts_with("---") && line[3..].chars().next().is_none_or(char::is_whitespace)
+}
+
+/// `text` cut at every document marker (each piece starts with its own).
+fn split_documents_all(text: &str) -> impl Iterator<Item = &str> {
+    let mut rest = text;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let mut pos = 0;
+        for line in rest.split_inclusive('\n') {
+            if is_marker(line) && pos > 0 {
+                break;
+            }
+            pos += line.len();
+        }
+        let (doc, tail) = rest.split_at(pos);
+        rest = tail;
+        Some(doc)
+    })
+}
+
+/// Whether a document holds nothing but its marker, blank lines and
+/// comments (a null document: the general pass skips it too).
+fn blank(doc: &str) -> bool {
+    doc.lines().enumerate().all(|(i, l)| {
+        let l = if i == 0 && is_marker(l) { &l[3..] } else { l };
+        let t = l.trim();
+        t.is_empty() || t.starts_with('#')
+    })
+}
+
+/// The value of a document's one top-level `kind:` line (None: no such
+/// line, or more than one).
+fn top_level_kind(doc: &str) -> Option<&str> {
+    let mut kinds = doc.lines().filter_map(|l| l.strip_prefix("kind:"));
+    let v = kinds.next()?;
+    if kinds.next().is_some() {
+        return None;
+    }
+    let v = v.split(" #").next().unwrap_or("").trim();
+    let v = v
+        .strip_prefix('"')
+        .and_then(|v| v.strip_suffix('"'))
+        .or_else(|| v.strip_prefix('\'').and_then(|v| v.strip_suffix('\'')))
+        .unwrap_or(v);
+    Some(v)
 }
 
 /// Objects of one document (a `List`'s items in order).
@@ -388,5 +508,52 @@ mod tests {
             split.errors[0]
         );
         assert_eq!(split.services.len(), whole.services.len());
+    }
+
+    /// The fast path reads what the general pass reads, or leaves the
+    /// text to it.
+    #[test]
+    fn documents_read_straight_into_their_types_as_through_the_tree() {
+        let svc = "apiVersion: v1\nkind: Service\nmetadata:\n  name: web # a comment\n  namespace: demo\n  annotations: {a: \"1\"}\nspec:\n  selector: {app: web}\n  type: NodePort\n  ports:\n  - name: http\n    port: 80\n    targetPort: \"8080\"\n    protocol: TCP\n  externalTrafficPolicy: Local\n";
+        let slice = "apiVersion: discovery.k8s.io/v1\nkind: 'EndpointSlice'\nmetadata: {name: web-1, namespace: demo, labels: {kubernetes.io/service-name: web}}\naddressType: IPv4\nports: [{name: http, port: 8080}]\nendpoints:\n- addresses: [10.244.1.5]\n  conditions: {ready: true}\n  nodeName: node-a\n  zone: z1\n  hints: {forZones: [{name: z1}]}\n";
+        let eps = "apiVersion: v1\nkind: \"Endpoints\"   # quoted\nmetadata: {name: pg, namespace: db}\nsubsets:\n- addresses: [{ip: 192.168.0.10}]\n  ports: [{port: 5432}]\n";
+        let node = "apiVersion: v1\nkind: Node\nmetadata: {name: node-a, labels: {topology.kubernetes.io/zone: z1}}\nstatus: {addresses: [{type: InternalIP, address: 172.18.0.2}]}\n";
+        let typed = [
+            format!("{svc}---\n{slice}---\n{eps}---\n{node}"),
+            format!("---\n{svc}--- # next\n{slice}\n---\n\n---\n{node}"),
+            format!("# a header\n---\n{eps}"),
+            "# nothing but a comment\n".to_string(),
+        ];
+        for text in &typed {
+            let fast = parse_typed(text).unwrap_or_else(|| panic!("typed: {text}"));
+            let (slow, broken) = parse_generic("f", text);
+            assert!(!broken && slow.errors.is_empty(), "{:?}", slow.errors);
+            assert_eq!(fast.services, slow.services);
+            assert_eq!(fast.slices, slow.slices);
+            assert_eq!(fast.endpoints, slow.endpoints);
+            assert_eq!(fast.nodes, slow.nodes);
+            assert_eq!(
+                fast.services.len() + fast.slices.len() + fast.endpoints.len() + fast.nodes.len(),
+                text.matches("\nkind:").count() + usize::from(text.starts_with("kind:")),
+            );
+        }
+        // Left to the general pass: other kinds, lists, JSON, a kind line
+        // that misnames its document, two kind lines, a broken document.
+        for text in [
+            format!("{svc}---\napiVersion: apps/v1\nkind: Deployment\nmetadata: {{name: web}}\n"),
+            "apiVersion: v1\nkind: List\nitems: []\n".to_string(),
+            "{\"apiVersion\": \"v1\", \"kind\": \"Service\", \"metadata\": {\"name\": \"j\"}}\n"
+                .to_string(),
+            svc.replace("apiVersion: v1", "apiVersion: discovery.k8s.io/v1"),
+            format!("{svc}kind: Service\n"),
+            format!("{svc}---\napiVersion: v1\nkind: Service\nmetadata: {{name: x\n"),
+        ] {
+            assert!(parse_typed(&text).is_none(), "{text}");
+            // And the whole parse is the general pass's.
+            let (slow, _) = parse_generic("f", &text);
+            let all = parse("f", &text);
+            assert_eq!(all.services, slow.services);
+            assert_eq!(all.errors, slow.errors);
+        }
     }
 }
