@@ -3,7 +3,7 @@
 
 pub const FRONTENDS4: &str = "LB4_FRONTENDS_V1";
 pub const ADDRS4: &str = "LB4_ADDRS_V1";
-pub const BACKEND_SLOTS: &str = "LB_SLOTS_V1";
+pub const BACKEND_SLOTS: &str = "LB_SLOTS_V2";
 pub const SERVICE_BACKENDS: &str = "LB_SVC_BACKENDS_V1";
 pub const AFFINITY4: &str = "LB4_AFFINITY_V1";
 pub const SOURCE_RANGES4: &str = "LB4_SOURCE_RANGES_V1";
@@ -52,7 +52,13 @@ pub const RETIRED: &[&str] = &[
     // backend. Now ids and bits in `LB4_BACKENDS_V1` and one name per node
     // or zone in `LB_NAMES_V1`.
     "LB_BE_META_V1",
+    // One entry per slot. Now 16 slots an entry (`SlotChunk`); the agent
+    // converts the entries when it finds the map (`RETIRED_SLOTS`).
+    RETIRED_SLOTS,
 ];
+
+/// The backend slots of the first layout: (set, slot) -> backend id.
+pub const RETIRED_SLOTS: &str = "LB_SLOTS_V1";
 
 /// Default of the agent's `--lb-map-max` (Cilium's `bpf-lb-map-max`
 /// default): the size of the Service maps, see [`lb_map_sizes`]. A node of
@@ -60,9 +66,10 @@ pub const RETIRED: &[&str] = &[
 pub const DEFAULT_LB_MAP_MAX: u32 = 1 << 16;
 
 /// The maps `--lb-map-max N` sizes and their size for `n`: one entry per
-/// frontend, address, Service port or backend each (`n`); backend slots
-/// and (Service port, backend) pairs twice that (a port's Cluster and
-/// Local lists, and its old and new set during a swap). All are hashes
+/// frontend, address, Service port or backend each (`n`); chunks of
+/// backend slots (16 slots each, at least one per set) and (Service port,
+/// backend) pairs twice that (a port's Cluster and Local lists, and its
+/// old and new set during a swap). All are hashes
 /// without preallocation (an LPM trie for the ranges): a map holds a
 /// bucket array (16 bytes per power-of-two entry) until entries come.
 pub const fn lb_map_sizes(n: u32) -> [(&'static str, u32); 9] {
@@ -83,7 +90,8 @@ pub const fn lb_map_sizes(n: u32) -> [(&'static str, u32); 9] {
 /// Frontends (address, port, protocol, scope), as compiled; the agent
 /// sizes them with `--lb-map-max`.
 pub const MAX_FRONTENDS: u32 = DEFAULT_LB_MAP_MAX;
-/// Backend slots over all live backend sets.
+/// Chunks of 16 backend slots over all live backend sets (at least one
+/// per set); also the size of the (Service port, backend) pairs.
 pub const MAX_SLOTS: u32 = DEFAULT_LB_MAP_MAX * 2;
 /// Distinct backends (address, port, protocol).
 pub const MAX_BACKENDS: u32 = DEFAULT_LB_MAP_MAX;

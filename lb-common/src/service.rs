@@ -104,13 +104,44 @@ pub struct Frontend {
 }
 const _: () = assert!(core::mem::size_of::<Frontend>() == 24);
 
+/// Backend ids per `LB_SLOTS_V2` entry: a set of `n` backends takes
+/// `ceil(n / 16)` entries, so a Service of 10 endpoints is one map entry
+/// (one write at sync, one lookup per new flow).
+pub const SLOTS_PER_CHUNK: u32 = 16;
+
+/// `LB_SLOTS_V2` key: chunk `chunk` of backend set `backend_set`, which
+/// holds the set's slots `chunk * 16 .. chunk * 16 + 15`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct SlotKey {
     pub backend_set: u32,
-    pub slot: u32,
+    pub chunk: u32,
 }
 const _: () = assert!(core::mem::size_of::<SlotKey>() == 8);
+
+impl SlotKey {
+    /// The chunk that holds slot `slot` of `backend_set`, and the slot's
+    /// index in it.
+    #[inline(always)]
+    pub const fn of_slot(backend_set: u32, slot: u32) -> (Self, usize) {
+        (
+            Self {
+                backend_set,
+                chunk: slot / SLOTS_PER_CHUNK,
+            },
+            (slot % SLOTS_PER_CHUNK) as usize,
+        )
+    }
+}
+
+/// `LB_SLOTS_V2` value: backend ids of 16 consecutive slots. Slots past
+/// the set's end hold 0 (no backend has id 0).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SlotChunk {
+    pub backends: [u32; SLOTS_PER_CHUNK as usize],
+}
+const _: () = assert!(core::mem::size_of::<SlotChunk>() == 64);
 
 /// `LB_SVC_BACKENDS_V1`: (Service port, backend) -> `SB_*` flags. Every
 /// endpoint of a Service port (ready, terminating, or neither), and what
@@ -320,6 +351,7 @@ user_pod!(
     Frontend4Key,
     Frontend,
     SlotKey,
+    SlotChunk,
     ServiceBackendKey,
     SourceRange4,
     AffinityKey,

@@ -16,7 +16,7 @@ use lb_common::{
     },
     service::{
         AffinityEntry, AffinityKey, Backend4, Frontend, Frontend4Key, Name, ServiceBackendKey,
-        ServiceMeta, SlotKey, SourceRange4,
+        ServiceMeta, SlotChunk, SlotKey, SourceRange4,
     },
     sock::{SockFlow4, SockFlow4Key, SockRevNat4, SockRevNat4Key},
     status::AgentStatus,
@@ -32,9 +32,9 @@ pub static FRONTENDS4: HashMap<Frontend4Key, Frontend> =
 #[map(name = "LB4_ADDRS_V1")]
 pub static ADDRS4: HashMap<u32, u32> = HashMap::pinned(MAX_FRONTENDS, BPF_F_NO_PREALLOC);
 
-/// Backend sets: (set, slot) -> backend id.
-#[map(name = "LB_SLOTS_V1")]
-pub static SLOTS: HashMap<SlotKey, u32> = HashMap::pinned(MAX_SLOTS, BPF_F_NO_PREALLOC);
+/// Backend sets: (set, chunk) -> the backend ids of 16 slots.
+#[map(name = "LB_SLOTS_V2")]
+pub static SLOTS: HashMap<SlotKey, SlotChunk> = HashMap::pinned(MAX_SLOTS, BPF_F_NO_PREALLOC);
 
 /// (Service port, backend) -> `SB_*`: what the port does with each of
 /// its backends.

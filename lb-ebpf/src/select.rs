@@ -63,12 +63,13 @@ pub fn empty_verdict(fe: &Frontend) -> u32 {
 
 #[inline(always)]
 fn from_set(fe: &Frontend, h: u32) -> Option<Chosen> {
-    let slot = SlotKey {
-        backend_set: fe.backend_set,
-        slot: hash::slot(h, fe.count),
-    };
-    // SAFETY: values are copied out at once.
-    let backend_id = unsafe { *SLOTS.get(&slot)? };
+    let (key, i) = SlotKey::of_slot(fe.backend_set, hash::slot(h, fe.count));
+    // SAFETY: values are copied out at once; `i` is below 16.
+    let chunk = unsafe { SLOTS.get(&key)? };
+    let backend_id = *chunk.backends.get(i)?;
+    if backend_id == 0 {
+        return None;
+    }
     let backend = unsafe { *BACKENDS4.get(backend_id)? };
     Some(Chosen {
         backend_id,

@@ -1174,7 +1174,7 @@ fn pinned_maps_of_another_size_are_migrated_with_their_entries() {
     };
     // What the previous release pinned: a 16-byte configuration record
     // (this one is 32 bytes), under the same name.
-    pin_array(&dir.join(lb_common::maps::CONFIG), 16);
+    pin_map(&dir.join(lb_common::maps::CONFIG), 2, 4, 16, 1);
     let (ebpf, migrated) = load::load_with(&dir, false, &Default::default()).unwrap();
     assert_eq!(migrated.len(), 1, "{migrated:?}");
     assert_eq!(
@@ -1236,9 +1236,53 @@ fn pinned_maps_of_another_size_are_migrated_with_their_entries() {
     assert_eq!(maps.conntrack.get(&key, 0).unwrap(), entry);
 }
 
-/// Creates a one-entry array map with `value_size`-byte values and pins
-/// it at `path` (raw bpf(2): an older release's map).
-fn pin_array(path: &std::path::Path, value_size: u32) {
+/// Backend sets an older agent left in `LB_SLOTS_V1` (one entry per slot)
+/// are in `LB_SLOTS_V2` (16 slots an entry) once the object is loaded,
+/// before any program or agent runs, and the old map is unpinned.
+#[test]
+fn backend_sets_of_the_first_layout_are_converted_on_load() {
+    use lbctl::{
+        agent::apply::MapWriter,
+        datapath::{load, pins},
+    };
+    require_root();
+    sweep();
+    let fs = lb_tests::guard::Bpffs::new();
+    let dir = fs.pins();
+    pins::prepare(&dir).unwrap();
+    let old = dir.join(lb_common::maps::RETIRED_SLOTS);
+    pin_map(&old, 1, 8, 4, 1024); // BPF_MAP_TYPE_HASH, (set, slot) -> id
+    {
+        let data = aya::maps::MapData::from_pin(&old).unwrap();
+        let mut m: aya::maps::HashMap<_, [u32; 2], u32> =
+            aya::maps::HashMap::try_from(aya::maps::Map::HashMap(data)).unwrap();
+        for slot in 0..20 {
+            m.insert([3, slot], 100 + slot, 0).unwrap();
+        }
+        m.insert([8, 0], 7, 0).unwrap();
+    }
+    let (_ebpf, _) = load::load_with(&dir, false, &Default::default()).unwrap();
+    assert!(!old.exists(), "the old map is unpinned");
+    let st = ServiceMaps::open(&dir).unwrap().read().unwrap();
+    assert_eq!(st.slots.len(), 3, "{}", st.dump());
+    let set3: Vec<Option<u32>> = (0..21).map(|s| st.slot(3, s)).collect();
+    let want: Vec<Option<u32>> = (0..21).map(|s| (s < 20).then_some(100 + s)).collect();
+    assert_eq!(set3, want);
+    assert_eq!((st.slot(8, 0), st.slot(8, 1)), (Some(7), None));
+    // Loaded again (a restart): nothing to convert, the sets stay.
+    let (_ebpf, _) = load::load_with(&dir, false, &Default::default()).unwrap();
+    assert_eq!(ServiceMaps::open(&dir).unwrap().read().unwrap(), st);
+}
+
+/// Creates a map (`map_type`, sizes) and pins it at `path` (raw bpf(2): an
+/// older release's map).
+fn pin_map(
+    path: &std::path::Path,
+    map_type: u32,
+    key_size: u32,
+    value_size: u32,
+    max_entries: u32,
+) {
     use std::os::unix::ffi::OsStrExt;
     #[repr(C)]
     struct Create {
@@ -1255,10 +1299,10 @@ fn pin_array(path: &std::path::Path, value_size: u32) {
         file_flags: u32,
     }
     let create = Create {
-        map_type: 2, // BPF_MAP_TYPE_ARRAY
-        key_size: 4,
+        map_type,
+        key_size,
         value_size,
-        max_entries: 1,
+        max_entries,
         map_flags: 0,
     };
     // SAFETY: a valid bpf_attr prefix for BPF_MAP_CREATE.

@@ -171,7 +171,9 @@ pub fn diff_phase(
             let v = want.service_meta.get(k)?;
             (was != Some(v)).then(|| Op::PutServiceMeta(*k, Box::new(*v), was.is_none()))
         }),
-        3 => puts(&b.slots, &want.slots, any, o, Op::PutSlot),
+        3 => puts(&b.slots, &want.slots, any, o, |k, v| {
+            Op::PutSlot(k, Box::new(v))
+        }),
         4 => puts(
             &b.svc_backends,
             &want.svc_backends,

@@ -27,7 +27,7 @@ use super::{
         ServicePortState, ServiceType, TrafficPolicy,
     },
     names, plan,
-    state::{MapState, Op, RangeKey, cstr, fixed},
+    state::{self, MapState, Op, RangeKey, cstr, fixed},
     written::{self, Before},
 };
 
@@ -233,20 +233,28 @@ impl WrittenIndex {
     }
 }
 
-/// The slot keys of one backend set.
+/// The chunk keys of one backend set.
 fn set_range(set: u32) -> std::ops::RangeInclusive<SlotKey> {
     SlotKey {
         backend_set: set,
-        slot: 0,
+        chunk: 0,
     }..=SlotKey {
         backend_set: set,
-        slot: u32::MAX,
+        chunk: u32::MAX,
     }
 }
 
-/// The slots of one backend set.
-fn set_slots(slots: &BTreeMap<SlotKey, u32>, set: u32) -> impl Iterator<Item = (&SlotKey, &u32)> {
+/// The chunks of one backend set.
+fn set_chunks_in(
+    slots: &BTreeMap<SlotKey, SlotChunk>,
+    set: u32,
+) -> impl Iterator<Item = (&SlotKey, &SlotChunk)> {
     slots.range(set_range(set))
+}
+
+/// The (slot, backend id) pairs of one backend set.
+fn set_slots(slots: &BTreeMap<SlotKey, SlotChunk>, set: u32) -> impl Iterator<Item = (u32, u32)> {
+    set_chunks_in(slots, set).flat_map(|(k, v)| state::slot_ids(k, v))
 }
 
 /// The backend entries of one Service port.
@@ -424,9 +432,13 @@ impl<W: MapWriter> Reconciler<W> {
             .count();
         cap.check(lb_common::maps::BACKENDS4, w.backends.len() + new_backends)?;
         let prev_slots: usize = prev.map_or(0, |p| {
-            p.sets.iter().map(|s| set_slots(&w.slots, *s).count()).sum()
+            p.sets
+                .iter()
+                .map(|s| set_chunks_in(&w.slots, *s).count())
+                .sum()
         });
-        let new_slots: usize = lists.iter().map(|(l, _)| l.len()).sum();
+        let chunk = SLOTS_PER_CHUNK as usize;
+        let new_slots: usize = lists.iter().map(|(l, _)| l.len().div_ceil(chunk)).sum();
         cap.check(
             lb_common::maps::BACKEND_SLOTS,
             (w.slots.len() + new_slots).saturating_sub(prev_slots),
@@ -462,7 +474,7 @@ impl<W: MapWriter> Reconciler<W> {
             .flat_map(|f| {
                 set_slots(&st.slots, f.backend_set).map(|(_, id)| ServiceBackendKey {
                     service_id: f.service_id,
-                    backend_id: *id,
+                    backend_id: id,
                 })
             })
             .collect();
@@ -864,18 +876,16 @@ impl<W: MapWriter> Reconciler<W> {
 
     /// Makes the target's slots of `set` exactly `slots`.
     fn write_slots(&mut self, set: u32, slots: &[u32]) {
-        let old: Vec<SlotKey> = set_slots(&self.want.slots, set).map(|(k, _)| *k).collect();
+        let chunks = slots.len().div_ceil(SLOTS_PER_CHUNK as usize);
+        let old: Vec<SlotKey> = set_chunks_in(&self.want.slots, set)
+            .map(|(k, _)| *k)
+            .filter(|k| k.chunk as usize >= chunks)
+            .collect();
         for k in old {
-            if k.slot as usize >= slots.len() {
-                written::set(&mut self.want.slots, &mut self.before.slots, k, None);
-            }
+            written::set(&mut self.want.slots, &mut self.before.slots, k, None);
         }
-        for (i, id) in slots.iter().enumerate() {
-            let k = SlotKey {
-                backend_set: set,
-                slot: i as u32,
-            };
-            written::set(&mut self.want.slots, &mut self.before.slots, k, Some(*id));
+        for (k, v) in state::set_chunks(set, slots) {
+            written::set(&mut self.want.slots, &mut self.before.slots, k, Some(v));
         }
     }
 
@@ -941,20 +951,16 @@ impl<W: MapWriter> Reconciler<W> {
             .collect()
     }
 
-    /// The slots of `set` as the maps hold them.
-    fn written_slots(&self, set: u32) -> BTreeMap<SlotKey, u32> {
+    /// The chunks of `set` as the maps hold them.
+    fn written_slots(&self, set: u32) -> BTreeMap<SlotKey, SlotChunk> {
         written::written_range(&self.want.slots, &self.before.slots, set_range(set))
     }
 
-    fn slots_equal(slots: &BTreeMap<SlotKey, u32>, set: u32, want: &[u32]) -> bool {
-        let mut n = 0;
-        for (k, id) in set_slots(slots, set) {
-            if k.slot as usize != n || want.get(n) != Some(id) {
-                return false;
-            }
-            n += 1;
-        }
-        n == want.len()
+    /// Whether `slots` hold set `set` as exactly the list `want`.
+    fn slots_equal(slots: &BTreeMap<SlotKey, SlotChunk>, set: u32, want: &[u32]) -> bool {
+        set_chunks_in(slots, set)
+            .map(|(k, v)| (*k, *v))
+            .eq(state::set_chunks(set, want))
     }
 
     /// A backend set id for each list: one that already holds it (in the

@@ -7,8 +7,36 @@ use std::{collections::BTreeMap, fmt::Write as _, net::Ipv4Addr};
 
 use lb_common::{
     ip4_octets, port_host,
-    service::{Backend4, Frontend, Frontend4Key, Name, ServiceBackendKey, ServiceMeta, SlotKey},
+    service::{
+        Backend4, Frontend, Frontend4Key, Name, SLOTS_PER_CHUNK, ServiceBackendKey, ServiceMeta,
+        SlotChunk, SlotKey,
+    },
 };
+
+/// The (slot, backend id) pairs a chunk of a backend set holds: its
+/// non-zero ids, numbered from the chunk's first slot.
+pub fn slot_ids(k: &SlotKey, v: &SlotChunk) -> impl Iterator<Item = (u32, u32)> {
+    let first = k.chunk * SLOTS_PER_CHUNK;
+    (first..).zip(v.backends).filter(|(_, id)| *id != 0)
+}
+
+/// The chunks that hold backend list `ids` as set `set` (slot `i` is
+/// `ids[i]`); none for an empty list.
+pub fn set_chunks(set: u32, ids: &[u32]) -> impl Iterator<Item = (SlotKey, SlotChunk)> + '_ {
+    (0u32..)
+        .zip(ids.chunks(SLOTS_PER_CHUNK as usize))
+        .map(move |(chunk, part)| {
+            let mut v = SlotChunk::default();
+            v.backends[..part.len()].copy_from_slice(part);
+            (
+                SlotKey {
+                    backend_set: set,
+                    chunk,
+                },
+                v,
+            )
+        })
+}
 
 /// A `loadBalancerSourceRanges` prefix of a Service port
 /// (`LB4_SOURCE_RANGES_V1`, an LPM trie keyed by (32 + `prefix_len`,
@@ -26,7 +54,8 @@ pub struct MapState {
     /// Addresses the device path translates for -> `ADDR_*` flags.
     pub addrs: BTreeMap<u32, u32>,
     pub frontends: BTreeMap<Frontend4Key, Frontend>,
-    pub slots: BTreeMap<SlotKey, u32>,
+    /// Backend sets, 16 slots an entry (`slot_ids` reads them).
+    pub slots: BTreeMap<SlotKey, SlotChunk>,
     pub source_ranges: BTreeMap<RangeKey, u32>,
     /// (Service port, backend) -> `SB_*`.
     pub svc_backends: BTreeMap<ServiceBackendKey, u32>,
@@ -47,7 +76,8 @@ pub enum Op {
     PutName(u32, Box<Name>),
     /// A new service id: its meta, and its counters start from zero.
     PutServiceMeta(u32, Box<ServiceMeta>, bool),
-    PutSlot(SlotKey, u32),
+    /// Boxed: 64 bytes.
+    PutSlot(SlotKey, Box<SlotChunk>),
     PutServiceBackend(ServiceBackendKey, u32),
     PutSourceRange(RangeKey, u32),
     PutAddr(u32, u32),
@@ -68,7 +98,7 @@ impl MapState {
             Op::PutBackend(k, v, _) => drop(self.backends.insert(k, v)),
             Op::PutName(k, ref v) => drop(self.names.insert(k, **v)),
             Op::PutServiceMeta(k, ref v, _) => drop(self.service_meta.insert(k, **v)),
-            Op::PutSlot(k, v) => drop(self.slots.insert(k, v)),
+            Op::PutSlot(k, ref v) => drop(self.slots.insert(k, **v)),
             Op::PutServiceBackend(k, v) => drop(self.svc_backends.insert(k, v)),
             Op::DelServiceBackend(k) => drop(self.svc_backends.remove(&k)),
             Op::PutSourceRange(k, v) => drop(self.source_ranges.insert(k, v)),
@@ -82,6 +112,20 @@ impl MapState {
             Op::DelName(k) => drop(self.names.remove(&k)),
             Op::DelBackend(k) => drop(self.backends.remove(&k)),
         }
+    }
+
+    /// The backend id in slot `slot` of set `set`, as the datapath reads it.
+    pub fn slot(&self, set: u32, slot: u32) -> Option<u32> {
+        let (k, i) = SlotKey::of_slot(set, slot);
+        let id = self.slots.get(&k)?.backends[i];
+        (id != 0).then_some(id)
+    }
+
+    /// Every slot of every set: (set, slot, backend id).
+    pub fn slot_entries(&self) -> impl Iterator<Item = (u32, u32, u32)> + '_ {
+        self.slots
+            .iter()
+            .flat_map(|(k, v)| slot_ids(k, v).map(move |(slot, id)| (k.backend_set, slot, id)))
     }
 
     /// A backend's node name as the names map holds it ("" when none).
@@ -109,7 +153,8 @@ impl MapState {
             + self.names.len()
     }
 
-    /// One line per entry, stable order: golden files and diffs.
+    /// One line per entry (per slot for backend sets), stable order: golden
+    /// files and diffs.
     pub fn dump(&self) -> String {
         let mut s = String::new();
         for (k, v) in &self.addrs {
@@ -136,8 +181,11 @@ impl MapState {
                 v.flags
             );
         }
+        // One line per slot, not per chunk: a set reads as its list.
         for (k, v) in &self.slots {
-            let _ = writeln!(s, "slot {}/{} -> backend={}", k.backend_set, k.slot, v);
+            for (slot, id) in slot_ids(k, v) {
+                let _ = writeln!(s, "slot {}/{} -> backend={}", k.backend_set, slot, id);
+            }
         }
         for (k, v) in &self.svc_backends {
             let _ = writeln!(

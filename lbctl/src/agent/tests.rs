@@ -91,14 +91,8 @@ fn canonical(s: &MapState) -> BTreeSet<String> {
             .expect("frontend's service has meta");
         let mut backends = Vec::new();
         for slot in 0..f.count as u32 {
-            let id = s
-                .slots
-                .get(&lb_common::service::SlotKey {
-                    backend_set: f.backend_set,
-                    slot,
-                })
-                .expect("slot");
-            let b = s.backends.get(id).expect("backend");
+            let id = s.slot(f.backend_set, slot).expect("slot");
+            let b = s.backends.get(&id).expect("backend");
             backends.push(format!(
                 "{}:{}/{}",
                 Ipv4Addr::from(ip4_octets(b.addr)),
@@ -157,15 +151,11 @@ fn canonical(s: &MapState) -> BTreeSet<String> {
         } else {
             SB_CLUSTER
         };
-        for (_, id) in s
-            .slots
-            .iter()
-            .filter(|(k, _)| k.backend_set == f.backend_set)
-        {
-            assert!(s.backends.contains_key(id), "slot to a missing backend");
+        for (_, _, id) in s.slot_entries().filter(|(set, _, _)| *set == f.backend_set) {
+            assert!(s.backends.contains_key(&id), "slot to a missing backend");
             let sb = s.svc_backends.get(&ServiceBackendKey {
                 service_id: f.service_id,
-                backend_id: *id,
+                backend_id: id,
             });
             assert!(
                 sb.is_some_and(|v| v & bit != 0),
@@ -634,8 +624,9 @@ fn one_slice_change_is_translated_and_diffed_alone() {
     let before = rec.writer.writes;
     let o = rec.flush().unwrap();
     // The backend (its node's name is in the maps already), what it is to
-    // its port, 11 slots of the new set, the frontend, 10 old slots.
-    assert_eq!(o.writes, 1 + 1 + 11 + 1 + 10, "{}", rec.state().dump());
+    // its port, the new set (11 slots: one chunk), the frontend, the old
+    // set (one chunk).
+    assert_eq!(o.writes, 1 + 1 + 1 + 1 + 1, "{}", rec.state().dump());
     assert_eq!(rec.writer.writes - before, o.writes);
     let mut fresh = Reconciler::adopt(InMemory::default()).unwrap();
     fresh
@@ -912,11 +903,8 @@ mod property {
                 return Some(format!("frontend {k:?} without its address"));
             }
             for slot in 0..f.count as u32 {
-                let id = s.slots.get(&SlotKey {
-                    backend_set: f.backend_set,
-                    slot,
-                });
-                if id.is_none_or(|id| !s.backends.contains_key(id)) {
+                let id = s.slot(f.backend_set, slot);
+                if id.is_none_or(|id| !s.backends.contains_key(&id)) {
                     return Some(format!(
                         "frontend {k:?} reads a missing slot {slot} or its backend"
                     ));
@@ -1049,7 +1037,7 @@ mod property {
 
 /// The backends a frontend entry gives new flows to, by address.
 fn frontend_backends(s: &MapState, addr: [u8; 4], port: u16, scope: u8) -> (Vec<String>, u16) {
-    use lb_common::service::{Frontend4Key, SlotKey};
+    use lb_common::service::Frontend4Key;
     let f = s
         .frontends
         .get(&Frontend4Key {
@@ -1061,10 +1049,7 @@ fn frontend_backends(s: &MapState, addr: [u8; 4], port: u16, scope: u8) -> (Vec<
         .unwrap_or_else(|| panic!("no frontend {addr:?}:{port} scope {scope} in\n{}", s.dump()));
     let mut out: Vec<String> = (0..f.count as u32)
         .map(|slot| {
-            let id = s.slots[&SlotKey {
-                backend_set: f.backend_set,
-                slot,
-            }];
+            let id = s.slot(f.backend_set, slot).expect("slot");
             Ipv4Addr::from(ip4_octets(s.backends[&id].addr)).to_string()
         })
         .collect();
@@ -1193,11 +1178,11 @@ fn maps_of_an_older_agent_get_service_backends_before_the_first_flush() {
     assert!(rec.migrate_service_backends().unwrap() > 0);
     let st = rec.writer.state.clone();
     for f in st.frontends.values() {
-        for (k, id) in &st.slots {
-            if k.backend_set == f.backend_set {
+        for (set, _, id) in st.slot_entries() {
+            if set == f.backend_set {
                 let sb = st.svc_backends.get(&ServiceBackendKey {
                     service_id: f.service_id,
-                    backend_id: *id,
+                    backend_id: id,
                 });
                 assert!(sb.is_some_and(|v| v & SB_SERVING != 0), "{}", st.dump());
             }
@@ -1454,5 +1439,51 @@ fn a_first_flush_cut_short_on_empty_maps_leaves_nothing_behind() {
             rec.writer.inner.state,
             "as the agent sees them"
         );
+    }
+}
+
+/// One Service of `n` endpoints, as `big_cluster` writes them.
+fn service_of(n: usize) -> String {
+    let mut y = String::from(
+        "---\napiVersion: v1\nkind: Service\nmetadata: {name: wide, namespace: ns}\nspec:\n  clusterIP: 10.96.0.9\n  ports: [{port: 80}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: wide-x, namespace: ns, labels: {kubernetes.io/service-name: wide}}\naddressType: IPv4\nports: [{port: 8080}]\nendpoints:\n",
+    );
+    if n == 0 {
+        y = y.replace("endpoints:\n", "endpoints: []\n");
+    }
+    for e in 0..n {
+        y += &format!("- {{addresses: [10.100.{}.{}]}}\n", e / 250, e % 250 + 1);
+    }
+    y
+}
+
+#[test]
+fn a_backend_set_takes_one_entry_per_sixteen_slots() {
+    let n = node();
+    let mut rec = Reconciler::adopt(InMemory::default()).unwrap();
+    for size in [40, 17, 16, 33, 1, 0, 20] {
+        let desired = model::translate(&objects(&service_of(size)), &n);
+        rec.reconcile(&desired).unwrap();
+        let st = rec.state();
+        let fe = st
+            .frontends
+            .values()
+            .find(|f| f.flags & lb_common::service::FE_LOCAL_LIST == 0)
+            .expect("the ClusterIP frontend");
+        assert_eq!(usize::from(fe.count), size);
+        // The chunks of every set the maps hold: ceil(size / 16) for this
+        // one, each slot below the count names a backend, none above.
+        assert_eq!(st.slots.len(), size.div_ceil(16), "{}", st.dump());
+        let mut addrs = BTreeSet::new();
+        for slot in 0..fe.count as u32 {
+            let id = st.slot(fe.backend_set, slot).expect("slot");
+            addrs.insert(st.backends[&id].addr);
+        }
+        assert_eq!(addrs.len(), size, "every endpoint in a slot");
+        assert_eq!(st.slot(fe.backend_set, fe.count as u32), None);
+        assert_eq!(st.slot_entries().count(), size);
+        // The same as an agent that starts from these objects.
+        let mut fresh = Reconciler::adopt(InMemory::default()).unwrap();
+        fresh.reconcile(&desired).unwrap();
+        assert_eq!(canonical(&st), canonical(&fresh.state()));
     }
 }

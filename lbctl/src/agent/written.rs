@@ -11,7 +11,7 @@ use std::{
 };
 
 use lb_common::service::{
-    Backend4, Frontend, Frontend4Key, Name, ServiceBackendKey, ServiceMeta, SlotKey,
+    Backend4, Frontend, Frontend4Key, Name, ServiceBackendKey, ServiceMeta, SlotChunk, SlotKey,
 };
 
 use super::state::{MapState, Op, RangeKey};
@@ -109,7 +109,7 @@ impl<K: Ord + Copy, V: Copy> Kept<K, V> {
 pub struct Before {
     pub addrs: Kept<u32, u32>,
     pub frontends: Kept<Frontend4Key, Frontend>,
-    pub slots: Kept<SlotKey, u32>,
+    pub slots: Kept<SlotKey, SlotChunk>,
     pub svc_backends: Kept<ServiceBackendKey, u32>,
     pub source_ranges: Kept<RangeKey, u32>,
     pub backends: Kept<u32, Backend4>,

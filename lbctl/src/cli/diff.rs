@@ -11,6 +11,7 @@ use k8s_openapi::api::{
     core::v1::{Endpoints, Node, Service},
     discovery::v1::EndpointSlice,
 };
+use lb_common::service::{SLOTS_PER_CHUNK, SlotChunk};
 use serde::Serialize;
 
 use super::{PinArgs, render};
@@ -158,6 +159,36 @@ fn view(cur: &MapState, op: &Op) -> DiffView {
     }
 }
 
+/// A backend set's chunk written or deleted, as one difference per slot
+/// that changes (a set reads as its list, as in `MapState::dump`).
+fn slot_views(cur: &MapState, op: &Op) -> Vec<DiffView> {
+    let (key, want) = match op {
+        Op::PutSlot(k, v) => (*k, **v),
+        Op::DelSlot(k) => (*k, SlotChunk::default()),
+        _ => return Vec::new(),
+    };
+    let have = cur.slots.get(&key).copied().unwrap_or_default();
+    let first = key.chunk * SLOTS_PER_CHUNK;
+    let line = |slot: u32, id: u32| format!("slot {}/{slot} -> backend={id}", key.backend_set);
+    (first..)
+        .zip(want.backends.iter().zip(have.backends))
+        .filter(|(_, (w, h))| **w != *h)
+        .map(|(slot, (w, h))| {
+            let change = match (*w, h) {
+                (0, _) => "extra",
+                (_, 0) => "missing",
+                _ => "stale",
+            };
+            DiffView {
+                change: change.into(),
+                map: lb_common::maps::BACKEND_SLOTS.into(),
+                entry: line(slot, if *w == 0 { h } else { *w }),
+                have: if h == 0 { String::new() } else { line(slot, h) },
+            }
+        })
+        .collect()
+}
+
 /// The differences between the maps (`cur`) and what `store` translates to.
 pub fn compute(cur: MapState, store: &mut Store, node: &NodeInfo) -> Result<Vec<DiffView>> {
     let mut rec = Reconciler::adopt(InMemory {
@@ -169,7 +200,14 @@ pub fn compute(cur: MapState, store: &mut Store, node: &NodeInfo) -> Result<Vec<
         rec.set_service(&c.service, ports)?;
     }
     rec.set_snat_addrs(&node.snat.into_iter().collect::<Vec<_>>());
-    Ok(rec.pending_ops().iter().map(|op| view(&cur, op)).collect())
+    Ok(rec
+        .pending_ops()
+        .iter()
+        .flat_map(|op| match op {
+            Op::PutSlot(..) | Op::DelSlot(_) => slot_views(&cur, op),
+            _ => vec![view(&cur, op)],
+        })
+        .collect())
 }
 
 pub fn table(v: &[DiffView]) -> String {
@@ -364,5 +402,55 @@ endpoints: [{addresses: [10.244.1.11]}]
         assert!(d[0].have.contains("flags=0x1"), "{}", d[0].have);
         let t = table(&d);
         assert!(t.contains("CHANGE") && t.contains("missing"), "{t}");
+    }
+
+    #[test]
+    fn a_backend_set_differs_slot_by_slot() {
+        use lb_common::service::SlotKey;
+        let key = SlotKey {
+            backend_set: 4,
+            chunk: 1,
+        };
+        let chunk = |ids: &[u32]| {
+            let mut c = SlotChunk::default();
+            c.backends[..ids.len()].copy_from_slice(ids);
+            c
+        };
+        let mut cur = MapState::default();
+        cur.slots.insert(key, chunk(&[1, 2]));
+        let rows = |op: &Op| -> Vec<(String, String, String)> {
+            slot_views(&cur, op)
+                .into_iter()
+                .map(|d| (d.change, d.entry, d.have))
+                .collect()
+        };
+        let put = Op::PutSlot(key, Box::new(chunk(&[1, 3, 4])));
+        assert_eq!(
+            rows(&put),
+            [
+                (
+                    "stale".into(),
+                    "slot 4/17 -> backend=3".into(),
+                    "slot 4/17 -> backend=2".into()
+                ),
+                ("missing".into(), "slot 4/18 -> backend=4".into(), "".into()),
+            ]
+        );
+        let del = Op::DelSlot(key);
+        assert_eq!(
+            rows(&del),
+            [
+                (
+                    "extra".into(),
+                    "slot 4/16 -> backend=1".into(),
+                    "slot 4/16 -> backend=1".into()
+                ),
+                (
+                    "extra".into(),
+                    "slot 4/17 -> backend=2".into(),
+                    "slot 4/17 -> backend=2".into()
+                ),
+            ]
+        );
     }
 }

@@ -29,7 +29,7 @@ use lb_common::{
     service::{
         ADDR_CLUSTER_IP, AFFINITY_BY_ADDR, AffinityKey, BACKEND_ACTIVE, BACKEND_LOCAL,
         FE_AFFINITY_CLIENT_IP, FE_LOCAL_LIST, FE_REJECT_NO_BACKEND, FE_TWO_SCOPES, Frontend,
-        Frontend4Key, SB_TOPOLOGY_FILTERED, SCOPE_ALL, SCOPE_INTERNAL, SlotKey,
+        Frontend4Key, SB_TOPOLOGY_FILTERED, SCOPE_ALL, SCOPE_INTERNAL,
     },
     sock::SockFlow4Key,
 };
@@ -266,11 +266,7 @@ pub fn pick(st: &MapState, fe: &Frontend, h: u32) -> Option<(u32, u32)> {
         return None;
     }
     let slot = hash::slot(h, fe.count);
-    let id = st.slots.get(&SlotKey {
-        backend_set: fe.backend_set,
-        slot,
-    })?;
-    Some((slot, *id))
+    Some((slot, st.slot(fe.backend_set, slot)?))
 }
 
 fn verdict_label(v: u32) -> String {

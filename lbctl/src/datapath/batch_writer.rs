@@ -151,7 +151,7 @@ pub fn write(dir: &Path, fds: &mut Fds, kind: Kind, ops: &[Op]) -> Result<(), (u
         Kind::PutServiceMeta => {
             puts!(names::SERVICE_META, Op::PutServiceMeta(k, v, _) => (*k, **v))
         }
-        Kind::PutSlot => puts!(names::BACKEND_SLOTS, Op::PutSlot(k, v) => (*k, *v)),
+        Kind::PutSlot => puts!(names::BACKEND_SLOTS, Op::PutSlot(k, v) => (*k, **v)),
         Kind::PutServiceBackend => {
             puts!(names::SERVICE_BACKENDS, Op::PutServiceBackend(k, v) => (*k, *v))
         }

@@ -4,7 +4,10 @@ use std::{collections::BTreeMap, path::Path};
 
 use aya::{Ebpf, EbpfLoader};
 
-use super::migrate::{self, Migrated};
+use super::{
+    migrate::{self, Migrated},
+    slots_v1,
+};
 
 /// The datapath object (every program and map).
 pub static LB_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb.bpf.o"));
@@ -68,8 +71,18 @@ pub fn load_with(
 ) -> Result<(Ebpf, Vec<Migrated>), LoadError> {
     let obj = object(LB_OBJECT)?;
     let pins = || pin_dir.display().to_string();
+    // Backend sets of the first layout, converted once the new map is
+    // there (`slots_v1`), then unpinned.
+    let old_slots = pin_dir.join(lb_common::maps::RETIRED_SLOTS);
+    let slots_v1 = slots_v1::read(&old_slots).map_err(|source| LoadError::Migrate {
+        pins: pins(),
+        source,
+    })?;
     // Maps of an earlier layout, replaced by their next version.
     for name in lb_common::maps::RETIRED {
+        if *name == lb_common::maps::RETIRED_SLOTS {
+            continue;
+        }
         let p = pin_dir.join(name);
         if p.exists() {
             std::fs::remove_file(&p).map_err(|source| LoadError::Migrate {
@@ -100,6 +113,21 @@ pub fn load_with(
         pins: pins(),
         source,
     })?;
+    if let Some(chunks) = slots_v1 {
+        let new = pin_dir.join(lb_common::maps::BACKEND_SLOTS);
+        let n = slots_v1::write(&new, &chunks)
+            .and_then(|n| std::fs::remove_file(&old_slots).map(|()| n))
+            .map_err(|source| LoadError::Migrate {
+                pins: pins(),
+                source,
+            })?;
+        tracing::info!(
+            from = lb_common::maps::RETIRED_SLOTS,
+            to = lb_common::maps::BACKEND_SLOTS,
+            entries = n,
+            "backend sets converted to the new layout"
+        );
+    }
     Ok((ebpf, migrated))
 }
 

@@ -11,4 +11,5 @@ pub mod maps;
 pub mod migrate;
 pub mod pins;
 pub mod probe;
+pub mod slots_v1;
 pub mod sockdiag;
