@@ -766,32 +766,7 @@ impl<W: MapWriter> Reconciler<W> {
             let i = input.backends.binary_search_by(|b| b.addr.cmp(addr)).ok()?;
             Some(&input.backends[i])
         });
-        // The new names are taken before the old are let go: a name the
-        // backend keeps is never dropped in between.
-        let new = b.map(|b| {
-            let mut v = backend_entry(b);
-            if let Some(n) = &b.node_name {
-                let (key, e) = self.name_ids.acquire(NAME_NODE, n);
-                name_entry(&mut self.want, &mut self.before, key, e);
-                v.node = key as u16;
-            }
-            if let Some(z) = &b.zone {
-                let (key, e) = self.name_ids.acquire(NAME_ZONE, z);
-                name_entry(&mut self.want, &mut self.before, key, e);
-                v.zone = key as u8;
-            }
-            v
-        });
-        if let Some(old) = self.want.backends.get(&id).copied() {
-            for key in [names::node_key(old.node), names::zone_key(old.zone)]
-                .into_iter()
-                .flatten()
-            {
-                let e = self.name_ids.release(key);
-                name_entry(&mut self.want, &mut self.before, key, e);
-            }
-        }
-        written::set(&mut self.want.backends, &mut self.before.backends, id, new);
+        put_backend(&mut self.name_ids, &mut self.want, &mut self.before, id, b);
     }
 
     fn release_frontend(&mut self, k: &ServicePortKey, fk: Frontend4Key) {
@@ -1053,7 +1028,14 @@ impl<W: MapWriter> Reconciler<W> {
         }
         // The backend lists the port's traffic wants (kube-proxy's Cluster
         // and Local endpoints) and which list each frontend entry reads.
-        let (lists, plans) = frontend_plans(&sp, |a| self.backend_ids[a]);
+        // The ids by address from `ids` (in `sp.backends` order, sorted by
+        // address), not the reconciler-wide index.
+        let (lists, plans) = frontend_plans(&sp, |a| {
+            match sp.backends.binary_search_by(|b| b.addr.cmp(a)) {
+                Ok(i) if ids[i].1.addr == *a => ids[i].0,
+                _ => self.backend_ids[a],
+            }
+        });
         // Each distinct list gets a backend set that is never changed in
         // place while the maps' frontends read it.
         let prev_sets = self
@@ -1125,14 +1107,30 @@ impl<W: MapWriter> Reconciler<W> {
             svc_id,
             Some(meta),
         );
-        for (id, addr) in &id_list {
+        // A backend whose first owner is this port is made from the
+        // translation at hand (as `refresh_backend` finds it, without
+        // looking the port up); one another port owns first, from that
+        // port's.
+        let input = &self.ports[&key].input;
+        let mut owned_elsewhere = Vec::new();
+        for (j, (id, addr)) in id_list.iter().enumerate() {
             self.retiring_backends.remove(addr);
-            self.backend_owners
+            let (_, owners) = self
+                .backend_owners
                 .entry(*id)
-                .or_insert_with(|| (*addr, Owners::default()))
-                .1
-                .insert(&akey, ());
-            self.refresh_backend(*id);
+                .or_insert_with(|| (*addr, Owners::default()));
+            owners.insert(&akey, ());
+            let first = owners.0.first().map(|(k, _)| k);
+            if first.is_some_and(|k| Arc::ptr_eq(k, &akey) || **k == *akey) {
+                let i = input.backends.binary_search_by(|b| b.addr.cmp(addr));
+                let b = Some(&input.backends[i.unwrap_or(j)]);
+                put_backend(&mut self.name_ids, &mut self.want, &mut self.before, *id, b);
+            } else {
+                owned_elsewhere.push(*id);
+            }
+        }
+        for id in owned_elsewhere {
+            self.refresh_backend(id);
         }
         if let Some(p) = &prev {
             for a in &p.backends {
@@ -1304,8 +1302,46 @@ fn name_entry(want: &mut MapState, before: &mut Before, key: u32, e: names::Entr
     written::set(&mut want.names, &mut before.names, key, v);
 }
 
-/// A backend's entry, without its node and zone ids (`refresh_backend`
-/// gives them).
+/// Makes the target's entry of backend `id` the one made from `b` (its
+/// first owner's translation; None: no owner left), with its node and
+/// zone names.
+fn put_backend(
+    name_ids: &mut names::NameIds,
+    want: &mut MapState,
+    before: &mut Before,
+    id: u32,
+    b: Option<&Backend>,
+) {
+    // The new names are taken before the old are let go: a name the
+    // backend keeps is never dropped in between.
+    let new = b.map(|b| {
+        let mut v = backend_entry(b);
+        if let Some(n) = &b.node_name {
+            let (key, e) = name_ids.acquire(NAME_NODE, n);
+            name_entry(want, before, key, e);
+            v.node = key as u16;
+        }
+        if let Some(z) = &b.zone {
+            let (key, e) = name_ids.acquire(NAME_ZONE, z);
+            name_entry(want, before, key, e);
+            v.zone = key as u8;
+        }
+        v
+    });
+    if let Some(old) = want.backends.get(&id).copied() {
+        for key in [names::node_key(old.node), names::zone_key(old.zone)]
+            .into_iter()
+            .flatten()
+        {
+            let e = name_ids.release(key);
+            name_entry(want, before, key, e);
+        }
+    }
+    written::set(&mut want.backends, &mut before.backends, id, new);
+}
+
+/// A backend's entry, without its node and zone ids (`put_backend` gives
+/// them).
 fn backend_entry(b: &Backend) -> Backend4 {
     let mut conditions = 0;
     if b.ready {
