@@ -62,17 +62,17 @@ fn chunk<K: PhaseKey, V: Copy>(
     want: &BTreeMap<K, V>,
     only: impl Fn(&K) -> bool,
     (out, from, limit): (&mut Vec<Op>, &mut Resume, usize),
-    mut op: impl FnMut(&K, Option<&V>) -> Option<Op>,
+    mut op: impl FnMut(&K, Option<&V>, Option<&V>) -> Option<Op>,
 ) -> bool {
     let start = match K::after(from) {
         Some(k) => Bound::Excluded(k),
         None => Bound::Unbounded,
     };
-    for (k, was) in before.pending(want, start) {
+    for (k, was, target) in before.pending(want, start) {
         if !only(k) {
             continue;
         }
-        if let Some(o) = op(k, was) {
+        if let Some(o) = op(k, was, target) {
             out.push(o);
             if out.len() >= limit {
                 *from = k.resume();
@@ -90,8 +90,8 @@ fn puts<K: PhaseKey, V: PartialEq + Copy>(
     o: (&mut Vec<Op>, &mut Resume, usize),
     op: impl Fn(K, V) -> Op,
 ) -> bool {
-    chunk(before, want, only, o, |k, was| {
-        let v = want.get(k)?;
+    chunk(before, want, only, o, |k, was, v| {
+        let v = v?;
         (was != Some(v)).then(|| op(*k, *v))
     })
 }
@@ -103,8 +103,8 @@ fn dels<K: PhaseKey, V: Copy>(
     o: (&mut Vec<Op>, &mut Resume, usize),
     op: impl Fn(K) -> Op,
 ) -> bool {
-    chunk(before, want, only, o, |k, was| {
-        (was.is_some() && !want.contains_key(k)).then(|| op(*k))
+    chunk(before, want, only, o, |k, was, v| {
+        (was.is_some() && v.is_none()).then(|| op(*k))
     })
 }
 
@@ -160,15 +160,15 @@ pub fn diff_phase(
     let b = before;
     let o = (ops, from, limit);
     match phase {
-        0 => chunk(&b.backends, &want.backends, any, o, |k, was| {
-            let v = want.backends.get(k)?;
+        0 => chunk(&b.backends, &want.backends, any, o, |k, was, v| {
+            let v = v?;
             (was != Some(v)).then(|| Op::PutBackend(*k, *v, was.is_none()))
         }),
         1 => puts(&b.names, &want.names, any, o, |k, v| {
             Op::PutName(k, Box::new(v))
         }),
-        2 => chunk(&b.service_meta, &want.service_meta, any, o, |k, was| {
-            let v = want.service_meta.get(k)?;
+        2 => chunk(&b.service_meta, &want.service_meta, any, o, |k, was, v| {
+            let v = v?;
             (was != Some(v)).then(|| Op::PutServiceMeta(*k, Box::new(*v), was.is_none()))
         }),
         3 => puts(&b.slots, &want.slots, any, o, |k, v| {

@@ -45,32 +45,43 @@ impl<K, V> Default for Kept<K, V> {
 
 impl<K: Ord + Copy, V: Copy> Kept<K, V> {
     /// The map's keys after `after` where it may differ from the target,
-    /// in order, with its value at each.
+    /// in order, with the map's value and the target's at each (a whole
+    /// map's come from merging the two in order, with no lookup).
     pub fn pending<'a>(
         &'a self,
         want: &'a BTreeMap<K, V>,
         after: Bound<K>,
-    ) -> impl Iterator<Item = (&'a K, Option<&'a V>)> + 'a {
+    ) -> impl Iterator<Item = (&'a K, Option<&'a V>, Option<&'a V>)> + 'a {
         let range = (after, Bound::Unbounded);
         let (kept, whole) = match self {
             Self::Keys(m) => (Some(m.range(range)), None),
-            Self::Whole(m) => (None, Some((m, m.range(range), want.range(range)))),
+            Self::Whole(m) => (None, Some((m.range(range), want.range(range)))),
         };
-        let kept = kept.into_iter().flatten().map(|(k, w)| (k, w.as_deref()));
+        let kept = kept
+            .into_iter()
+            .flatten()
+            .map(|(k, w)| (k, w.as_deref(), want.get(k)));
         // The keys of the map and of the target, merged.
-        let whole = whole.into_iter().flat_map(|(m, held, target)| {
+        let whole = whole.into_iter().flat_map(|(held, target)| {
             let (mut held, mut target) = (held.peekable(), target.peekable());
-            std::iter::from_fn(move || {
-                let k = match (held.peek(), target.peek()) {
-                    (Some((h, _)), Some((t, _))) if t < h => target.next()?.0,
-                    (Some((h, _)), Some((t, _))) if t == h => {
-                        target.next();
-                        held.next()?.0
-                    }
-                    (Some(_), _) => held.next()?.0,
-                    (None, _) => target.next()?.0,
-                };
-                Some((k, m.get(k)))
+            std::iter::from_fn(move || match (held.peek(), target.peek()) {
+                (Some((h, _)), Some((t, _))) if t < h => {
+                    let (k, v) = target.next()?;
+                    Some((k, None, Some(v)))
+                }
+                (Some((h, _)), Some((t, _))) if t == h => {
+                    let (_, v) = target.next()?;
+                    let (k, was) = held.next()?;
+                    Some((k, Some(was), Some(v)))
+                }
+                (Some(_), _) => {
+                    let (k, was) = held.next()?;
+                    Some((k, Some(was), None))
+                }
+                (None, _) => {
+                    let (k, v) = target.next()?;
+                    Some((k, None, Some(v)))
+                }
             })
         });
         kept.chain(whole)
@@ -339,8 +350,8 @@ mod tests {
         let owed: Vec<u32> = before
             .addrs
             .pending(&want.addrs, Bound::Excluded(95))
-            .map(|(k, was)| {
-                assert_eq!(was, None);
+            .map(|(k, was, target)| {
+                assert_eq!((was, target), (None, Some(k)));
                 *k
             })
             .collect();
@@ -364,14 +375,19 @@ mod tests {
         for (k, v) in [(1, 1), (3, 3), (9, 10)] {
             set(&mut want.addrs, &mut before.addrs, k, Some(v));
         }
-        let pending: Vec<(u32, Option<u32>)> = before
+        let pending: Vec<(u32, Option<u32>, Option<u32>)> = before
             .addrs
             .pending(&want.addrs, Bound::Unbounded)
-            .map(|(k, v)| (*k, v.copied()))
+            .map(|(k, v, t)| (*k, v.copied(), t.copied()))
             .collect();
         assert_eq!(
             pending,
-            [(1, Some(1)), (3, None), (5, Some(5)), (9, Some(9))]
+            [
+                (1, Some(1), Some(1)),
+                (3, None, Some(3)),
+                (5, Some(5), None),
+                (9, Some(9), Some(10))
+            ]
         );
         assert_eq!(materialize(&want, &before), cur);
         assert_eq!(written_len(&want.addrs, &before.addrs), 3);
