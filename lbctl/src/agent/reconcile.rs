@@ -403,15 +403,15 @@ impl<W: MapWriter> Reconciler<W> {
         self.capacity
     }
 
-    /// Refuses port `key` (its new entries `backends` ids, `lists` of
-    /// slots, `svc_backends` pairs, `frontends` and `ranges`) when the
-    /// target with it would not fit the maps. Counts the target as it would
-    /// be with the port's previous entries replaced (a backend another port
-    /// shares is counted as new: near the limit a port may be refused one
-    /// entry early, never let past it).
+    /// Refuses a port (its record before, `prev`, and its new entries:
+    /// `ids` of backends, `lists` of slots, `svc_backends` pairs,
+    /// `frontends`) when the target with it would not fit the maps. Counts
+    /// the target as it would be with the port's previous entries replaced
+    /// (a backend another port shares is counted as new: near the limit a
+    /// port may be refused one entry early, never let past it).
     fn fits(
         &self,
-        key: &ServicePortKey,
+        prev: Option<&PortEntry>,
         svc_id: u32,
         ids: &[(u32, &Backend)],
         lists: &[(Vec<u32>, bool)],
@@ -419,7 +419,6 @@ impl<W: MapWriter> Reconciler<W> {
         frontends: usize,
     ) -> Result<(), ReconcileError> {
         let w = &self.want;
-        let prev = self.ports.get(key);
         let cap = &self.capacity;
         let new_svc = usize::from(!w.service_meta.contains_key(&svc_id));
         cap.check(
@@ -1032,19 +1031,16 @@ impl<W: MapWriter> Reconciler<W> {
         // address), not the reconciler-wide index.
         let (lists, plans) = frontend_plans(&sp, |a| {
             match sp.backends.binary_search_by(|b| b.addr.cmp(a)) {
-                Ok(i) if ids[i].1.addr == *a => ids[i].0,
-                _ => self.backend_ids[a],
+                Ok(i) => ids[i].0,
+                Err(_) => self.backend_ids[a],
             }
         });
         // Each distinct list gets a backend set that is never changed in
         // place while the maps' frontends read it.
-        let prev_sets = self
-            .ports
-            .get(&key)
-            .map(|p| p.sets.clone())
-            .unwrap_or_default();
+        let prev_entry = self.ports.get(&key);
+        let prev_sets = prev_entry.map(|p| p.sets.clone()).unwrap_or_default();
         let entries = port_backend_flags(&sp, &ids);
-        self.fits(&key, svc_id, &ids, &lists, entries.len(), plans.len())?;
+        self.fits(prev_entry, svc_id, &ids, &lists, entries.len(), plans.len())?;
         let sets = self.choose_sets(svc_id, &prev_sets, &lists)?;
 
         // From here on nothing fails.
