@@ -7,8 +7,9 @@ use crate::user_pod;
 /// `AgentStatus::flags`.
 /// The first full sync of the source is in the maps.
 pub const AGENT_READY: u32 = 1 << 0;
-/// Changes are waiting for the maps (a write failed and is retried, or the
-/// source has not listed every kind yet).
+/// Changes are waiting for the maps: a write pass is under way (set before
+/// its first write, cleared with the record of the pass after its last), a
+/// write failed and is retried, or the source has not listed every kind yet.
 pub const AGENT_PENDING: u32 = 1 << 1;
 /// The source is the Kubernetes API (else a manifest folder).
 pub const AGENT_SOURCE_API: u32 = 1 << 2;

@@ -216,7 +216,7 @@ impl RealCluster {
         let deadline = Instant::now() + Duration::from_secs(75);
         let mut last = String::new();
         while Instant::now() < deadline {
-            match self.c.lbctl_json(&["services"]) {
+            match self.c.settled_services() {
                 Ok(v) if v.as_array().is_some_and(|a| matches(a)) => return,
                 Ok(v) => last = v.to_string(),
                 Err(e) => last = e,

@@ -628,12 +628,20 @@ impl Cluster {
             .collect()
     }
 
-    /// Waits until `lbctl services` satisfies `ok`.
+    /// `lbctl services` as a finished write pass left the maps (see
+    /// [`settled_services`]).
+    pub fn settled_services(&self) -> Result<serde_json::Value, String> {
+        settled_services(&self.lbctl, &self.pins())
+    }
+
+    /// Waits until `lbctl services`, read between write passes, satisfies
+    /// `ok`: the maps then hold the whole pass, frontends included (a view
+    /// read during a pass can show a port's backends before its frontends).
     pub fn wait_services(&self, what: &str, ok: impl Fn(&[serde_json::Value]) -> bool) {
         let deadline = Instant::now() + Duration::from_secs(20);
         let mut last = String::new();
         while Instant::now() < deadline {
-            match self.lbctl_json(&["services"]) {
+            match self.settled_services() {
                 Ok(v) if v.as_array().is_some_and(|a| ok(a)) => return,
                 Ok(v) => last = v.to_string(),
                 Err(e) => last = e,
@@ -675,14 +683,39 @@ impl Cluster {
         let args = curl_args(url);
         let refs: Vec<&str> = args.iter().map(String::as_str).collect();
         curl(self.in_cgroup(ns, "curl", &refs))
-            .unwrap_or_else(|e| panic!("GET {url} from {}: {e}", ns.name))
+            .unwrap_or_else(|e| panic!("GET {url} from {}: {e}\n{}", ns.name, self.diagnosis()))
     }
 
     /// GET `url` from the outside client (not in the cgroup).
     pub fn get_from_client(&self, url: &str) -> String {
         let mut c = self.topo.client.command("curl");
         c.args(curl_args(url));
-        curl(c).unwrap_or_else(|e| panic!("GET {url} from the client: {e}"))
+        curl(c).unwrap_or_else(|e| panic!("GET {url} from the client: {e}\n{}", self.diagnosis()))
+    }
+
+    /// What a failed request's message shows: the verdicts counted so far,
+    /// the agent's status and the end of its log.
+    pub fn diagnosis(&self) -> String {
+        let verdicts: Vec<String> = self
+            .lbctl_json(&["counters"])
+            .ok()
+            .and_then(|v| v.as_array().cloned())
+            .unwrap_or_default()
+            .iter()
+            .filter(|c| c["count"].as_u64().is_some_and(|n| n > 0))
+            .map(|c| format!("{}={}", c["verdict"].as_str().unwrap_or("?"), c["count"]))
+            .collect();
+        let status = self
+            .lbctl_json(&["status"])
+            .map(|s| s["agent"].to_string())
+            .unwrap_or_else(|e| e);
+        let log = self.agent_log();
+        let tail: Vec<&str> = log.lines().rev().take(40).collect();
+        format!(
+            "verdicts: {}\nagent: {status}\nagent log (last 40 lines):\n{}",
+            verdicts.join(" "),
+            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+        )
     }
 }
 
@@ -697,4 +730,41 @@ impl Drop for Cluster {
             .output();
         let _ = std::fs::remove_dir_all(&self.work);
     }
+}
+
+/// `lbctl services -o json` for `pins`, read while no write pass runs: the
+/// agent flags its record pending before a pass's first write and records
+/// the pass after its last, so a view read between two records that show
+/// the same finished pass is a whole one. With no agent running the maps
+/// do not change.
+pub fn settled_services(lbctl: &Path, pins: &Path) -> Result<serde_json::Value, String> {
+    let json = |what: &str| -> Result<serde_json::Value, String> {
+        let out = Command::new(lbctl)
+            .args([what, "-o", "json", "--bpffs"])
+            .arg(pins)
+            .output()
+            .map_err(|e| e.to_string())?;
+        if !out.status.success() {
+            return Err(String::from_utf8_lossy(&out.stderr).to_string());
+        }
+        serde_json::from_slice(&out.stdout).map_err(|e| e.to_string())
+    };
+    // The finished passes a running agent's record shows (None: no agent
+    // running), or an error while a pass is under way.
+    let passes = |s: &serde_json::Value| -> Result<Option<u64>, String> {
+        let a = &s["agent"];
+        if a["running"] != true {
+            return Ok(None);
+        }
+        if a["pending"] == true {
+            return Err("the agent has changes on their way to the maps".into());
+        }
+        Ok(a["syncs"].as_u64())
+    };
+    let before = passes(&json("status")?)?;
+    let services = json("services")?;
+    if passes(&json("status")?)? != before {
+        return Err("a write pass ran while the maps were read".into());
+    }
+    Ok(services)
 }

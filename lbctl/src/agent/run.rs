@@ -535,6 +535,11 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
             publish(&mut rec, &mut status);
             continue;
         }
+        // A pass writes map by map: readers (lbctl, probes) see it under
+        // way from the record, flagged before the first write and
+        // recorded after the last, rather than a half-written Service.
+        status.pending();
+        publish(&mut rec, &mut status);
         match rec.flush() {
             Ok(o) => {
                 unflushed = false;
