@@ -9,6 +9,7 @@ use std::{
 };
 
 use k8s_openapi::api::core::v1::{Endpoints, Service};
+use smallvec::SmallVec;
 
 use super::{
     model::{
@@ -21,8 +22,10 @@ use super::{
 #[derive(Debug, Default)]
 pub struct Store {
     objects: Objects,
-    /// Service -> the EndpointSlices labelled with its name.
-    slice_index: BTreeMap<ObjKey, BTreeSet<ObjKey>>,
+    /// Service -> the EndpointSlices labelled with its name, sorted.
+    /// Nearly always one, held inline: a set per Service cost a B-tree
+    /// node (about 550 bytes) for one key.
+    slice_index: BTreeMap<ObjKey, SmallVec<[ObjKey; 1]>>,
     /// Services to translate again.
     dirty: BTreeSet<ObjKey>,
 }
@@ -92,13 +95,15 @@ impl Store {
     fn index_slice(&mut self, key: &ObjKey, s: &Slice, add: bool) {
         if let Some(svc) = slice_service(key, s) {
             if add {
-                self.slice_index
-                    .entry(svc.clone())
-                    .or_default()
-                    .insert(key.clone());
-            } else if let Some(set) = self.slice_index.get_mut(&svc) {
-                set.remove(key);
-                if set.is_empty() {
+                let list = self.slice_index.entry(svc.clone()).or_default();
+                if let Err(i) = list.binary_search(key) {
+                    list.insert(i, key.clone());
+                }
+            } else if let Some(list) = self.slice_index.get_mut(&svc) {
+                if let Ok(i) = list.binary_search(key) {
+                    list.remove(i);
+                }
+                if list.is_empty() {
                     self.slice_index.remove(&svc);
                 }
             }
@@ -191,33 +196,38 @@ impl Store {
         !self.dirty.is_empty()
     }
 
-    /// Translates the dirty Services: for each, its ports now (empty when
-    /// it is gone or gets no entries) or the reason it was skipped.
-    pub fn take_changes(&mut self, node: &NodeInfo) -> Vec<ServiceChange> {
+    /// Translates the dirty Services, one as each is asked for: for each,
+    /// its ports now (empty when it is gone or gets no entries) or the
+    /// reason it was skipped. Lazy, so a caller that hands each on before
+    /// the next holds one translation at a time: all of a 10,000-Service
+    /// start at once (a B-tree node per Service's ports) were a third of
+    /// the agent's peak heap.
+    pub fn take_changes<'a>(
+        &'a mut self,
+        node: &'a NodeInfo,
+    ) -> impl Iterator<Item = ServiceChange> + 'a {
         let dirty = std::mem::take(&mut self.dirty);
-        dirty
-            .into_iter()
-            .map(|key| {
-                let ports = match self.objects.services.get(&key) {
-                    None => Ok(BTreeMap::new()),
-                    Some(svc) => {
-                        let slices: Vec<&Slice> = self
-                            .slice_index
-                            .get(&key)
-                            .into_iter()
-                            .flatten()
-                            .filter_map(|k| self.objects.slices.get(k).map(|s| &**s))
-                            .collect();
-                        let eps = self.objects.endpoints.get(&key).map(|e| &**e);
-                        translate_service(&key, svc, &slices, eps, node)
-                    }
-                };
-                ServiceChange {
-                    service: key,
-                    ports,
+        let this = &*self;
+        dirty.into_iter().map(move |key| {
+            let ports = match this.objects.services.get(&key) {
+                None => Ok(BTreeMap::new()),
+                Some(svc) => {
+                    let slices: Vec<&Slice> = this
+                        .slice_index
+                        .get(&key)
+                        .into_iter()
+                        .flatten()
+                        .filter_map(|k| this.objects.slices.get(k).map(|s| &**s))
+                        .collect();
+                    let eps = this.objects.endpoints.get(&key).map(|e| &**e);
+                    translate_service(&key, svc, &slices, eps, node)
                 }
-            })
-            .collect()
+            };
+            ServiceChange {
+                service: key,
+                ports,
+            }
+        })
     }
 }
 

@@ -616,7 +616,7 @@ fn one_slice_change_is_translated_and_diffed_alone() {
     ep.address = Some(std::net::Ipv4Addr::new(10, 200, 0, 1));
     slice.endpoints.push(ep);
     store.slice(key, Some(std::sync::Arc::new(slice)));
-    let changes = store.take_changes(&n);
+    let changes: Vec<_> = store.take_changes(&n).collect();
     assert_eq!(changes.len(), 1, "one Service re-translated");
     for c in changes {
         rec.set_service(&c.service, c.ports.unwrap()).unwrap();
