@@ -128,6 +128,9 @@ impl Capacity {
 /// it). Nearly always one port, held inline: a sorted vector of shared
 /// keys on the heap cost a 32-byte allocation per backend, a map per
 /// entry two kilobytes (a B-tree node).
+/// A port's key, shared: see `Reconciler::ports`.
+type PortKey = Arc<ServicePortKey>;
+
 #[derive(Clone, Debug)]
 struct Owners<V>(SmallVec<[(Arc<ServicePortKey>, V); 1]>);
 
@@ -167,8 +170,6 @@ impl<V> Owners<V> {
 /// What one service port put into the target.
 #[derive(Clone, Debug)]
 struct PortEntry {
-    /// The port's key, shared with the owner lists.
-    key: Arc<ServicePortKey>,
     input: ServicePortState,
     svc_id: u32,
     backends: Vec<BackendAddr>,
@@ -298,7 +299,10 @@ pub struct Reconciler<W> {
     /// What the maps hold where they may differ from the target.
     before: Before,
     index: WrittenIndex,
-    ports: BTreeMap<ServicePortKey, PortEntry>,
+    /// Ports by key. A port's key is one shared allocation (`PortKey`)
+    /// for this map, the id map, the owner lists and the set owners: a
+    /// copy each of its three strings cost about 170 bytes.
+    ports: BTreeMap<PortKey, PortEntry>,
     /// Backend id -> its address and the ports that list it; its entries
     /// are made from the first port's input.
     backend_owners: BTreeMap<u32, (BackendAddr, Owners<()>)>,
@@ -308,18 +312,18 @@ pub struct Reconciler<W> {
     addr_frontends: BTreeMap<u32, u32>,
     addr_cluster_ips: BTreeMap<u32, u32>,
     snat: BTreeSet<u32>,
-    svc_ids: BTreeMap<ServicePortKey, u32>,
+    svc_ids: BTreeMap<PortKey, u32>,
     backend_ids: BTreeMap<BackendAddr, u32>,
     svc_pool: IdPool,
     backend_pool: IdPool,
     set_pool: IdPool,
     /// Ids the target no longer uses: freed once a flush has removed their
     /// entries from the maps, so nothing is reused while still in a map.
-    retiring_svcs: BTreeSet<ServicePortKey>,
+    retiring_svcs: BTreeSet<PortKey>,
     retiring_backends: BTreeSet<BackendAddr>,
     retiring_sets: BTreeSet<u32>,
     /// Backend set -> the port whose frontends read it in the target.
-    set_owner: BTreeMap<u32, ServicePortKey>,
+    set_owner: BTreeMap<u32, PortKey>,
     /// Node and zone names' ids, counted over the target's backends.
     name_ids: names::NameIds,
     capacity: Capacity,
@@ -333,7 +337,7 @@ impl<W: MapWriter> Reconciler<W> {
     /// and backends that still want them; the rest goes at the first flush.
     pub fn adopt(writer: W) -> Result<Self, MapError> {
         let state = writer.read()?;
-        let svc_ids: BTreeMap<ServicePortKey, u32> = state
+        let svc_ids: BTreeMap<PortKey, u32> = state
             .service_meta
             .iter()
             .map(|(id, m)| {
@@ -342,7 +346,7 @@ impl<W: MapWriter> Reconciler<W> {
                     name: cstr(&m.name).to_string(),
                     port_name: cstr(&m.port_name).to_string(),
                 };
-                (k, *id)
+                (Arc::new(k), *id)
             })
             .collect();
         let backend_ids: BTreeMap<BackendAddr, u32> = state
@@ -596,14 +600,14 @@ impl<W: MapWriter> Reconciler<W> {
             name: svc.name.clone(),
             port_name: String::new(),
         };
-        let old: Vec<ServicePortKey> = self
+        let old: Vec<PortKey> = self
             .ports
-            .range(lo..)
+            .range::<ServicePortKey, _>(lo..)
             .take_while(|(k, _)| k.namespace == svc.namespace && k.name == svc.name)
             .map(|(k, _)| k.clone())
             .collect();
         for k in old {
-            if !ports.contains_key(&k) {
+            if !ports.contains_key(k.as_ref()) {
                 self.remove_port(&k);
             }
         }
@@ -720,8 +724,8 @@ impl<W: MapWriter> Reconciler<W> {
         Ok(())
     }
 
-    fn remove_port(&mut self, k: &ServicePortKey) {
-        let Some(e) = self.ports.remove(k) else {
+    fn remove_port(&mut self, k: &PortKey) {
+        let Some(e) = self.ports.remove(k.as_ref()) else {
             return;
         };
         for a in &e.backends {
@@ -996,19 +1000,23 @@ impl<W: MapWriter> Reconciler<W> {
         key: ServicePortKey,
         sp: ServicePortState,
     ) -> Result<(), ReconcileError> {
-        let svc_id = match self.svc_ids.get(&key) {
-            Some(id) => *id,
+        // The shared key: the one the id map holds (every other use of
+        // the key shares it), else a new one.
+        let (akey, svc_id) = match self.svc_ids.get_key_value(&key) {
+            Some((k, id)) => (k.clone(), *id),
             None => {
                 let id = self
                     .svc_pool
                     .alloc()
                     .ok_or(ReconcileError::OutOfIds("service"))?;
-                self.svc_ids.insert(key.clone(), id);
+                let k = Arc::new(key);
+                self.svc_ids.insert(k.clone(), id);
                 // Freed at the next flush unless this port gets in.
-                self.retiring_svcs.insert(key.clone());
-                id
+                self.retiring_svcs.insert(k.clone());
+                (k, id)
             }
         };
+        let key: &ServicePortKey = &akey;
         let mut ids = Vec::with_capacity(sp.backends.len());
         for b in &sp.backends {
             let id = match self.backend_ids.get(&b.addr) {
@@ -1037,19 +1045,16 @@ impl<W: MapWriter> Reconciler<W> {
         });
         // Each distinct list gets a backend set that is never changed in
         // place while the maps' frontends read it.
-        let prev_entry = self.ports.get(&key);
+        let prev_entry = self.ports.get(key);
         let prev_sets = prev_entry.map(|p| p.sets.clone()).unwrap_or_default();
         let entries = port_backend_flags(&sp, &ids);
         self.fits(prev_entry, svc_id, &ids, &lists, entries.len(), plans.len())?;
         let sets = self.choose_sets(svc_id, &prev_sets, &lists)?;
 
         // From here on nothing fails.
-        self.retiring_svcs.remove(&key);
-        let prev = self.ports.remove(&key);
-        let akey = prev
-            .as_ref()
-            .map_or_else(|| Arc::new(key.clone()), |p| p.key.clone());
-        let meta = service_meta(&key, &sp);
+        self.retiring_svcs.remove(key);
+        let prev = self.ports.remove(key);
+        let meta = service_meta(key, &sp);
         let ranges: BTreeSet<RangeKey> = if plans.iter().any(|p| p.flags & FE_SOURCE_RANGES != 0) {
             sp.source_ranges
                 .iter()
@@ -1087,9 +1092,8 @@ impl<W: MapWriter> Reconciler<W> {
         // The port is in place before its backends are refreshed: their
         // values are read from the first owner's input.
         self.ports.insert(
-            key.clone(),
+            akey.clone(),
             PortEntry {
-                key: akey.clone(),
                 input: sp,
                 svc_id,
                 backends: backends.clone(),
@@ -1107,7 +1111,7 @@ impl<W: MapWriter> Reconciler<W> {
         // translation at hand (as `refresh_backend` finds it, without
         // looking the port up); one another port owns first, from that
         // port's.
-        let input = &self.ports[&key].input;
+        let input = &self.ports[key].input;
         let mut owned_elsewhere = Vec::new();
         for (j, (id, addr)) in id_list.iter().enumerate() {
             self.retiring_backends.remove(addr);
@@ -1131,14 +1135,14 @@ impl<W: MapWriter> Reconciler<W> {
         if let Some(p) = &prev {
             for a in &p.backends {
                 if backends.binary_search(a).is_err() {
-                    self.release_backend(&key, *a);
+                    self.release_backend(key, *a);
                 }
             }
         }
 
         for (set, list) in sets.iter().zip(&lists) {
             self.retiring_sets.remove(set);
-            self.set_owner.insert(*set, key.clone());
+            self.set_owner.insert(*set, akey.clone());
             self.write_slots(*set, &list.0);
         }
         for p in &prev_sets {
@@ -1161,7 +1165,7 @@ impl<W: MapWriter> Reconciler<W> {
         if let Some(p) = &prev {
             for fk in &p.frontends {
                 if !fe_values.iter().any(|(k, _)| k == fk) {
-                    self.release_frontend(&key, *fk);
+                    self.release_frontend(key, *fk);
                 }
             }
         }
