@@ -20,7 +20,6 @@ use std::{
     sync::Arc,
 };
 
-use k8s_openapi::api::core::v1::Service;
 use lb_common::{
     ip4_octets, port_host,
     service::{Frontend, Frontend4Key, ServiceMeta},
@@ -29,6 +28,7 @@ use lb_common::{
 use super::{
     model::{FrontendKind, ObjKey, ObjectError},
     state::{MapState, cstr},
+    svc::Svc,
 };
 
 /// A bad `--service-cidr` or `--service-node-port-range`.
@@ -50,7 +50,7 @@ pub struct Allocator {
     node_ports: BTreeMap<(ObjKey, String), u16>,
     /// Last completion per Service: the object as read, what was filled
     /// in, the object handed on.
-    completed: BTreeMap<ObjKey, (Arc<Service>, Fill, Arc<Service>)>,
+    completed: BTreeMap<ObjKey, (Arc<Svc>, Fill, Arc<Svc>)>,
 }
 
 /// A ClusterIP (if one was missing) and nodePorts by port name.
@@ -140,7 +140,7 @@ impl Allocator {
     /// Services that need nothing are left untouched (same `Arc`). A
     /// Service that cannot get one (the range is full) is reported by name
     /// and left as written.
-    pub fn complete(&mut self, services: &mut BTreeMap<ObjKey, Arc<Service>>) -> Vec<ObjectError> {
+    pub fn complete(&mut self, services: &mut BTreeMap<ObjKey, Arc<Svc>>) -> Vec<ObjectError> {
         let mut errors = Vec::new();
         // What the manifests name themselves is taken first.
         let mut used_ips: BTreeSet<u32> = BTreeSet::new();
@@ -280,7 +280,7 @@ fn full(k: &ObjKey, reason: &str) -> ObjectError {
     }
 }
 
-fn service_type(svc: &Service) -> &str {
+fn service_type(svc: &Svc) -> &str {
     svc.spec
         .as_ref()
         .and_then(|s| s.type_.as_deref())
@@ -289,7 +289,7 @@ fn service_type(svc: &Service) -> &str {
 
 /// A Service that is not headless, not ExternalName, and names no
 /// ClusterIP.
-fn wants_cluster_ip(svc: &Service) -> bool {
+fn wants_cluster_ip(svc: &Svc) -> bool {
     let Some(spec) = &svc.spec else { return false };
     let named = spec
         .cluster_ips
@@ -303,7 +303,7 @@ fn wants_cluster_ip(svc: &Service) -> bool {
 /// Names of the ports of a NodePort or LoadBalancer Service that have no
 /// nodePort (LoadBalancer with `allocateLoadBalancerNodePorts: false`
 /// gets none, as from the API server).
-fn missing_node_ports(svc: &Service) -> Vec<String> {
+fn missing_node_ports(svc: &Svc) -> Vec<String> {
     let Some(spec) = &svc.spec else { return vec![] };
     let wants = match service_type(svc) {
         "NodePort" => true,
@@ -326,7 +326,7 @@ mod tests {
     use super::*;
     use crate::agent::model::Objects;
 
-    fn services(yaml: &str) -> BTreeMap<ObjKey, Arc<Service>> {
+    fn services(yaml: &str) -> BTreeMap<ObjKey, Arc<Svc>> {
         let f = crate::agent::source::dir::parse("t.yaml", yaml);
         assert!(f.errors.is_empty(), "{:?}", f.errors);
         let mut objs = Objects::default();
@@ -335,11 +335,8 @@ mod tests {
         objs.services
     }
 
-    fn ip_of(s: &BTreeMap<ObjKey, Arc<Service>>, name: &str) -> String {
-        let svc = s
-            .values()
-            .find(|v| v.metadata.name.as_deref() == Some(name))
-            .unwrap();
+    fn ip_of(s: &BTreeMap<ObjKey, Arc<Svc>>, name: &str) -> String {
+        let svc = s.iter().find(|(k, _)| k.name == name).unwrap().1;
         svc.spec
             .as_ref()
             .unwrap()
@@ -348,11 +345,8 @@ mod tests {
             .unwrap_or_default()
     }
 
-    fn node_port_of(s: &BTreeMap<ObjKey, Arc<Service>>, name: &str) -> i32 {
-        let svc = s
-            .values()
-            .find(|v| v.metadata.name.as_deref() == Some(name))
-            .unwrap();
+    fn node_port_of(s: &BTreeMap<ObjKey, Arc<Svc>>, name: &str) -> i32 {
+        let svc = s.iter().find(|(k, _)| k.name == name).unwrap().1;
         svc.spec.as_ref().unwrap().ports.as_ref().unwrap()[0]
             .node_port
             .unwrap_or(0)

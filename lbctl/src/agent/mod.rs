@@ -24,6 +24,7 @@ pub mod stale_sockets;
 pub mod state;
 pub mod status;
 pub mod store;
+pub mod svc;
 pub mod unenforced;
 pub mod written;
 

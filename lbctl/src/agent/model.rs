@@ -17,11 +17,12 @@ use std::{
     sync::Arc,
 };
 
-use k8s_openapi::api::core::v1::{Endpoints, Service};
+use k8s_openapi::api::core::v1::Endpoints;
 use lb_common::service::NE_PROTOCOL_SCTP;
 
 use super::categorize::{self, EndpointSets, Policies};
 use super::slice::{Hints, Slice};
+use super::svc::Svc;
 
 pub const LABEL_SERVICE_NAME: &str = "kubernetes.io/service-name";
 pub const LABEL_PROXY_NAME: &str = "service.kubernetes.io/service-proxy-name";
@@ -63,7 +64,8 @@ impl ObjKey {
 /// object is recognised by pointer.
 #[derive(Clone, Debug, Default)]
 pub struct Objects {
-    pub services: BTreeMap<ObjKey, Arc<Service>>,
+    /// Services as the agent keeps them ([`Svc`]: made at ingest).
+    pub services: BTreeMap<ObjKey, Arc<Svc>>,
     /// EndpointSlices as the agent keeps them ([`Slice`]: made at ingest).
     pub slices: BTreeMap<ObjKey, Arc<Slice>>,
     pub endpoints: BTreeMap<ObjKey, Arc<Endpoints>>,
@@ -380,7 +382,7 @@ pub fn translate(objs: &Objects, node: &NodeInfo) -> Desired {
 /// its name and its Endpoints (read only when it has no slice at all).
 pub fn translate_service(
     key: &ObjKey,
-    svc: &Service,
+    svc: &Svc,
     svc_slices: &[&Slice],
     endpoints: Option<&Endpoints>,
     node: &NodeInfo,
@@ -405,11 +407,6 @@ pub fn translate_service(
         reason,
     })?;
     Ok(out)
-}
-
-fn ignored(svc: &Service) -> bool {
-    let labels = svc.metadata.labels.as_ref();
-    labels.is_some_and(|l| l.contains_key(LABEL_PROXY_NAME) || l.contains_key(LABEL_HEADLESS))
 }
 
 fn parse_v4(s: &str, what: &str) -> Result<Option<Ipv4Addr>, String> {
@@ -452,13 +449,13 @@ fn port_u16(p: i32, what: &str) -> Result<u16, String> {
 
 fn service(
     key: &ObjKey,
-    svc: &Service,
+    svc: &Svc,
     svc_slices: &[&Slice],
     endpoints: Option<&Endpoints>,
     node: &NodeInfo,
     out: &mut BTreeMap<ServicePortKey, ServicePortState>,
 ) -> Result<(), String> {
-    if ignored(svc) {
+    if svc.foreign {
         return Ok(());
     }
     let Some(spec) = &svc.spec else { return Ok(()) };
@@ -487,18 +484,13 @@ fn service(
     }
     let mut lb_v4 = Vec::new();
     if svc_type == ServiceType::LoadBalancer {
-        let ingress = svc.status.as_ref().and_then(|s| s.load_balancer.as_ref());
-        for ing in ingress
-            .and_then(|l| l.ingress.as_ref())
-            .into_iter()
-            .flatten()
-        {
+        for ing in &svc.ingress {
             let Some(ip) = &ing.ip else { continue };
             let addr = parse_v4(ip, "loadBalancer ingress IP")?;
             // ipMode Proxy: the load balancer delivers to the NodePort
             // itself (it does not keep the destination address), so the
             // ingress IP is not captured on nodes, as kube-proxy does.
-            if ing.ip_mode.as_deref() != Some("Proxy") {
+            if !ing.proxy {
                 lb_v4.extend(addr);
             }
         }
@@ -519,10 +511,7 @@ fn service(
     let affinity_timeout_s = match spec.session_affinity.as_deref() {
         None | Some("None") => None,
         Some("ClientIP") => Some(
-            spec.session_affinity_config
-                .as_ref()
-                .and_then(|c| c.client_ip.as_ref())
-                .and_then(|c| c.timeout_seconds)
+            spec.affinity_timeout_s
                 .map_or(10800, |t| t.clamp(1, 86400) as u32),
         ),
         Some(other) => return Err(format!("unknown sessionAffinity {other:?}")),

@@ -8,7 +8,7 @@ use std::{
     sync::Arc,
 };
 
-use k8s_openapi::api::core::v1::{Endpoints, Service};
+use k8s_openapi::api::core::v1::Endpoints;
 use smallvec::SmallVec;
 
 use super::{
@@ -17,6 +17,7 @@ use super::{
         translate_service,
     },
     slice::Slice,
+    svc::Svc,
 };
 
 #[derive(Debug, Default)]
@@ -57,7 +58,7 @@ impl Store {
     }
 
     /// Adds, replaces (`Some`) or deletes (`None`) one Service.
-    pub fn service(&mut self, key: ObjKey, svc: Option<Arc<Service>>) {
+    pub fn service(&mut self, key: ObjKey, svc: Option<Arc<Svc>>) {
         match svc {
             Some(s) => {
                 if self.objects.services.get(&key).is_some_and(|old| *old == s) {
@@ -150,7 +151,7 @@ impl Store {
 
     /// A full list of Services (a re-list, or a folder's snapshot): what it
     /// lacks is deleted.
-    pub fn replace_services(&mut self, next: BTreeMap<ObjKey, Arc<Service>>) {
+    pub fn replace_services(&mut self, next: BTreeMap<ObjKey, Arc<Svc>>) {
         let dirty = &mut self.dirty;
         replace_kind(&mut self.objects.services, next, |k, _, _| {
             dirty.insert(k.clone());

@@ -237,7 +237,12 @@ async fn from_api(args: &Args, store: &mut Store, node_name: &str) -> Result<Opt
     store.replace_services(
         svcs.items
             .into_iter()
-            .map(|o| (ObjKey::of(&o.metadata), Arc::new(o)))
+            .map(|o| {
+                (
+                    ObjKey::of(&o.metadata),
+                    Arc::new(crate::agent::svc::Svc::from(&o)),
+                )
+            })
             .collect(),
     );
     let slices = Api::<EndpointSlice>::all(client.clone())

@@ -101,7 +101,10 @@ pub fn to_objects(svcs: &[Svc], node_name: &str) -> Objects {
                 ..Default::default()
             }]),
         };
-        o.services.insert(ObjKey::of(&svc.metadata), Arc::new(svc));
+        o.services.insert(
+            ObjKey::of(&svc.metadata),
+            Arc::new(lbctl::agent::svc::Svc::from(&svc)),
+        );
         o.slices.insert(
             ObjKey::of(&slice.metadata),
             Arc::new(lbctl::agent::slice::Slice::from(&slice)),

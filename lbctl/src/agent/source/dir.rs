@@ -22,6 +22,7 @@ use serde::Deserialize;
 use crate::agent::{
     model::{ObjKey, Objects},
     slice::Slice,
+    svc::Svc,
 };
 
 #[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
@@ -34,7 +35,8 @@ pub struct FileError {
 /// Objects read from one file.
 #[derive(Clone, Debug, Default)]
 pub struct FileObjects {
-    pub services: Vec<Arc<Service>>,
+    /// Kept as the agent keeps them, by key (see `agent::svc`).
+    pub services: Vec<(ObjKey, Arc<Svc>)>,
     /// Kept as the agent keeps them, by key (see `agent::slice`).
     pub slices: Vec<(ObjKey, Arc<Slice>)>,
     pub endpoints: Vec<Arc<Endpoints>>,
@@ -167,9 +169,9 @@ fn parse_typed(text: &str) -> Option<FileObjects> {
         }
         match top_level_kind(doc)? {
             "Service" => {
-                let mut o: Service = serde_yaml::from_str(doc).ok()?;
-                shrink(&mut o);
-                out.services.push(Arc::new(o));
+                let o: Service = serde_yaml::from_str(doc).ok()?;
+                out.services
+                    .push((ObjKey::of(&o.metadata), Arc::new(Svc::from(&o))));
             }
             "EndpointSlice" => {
                 let o: EndpointSlice = serde_yaml::from_str(doc).ok()?;
@@ -184,32 +186,6 @@ fn parse_typed(text: &str) -> Option<FileObjects> {
         }
     }
     Some(out)
-}
-
-/// Lists read from a stream grow by doubling (their length is not known
-/// ahead, as it is from a tree): a Service's one port took room for four,
-/// 3 MiB at 10,000 Services. Kept as long as the Service is.
-fn shrink(s: &mut Service) {
-    if let Some(spec) = &mut s.spec {
-        for v in [
-            &mut spec.cluster_ips,
-            &mut spec.external_ips,
-            &mut spec.ip_families,
-            &mut spec.load_balancer_source_ranges,
-        ]
-        .into_iter()
-        .flatten()
-        {
-            v.shrink_to_fit();
-        }
-        if let Some(p) = &mut spec.ports {
-            p.shrink_to_fit();
-        }
-    }
-    let ingress = s.status.as_mut().and_then(|st| st.load_balancer.as_mut());
-    if let Some(i) = ingress.and_then(|lb| lb.ingress.as_mut()) {
-        i.shrink_to_fit();
-    }
 }
 
 /// A document marker line: `---` at column 0, alone or before a space.
@@ -296,7 +272,10 @@ fn objects(file: &str, mut docs: Vec<serde_yaml::Value>, out: &mut FileObjects) 
                 }
                 Ok(())
             }
-            "Service" => serde_yaml::from_value(v).map(|o| out.services.push(Arc::new(o))),
+            "Service" => serde_yaml::from_value::<Service>(v).map(|o| {
+                out.services
+                    .push((ObjKey::of(&o.metadata), Arc::new(Svc::from(&o))))
+            }),
             "EndpointSlice" => serde_yaml::from_value::<EndpointSlice>(v).map(|o| {
                 out.slices
                     .push((ObjKey::of(&o.metadata), Arc::new(Slice::from(&o))))
@@ -315,8 +294,8 @@ fn objects(file: &str, mut docs: Vec<serde_yaml::Value>, out: &mut FileObjects) 
 /// `default`, as `kubectl apply` would put them.
 pub fn merge(objs: &mut Objects, nodes: &mut BTreeMap<String, Node>, f: &FileObjects) {
     let key = ObjKey::of;
-    for s in &f.services {
-        objs.services.insert(key(&s.metadata), s.clone());
+    for (k, s) in &f.services {
+        objs.services.insert(k.clone(), s.clone());
     }
     for (k, s) in &f.slices {
         objs.slices.insert(k.clone(), s.clone());

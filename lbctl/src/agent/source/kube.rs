@@ -25,7 +25,7 @@ use kube::{
     },
 };
 
-use crate::agent::{model::ObjKey, slice::Slice, store::Store};
+use crate::agent::{model::ObjKey, slice::Slice, store::Store, svc::Svc};
 
 /// Which object kind an event is about.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -204,7 +204,7 @@ pub struct Applied {
 /// Feeds watch events into the store; tracks which kinds have synced.
 #[derive(Debug)]
 pub struct ClusterSync {
-    services: KindSync<Service>,
+    services: KindSync<Svc>,
     slices: KindSync<Slice>,
     endpoints: KindSync<Endpoints>,
     nodes: KindSync<Node>,
@@ -320,7 +320,7 @@ impl ClusterSync {
                 ev,
                 store,
                 |o| ObjKey::of(&o.metadata),
-                |o| o,
+                |o| Svc::from(&o),
                 Store::service,
                 Store::replace_services,
             ),
