@@ -128,6 +128,13 @@ impl Capacity {
 /// it). Nearly always one port, held inline: a sorted vector of shared
 /// keys on the heap cost a 32-byte allocation per backend, a map per
 /// entry two kilobytes (a B-tree node).
+/// A backend's id and the ports that list it.
+#[derive(Clone, Debug)]
+struct BackendRec {
+    id: u32,
+    owners: Owners<()>,
+}
+
 /// A port's key, shared: see `Reconciler::ports`.
 type PortKey = Arc<ServicePortKey>;
 
@@ -303,9 +310,6 @@ pub struct Reconciler<W> {
     /// for this map, the id map, the owner lists and the set owners: a
     /// copy each of its three strings cost about 170 bytes.
     ports: BTreeMap<PortKey, PortEntry>,
-    /// Backend id -> its address and the ports that list it; its entries
-    /// are made from the first port's input.
-    backend_owners: BTreeMap<u32, (BackendAddr, Owners<()>)>,
     frontend_owners: BTreeMap<Frontend4Key, Owners<Frontend>>,
     /// Frontends per address in the target (all, and ClusterIP ones), and
     /// the SNAT addresses.
@@ -313,7 +317,12 @@ pub struct Reconciler<W> {
     addr_cluster_ips: BTreeMap<u32, u32>,
     snat: BTreeSet<u32>,
     svc_ids: BTreeMap<PortKey, u32>,
-    backend_ids: BTreeMap<BackendAddr, u32>,
+    /// Backend address -> its id and the ports that list it (its entries
+    /// are made from the first port's input). One map for both: an id map
+    /// and an owner map by id cost two B-tree entries per backend. A
+    /// backend no port lists keeps its id until the flush that deletes
+    /// its entries.
+    backends: BTreeMap<BackendAddr, BackendRec>,
     svc_pool: IdPool,
     backend_pool: IdPool,
     set_pool: IdPool,
@@ -349,7 +358,7 @@ impl<W: MapWriter> Reconciler<W> {
                 (Arc::new(k), *id)
             })
             .collect();
-        let backend_ids: BTreeMap<BackendAddr, u32> = state
+        let backends: BTreeMap<BackendAddr, BackendRec> = state
             .backends
             .iter()
             .filter_map(|(id, b)| {
@@ -358,7 +367,11 @@ impl<W: MapWriter> Reconciler<W> {
                     port: lb_common::port_host(b.port),
                     proto: Proto::from_number(b.proto)?,
                 };
-                Some((addr, *id))
+                let rec = BackendRec {
+                    id: *id,
+                    owners: Owners::default(),
+                };
+                Some((addr, rec))
             })
             .collect();
         let mut svc_pool = IdPool::new(SERVICE_ID_SPACE - 1);
@@ -374,7 +387,7 @@ impl<W: MapWriter> Reconciler<W> {
         Ok(Self {
             writer,
             retiring_svcs: svc_ids.keys().cloned().collect(),
-            retiring_backends: backend_ids.keys().copied().collect(),
+            retiring_backends: backends.keys().copied().collect(),
             retiring_sets: sets,
             index: WrittenIndex::new(state.frontends.iter()),
             name_ids: names::NameIds::adopt(&state.names),
@@ -382,13 +395,12 @@ impl<W: MapWriter> Reconciler<W> {
             before: Before::all(state),
             want: MapState::default(),
             ports: BTreeMap::new(),
-            backend_owners: BTreeMap::new(),
             frontend_owners: BTreeMap::new(),
             addr_frontends: BTreeMap::new(),
             addr_cluster_ips: BTreeMap::new(),
             snat: BTreeSet::new(),
             svc_ids,
-            backend_ids,
+            backends,
             svc_pool,
             backend_pool,
             set_pool,
@@ -693,11 +705,11 @@ impl<W: MapWriter> Reconciler<W> {
             }
         }
         for a in std::mem::take(&mut self.retiring_backends) {
-            if let Some(&id) = self.backend_ids.get(&a)
-                && !self.backend_owners.contains_key(&id)
+            if let Some(r) = self.backends.get(&a)
+                && r.owners.is_empty()
             {
-                self.backend_ids.remove(&a);
-                self.backend_pool.free(id);
+                self.backend_pool.free(r.id);
+                self.backends.remove(&a);
             }
         }
         for set in std::mem::take(&mut self.retiring_sets) {
@@ -749,27 +761,37 @@ impl<W: MapWriter> Reconciler<W> {
     }
 
     fn release_backend(&mut self, k: &ServicePortKey, a: BackendAddr) {
-        let Some(&id) = self.backend_ids.get(&a) else {
+        let Some(r) = self.backends.get_mut(&a) else {
             return;
         };
-        if let Some((_, owners)) = self.backend_owners.get_mut(&id) {
-            owners.remove(k);
-            if owners.is_empty() {
-                self.backend_owners.remove(&id);
-                self.retiring_backends.insert(a);
-            }
+        r.owners.remove(k);
+        if r.owners.is_empty() {
+            self.retiring_backends.insert(a);
         }
-        self.refresh_backend(id);
+        self.refresh_backend(a);
     }
 
-    fn refresh_backend(&mut self, id: u32) {
-        let b = self.backend_owners.get(&id).and_then(|(addr, owners)| {
-            let (port, _) = owners.0.first()?;
+    /// Puts a backend's entry in the target from its first owner's input,
+    /// or takes it out when no port lists it.
+    fn refresh_backend(&mut self, addr: BackendAddr) {
+        let Some(r) = self.backends.get(&addr) else {
+            return;
+        };
+        let b = r.owners.0.first().and_then(|(port, _)| {
             let input = &self.ports.get(port.as_ref())?.input;
-            let i = input.backends.binary_search_by(|b| b.addr.cmp(addr)).ok()?;
+            let i = input
+                .backends
+                .binary_search_by(|b| b.addr.cmp(&addr))
+                .ok()?;
             Some(&input.backends[i])
         });
-        put_backend(&mut self.name_ids, &mut self.want, &mut self.before, id, b);
+        put_backend(
+            &mut self.name_ids,
+            &mut self.want,
+            &mut self.before,
+            r.id,
+            b,
+        );
     }
 
     fn release_frontend(&mut self, k: &ServicePortKey, fk: Frontend4Key) {
@@ -1019,14 +1041,15 @@ impl<W: MapWriter> Reconciler<W> {
         let key: &ServicePortKey = &akey;
         let mut ids = Vec::with_capacity(sp.backends.len());
         for b in &sp.backends {
-            let id = match self.backend_ids.get(&b.addr) {
-                Some(id) => *id,
+            let id = match self.backends.get(&b.addr) {
+                Some(r) => r.id,
                 None => {
                     let id = self
                         .backend_pool
                         .alloc()
                         .ok_or(ReconcileError::OutOfIds("backend"))?;
-                    self.backend_ids.insert(b.addr, id);
+                    let owners = Owners::default();
+                    self.backends.insert(b.addr, BackendRec { id, owners });
                     self.retiring_backends.insert(b.addr);
                     id
                 }
@@ -1040,7 +1063,7 @@ impl<W: MapWriter> Reconciler<W> {
         let (lists, plans) = frontend_plans(&sp, |a| {
             match sp.backends.binary_search_by(|b| b.addr.cmp(a)) {
                 Ok(i) => ids[i].0,
-                Err(_) => self.backend_ids[a],
+                Err(_) => self.backends[a].id,
             }
         });
         // Each distinct list gets a backend set that is never changed in
@@ -1115,10 +1138,12 @@ impl<W: MapWriter> Reconciler<W> {
         let mut owned_elsewhere = Vec::new();
         for (j, (id, addr)) in id_list.iter().enumerate() {
             self.retiring_backends.remove(addr);
-            let (_, owners) = self
-                .backend_owners
-                .entry(*id)
-                .or_insert_with(|| (*addr, Owners::default()));
+            // Made above, with its id, for every backend of the port.
+            let owners = &mut self
+                .backends
+                .get_mut(addr)
+                .expect("every backend of the port has an id")
+                .owners;
             owners.insert(&akey, ());
             let first = owners.0.first().map(|(k, _)| k);
             if first.is_some_and(|k| Arc::ptr_eq(k, &akey) || **k == *akey) {
@@ -1126,11 +1151,11 @@ impl<W: MapWriter> Reconciler<W> {
                 let b = Some(&input.backends[i.unwrap_or(j)]);
                 put_backend(&mut self.name_ids, &mut self.want, &mut self.before, *id, b);
             } else {
-                owned_elsewhere.push(*id);
+                owned_elsewhere.push(*addr);
             }
         }
-        for id in owned_elsewhere {
-            self.refresh_backend(id);
+        for addr in owned_elsewhere {
+            self.refresh_backend(addr);
         }
         if let Some(p) = &prev {
             for a in &p.backends {
