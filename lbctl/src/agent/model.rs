@@ -21,6 +21,7 @@ use k8s_openapi::api::core::v1::Endpoints;
 use lb_common::service::NE_PROTOCOL_SCTP;
 
 use super::categorize::{self, EndpointSets, Policies};
+use super::intern::Interned;
 use super::slice::{Hints, Slice};
 use super::svc::Svc;
 
@@ -277,8 +278,8 @@ pub struct Backend {
     /// Runs on this agent's node.
     pub local: bool,
     /// Shared (`intern`).
-    pub node_name: Option<Arc<str>>,
-    pub zone: Option<Arc<str>>,
+    pub node_name: Option<Interned>,
+    pub zone: Option<Interned>,
     /// Topology hints: zones and nodes this endpoint should serve. Rare,
     /// so boxed: two vectors inline were 40% of a backend's bytes (kept
     /// for every backend of every port, 4 MiB at 10,000 Services).

@@ -8,18 +8,19 @@
 //! only backend comes and goes keeps its id), and an agent restarted on its
 //! maps takes the ids they hold, so nothing is rewritten.
 
-use std::{collections::BTreeMap, sync::Arc};
+use std::collections::BTreeMap;
 
 use lb_common::service::{NAME_NODE, NAME_NODE_MAX, NAME_ZONE, NAME_ZONE_MAX, Name};
 
+use super::intern::{Interned, intern};
 use super::state::{cstr, fixed};
 
 #[derive(Debug, Default)]
 pub struct NameIds {
     /// (kind, name) -> key (`kind | id`).
-    keys: BTreeMap<(u32, Arc<str>), u32>,
+    keys: BTreeMap<(u32, Interned), u32>,
     /// key -> its name and how many backends of the target carry it.
-    names: BTreeMap<u32, (Arc<str>, u32)>,
+    names: BTreeMap<u32, (Interned, u32)>,
 }
 
 /// What the names map should hold at a key after `acquire` or `release`.
@@ -36,7 +37,7 @@ impl NameIds {
     pub fn adopt(maps: &BTreeMap<u32, Name>) -> Self {
         let mut ids = Self::default();
         for (&key, v) in maps {
-            let name: Arc<str> = Arc::from(cstr(&v.name));
+            let name = intern(cstr(&v.name));
             ids.keys.insert((key & !0xffff, name.clone()), key);
             ids.names.insert(key, (name, 0));
         }
@@ -46,7 +47,7 @@ impl NameIds {
     /// The key of `name` (`kind` is `NAME_NODE` or `NAME_ZONE`) for one
     /// more backend, and the names map's entry there. Key 0 when every id
     /// of the kind is in use (the backend then shows no name).
-    pub fn acquire(&mut self, kind: u32, name: &Arc<str>) -> (u32, Entry) {
+    pub fn acquire(&mut self, kind: u32, name: &Interned) -> (u32, Entry) {
         if let Some(&key) = self.keys.get(&(kind, name.clone())) {
             let e = self.names.get_mut(&key).expect("both indexes");
             e.1 += 1;
@@ -125,8 +126,8 @@ mod tests {
     #[test]
     fn a_name_has_one_id_while_backends_carry_it_and_keeps_it_after() {
         let mut ids = NameIds::default();
-        let a: Arc<str> = Arc::from("node-a");
-        let b: Arc<str> = Arc::from("node-b");
+        let a = intern("node-a");
+        let b = intern("node-b");
         let (ka, e) = ids.acquire(NAME_NODE, &a);
         assert_eq!((ka, e), (NAME_NODE | 1, Entry::Put(value("node-a"))));
         assert_eq!(ids.acquire(NAME_NODE, &a), (ka, Entry::Same));
@@ -154,26 +155,19 @@ mod tests {
             (NAME_NODE | 2, Entry::Put(value("node-b")))
         );
         assert_eq!(ids.acquire(NAME_NODE, &a).0, NAME_NODE | 1);
-        assert_eq!(
-            ids.acquire(NAME_NODE, &Arc::from("node-c")).0,
-            NAME_NODE | 3
-        );
-        assert_eq!(ids.acquire(NAME_ZONE, &Arc::from("z")).0, NAME_ZONE | 7);
+        assert_eq!(ids.acquire(NAME_NODE, &intern("node-c")).0, NAME_NODE | 3);
+        assert_eq!(ids.acquire(NAME_ZONE, &intern("z")).0, NAME_ZONE | 7);
     }
 
     #[test]
     fn past_the_last_id_a_name_no_backend_carries_gives_way() {
         let mut ids = NameIds::default();
         for z in 1..=NAME_ZONE_MAX {
-            ids.acquire(NAME_ZONE, &Arc::from(format!("z{z}").as_str()));
+            ids.acquire(NAME_ZONE, &intern(&format!("z{z}")));
         }
-        assert_eq!(
-            ids.acquire(NAME_ZONE, &Arc::from("more")).0,
-            0,
-            "all in use"
-        );
+        assert_eq!(ids.acquire(NAME_ZONE, &intern("more")).0, 0, "all in use");
         assert_eq!(ids.release(NAME_ZONE | 9), Entry::Delete);
-        assert_eq!(ids.acquire(NAME_ZONE, &Arc::from("more")).0, NAME_ZONE | 9);
+        assert_eq!(ids.acquire(NAME_ZONE, &intern("more")).0, NAME_ZONE | 9);
         assert_eq!(node_key(0), None);
         assert_eq!(zone_key(9), Some(NAME_ZONE | 9));
     }
