@@ -192,7 +192,9 @@ struct PortEntry {
 #[derive(Debug, Default)]
 struct WrittenIndex {
     /// service id -> its frontend keys, as written.
-    fe_by_svc: BTreeMap<u32, BTreeSet<Frontend4Key>>,
+    /// Sorted, inline up to two (a ClusterIP and a NodePort): a set per
+    /// service cost a B-tree node.
+    fe_by_svc: BTreeMap<u32, SmallVec<[Frontend4Key; 2]>>,
     /// backend set -> number of frontends pointing at it, as written.
     set_refs: BTreeMap<u32, u32>,
 }
@@ -207,13 +209,18 @@ impl WrittenIndex {
     }
 
     fn link(&mut self, k: Frontend4Key, v: &Frontend) {
-        self.fe_by_svc.entry(v.service_id).or_default().insert(k);
+        let list = self.fe_by_svc.entry(v.service_id).or_default();
+        if let Err(i) = list.binary_search(&k) {
+            list.insert(i, k);
+        }
         *self.set_refs.entry(v.backend_set).or_default() += 1;
     }
 
     fn unlink(&mut self, k: Frontend4Key, old: &Frontend) {
         if let Some(s) = self.fe_by_svc.get_mut(&old.service_id) {
-            s.remove(&k);
+            if let Ok(i) = s.binary_search(&k) {
+                s.remove(i);
+            }
             if s.is_empty() {
                 self.fe_by_svc.remove(&old.service_id);
             }
