@@ -123,11 +123,6 @@ impl Capacity {
     }
 }
 
-/// The ports that put an entry into the target, each with the value it
-/// wants, in key order: the first wins (as a full translation would give
-/// it). Nearly always one port, held inline: a sorted vector of shared
-/// keys on the heap cost a 32-byte allocation per backend, a map per
-/// entry two kilobytes (a B-tree node).
 /// A backend's id and the ports that list it.
 #[derive(Clone, Debug)]
 struct BackendRec {
@@ -138,8 +133,13 @@ struct BackendRec {
 /// A port's key, shared: see `Reconciler::ports`.
 type PortKey = Arc<ServicePortKey>;
 
+/// The ports that put an entry into the target, each with the value it
+/// wants, in key order: the first wins (as a full translation would give
+/// it). Nearly always one port, held inline: a sorted vector of shared
+/// keys on the heap cost a 32-byte allocation per backend, a map per
+/// entry two kilobytes (a B-tree node).
 #[derive(Clone, Debug)]
-struct Owners<V>(SmallVec<[(Arc<ServicePortKey>, V); 1]>);
+struct Owners<V>(SmallVec<[(PortKey, V); 1]>);
 
 impl<V> Default for Owners<V> {
     fn default() -> Self {
@@ -315,9 +315,9 @@ pub struct Reconciler<W> {
     index: WrittenIndex,
     /// Ports by key. A port's key is one shared allocation (`PortKey`)
     /// for this map, the id map, the owner lists and the set owners: a
-    /// copy each of its three strings cost about 170 bytes.
-    /// Boxed: a record is about 280 bytes, and B-tree nodes filled in
-    /// key order stay half empty (a node inline held 3 KiB for 5 or 6).
+    /// copy each of its three strings cost about 170 bytes. The records
+    /// are boxed: one is about 280 bytes, and B-tree nodes filled in key
+    /// order stay half empty (a node inline held 3 KiB for 5 or 6).
     ports: BTreeMap<PortKey, Box<PortEntry>>,
     frontend_owners: BTreeMap<Frontend4Key, Owners<Frontend>>,
     /// Frontends per address in the target (all, and ClusterIP ones), and
