@@ -117,7 +117,7 @@ impl Allocator {
                 continue;
             };
             let svc = ObjKey {
-                namespace: cstr(&meta.namespace).to_string(),
+                namespace: cstr(&meta.namespace).into(),
                 name: cstr(&meta.name).to_string(),
             };
             if FrontendKind::from_number(f.kind) == Some(FrontendKind::ClusterIp) {

@@ -29,6 +29,43 @@ impl std::borrow::Borrow<str> for Interned {
     }
 }
 
+impl AsRef<str> for Interned {
+    fn as_ref(&self) -> &str {
+        &self.0
+    }
+}
+
+/// The shared copy (`intern`).
+impl From<&str> for Interned {
+    fn from(s: &str) -> Self {
+        intern(s)
+    }
+}
+
+impl PartialEq<String> for Interned {
+    fn eq(&self, other: &String) -> bool {
+        **self.0 == **other
+    }
+}
+
+impl PartialEq<Interned> for String {
+    fn eq(&self, other: &Interned) -> bool {
+        **self == **other.0
+    }
+}
+
+impl serde::Serialize for Interned {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self)
+    }
+}
+
+impl fmt::Display for Interned {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self)
+    }
+}
+
 impl fmt::Debug for Interned {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         fmt::Debug::fmt(&**self.0, f)

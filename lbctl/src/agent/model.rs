@@ -32,7 +32,9 @@ pub const LABEL_HEADLESS: &str = "service.kubernetes.io/headless";
 /// Namespace and name of an object.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct ObjKey {
-    pub namespace: String,
+    /// Shared (`intern`): a cluster has few namespaces, and every object's
+    /// key in the store, the slice index and the dirty set names one.
+    pub namespace: Interned,
     pub name: String,
 }
 
@@ -43,9 +45,9 @@ impl fmt::Display for ObjKey {
 }
 
 impl ObjKey {
-    pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
+    pub fn new(namespace: impl AsRef<str>, name: impl Into<String>) -> Self {
         Self {
-            namespace: namespace.into(),
+            namespace: super::intern::intern(namespace.as_ref()),
             name: name.into(),
         }
     }
@@ -53,10 +55,10 @@ impl ObjKey {
     /// The key of an object: without a namespace it is in `default`, as
     /// `kubectl apply` would put it.
     pub fn of(m: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> Self {
-        Self {
-            namespace: m.namespace.clone().unwrap_or_else(|| "default".into()),
-            name: m.name.clone().unwrap_or_default(),
-        }
+        Self::new(
+            m.namespace.as_deref().unwrap_or("default"),
+            m.name.clone().unwrap_or_default(),
+        )
     }
 }
 
@@ -318,7 +320,9 @@ pub struct ServicePortState {
     pub proto: Proto,
     pub port: u16,
     pub node_port: Option<u16>,
-    pub frontends: BTreeSet<FrontendAddr>,
+    /// Sorted, without duplicates. A list, not a set: kept in each port's
+    /// record, where a set cost a B-tree node for one to three addresses.
+    pub frontends: Vec<FrontendAddr>,
     /// Sorted, deduplicated by address: every endpoint that is ready or
     /// serving (kept for existing flows even when not chosen).
     pub backends: Vec<Backend>,
@@ -577,7 +581,7 @@ fn service(
             not_enforced,
         };
         let port_key = ServicePortKey {
-            namespace: key.namespace.clone(),
+            namespace: key.namespace.to_string(),
             name: key.name.clone(),
             port_name: name.clone(),
         };
@@ -586,7 +590,7 @@ fn service(
             // is translated), so the agent and lbctl name it.
             out.insert(
                 port_key,
-                state(BTreeSet::new(), vec![], not_enforced | NE_PROTOCOL_SCTP),
+                state(vec![], vec![], not_enforced | NE_PROTOCOL_SCTP),
             );
             continue;
         }
@@ -612,6 +616,7 @@ fn service(
         } else {
             slice_backends(svc_slices, &name, proto, node)
         };
+        let frontends = frontends.into_iter().collect();
         out.insert(port_key, state(frontends, backends, not_enforced));
     }
     Ok(())

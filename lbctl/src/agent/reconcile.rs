@@ -177,9 +177,11 @@ impl<V> Owners<V> {
 /// What one service port put into the target.
 #[derive(Clone, Debug)]
 struct PortEntry {
+    /// The translation it was made from: compared with the next one, and
+    /// read for the entries of the backends it owns first. Its backends
+    /// (sorted by address) are the port's; no second list is kept.
     input: ServicePortState,
     svc_id: u32,
-    backends: Vec<BackendAddr>,
     /// The backend sets its frontends point at, one per distinct list of
     /// backends its traffic policies give (none without frontends).
     sets: Vec<u32>,
@@ -617,7 +619,7 @@ impl<W: MapWriter> Reconciler<W> {
         ports: BTreeMap<ServicePortKey, ServicePortState>,
     ) -> Result<(), ReconcileError> {
         let lo = ServicePortKey {
-            namespace: svc.namespace.clone(),
+            namespace: svc.namespace.to_string(),
             name: svc.name.clone(),
             port_name: String::new(),
         };
@@ -749,8 +751,8 @@ impl<W: MapWriter> Reconciler<W> {
         let Some(e) = self.ports.remove(k.as_ref()) else {
             return;
         };
-        for a in &e.backends {
-            self.release_backend(k, *a);
+        for b in &e.input.backends {
+            self.release_backend(k, b.addr);
         }
         for fk in &e.frontends {
             self.release_frontend(k, *fk);
@@ -1128,7 +1130,6 @@ impl<W: MapWriter> Reconciler<W> {
             Box::new(PortEntry {
                 input: sp,
                 svc_id,
-                backends: backends.clone(),
                 sets: sets.clone(),
                 frontends: fe_values.iter().map(|(k, _)| *k).collect(),
             }),
@@ -1167,9 +1168,9 @@ impl<W: MapWriter> Reconciler<W> {
             self.refresh_backend(addr);
         }
         if let Some(p) = &prev {
-            for a in &p.backends {
-                if backends.binary_search(a).is_err() {
-                    self.release_backend(key, *a);
+            for b in &p.input.backends {
+                if backends.binary_search(&b.addr).is_err() {
+                    self.release_backend(key, b.addr);
                 }
             }
         }
