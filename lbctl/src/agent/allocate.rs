@@ -317,7 +317,7 @@ fn missing_node_ports(svc: &Svc) -> Vec<String> {
         .iter()
         .flatten()
         .filter(|p| p.node_port.is_none())
-        .map(|p| p.name.clone().unwrap_or_default())
+        .map(|p| p.name.as_deref().unwrap_or_default().to_string())
         .collect()
 }
 

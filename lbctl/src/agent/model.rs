@@ -500,17 +500,17 @@ fn service(
             }
         }
     }
-    let policy = |p: Option<&String>, what: &str| match p.map(String::as_str) {
+    let policy = |p: Option<&str>, what: &str| match p {
         None | Some("Cluster") => Ok(TrafficPolicy::Cluster),
         Some("Local") => Ok(TrafficPolicy::Local),
         Some(other) => Err(format!("unknown {what} {other:?}")),
     };
     let external_policy = policy(
-        spec.external_traffic_policy.as_ref(),
+        spec.external_traffic_policy.as_deref(),
         "externalTrafficPolicy",
     )?;
     let internal_policy = policy(
-        spec.internal_traffic_policy.as_ref(),
+        spec.internal_traffic_policy.as_deref(),
         "internalTrafficPolicy",
     )?;
     let affinity_timeout_s = match spec.session_affinity.as_deref() {
@@ -554,7 +554,7 @@ fn service(
     let ports = spec.ports.as_deref().unwrap_or_default();
     let mut parsed = Vec::with_capacity(ports.len());
     for p in ports {
-        let name = p.name.clone().unwrap_or_default();
+        let name = p.name.as_deref().unwrap_or_default().to_string();
         let proto =
             Proto::parse(p.protocol.as_deref()).map_err(|e| format!("port {name:?}: {e}"))?;
         let port = port_u16(p.port, "port")?;

@@ -9,7 +9,10 @@
 
 use k8s_openapi::api::core::v1::Service;
 
-use super::model::{LABEL_HEADLESS, LABEL_PROXY_NAME};
+use super::{
+    intern::{Interned, intern},
+    model::{LABEL_HEADLESS, LABEL_PROXY_NAME},
+};
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Svc {
@@ -22,15 +25,17 @@ pub struct Svc {
     pub ingress: Vec<Ingress>,
 }
 
+/// Words from a small vocabulary (types, policies, protocols, port names)
+/// are shared (`intern`): one pointer each, one copy in the agent.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct SvcSpec {
-    pub type_: Option<String>,
+    pub type_: Option<Interned>,
     pub cluster_ip: Option<String>,
     pub cluster_ips: Option<Vec<String>>,
     pub external_ips: Option<Vec<String>>,
-    pub external_traffic_policy: Option<String>,
-    pub internal_traffic_policy: Option<String>,
-    pub session_affinity: Option<String>,
+    pub external_traffic_policy: Option<Interned>,
+    pub internal_traffic_policy: Option<Interned>,
+    pub session_affinity: Option<Interned>,
     /// `sessionAffinityConfig.clientIP.timeoutSeconds`.
     pub affinity_timeout_s: Option<i32>,
     pub health_check_node_port: Option<i32>,
@@ -41,8 +46,8 @@ pub struct SvcSpec {
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct SvcPort {
-    pub name: Option<String>,
-    pub protocol: Option<String>,
+    pub name: Option<Interned>,
+    pub protocol: Option<Interned>,
     pub port: i32,
     pub node_port: Option<i32>,
 }
@@ -63,13 +68,13 @@ impl From<&Service> for Svc {
     fn from(s: &Service) -> Self {
         let labels = s.metadata.labels.as_ref();
         let spec = s.spec.as_ref().map(|spec| SvcSpec {
-            type_: spec.type_.clone(),
+            type_: spec.type_.as_deref().map(intern),
             cluster_ip: spec.cluster_ip.clone(),
             cluster_ips: exact(&spec.cluster_ips),
             external_ips: exact(&spec.external_ips),
-            external_traffic_policy: spec.external_traffic_policy.clone(),
-            internal_traffic_policy: spec.internal_traffic_policy.clone(),
-            session_affinity: spec.session_affinity.clone(),
+            external_traffic_policy: spec.external_traffic_policy.as_deref().map(intern),
+            internal_traffic_policy: spec.internal_traffic_policy.as_deref().map(intern),
+            session_affinity: spec.session_affinity.as_deref().map(intern),
             affinity_timeout_s: spec
                 .session_affinity_config
                 .as_ref()
@@ -82,8 +87,8 @@ impl From<&Service> for Svc {
                 ports
                     .iter()
                     .map(|p| SvcPort {
-                        name: p.name.clone(),
-                        protocol: p.protocol.clone(),
+                        name: p.name.as_deref().map(intern),
+                        protocol: p.protocol.as_deref().map(intern),
                         port: p.port,
                         node_port: p.node_port,
                     })
@@ -167,8 +172,8 @@ status:
         assert_eq!(
             spec.ports,
             Some(vec![SvcPort {
-                name: Some("http".into()),
-                protocol: Some("TCP".into()),
+                name: Some(intern("http")),
+                protocol: Some(intern("TCP")),
                 port: 80,
                 node_port: Some(30080),
             }])
