@@ -28,8 +28,9 @@ pub struct Slice {
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct SlicePort {
-    pub name: Option<String>,
-    pub protocol: Option<String>,
+    /// Shared (`intern`), as a Service's port names are.
+    pub name: Option<Interned>,
+    pub protocol: Option<Interned>,
     pub port: Option<i32>,
 }
 
@@ -118,8 +119,8 @@ impl From<&EndpointSlice> for Slice {
                 .unwrap_or_default()
                 .iter()
                 .map(|p| SlicePort {
-                    name: p.name.clone(),
-                    protocol: p.protocol.clone(),
+                    name: p.name.as_deref().map(intern),
+                    protocol: p.protocol.as_deref().map(intern),
                     port: p.port,
                 })
                 .collect(),
@@ -162,8 +163,8 @@ endpoints:
         assert_eq!(
             c.ports,
             vec![SlicePort {
-                name: Some("http".into()),
-                protocol: Some("TCP".into()),
+                name: Some(intern("http")),
+                protocol: Some(intern("TCP")),
                 port: Some(8080)
             }]
         );
