@@ -65,14 +65,27 @@ pub const RETIRED_SLOTS: &str = "LB_SLOTS_V1";
 /// a cluster with up to 65,536 Service frontends and backends fits.
 pub const DEFAULT_LB_MAP_MAX: u32 = 1 << 16;
 
-/// The maps `--lb-map-max N` sizes and their size for `n`: one entry per
-/// frontend, address, Service port or backend each (`n`); chunks of
-/// backend slots (16 slots each, at least one per set) and (Service port,
-/// backend) pairs twice that (a port's Cluster and Local lists, and its
-/// old and new set during a swap). All are hashes
-/// without preallocation (an LPM trie for the ranges): a map holds a
-/// bucket array (16 bytes per power-of-two entry) until entries come.
+/// The maps `--lb-map-max N` sizes and how many entries each holds for
+/// `n`: one per frontend, address, Service port or backend each (`n`);
+/// chunks of backend slots (16 slots each, at least one per set) and
+/// (Service port, backend) pairs twice that (a port's Cluster and Local
+/// lists, and its old and new set during a swap). All are hashes without
+/// preallocation (an LPM trie for the ranges: a map holds a bucket array,
+/// 16 bytes per power-of-two entry, until entries come), except the
+/// backends: an array indexed by backend id (`1..=n`), see
+/// [`lb_map_entries`].
 pub const fn lb_map_sizes(n: u32) -> [(&'static str, u32); 9] {
+    sizes(n, 0)
+}
+
+/// The kernel's `max_entries` of the maps [`lb_map_sizes`] sizes: the
+/// same, but the backends array has one more (index 0 is "no backend",
+/// so ids `1..=n` index it).
+pub const fn lb_map_entries(n: u32) -> [(&'static str, u32); 9] {
+    sizes(n, 1)
+}
+
+const fn sizes(n: u32, backends_extra: u32) -> [(&'static str, u32); 9] {
     let twice = n.saturating_mul(2);
     [
         (FRONTENDS4, n),
@@ -80,7 +93,7 @@ pub const fn lb_map_sizes(n: u32) -> [(&'static str, u32); 9] {
         (SERVICE_META, n),
         (SERVICE_STATS, n),
         (SOURCE_RANGES4, n),
-        (BACKENDS4, n),
+        (BACKENDS4, n.saturating_add(backends_extra)),
         (BACKEND_STATS, n),
         (BACKEND_SLOTS, twice),
         (SERVICE_BACKENDS, twice),
@@ -93,18 +106,18 @@ pub const MAX_FRONTENDS: u32 = DEFAULT_LB_MAP_MAX;
 /// Chunks of 16 backend slots over all live backend sets (at least one
 /// per set); also the size of the (Service port, backend) pairs.
 pub const MAX_SLOTS: u32 = DEFAULT_LB_MAP_MAX * 2;
-/// Distinct backends (address, port, protocol).
+/// Distinct backends (address, port, protocol); the array of them has
+/// one more entry (index 0 is "no backend").
 pub const MAX_BACKENDS: u32 = DEFAULT_LB_MAP_MAX;
 /// Node and zone names (`LB_NAMES_V1`): ids up to `NAME_NODE_MAX` nodes
 /// and 255 zones.
 pub const MAX_NAMES: u32 = 1 << 15;
 /// Service ports (the unit of counters and names).
 pub const MAX_SERVICES: u32 = DEFAULT_LB_MAP_MAX;
-/// Service port ids are `1..SERVICE_ID_SPACE` and backend ids
-/// `1..BACKEND_ID_SPACE`: keys of hashes, not indexes, so the id space is
-/// not a map size.
+/// Service port ids are `1..SERVICE_ID_SPACE`: keys of hashes, not
+/// indexes, so the id space is not a map size. Backend ids index the
+/// backends array: `1..=` its size (`--lb-map-max`).
 pub const SERVICE_ID_SPACE: u32 = 1 << 24;
-pub const BACKEND_ID_SPACE: u32 = 1 << 28;
 /// Per-packet connection tracking entries (two per NodePort/external
 /// flow), as compiled: LRU maps are preallocated (about 130 bytes an
 /// entry), so the agent sizes it from the node's memory (`--conntrack-max`).

@@ -3,7 +3,7 @@
 //! ```text
 //! LB4_FRONTENDS_V1   (addr, port, proto, scope) -> Frontend { service_id, backend_set, count, .. }
 //! LB_SLOTS_V1        (backend_set, slot)         -> backend_id
-//! LB4_BACKENDS_V1    backend_id                  -> Backend4 { addr, port, proto, state, flags }
+//! LB4_BACKENDS_V1    backend_id (array index)    -> Backend4 { addr, port, proto, state, flags }
 //! ```
 //!
 //! A Service's backend set is replaced atomically: the agent writes the new
@@ -233,6 +233,16 @@ pub struct Backend4 {
     pub node: u16,
 }
 const _: () = assert!(core::mem::size_of::<Backend4>() == 12);
+
+impl Backend4 {
+    /// `LB4_BACKENDS_V1` is an array indexed by backend id: an id with no
+    /// backend reads as all zeros, and no endpoint has address 0.0.0.0
+    /// (the agent never writes one).
+    #[inline(always)]
+    pub const fn is_present(&self) -> bool {
+        self.addr != 0
+    }
+}
 
 /// `LB_NAMES_V1` keys: node and zone names by the id backends carry, for
 /// `lbctl`; the kernel never reads them. One entry per node or zone, where

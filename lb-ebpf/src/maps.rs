@@ -50,9 +50,17 @@ pub static SOURCE_RANGES4: LpmTrie<SourceRange4, u32> = LpmTrie::pinned(MAX_SOUR
 #[map(name = "LB4_AFFINITY_V1")]
 pub static AFFINITY4: LruHashMap<AffinityKey, AffinityEntry> = LruHashMap::pinned(MAX_AFFINITY, 0);
 
-/// Backends: id -> address, port, state.
+/// Backends: id -> address, port, state. An array indexed by id (Katran's
+/// reals): a lookup is an index, and the agent's writes cost a copy, not
+/// an allocation. An id with no backend reads as zeros: use [`backend`].
 #[map(name = "LB4_BACKENDS_V1")]
-pub static BACKENDS4: HashMap<u32, Backend4> = HashMap::pinned(MAX_BACKENDS, BPF_F_NO_PREALLOC);
+pub static BACKENDS4: Array<Backend4> = Array::pinned(MAX_BACKENDS + 1, 0);
+
+/// The backend with id `id`, if there is one.
+#[inline(always)]
+pub fn backend(id: u32) -> Option<Backend4> {
+    BACKENDS4.get(id).copied().filter(Backend4::is_present)
+}
 
 /// Names of Service ports for `lbctl` (never read here).
 #[map(name = "LB_SVC_META_V1")]

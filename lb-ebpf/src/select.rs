@@ -14,7 +14,7 @@ use lb_common::{
 
 use crate::{
     conntrack::now_s,
-    maps::{AFFINITY4, BACKENDS4, FRONTENDS4, SERVICE_BACKENDS, SLOTS},
+    maps::{AFFINITY4, FRONTENDS4, SERVICE_BACKENDS, SLOTS, backend},
 };
 
 pub struct Chosen {
@@ -70,7 +70,7 @@ fn from_set(fe: &Frontend, h: u32) -> Option<Chosen> {
     if backend_id == 0 {
         return None;
     }
-    let backend = unsafe { *BACKENDS4.get(backend_id)? };
+    let backend = backend(backend_id)?;
     Some(Chosen {
         backend_id,
         backend,
@@ -136,15 +136,15 @@ pub fn choose(key: &Frontend4Key, fe: &Frontend, h: u32, client: &Client) -> Res
         };
         // SAFETY: copied out at once.
         let usable = unsafe { SERVICE_BACKENDS.get(&sb) }.is_some_and(|f| f & list != 0);
-        if now.wrapping_sub(a.last_s) <= fe.affinity_timeout_s && usable {
-            // SAFETY: copied out at once.
-            if let Some(b) = unsafe { BACKENDS4.get(a.backend_id) } {
-                a.last_s = now;
-                return Ok(Chosen {
-                    backend_id: a.backend_id,
-                    backend: *b,
-                });
-            }
+        if now.wrapping_sub(a.last_s) <= fe.affinity_timeout_s
+            && usable
+            && let Some(b) = backend(a.backend_id)
+        {
+            a.last_s = now;
+            return Ok(Chosen {
+                backend_id: a.backend_id,
+                backend: b,
+            });
         }
     }
     let c = pick(key, fe, h)?;

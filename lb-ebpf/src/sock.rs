@@ -27,7 +27,7 @@ use lb_common::{
 };
 
 use crate::{
-    maps::{ADDRS4, BACKENDS4, CONFIG, SERVICE_BACKENDS, SOCK_FLOWS4, SOCK_REVNAT4},
+    maps::{ADDRS4, CONFIG, SERVICE_BACKENDS, SOCK_FLOWS4, SOCK_REVNAT4, backend},
     select::{self, Client},
     stats,
 };
@@ -174,7 +174,7 @@ pub fn translate(ctx: &SockAddrContext, family: Family, sticky: bool) -> i32 {
         // SAFETY: values copied out at once.
         unsafe {
             SOCK_FLOWS4.get(&flow).and_then(|f| {
-                let b = BACKENDS4.get(f.backend_id)?;
+                let b = backend(f.backend_id)?;
                 let same = b.addr == f.backend_addr && b.port == f.backend_port;
                 let sb = ServiceBackendKey {
                     service_id: fe.service_id,
@@ -183,7 +183,7 @@ pub fn translate(ctx: &SockAddrContext, family: Family, sticky: bool) -> i32 {
                 let serving = SERVICE_BACKENDS
                     .get(&sb)
                     .is_some_and(|flags| flags & SB_SERVING != 0);
-                (same && serving).then_some((f.backend_id, *b))
+                (same && serving).then_some((f.backend_id, b))
             })
         }
     } else {

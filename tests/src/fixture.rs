@@ -36,7 +36,7 @@ pub fn lb_map_max_for(backends: usize) -> u32 {
 pub fn datapath_for(backends: usize) -> (Bpffs, aya::Ebpf) {
     let fs = Bpffs::new();
     pins::prepare(&fs.pins()).expect("pin folder");
-    let sizes = lb_common::maps::lb_map_sizes(lb_map_max_for(backends))
+    let sizes = lb_common::maps::lb_map_entries(lb_map_max_for(backends))
         .into_iter()
         .map(|(m, n)| (m.to_string(), n))
         .collect();

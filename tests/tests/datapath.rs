@@ -1236,6 +1236,54 @@ fn pinned_maps_of_another_size_are_migrated_with_their_entries() {
     assert_eq!(maps.conntrack.get(&key, 0).unwrap(), entry);
 }
 
+/// Backends an older agent left in a hash (`LB4_BACKENDS_V1` keyed by
+/// id) are in the array indexed by id once the object is loaded, ids and
+/// all, so the frontends and sets left pinned still name them; ids past
+/// the array (the old ids ran to 2^28) do not fit, are counted and left
+/// to the agent, which gives those backends new ids.
+#[test]
+fn backends_of_the_hash_layout_are_copied_into_the_array() {
+    use lb_common::{maps::BACKENDS4, service::Backend4};
+    use lbctl::{
+        agent::apply::MapWriter,
+        datapath::{load, pins},
+    };
+    require_root();
+    sweep();
+    let fs = lb_tests::guard::Bpffs::new();
+    let dir = fs.pins();
+    pins::prepare(&dir).unwrap();
+    pin_map(&dir.join(BACKENDS4), 1, 4, 12, 1024); // BPF_MAP_TYPE_HASH
+    let backend = |last: u8| Backend4 {
+        addr: lb_common::ip4([10, 244, 1, last]),
+        port: 8080u16.to_be(),
+        proto: 6,
+        ..Default::default()
+    };
+    {
+        let data = aya::maps::MapData::from_pin(dir.join(BACKENDS4)).unwrap();
+        let mut m: aya::maps::HashMap<_, u32, Backend4> =
+            aya::maps::HashMap::try_from(aya::maps::Map::HashMap(data)).unwrap();
+        for (id, last) in [(1, 1), (77, 2), (1 << 20, 3)] {
+            m.insert(id, backend(last), 0).unwrap();
+        }
+    }
+    let (_ebpf, migrated) = load::load_with(&dir, false, &Default::default()).unwrap();
+    let m = migrated
+        .iter()
+        .find(|m| m.name == BACKENDS4)
+        .expect("migrated");
+    assert_eq!((m.old.map_type, m.new.map_type), (1, 2), "hash to array");
+    assert_eq!((m.copied, m.dropped), (Some(2), 1), "{m:?}");
+    let maps = ServiceMaps::open(&dir).unwrap();
+    let held = maps.read().unwrap().backends;
+    assert_eq!(
+        held,
+        std::collections::BTreeMap::from([(1, backend(1)), (77, backend(2))]),
+        "ids in the array kept, nothing else read as a backend"
+    );
+}
+
 /// Backend sets an older agent left in `LB_SLOTS_V1` (one entry per slot)
 /// are in `LB_SLOTS_V2` (16 slots an entry) once the object is loaded,
 /// before any program or agent runs, and the old map is unpinned.
@@ -1493,14 +1541,14 @@ fn batched_writes_leave_the_maps_as_the_mirror_says() {
     // a hash bucket, read every entry once.
     {
         use std::os::fd::AsFd;
-        let fd = lbctl::datapath::link::open_pinned(&pins.join(lb_common::maps::BACKENDS4))
-            .expect("open the backends map");
+        let fd = lbctl::datapath::link::open_pinned(&pins.join(lb_common::maps::SERVICE_BACKENDS))
+            .expect("open the (Service port, backend) map");
         for chunk in [1, 7, 2999, 3000, 3001, 8192] {
-            let got: Vec<(u32, lb_common::service::Backend4)> =
+            let got: Vec<(lb_common::service::ServiceBackendKey, u32)> =
                 lbctl::datapath::batch::lookup_all(fd.as_fd(), chunk).expect("batched lookup");
             assert_eq!(got.len(), 3000, "chunk {chunk}: each entry once");
             let got: std::collections::BTreeMap<_, _> = got.into_iter().collect();
-            assert_eq!(got, rec.state().backends, "chunk {chunk}");
+            assert_eq!(got, rec.state().svc_backends, "chunk {chunk}");
         }
     }
 

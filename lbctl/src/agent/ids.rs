@@ -79,6 +79,12 @@ impl IdPool {
         }
     }
 
+    /// Hands out ids `1..=max` from now on (ids in use above it stay in
+    /// use until freed).
+    pub fn set_max(&mut self, max: u32) {
+        self.max = max;
+    }
+
     pub fn in_use(&self) -> usize {
         self.len
     }

@@ -13,7 +13,7 @@ use smallvec::SmallVec;
 
 use lb_common::{
     ip4,
-    maps::{BACKEND_ID_SPACE, SERVICE_ID_SPACE},
+    maps::{BACKENDS4, SERVICE_ID_SPACE},
     port,
     service::*,
 };
@@ -386,7 +386,9 @@ impl<W: MapWriter> Reconciler<W> {
             })
             .collect();
         let mut svc_pool = IdPool::new(SERVICE_ID_SPACE - 1);
-        let mut backend_pool = IdPool::new(BACKEND_ID_SPACE - 1);
+        // Backend ids index the backends array: `set_capacity` bounds them
+        // by its size.
+        let mut backend_pool = IdPool::new(Capacity::default().of(BACKENDS4));
         let mut set_pool = IdPool::new(MAX_SETS);
         let mut svc_used: BTreeSet<u32> = state.service_meta.keys().copied().collect();
         svc_used.extend(state.frontends.values().map(|f| f.service_id));
@@ -424,6 +426,7 @@ impl<W: MapWriter> Reconciler<W> {
     /// The map sizes the ports must fit in.
     pub fn set_capacity(&mut self, capacity: Capacity) {
         self.capacity = capacity;
+        self.backend_pool.set_max(capacity.of(BACKENDS4));
     }
 
     pub fn capacity(&self) -> Capacity {
@@ -456,7 +459,7 @@ impl<W: MapWriter> Reconciler<W> {
             .iter()
             .filter(|(id, _)| !w.backends.contains_key(id))
             .count();
-        cap.check(lb_common::maps::BACKENDS4, w.backends.len() + new_backends)?;
+        cap.check(BACKENDS4, w.backends.len() + new_backends)?;
         let prev_slots: usize = prev.map_or(0, |p| {
             p.sets
                 .iter()
@@ -816,12 +819,9 @@ impl<W: MapWriter> Reconciler<W> {
     }
 
     fn refresh_frontend(&mut self, fk: Frontend4Key) {
-        let had = self.want.frontends.contains_key(&fk);
-        let was_cluster_ip = self
-            .want
-            .frontends
-            .get(&fk)
-            .is_some_and(|f| f.kind == KIND_CLUSTER_IP);
+        let old = self.want.frontends.get(&fk);
+        let had = old.is_some();
+        let was_cluster_ip = old.is_some_and(|f| f.kind == KIND_CLUSTER_IP);
         let v = self
             .frontend_owners
             .get(&fk)
@@ -843,11 +843,7 @@ impl<W: MapWriter> Reconciler<W> {
                 }
             }
         }
-        let is_cluster_ip = self
-            .want
-            .frontends
-            .get(&fk)
-            .is_some_and(|f| f.kind == KIND_CLUSTER_IP);
+        let is_cluster_ip = v.is_some_and(|f| f.kind == KIND_CLUSTER_IP);
         if is_cluster_ip && !was_cluster_ip {
             *self.addr_cluster_ips.entry(fk.addr).or_default() += 1;
         } else if was_cluster_ip
@@ -1035,8 +1031,8 @@ impl<W: MapWriter> Reconciler<W> {
     ) -> Result<(), ReconcileError> {
         // The shared key: the one the id map holds (every other use of
         // the key shares it), else a new one.
-        let (akey, svc_id) = match self.svc_ids.get_key_value(&key) {
-            Some((k, id)) => (k.clone(), *id),
+        let (akey, svc_id, new_svc) = match self.svc_ids.get_key_value(&key) {
+            Some((k, id)) => (k.clone(), *id, false),
             None => {
                 let id = self
                     .svc_pool
@@ -1044,29 +1040,56 @@ impl<W: MapWriter> Reconciler<W> {
                     .ok_or(ReconcileError::OutOfIds("service"))?;
                 let k = Arc::new(key);
                 self.svc_ids.insert(k.clone(), id);
-                // Freed at the next flush unless this port gets in.
-                self.retiring_svcs.insert(k.clone());
-                (k, id)
+                (k, id, true)
             }
         };
-        let key: &ServicePortKey = &akey;
+        // The ids this call hands out: kept only if the port gets in. On
+        // a refusal they retire, freed at the next flush (recorded only
+        // then: a first sync hands out an id per backend).
+        let mut fresh: Vec<BackendAddr> = Vec::new();
+        let refused = |this: &mut Self, fresh: Vec<BackendAddr>, e: ReconcileError| {
+            if new_svc {
+                this.retiring_svcs.insert(akey.clone());
+            }
+            for a in &fresh {
+                if let Some(r) = this.backends.get_mut(a) {
+                    r.owners = Owners::default();
+                }
+            }
+            this.retiring_backends.extend(fresh);
+            Err(e)
+        };
         let mut ids = Vec::with_capacity(sp.backends.len());
-        for b in &sp.backends {
+        for (i, b) in sp.backends.iter().enumerate() {
             let id = match self.backends.get(&b.addr) {
                 Some(r) => r.id,
                 None => {
-                    let id = self
-                        .backend_pool
-                        .alloc()
-                        .ok_or(ReconcileError::OutOfIds("backend"))?;
-                    let owners = Owners::default();
+                    let Some(id) = self.backend_pool.alloc() else {
+                        // Backend ids index the backends array: the ids of
+                        // backends leaving (freed once a flush deleted
+                        // them) count as taken.
+                        let more = sp.backends[i..]
+                            .iter()
+                            .filter(|b| !self.backends.contains_key(&b.addr))
+                            .count();
+                        let e = ReconcileError::Full {
+                            map: BACKENDS4,
+                            size: self.capacity.of(BACKENDS4),
+                            need: self.backend_pool.in_use() + more,
+                        };
+                        return refused(self, fresh, e);
+                    };
+                    // Owned by this port if it gets in (`refused` undoes it).
+                    let mut owners = Owners::default();
+                    owners.insert(&akey, ());
                     self.backends.insert(b.addr, BackendRec { id, owners });
-                    self.retiring_backends.insert(b.addr);
+                    fresh.push(b.addr);
                     id
                 }
             };
             ids.push((id, b));
         }
+        let key: &ServicePortKey = &akey;
         // The backend lists the port's traffic wants (kube-proxy's Cluster
         // and Local endpoints) and which list each frontend entry reads.
         // The ids by address from `ids` (in `sp.backends` order, sorted by
@@ -1082,11 +1105,16 @@ impl<W: MapWriter> Reconciler<W> {
         let prev_entry = self.ports.get(key).map(|p| &**p);
         let prev_sets = prev_entry.map(|p| p.sets.clone()).unwrap_or_default();
         let entries = port_backend_flags(&sp, &ids);
-        self.fits(prev_entry, svc_id, &ids, &lists, entries.len(), plans.len())?;
-        let sets = self.choose_sets(svc_id, &prev_sets, &lists)?;
+        let fits = self.fits(prev_entry, svc_id, &ids, &lists, entries.len(), plans.len());
+        let sets = match fits.and_then(|()| self.choose_sets(svc_id, &prev_sets, &lists)) {
+            Ok(sets) => sets,
+            Err(e) => return refused(self, fresh, e),
+        };
 
         // From here on nothing fails.
-        self.retiring_svcs.remove(key);
+        if !new_svc {
+            self.retiring_svcs.remove(key);
+        }
         let prev = self.ports.remove(key);
         let meta = service_meta(key, &sp);
         let ranges: BTreeSet<RangeKey> = if plans.iter().any(|p| p.flags & FE_SOURCE_RANGES != 0) {
@@ -1147,19 +1175,31 @@ impl<W: MapWriter> Reconciler<W> {
         let input = &self.ports[key].input;
         let mut owned_elsewhere = Vec::new();
         for (j, (id, addr)) in id_list.iter().enumerate() {
-            self.retiring_backends.remove(addr);
-            // Made above, with its id, for every backend of the port.
-            let owners = &mut self
-                .backends
-                .get_mut(addr)
-                .expect("every backend of the port has an id")
-                .owners;
-            owners.insert(&akey, ());
-            let first = owners.0.first().map(|(k, _)| k);
-            if first.is_some_and(|k| Arc::ptr_eq(k, &akey) || **k == *akey) {
-                let i = input.backends.binary_search_by(|b| b.addr.cmp(addr));
-                let b = Some(&input.backends[i.unwrap_or(j)]);
-                put_backend(&mut self.name_ids, &mut self.want, &mut self.before, *id, b);
+            // `id_list` is in the order of the port's backends.
+            let b = &input.backends[j];
+            debug_assert_eq!(b.addr, *addr);
+            // A backend given its id above has this port as its only owner
+            // already; another is looked up.
+            let owned_here = fresh.binary_search(addr).is_ok() || {
+                self.retiring_backends.remove(addr);
+                // Made above, with its id, for every backend of the port.
+                let owners = &mut self
+                    .backends
+                    .get_mut(addr)
+                    .expect("every backend of the port has an id")
+                    .owners;
+                owners.insert(&akey, ());
+                let first = owners.0.first().map(|(k, _)| k);
+                first.is_some_and(|k| Arc::ptr_eq(k, &akey) || **k == *akey)
+            };
+            if owned_here {
+                put_backend(
+                    &mut self.name_ids,
+                    &mut self.want,
+                    &mut self.before,
+                    *id,
+                    Some(b),
+                );
             } else {
                 owned_elsewhere.push(*addr);
             }

@@ -219,18 +219,33 @@ pub fn set<K: Ord + Copy, V: Copy + PartialEq>(
     k: K,
     v: Option<V>,
 ) -> bool {
-    if want.get(&k) == v.as_ref() {
-        return false;
+    use std::collections::btree_map::Entry;
+    // One search of the target (a full sync sets hundreds of thousands of
+    // keys): the entry is compared, kept and changed in place.
+    let keep = |before: &mut Kept<K, V>, was: Option<V>| {
+        if let Kept::Keys(m) = before {
+            m.entry(k).or_insert_with(|| was.map(Box::new));
+        }
+    };
+    match (want.entry(k), v) {
+        (Entry::Occupied(o), Some(v)) if *o.get() == v => false,
+        (Entry::Vacant(_), None) => false,
+        (Entry::Occupied(mut o), Some(v)) => {
+            keep(before, Some(*o.get()));
+            o.insert(v);
+            true
+        }
+        (Entry::Occupied(o), None) => {
+            keep(before, Some(*o.get()));
+            o.remove();
+            true
+        }
+        (Entry::Vacant(e), Some(v)) => {
+            keep(before, None);
+            e.insert(v);
+            true
+        }
     }
-    if let Kept::Keys(m) = before {
-        m.entry(k)
-            .or_insert_with(|| want.get(&k).map(|x| Box::new(*x)));
-    }
-    match v {
-        Some(v) => drop(want.insert(k, v)),
-        None => drop(want.remove(&k)),
-    }
-    true
 }
 
 /// The maps' value at `k`.

@@ -193,7 +193,7 @@ pub async fn execute(args: Args) -> Result<()> {
         args.lb_map_max
     );
     let mut map_sizes: std::collections::BTreeMap<String, u32> =
-        lb_common::maps::lb_map_sizes(args.lb_map_max)
+        lb_common::maps::lb_map_entries(args.lb_map_max)
             .into_iter()
             .map(|(m, n)| (m.to_string(), n))
             .collect();

@@ -12,7 +12,7 @@ use std::{
     path::Path,
 };
 
-use lb_common::maps as names;
+use lb_common::{maps as names, service::Backend4};
 
 use super::batch::{self, Stopped};
 use crate::agent::{apply::MapError, state::Op};
@@ -169,7 +169,8 @@ pub fn write(dir: &Path, fds: &mut Fds, kind: Kind, ops: &[Op]) -> Result<(), (u
         }
         Kind::DelName => dels!(names::NAMES, Op::DelName(k) => *k),
         Kind::DelBackend => {
-            dels!(names::BACKENDS4, Op::DelBackend(k) => *k)?;
+            // An array has no deletion: an id with no backend holds zeros.
+            puts!(names::BACKENDS4, Op::DelBackend(k) => (*k, Backend4::default()))?;
             dels!(names::BACKEND_STATS, Op::DelBackend(k) => *k)
         }
     }

@@ -144,7 +144,8 @@ pub struct ServiceMaps {
     pub slots: HashMap<MapData, SlotKey, SlotChunk>,
     pub svc_backends: HashMap<MapData, ServiceBackendKey, u32>,
     pub source_ranges: LpmTrie<MapData, SourceRange4, u32>,
-    pub backends: HashMap<MapData, u32, Backend4>,
+    /// Indexed by backend id; an id with no backend holds zeros.
+    pub backends: Array<MapData, Backend4>,
     pub service_meta: HashMap<MapData, u32, ServiceMeta>,
     pub names: HashMap<MapData, u32, Name>,
     pub service_stats: PerCpuHashMap<MapData, u32, ServiceStats>,
@@ -175,7 +176,7 @@ impl ServiceMaps {
             slots: typed!(dir, names::BACKEND_SLOTS, HashMap<MapData, SlotKey, SlotChunk>),
             svc_backends: typed!(dir, names::SERVICE_BACKENDS, HashMap<MapData, ServiceBackendKey, u32>),
             source_ranges: typed!(dir, names::SOURCE_RANGES4, LpmTrie<MapData, SourceRange4, u32>),
-            backends: typed!(dir, names::BACKENDS4, HashMap<MapData, u32, Backend4>),
+            backends: typed!(dir, names::BACKENDS4, Array<MapData, Backend4>),
             service_meta: typed!(dir, names::SERVICE_META, HashMap<MapData, u32, ServiceMeta>),
             names: typed!(dir, names::NAMES, HashMap<MapData, u32, Name>),
             service_stats: typed!(dir, names::SERVICE_STATS, PerCpuHashMap<MapData, u32, ServiceStats>),
@@ -310,6 +311,23 @@ fn read_all<K: aya::Pod + Ord, V: aya::Pod>(
     Ok(entries.into_iter().collect())
 }
 
+/// The backends the array holds (ids with a backend), by id.
+fn read_backends(
+    m: &Array<MapData, Backend4>,
+) -> Result<std::collections::BTreeMap<u32, Backend4>, MapError> {
+    use aya::maps::IterableMap;
+    let fd = m.map().fd().as_fd();
+    let entries =
+        super::batch::lookup_all::<u32, Backend4>(fd, 8192).map_err(|e| MapError::Read {
+            map: names::BACKENDS4,
+            source: e,
+        })?;
+    Ok(entries
+        .into_iter()
+        .filter(|(_, b)| b.is_present())
+        .collect())
+}
+
 impl MapWriter for ServiceMaps {
     fn apply_all(&mut self, ops: &[Op]) -> Result<(), (usize, MapError)> {
         use super::batch_writer::{kind, write};
@@ -332,7 +350,7 @@ impl MapWriter for ServiceMaps {
         let r = match *op {
             // Counters are made by the datapath when first used (see
             // lb-ebpf/src/stats.rs), deleted here with their owner.
-            Op::PutBackend(k, v, _) => self.backends.insert(k, v, 0),
+            Op::PutBackend(k, v, _) => self.backends.set(k, v, 0),
             Op::PutName(k, ref v) => self.names.insert(k, **v, 0),
             Op::PutServiceMeta(k, ref v, _) => self.service_meta.insert(k, **v, 0),
             Op::PutSlot(k, ref v) => self.slots.insert(k, **v, 0),
@@ -351,9 +369,10 @@ impl MapWriter for ServiceMaps {
             Op::DelServiceMeta(k) => del(&mut self.service_meta, &k)
                 .and_then(|_| absent_ok(self.service_stats.remove(&k))),
             Op::DelName(k) => del(&mut self.names, &k),
-            Op::DelBackend(k) => {
-                del(&mut self.backends, &k).and_then(|_| absent_ok(self.backend_stats.remove(&k)))
-            }
+            Op::DelBackend(k) => self
+                .backends
+                .set(k, Backend4::default(), 0)
+                .and_then(|_| absent_ok(self.backend_stats.remove(&k))),
         };
         r.map_err(|e| MapError::Write {
             op: Box::new(op.clone()),
@@ -384,7 +403,7 @@ impl MapWriter for ServiceMaps {
                     Ok((k, v))
                 })
                 .collect::<Result<_, MapError>>()?,
-            backends: read_all(&self.backends, names::BACKENDS4)?,
+            backends: read_backends(&self.backends)?,
             service_meta: read_all(&self.service_meta, names::SERVICE_META)?,
             names: read_all(&self.names, names::NAMES)?,
         })

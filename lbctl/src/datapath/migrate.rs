@@ -33,6 +33,10 @@ use tracing::{info, warn};
 /// What a map is, as the kernel sees it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MapDef {
+    /// `BPF_MAP_TYPE_*`: a map can change type under one name when its
+    /// keys and values keep their layout (the backends, from a hash to an
+    /// array indexed by id).
+    pub map_type: u32,
     pub key_size: u32,
     pub value_size: u32,
     pub max_entries: u32,
@@ -52,6 +56,7 @@ pub fn object_defs(
         .filter(|(name, _)| !name.starts_with('.'))
         .map(|(name, m)| {
             let def = MapDef {
+                map_type: m.map_type(),
                 key_size: m.key_size(),
                 value_size: m.value_size(),
                 max_entries: sizes.get(name).copied().unwrap_or(m.max_entries()),
@@ -81,6 +86,7 @@ pub const OLD_PREFIX: &str = "migrating-";
 
 fn def_of(info: &MapInfo) -> MapDef {
     MapDef {
+        map_type: info.map_type().map_or(0, |t| t as u32),
         key_size: info.key_size(),
         value_size: info.value_size(),
         max_entries: info.max_entries(),
@@ -252,6 +258,10 @@ fn copy(from: BorrowedFd, to: BorrowedFd, name: &str, def: MapDef) -> io::Result
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => continue,
             Err(e) => return Err(e),
         }
+        // An array holds every index: one with no entry reads as zeros.
+        if def.map_type == BPF_MAP_TYPE_ARRAY && value.iter().all(|b| *b == 0) {
+            continue;
+        }
         match map_elem(BPF_MAP_UPDATE_ELEM, to, Some(&key), value.as_mut_ptr(), 0) {
             Ok(()) => copied += 1,
             Err(e) if matches!(e.raw_os_error(), Some(libc::E2BIG | libc::ENOMEM)) => dropped += 1,
@@ -267,6 +277,7 @@ fn copy(from: BorrowedFd, to: BorrowedFd, name: &str, def: MapDef) -> io::Result
     Ok((copied, dropped))
 }
 
+const BPF_MAP_TYPE_ARRAY: u32 = 2;
 const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
 const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
 const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
