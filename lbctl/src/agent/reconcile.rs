@@ -1043,20 +1043,19 @@ impl<W: MapWriter> Reconciler<W> {
                 (k, id, true)
             }
         };
-        // The ids this call hands out: kept only if the port gets in. On
-        // a refusal they retire, freed at the next flush (recorded only
-        // then: a first sync hands out an id per backend).
+        // The backend ids this call hands out: kept only if the port gets
+        // in. Nothing was written with them, so a refusal gives them back
+        // at once (the next port may fit in their place).
         let mut fresh: Vec<BackendAddr> = Vec::new();
         let refused = |this: &mut Self, fresh: Vec<BackendAddr>, e: ReconcileError| {
             if new_svc {
                 this.retiring_svcs.insert(akey.clone());
             }
             for a in &fresh {
-                if let Some(r) = this.backends.get_mut(a) {
-                    r.owners = Owners::default();
+                if let Some(r) = this.backends.remove(a) {
+                    this.backend_pool.free(r.id);
                 }
             }
-            this.retiring_backends.extend(fresh);
             Err(e)
         };
         let mut ids = Vec::with_capacity(sp.backends.len());

@@ -1265,8 +1265,15 @@ status: {{loadBalancer: {{ingress: [{{ip: 192.0.2.1}}]}}}}
 fn a_port_that_does_not_fit_is_refused_by_name_and_the_rest_stays() {
     let n = node();
     // 16 backends fit: the first Service (10 endpoints) and not the
-    // second (10 more).
-    let objs = objects(&big_cluster(2));
+    // second (10 more); the third (6) takes the rest, as the ids the
+    // refused second was given went back at once (backend ids index an
+    // array of 16).
+    let mut yaml = big_cluster(2);
+    yaml += "---\napiVersion: v1\nkind: Service\nmetadata: {name: s2, namespace: ns}\nspec:\n  clusterIP: 10.96.0.9\n  ports: [{port: 80}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: s2-x, namespace: ns, labels: {kubernetes.io/service-name: s2}}\naddressType: IPv4\nports: [{port: 8080}]\nendpoints:\n";
+    for e in 1..=6 {
+        yaml += &format!("- {{addresses: [10.99.0.{e}]}}\n");
+    }
+    let objs = objects(&yaml);
     let mut store = Store::default();
     let mut rec = Reconciler::adopt(InMemory::default()).unwrap();
     rec.set_capacity(super::reconcile::Capacity { lb_map_max: 16 });
@@ -1286,15 +1293,23 @@ fn a_port_that_does_not_fit_is_refused_by_name_and_the_rest_stays() {
         )]
     );
     rec.flush().unwrap();
-    assert_eq!(rec.port_count(), 1);
-    assert_eq!(rec.state().backends.len(), 10);
-    assert!(rec.state().frontends.len() == 1, "{}", rec.state().dump());
+    assert_eq!(rec.port_count(), 2);
+    assert_eq!(rec.state().backends.len(), 16);
+    assert!(rec.state().frontends.len() == 2, "{}", rec.state().dump());
+    assert_eq!(
+        rec.state().backends.keys().copied().collect::<Vec<_>>(),
+        (1..=16).collect::<Vec<u32>>()
+    );
 
-    // Room made (the first Service deleted): the refused one, translated
+    // Room made (the first and third Services deleted): the refused one, translated
     // again (the agent marks it dirty after a flush that wrote), fits.
     let mut only_second = objs.clone();
-    only_second.services.remove(&model::ObjKey::new("ns", "s0"));
-    only_second.slices.remove(&model::ObjKey::new("ns", "s0-x"));
+    for s in ["s0", "s2"] {
+        only_second.services.remove(&model::ObjKey::new("ns", s));
+        only_second
+            .slices
+            .remove(&model::ObjKey::new("ns", &format!("{s}-x")));
+    }
     feed(&mut store, &only_second);
     stage(&mut store, &mut rec, &n);
     rec.flush().unwrap();
