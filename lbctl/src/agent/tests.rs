@@ -1308,7 +1308,7 @@ fn a_port_that_does_not_fit_is_refused_by_name_and_the_rest_stays() {
         only_second.services.remove(&model::ObjKey::new("ns", s));
         only_second
             .slices
-            .remove(&model::ObjKey::new("ns", &format!("{s}-x")));
+            .remove(&model::ObjKey::new("ns", format!("{s}-x")));
     }
     feed(&mut store, &only_second);
     stage(&mut store, &mut rec, &n);
