@@ -203,7 +203,8 @@ pub struct AttachmentView {
 pub struct MapView {
     pub map: String,
     pub entries: usize,
-    /// The map's size, as the kernel has it (0 when it cannot be read).
+    /// How many entries the map holds at most, as the kernel has it (0
+    /// when it cannot be read).
     pub max_entries: u32,
 }
 
@@ -273,7 +274,12 @@ pub fn execute(args: Args) -> Result<()> {
         .map(|(m, n)| MapView {
             map: m.into(),
             entries: n,
-            max_entries: aya::maps::MapInfo::from_pin(pins.join(m)).map_or(0, |i| i.max_entries()),
+            max_entries: aya::maps::MapInfo::from_pin(pins.join(m)).map_or(0, |i| {
+                // The backends array's index 0 is "no backend": it holds
+                // one entry fewer than its size.
+                let unused = u32::from(m == lb_common::maps::BACKENDS4);
+                i.max_entries().saturating_sub(unused)
+            }),
         })
         .collect(),
     };
