@@ -95,23 +95,33 @@ pub fn from_netdev(ctx: &TcContext) -> i32 {
             }
         }
     }
-    // A reply from a backend on another node, to the SNAT address.
-    let k = conntrack::key(&pkt, CT_REPLY);
-    if let Some(e) = conntrack::lookup(&k, now) {
-        conntrack::touch(&k, e, &pkt, len, now);
-        let e = *e;
-        stats::packet(e.service_id, len);
-        stats::backend_packet(e.backend_id, len);
-        return apply(ctx, &pkt, &e, V_REPLY);
-    }
-
+    // A reply from a backend on another node comes to the SNAT address
+    // and a port of the SNAT range: looked up first there. Elsewhere only
+    // when no frontend takes the packet (a frontend hit is a new flow, and
+    // one lookup fewer), so a reply to a port the range no longer holds
+    // (the range was changed) is still found.
+    let (snat_min, snat_span) = snat_ports();
+    let snat_port = (u16::from_be(pkt.dst_port) as u32).wrapping_sub(snat_min) < snat_span;
     let fkey = Frontend4Key {
         addr: pkt.dst_addr,
         port: pkt.dst_port,
         proto: pkt.proto,
         scope: SCOPE_ALL,
     };
-    let Some(fe) = select::frontend(&fkey) else {
+    let mut fe = if snat_port {
+        None
+    } else {
+        select::frontend(&fkey)
+    };
+    if fe.is_none() {
+        if let Some(verdict) = reply(ctx, &pkt, now, len) {
+            return verdict;
+        }
+        if snat_port {
+            fe = select::frontend(&fkey);
+        }
+    }
+    let Some(fe) = fe else {
         // A ClusterIP on a port its Service does not define: refused, as
         // kube-proxy's nftables mode does.
         if addr_flags & ADDR_CLUSTER_IP != 0 {
@@ -171,10 +181,7 @@ pub fn from_netdev(ctx: &TcContext) -> i32 {
     };
     match new_flow(&pkt, &fe, &chosen, now, len) {
         Ok(e) => {
-            stats::new_flow(fe.service_id);
-            stats::packet(fe.service_id, len);
-            stats::backend_flow(chosen.backend_id);
-            stats::backend_packet(chosen.backend_id, len);
+            stats::first_packet(fe.service_id, chosen.backend_id, len);
             apply(ctx, &pkt, &e, new_verdict)
         }
         Err(v) => {
@@ -189,6 +196,19 @@ pub fn from_netdev(ctx: &TcContext) -> i32 {
             TC_ACT_SHOT
         }
     }
+}
+
+/// A reply of an SNATed flow (from a backend on another node), translated
+/// back; None when the packet is none.
+#[inline(always)]
+fn reply(ctx: &TcContext, pkt: &Packet, now: u32, len: u32) -> Option<i32> {
+    let k = conntrack::key(pkt, CT_REPLY);
+    let e = conntrack::lookup(&k, now)?;
+    conntrack::touch(&k, e, pkt, len, now);
+    let e = *e;
+    stats::packet(e.service_id, len);
+    stats::backend_packet(e.backend_id, len);
+    Some(apply(ctx, pkt, &e, V_REPLY))
 }
 
 enum Served {

@@ -50,6 +50,22 @@ pub fn new_flow(id: u32) {
     }
 }
 
+/// A new device-path flow's first packet: one lookup of each counter
+/// entry, not one per counter.
+#[inline(always)]
+pub fn first_packet(service_id: u32, backend_id: u32, bytes: u32) {
+    if let Some(s) = service(service_id) {
+        s.flows += 1;
+        s.packets += 1;
+        s.bytes += bytes as u64;
+    }
+    if let Some(b) = backend(backend_id) {
+        b.flows += 1;
+        b.packets += 1;
+        b.bytes += bytes as u64;
+    }
+}
+
 #[inline(always)]
 pub fn packet(id: u32, bytes: u32) {
     if let Some(s) = service(id) {

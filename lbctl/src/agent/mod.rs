@@ -5,6 +5,7 @@ pub mod apply;
 pub mod categorize;
 pub mod hcnp;
 pub mod health;
+pub mod heap;
 pub mod ids;
 pub mod intern;
 pub mod logs;

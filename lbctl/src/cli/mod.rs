@@ -79,7 +79,10 @@ pub fn main() -> Result<()> {
         .init();
     let cli = Cli::parse();
     match cli.command {
-        Command::Agent(a) => tokio::runtime::Runtime::new()?.block_on(agent::execute(*a)),
+        Command::Agent(a) => {
+            crate::agent::heap::cap_arenas();
+            tokio::runtime::Runtime::new()?.block_on(agent::execute(*a))
+        }
         Command::Services(a) => services::execute(a),
         Command::Backends(a) => backends::execute(a),
         Command::Conntrack(a) => conntrack::execute(a),

@@ -136,18 +136,29 @@ where
         .boxed()
 }
 
+/// Objects per page of the initial lists (kube-runtime's default is 500).
+/// A page is held whole, as JSON and as objects, until each object is
+/// compacted: 100 a page keeps that transient small (a 10,000-Service
+/// list is 200 requests to the API server instead of 40).
+const LIST_PAGE: u32 = 100;
+
+/// How the Services, EndpointSlices and Endpoints are listed and watched.
+fn list_config() -> watcher::Config {
+    watcher::Config::default().page_size(LIST_PAGE)
+}
+
 /// The merged watch streams.
 pub fn watch(client: &Client, node_name: &str, endpoints: bool, service_cidrs: bool) -> Updates {
     let mut streams = vec![
         stream(
             Api::<Service>::all(client.clone()),
-            watcher::Config::default(),
+            list_config(),
             Kind::Service,
             Update::Service,
         ),
         stream(
             Api::<EndpointSlice>::all(client.clone()),
-            watcher::Config::default(),
+            list_config(),
             Kind::EndpointSlice,
             Update::Slice,
         ),
@@ -168,7 +179,7 @@ pub fn watch(client: &Client, node_name: &str, endpoints: bool, service_cidrs: b
     if endpoints {
         streams.push(stream(
             Api::<Endpoints>::all(client.clone()),
-            watcher::Config::default(),
+            list_config(),
             Kind::Endpoints,
             Update::Endpoints,
         ));
