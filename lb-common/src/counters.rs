@@ -118,6 +118,11 @@ verdicts! {
     /// path did not translate (not a Service's, or not seen yet): left to
     /// the stack, as any fragment was before.
     V_PASS_FRAGMENT_UNKNOWN = 25, "pass_fragment_unknown";
+    /// XDP left the packet, untouched, to the tc program on the same
+    /// device, which counts its own verdict: an answer to build (RST, ICMP
+    /// port unreachable, fragmentation needed), an ICMP error to translate,
+    /// a next hop out of another device or without a neighbour entry.
+    V_XDP_TO_TC = 26, "xdp_to_tc";
 }
 
 /// Size of the verdict counter array; room to append.

@@ -9,6 +9,7 @@
 //! | `lb_getpeername4`  | cgroup getpeername4   | show the Service address as the peer          |
 //! | `lb_connect6` ...  | the same four, IPv6   | the same for `::ffff:a.b.c.d` (dual-stack sockets) |
 //! | `lb_sock_egress`   | cgroup skb egress     | `loadBalancerSourceRanges` for sockets (while some Service has them) |
+//! | `lb_xdp_from_netdev` | XDP, node dev       | the same as `lb_from_netdev`, before the stack; the rest left to it |
 //! | `lb_from_netdev`   | tc ingress, node dev  | NodePort/external/LB: DNAT (+SNAT), replies   |
 //! | `lb_to_netdev`     | tc egress, node dev   | local backends' replies back to the frontend  |
 #![no_std]
@@ -22,6 +23,8 @@
 
 mod conntrack;
 mod csum;
+mod device;
+mod frame;
 mod icmp;
 mod maps;
 mod nat;
@@ -33,10 +36,11 @@ mod select;
 mod sock;
 mod sock_egress;
 mod stats;
+mod xdp;
 
 use aya_ebpf::{
-    macros::{cgroup_skb, cgroup_sock_addr, classifier},
-    programs::{SkBuffContext, SockAddrContext, TcContext},
+    macros::{cgroup_skb, cgroup_sock_addr, classifier, xdp},
+    programs::{SkBuffContext, SockAddrContext, TcContext, XdpContext},
 };
 use sock::Family;
 
@@ -83,6 +87,11 @@ pub fn lb_getpeername6(ctx: SockAddrContext) -> i32 {
 #[cgroup_skb(egress)]
 pub fn lb_sock_egress(ctx: SkBuffContext) -> i32 {
     sock_egress::check(&ctx)
+}
+
+#[xdp]
+pub fn lb_xdp_from_netdev(ctx: XdpContext) -> u32 {
+    netdev::from_outside(&ctx) as u32
 }
 
 #[classifier]

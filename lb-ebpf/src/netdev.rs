@@ -1,23 +1,21 @@
 //! The device path: packets from outside the node to NodePort, external and
 //! LoadBalancer addresses, translated per packet with connection tracking
-//! (tc ingress on the node's devices), and replies of local backends
-//! translated back on their way out (tc egress).
+//! (XDP and tc ingress on the node's devices: one flow logic, generic over
+//! the program's `Device`), and replies of local backends translated back
+//! on their way out (tc egress).
 
 use aya_ebpf::{
-    bindings::{TC_ACT_OK, TC_ACT_SHOT},
-    helpers::bpf_get_prandom_u32,
-    maps::lpm_trie::Key,
-    programs::TcContext,
+    bindings::TC_ACT_OK, helpers::bpf_get_prandom_u32, maps::lpm_trie::Key, programs::TcContext,
 };
 use aya_log_ebpf::debug;
 use lb_common::{
     PROTO_TCP,
     conntrack::{CT_CLOSING, CT_LOCAL_BACKEND, CT_ORIGINAL, CT_REPLY, CT_SNAT, Ct4Entry, Ct4Key},
     counters::{
-        V_DROP_CT_FULL, V_DROP_NO_LOCAL_BACKEND, V_DROP_NO_SNAT_PORT, V_DROP_REWRITE,
-        V_DROP_SOURCE_RANGE, V_DROP_UNALLOCATED_SERVICE_IP, V_FORWARD_ESTABLISHED, V_FORWARD_NEW,
-        V_FORWARD_RENEWED, V_PASS_NOT_SERVICE, V_REJECT_NO_BACKEND, V_REJECT_UNDEFINED_PORT,
-        V_REPLY, V_RESET_BACKEND_GONE,
+        V_DROP_CT_FULL, V_DROP_NO_LOCAL_BACKEND, V_DROP_NO_SNAT_PORT, V_DROP_SOURCE_RANGE,
+        V_DROP_UNALLOCATED_SERVICE_IP, V_FORWARD_ESTABLISHED, V_FORWARD_NEW, V_FORWARD_RENEWED,
+        V_PASS_NOT_SERVICE, V_REJECT_NO_BACKEND, V_REJECT_UNDEFINED_PORT, V_REPLY,
+        V_RESET_BACKEND_GONE,
     },
     hash,
     service::{
@@ -29,23 +27,31 @@ use lb_common::{
 
 use crate::{
     conntrack::{self, now_s},
+    device::{Device, Way, way},
     icmp::{self, PROTO_ICMP},
     maps::{ADDRS4, CONFIG, SERVICE_BACKENDS, SOURCE_RANGES4},
-    nat,
     parse::{self, Packet, TCP_ACK, TCP_SYN},
-    reject, route,
     select::{self, Chosen, Client},
-    stats,
+    stats, xdp,
 };
 
-/// tc ingress on a node device.
+/// tc ingress on a node device: what XDP dealt with already passes.
 #[inline(always)]
 pub fn from_netdev(ctx: &TcContext) -> i32 {
-    let pkt = match parse::parse(ctx) {
+    if xdp::seen(ctx) {
+        return TC_ACT_OK;
+    }
+    from_outside(ctx)
+}
+
+/// A packet from outside the node, in tc or XDP.
+#[inline(always)]
+pub fn from_outside<D: Device>(dev: &D) -> i32 {
+    let pkt = match parse::parse(dev) {
         Ok(p) => p,
         Err(v) => {
             stats::verdict(v);
-            return TC_ACT_OK;
+            return dev.pass();
         }
     };
     // Every packet this path translates is addressed to a frontend or an
@@ -59,17 +65,17 @@ pub fn from_netdev(ctx: &TcContext) -> i32 {
             .is_some_and(|c| c.in_service_cidr(pkt.dst_addr))
         {
             stats::verdict(V_DROP_UNALLOCATED_SERVICE_IP);
-            return TC_ACT_SHOT;
+            return dev.drop();
         }
         stats::verdict(V_PASS_NOT_SERVICE);
-        return TC_ACT_OK;
+        return dev.pass();
     };
     // An ICMP error about one of our flows (to an SNAT address).
     if pkt.proto == PROTO_ICMP {
-        return icmp::from_netdev(ctx, &pkt);
+        return dev.icmp(&pkt);
     }
     let now = now_s();
-    let len = ctx.len();
+    let len = pkt.len;
 
     // A packet of a known flow from the client.
     let k = conntrack::key(&pkt, CT_ORIGINAL);
@@ -77,16 +83,28 @@ pub fn from_netdev(ctx: &TcContext) -> i32 {
     if let Some(e) = conntrack::lookup(&k, now) {
         match still_served(e, &pkt) {
             Served::Yes => {
+                let Some(way) = way(
+                    dev,
+                    &pkt,
+                    e.flags & CT_SNAT != 0,
+                    e.nat_src_addr,
+                    e.nat_dst_addr,
+                ) else {
+                    return dev.to_tc();
+                };
                 conntrack::touch(&k, e, &pkt, len, now);
                 let e = *e;
                 stats::packet(e.service_id, len);
                 stats::backend_packet(e.backend_id, len);
-                return apply(ctx, &pkt, &e, V_FORWARD_ESTABLISHED);
+                return dev.forward(&pkt, &e, way, V_FORWARD_ESTABLISHED);
             }
             Served::Reset => {
+                if !D::ANSWERS {
+                    return dev.to_tc();
+                }
                 let e = *e;
                 conntrack::forget(&k, &e);
-                return reject::refuse(ctx, &pkt, V_RESET_BACKEND_GONE);
+                return dev.refuse(&pkt, V_RESET_BACKEND_GONE);
             }
             Served::Renew => {
                 let e = *e;
@@ -114,7 +132,7 @@ pub fn from_netdev(ctx: &TcContext) -> i32 {
         select::frontend(&fkey)
     };
     if fe.is_none() {
-        if let Some(verdict) = reply(ctx, &pkt, now, len) {
+        if let Some(verdict) = reply(dev, &pkt, now, len) {
             return verdict;
         }
         if snat_port {
@@ -125,10 +143,10 @@ pub fn from_netdev(ctx: &TcContext) -> i32 {
         // A ClusterIP on a port its Service does not define: refused, as
         // kube-proxy's nftables mode does.
         if addr_flags & ADDR_CLUSTER_IP != 0 {
-            return reject::refuse(ctx, &pkt, V_REJECT_UNDEFINED_PORT);
+            return dev.refuse(&pkt, V_REJECT_UNDEFINED_PORT);
         }
         stats::verdict(V_PASS_NOT_SERVICE);
-        return TC_ACT_OK;
+        return dev.pass();
     };
     let h = hash::flow4(
         pkt.src_addr,
@@ -149,7 +167,7 @@ pub fn from_netdev(ctx: &TcContext) -> i32 {
         );
         if SOURCE_RANGES4.get(&key).is_none() {
             stats::verdict(V_DROP_SOURCE_RANGE);
-            return TC_ACT_SHOT;
+            return dev.drop();
         }
     }
     let client = Client {
@@ -159,41 +177,66 @@ pub fn from_netdev(ctx: &TcContext) -> i32 {
     let chosen = match select::choose(&fkey, &fe, h, &client) {
         Ok(c) => c,
         Err(v) => {
+            if v == V_REJECT_NO_BACKEND && !D::ANSWERS {
+                return dev.to_tc();
+            }
             if v == V_REJECT_NO_BACKEND || v == V_DROP_NO_LOCAL_BACKEND {
                 stats::no_backend(fe.service_id);
             }
             if v == V_REJECT_NO_BACKEND {
-                return reject::refuse(ctx, &pkt, v);
+                return dev.refuse(&pkt, v);
             }
             stats::verdict(v);
             // Off the forwarding path: a dropped first packet. Compiled
             // out at load unless the agent runs with --datapath-logs.
             debug!(
-                ctx,
+                dev,
                 "drop new flow to {:i}:{} (service {}): verdict {}",
                 u32::from_be(pkt.dst_addr),
                 u16::from_be(pkt.dst_port),
                 fe.service_id,
                 v
             );
-            return TC_ACT_SHOT;
+            return dev.drop();
         }
     };
-    match new_flow(&pkt, &fe, &chosen, now, len) {
+    // The backend answers the node when it is on another node: the source
+    // becomes a node address.
+    let local = chosen.backend.flags & BACKEND_LOCAL != 0;
+    let snat_addr = if local { 0 } else { snat_addr(&fe, &pkt) };
+    // XDP must know it can send the packet before it records the flow (or
+    // leave it to tc untouched); tc asks after, as the stack it has left
+    // then is what the verifier's 512 bytes allow.
+    let early = if D::ANSWERS {
+        None
+    } else {
+        let Some(w) = way(dev, &pkt, !local, snat_addr, chosen.backend.addr) else {
+            return dev.to_tc();
+        };
+        Some(w)
+    };
+    match new_flow(&pkt, &fe, &chosen, snat_addr) {
         Ok(e) => {
             stats::first_packet(fe.service_id, chosen.backend_id, len);
-            apply(ctx, &pkt, &e, new_verdict)
+            let way = match early {
+                Some(w) => w,
+                // tc sends everywhere: never None.
+                None => {
+                    way(dev, &pkt, !local, e.nat_src_addr, e.nat_dst_addr).unwrap_or(Way::Stack)
+                }
+            };
+            dev.forward(&pkt, &e, way, new_verdict)
         }
         Err(v) => {
             stats::verdict(v);
             debug!(
-                ctx,
+                dev,
                 "drop new flow to {:i}:{}: no conntrack entry (verdict {})",
                 u32::from_be(pkt.dst_addr),
                 u16::from_be(pkt.dst_port),
                 v
             );
-            TC_ACT_SHOT
+            dev.drop()
         }
     }
 }
@@ -201,14 +244,23 @@ pub fn from_netdev(ctx: &TcContext) -> i32 {
 /// A reply of an SNATed flow (from a backend on another node), translated
 /// back; None when the packet is none.
 #[inline(always)]
-fn reply(ctx: &TcContext, pkt: &Packet, now: u32, len: u32) -> Option<i32> {
+fn reply<D: Device>(dev: &D, pkt: &Packet, now: u32, len: u32) -> Option<i32> {
     let k = conntrack::key(pkt, CT_REPLY);
     let e = conntrack::lookup(&k, now)?;
+    let Some(way) = way(
+        dev,
+        pkt,
+        e.flags & CT_SNAT != 0,
+        e.nat_src_addr,
+        e.nat_dst_addr,
+    ) else {
+        return Some(dev.to_tc());
+    };
     conntrack::touch(&k, e, pkt, len, now);
     let e = *e;
     stats::packet(e.service_id, len);
     stats::backend_packet(e.backend_id, len);
-    Some(apply(ctx, pkt, &e, V_REPLY))
+    Some(dev.forward(pkt, &e, way, V_REPLY))
 }
 
 enum Served {
@@ -277,83 +329,15 @@ pub fn to_netdev(ctx: &TcContext) -> i32 {
     let e = *e;
     stats::packet(e.service_id, len);
     stats::backend_packet(e.backend_id, len);
-    apply(ctx, &pkt, &e, V_REPLY)
-}
-
-/// Rewrites per the entry, then hands the packet on: to the stack when it
-/// can route it, straight to the egress device when the source is a node
-/// address it would refuse.
-#[inline(always)]
-fn apply(ctx: &TcContext, pkt: &Packet, e: &Ct4Entry, verdict: u32) -> i32 {
-    // Where an SNATed packet goes is looked up before it is rewritten: a
-    // packet too big for that route is answered with a fragmentation
-    // needed quoting it as its sender sent it (path MTU discovery).
-    let next = if e.flags & CT_SNAT != 0 {
-        match route::lookup(
-            ctx,
-            pkt.proto,
-            e.nat_src_addr,
-            e.nat_dst_addr,
-            ip_len(ctx, pkt),
-        ) {
-            route::Next::FragNeeded { mtu } => return reject::frag_needed(ctx, pkt, mtu),
-            next => Some(next),
-        }
-    } else {
-        None
-    };
-    if nat::rewrite(
-        ctx,
-        pkt,
-        e.nat_src_addr,
-        e.nat_dst_addr,
-        e.nat_src_port,
-        e.nat_dst_port,
-    )
-    .is_err()
-    {
-        stats::verdict(V_DROP_REWRITE);
-        return TC_ACT_SHOT;
-    }
-    // The first fragment of a datagram: its flow for the later ones.
-    pkt.remember_fragment();
-    stats::verdict(verdict);
-    match next {
-        Some(next) => route::send(ctx, next),
-        None => TC_ACT_OK,
-    }
-}
-
-/// The IP length of the packet as it will be sent: of each segment for a
-/// GSO packet (headers and the segment size), else its own.
-#[inline(always)]
-fn ip_len(ctx: &TcContext, pkt: &Packet) -> u16 {
-    // SAFETY: valid skb pointer.
-    let gso_size = unsafe { (*ctx.skb.skb).gso_size };
-    if gso_size == 0 {
-        return ctx
-            .load::<[u8; 2]>(pkt.l3_off as usize + 2)
-            .map_or(0, u16::from_be_bytes);
-    }
-    let l4_header = if pkt.proto == PROTO_TCP {
-        ctx.load::<u8>(pkt.l4_off as usize + 12)
-            .map_or(20, |d| (d >> 4) as u32 * 4)
-    } else {
-        8
-    };
-    (pkt.l4_off - pkt.l3_off + l4_header + gso_size).min(u16::MAX as u32) as u16
+    ctx.forward(&pkt, &e, Way::Stack, V_REPLY)
 }
 
 /// Records both directions of a new flow; returns the original direction's
 /// entry (the rewrite for this packet).
 #[inline(always)]
-fn new_flow(
-    pkt: &Packet,
-    fe: &Frontend,
-    chosen: &Chosen,
-    now: u32,
-    len: u32,
-) -> Result<Ct4Entry, u32> {
+fn new_flow(pkt: &Packet, fe: &Frontend, chosen: &Chosen, snat_addr: u32) -> Result<Ct4Entry, u32> {
+    let now = now_s();
+    let len = pkt.len;
     let b = &chosen.backend;
     let local = b.flags & BACKEND_LOCAL != 0;
     let lifetime = conntrack::initial_lifetime(pkt.proto);
@@ -398,7 +382,6 @@ fn new_flow(
         // port whose reply entry has expired is free again (an LRU entry
         // stays until evicted), a closed TCP flow's only once the backend
         // can no longer hold the old connection in TIME_WAIT.
-        let snat_addr = snat_addr(fe, pkt);
         rkey.dst_addr = snat_addr;
         orig.nat_src_addr = snat_addr;
         let (min, span) = snat_ports();

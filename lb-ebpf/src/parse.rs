@@ -1,8 +1,7 @@
 //! Packet parsing for the device path: Ethernet, IPv4 (with options), and
 //! the TCP/UDP ports, read in place from the packet.
 
-use crate::{icmp::PROTO_ICMP, maps::FRAGS4};
-use aya_ebpf::programs::TcContext;
+use crate::{frame::Frame, icmp::PROTO_ICMP, maps::FRAGS4};
 use lb_common::{
     PROTO_TCP, PROTO_UDP,
     conntrack::{Frag4Key, Frag4Ports},
@@ -40,6 +39,8 @@ pub struct Packet {
     /// The IP identification field (wire order), which names a datagram's
     /// fragments.
     pub ip_id: u16,
+    /// The whole packet's length (counters).
+    pub len: u32,
 }
 
 impl Packet {
@@ -88,30 +89,20 @@ impl Packet {
     }
 }
 
-/// A pointer to a `T` at `off` in the packet's linear data, bounds-checked
-/// as the verifier requires.
-#[inline(always)]
-fn ptr_at<T>(ctx: &TcContext, off: usize) -> Option<*const T> {
-    let start = ctx.data();
-    let end = ctx.data_end();
-    if start + off + core::mem::size_of::<T>() > end {
-        return None;
-    }
-    Some((start + off) as *const T)
-}
-
 /// Parses a packet; Err carries the pass verdict for packets the device
 /// path leaves to the stack. Reads the headers in place (direct packet
 /// access); a packet whose headers are not all in the linear area is pulled
 /// once, and one still too short is truncated.
 #[inline(always)]
-pub fn parse(ctx: &TcContext) -> Result<Packet, u32> {
+pub fn parse<F: Frame>(ctx: &F) -> Result<Packet, u32> {
     match parse_linear(ctx) {
         Err(V_PASS_TRUNCATED) if (ctx.len() as usize) > ctx.data_end() - ctx.data() => {
             // Headers beyond the linear area (GRO'd or paged packets):
             // pull the most any header chain here needs and retry.
             let want = (EthHdr::LEN + 60 + 20).min(ctx.len() as usize) as u32;
-            ctx.pull_data(want).map_err(|_| V_PASS_TRUNCATED)?;
+            if !ctx.pull(want) {
+                return Err(V_PASS_TRUNCATED);
+            }
             parse_linear(ctx)
         }
         r => r,
@@ -119,15 +110,17 @@ pub fn parse(ctx: &TcContext) -> Result<Packet, u32> {
 }
 
 #[inline(always)]
-fn parse_linear(ctx: &TcContext) -> Result<Packet, u32> {
-    let eth = ptr_at::<EthHdr>(ctx, 0).ok_or(V_PASS_TRUNCATED)?;
+fn parse_linear<F: Frame>(ctx: &F) -> Result<Packet, u32> {
+    let eth = ctx.ptr_at::<EthHdr>(0).ok_or(V_PASS_TRUNCATED)?;
     // VLAN-tagged, IPv6, ARP, ...: not ours.
     // SAFETY: bounds checked by ptr_at.
     if u16::from_be(unsafe { (*eth).ether_type }) != ETH_P_IP {
         return Err(V_PASS_NOT_IPV4);
     }
     let l3_off = EthHdr::LEN as u32;
-    let ip = ptr_at::<Ipv4Hdr>(ctx, l3_off as usize).ok_or(V_PASS_TRUNCATED)?;
+    let ip = ctx
+        .ptr_at::<Ipv4Hdr>(l3_off as usize)
+        .ok_or(V_PASS_TRUNCATED)?;
     // SAFETY: bounds checked by ptr_at.
     let ip = unsafe { &*ip };
     if ip.vihl >> 4 != 4 {
@@ -188,6 +181,7 @@ fn parse_linear(ctx: &TcContext) -> Result<Packet, u32> {
         l4_off,
         frag,
         ip_id,
+        len: ctx.len(),
     })
 }
 
@@ -195,9 +189,11 @@ fn parse_linear(ctx: &TcContext) -> Result<Packet, u32> {
 /// header. The whole header must be there before anything is rewritten;
 /// its first four bytes are the ports for TCP and UDP alike.
 #[inline(always)]
-fn l4_ports(ctx: &TcContext, proto: u8, l4_off: u32) -> Result<(u16, u16, u8), u32> {
+fn l4_ports<F: Frame>(ctx: &F, proto: u8, l4_off: u32) -> Result<(u16, u16, u8), u32> {
     if proto == PROTO_TCP {
-        let h = ptr_at::<[u8; 20]>(ctx, l4_off as usize).ok_or(V_PASS_TRUNCATED)?;
+        let h = ctx
+            .ptr_at::<[u8; 20]>(l4_off as usize)
+            .ok_or(V_PASS_TRUNCATED)?;
         // SAFETY: bounds checked by ptr_at.
         let h = unsafe { &*h };
         Ok((
@@ -206,7 +202,9 @@ fn l4_ports(ctx: &TcContext, proto: u8, l4_off: u32) -> Result<(u16, u16, u8), u
             h[13],
         ))
     } else if proto == PROTO_UDP {
-        let h = ptr_at::<[u8; 8]>(ctx, l4_off as usize).ok_or(V_PASS_TRUNCATED)?;
+        let h = ctx
+            .ptr_at::<[u8; 8]>(l4_off as usize)
+            .ok_or(V_PASS_TRUNCATED)?;
         // SAFETY: bounds checked by ptr_at.
         let h = unsafe { &*h };
         Ok((
@@ -216,7 +214,8 @@ fn l4_ports(ctx: &TcContext, proto: u8, l4_off: u32) -> Result<(u16, u16, u8), u
         ))
     } else {
         // ICMP: no ports; its header must be there (icmp.rs reads on).
-        ptr_at::<[u8; 8]>(ctx, l4_off as usize).ok_or(V_PASS_TRUNCATED)?;
+        ctx.ptr_at::<[u8; 8]>(l4_off as usize)
+            .ok_or(V_PASS_TRUNCATED)?;
         Ok((0, 0, 0))
     }
 }

@@ -1,7 +1,7 @@
 //! Sending a rewritten packet on its way when the stack must not route it:
 //! its source is now a node address (SNAT), which the stack's input path
 //! would drop as martian, so the packet goes straight to the egress device
-//! that the FIB names.
+//! that the FIB names. The lookup serves the XDP program as well.
 
 use aya_ebpf::{
     EbpfContext,
@@ -47,13 +47,28 @@ pub enum Next {
 /// 0: the packet is checked against the device's MTU.
 #[inline(always)]
 pub fn lookup(ctx: &TcContext, proto: u8, src_addr: u32, dst_addr: u32, tot_len: u16) -> Next {
+    // SAFETY: valid skb pointer.
+    let ifindex = unsafe { (*ctx.skb.skb).ingress_ifindex };
+    lookup_from(ctx, ifindex, proto, src_addr, dst_addr, tot_len)
+}
+
+/// The same for a packet that came in on `ifindex`, from any program type
+/// the FIB helper takes (tc or XDP).
+#[inline(always)]
+pub fn lookup_from<C: EbpfContext>(
+    ctx: &C,
+    ifindex: u32,
+    proto: u8,
+    src_addr: u32,
+    dst_addr: u32,
+    tot_len: u16,
+) -> Next {
     // SAFETY: plain-old-data, all-zero is valid.
     let mut p: FibParams = unsafe { core::mem::zeroed() };
     p.family = AF_INET;
     p.l4_protocol = proto;
     p.__bindgen_anon_1.tot_len = tot_len;
-    // SAFETY: valid skb pointer.
-    p.ifindex = unsafe { (*ctx.skb.skb).ingress_ifindex };
+    p.ifindex = ifindex;
     p.__bindgen_anon_3.ipv4_src = src_addr;
     p.__bindgen_anon_4.ipv4_dst = dst_addr;
     // SAFETY: params on the stack, size matches.

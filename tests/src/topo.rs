@@ -176,6 +176,50 @@ impl Topology {
         }
     }
 
+    /// What reaches node-a's eth0 as from a wire: the senders towards it
+    /// (the client, node-b, which forwards its pods' packets) compute
+    /// their checksums instead of leaving them to offload, which an XDP
+    /// program cannot see. And node-a's port on the LAN takes the frames
+    /// XDP sends back out: a veth hands `XDP_TX` frames to its peer's
+    /// NAPI ring, which the kernel polls at once only when the peer runs
+    /// an XDP program of its own; a do-nothing one (`XDP_PASS`) goes there,
+    /// its link pinned in the test's own bpffs `bpffs` (gone with it).
+    pub fn wire_checksums(&self, bpffs: &Path) {
+        for ns in [&self.client, &self.node_b] {
+            ns.run(&["ethtool", "-K", "eth0", "tx", "off"]);
+        }
+        let netns = format!("/run/netns/{}", self.lan.name);
+        let pin = bpffs.join("lan-port-xdp");
+        thread::spawn(move || {
+            use std::os::fd::AsRawFd;
+            let f = std::fs::File::open(&netns).expect("netns");
+            // SAFETY: setns on this thread only, with a valid namespace fd.
+            assert_eq!(
+                unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) },
+                0,
+                "setns"
+            );
+            let mut floor = lbctl::datapath::load::load_floor().expect("floor object");
+            let prog: &mut aya::programs::Xdp = floor
+                .program_mut("floor_xdp")
+                .expect("floor_xdp")
+                .try_into()
+                .expect("xdp");
+            prog.load().expect("load floor_xdp");
+            let id = prog
+                .attach("p-node-a", aya::programs::XdpMode::Driver)
+                .expect("XDP_PASS on the LAN port");
+            let link: aya::programs::links::FdLink = prog
+                .take_link(id)
+                .expect("link")
+                .try_into()
+                .expect("bpf_link");
+            link.pin(&pin).expect("pin the LAN port's XDP link");
+        })
+        .join()
+        .expect("XDP on the LAN port");
+    }
+
     /// An HTTP server in `ns` on `port` that answers every GET with `name`.
     pub fn http_server(&mut self, ns_name: &str, port: u16, name: &str) {
         self.python_server(ns_name, HTTP_SERVER, port, name);
@@ -535,8 +579,27 @@ pub struct Cluster {
     pub source: Vec<String>,
 }
 
+/// Which program translates what comes from outside on node-a's eth0.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DevicePath {
+    /// tc alone (`--xdp auto` leaves a veth to tc).
+    Tc,
+    /// XDP in the driver in front of tc (`--xdp native`), the senders
+    /// towards node-a putting whole checksums on the wire.
+    Xdp,
+}
+
 impl Cluster {
     pub fn start(lbctl: &Path, topo: Topology, files: &[(&str, &str)]) -> Self {
+        Self::start_on(lbctl, topo, files, DevicePath::Tc)
+    }
+
+    pub fn start_on(
+        lbctl: &Path,
+        topo: Topology,
+        files: &[(&str, &str)],
+        path: DevicePath,
+    ) -> Self {
         let mut c = Self::new(lbctl, topo);
         c.source = vec![
             "--manifests".into(),
@@ -546,6 +609,10 @@ impl Cluster {
             "--node-ip".into(),
             NODE_IP.to_string(),
         ];
+        if path == DevicePath::Xdp {
+            c.topo.wire_checksums(&c.bpffs.dir);
+            c.source.extend(["--xdp".into(), "native".into()]);
+        }
         for (name, text) in files {
             c.write(name, text);
         }
@@ -584,6 +651,14 @@ impl Cluster {
             &self.topo.cgroup.path,
             &log,
         ));
+    }
+
+    /// Takes the tc ingress program off node-a's eth0 (its pinned link
+    /// removed; the agent re-attaches only a new device): with XDP on,
+    /// what still gets translated is XDP's work alone.
+    pub fn without_tc_ingress(&self) {
+        let pin = self.pins().join("links").join("lb_from_netdev@eth0");
+        std::fs::remove_file(&pin).unwrap_or_else(|e| panic!("removing {}: {e}", pin.display()));
     }
 
     /// The agent's log so far.

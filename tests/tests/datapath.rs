@@ -11,13 +11,13 @@ use std::net::Ipv4Addr;
 
 use aya::{
     Ebpf,
-    programs::{SchedClassifier, TestRun, TestRunOptions},
+    programs::{SchedClassifier, TestRun, TestRunOptions, Xdp},
 };
 use lb_common::counters::{
     V_DROP_NO_BACKEND, V_DROP_NO_LOCAL_BACKEND, V_DROP_NO_SNAT_PORT, V_DROP_SOURCE_RANGE,
     V_DROP_UNALLOCATED_SERVICE_IP, V_FORWARD_ESTABLISHED, V_FORWARD_NEW, V_FORWARD_RENEWED,
     V_ICMP_TRANSLATED, V_PASS_FRAGMENT_UNKNOWN, V_PASS_NOT_SERVICE, V_REJECT_NO_BACKEND,
-    V_REJECT_UNDEFINED_PORT, V_REPLY, V_RESET_BACKEND_GONE,
+    V_REJECT_UNDEFINED_PORT, V_REPLY, V_RESET_BACKEND_GONE, V_XDP_TO_TC,
 };
 use lb_tests::{
     fixture,
@@ -35,6 +35,11 @@ const TC_ACT_SHOT: u32 = 2;
 /// bpf_redirect's verdict: the answer to a refused flow leaves by the
 /// device it came in on.
 const TC_ACT_REDIRECT: u32 = 7;
+const XDP_DROP: u32 = 1;
+const XDP_PASS: u32 = 2;
+/// The metadata word of a packet the XDP program dealt with (tc lets it
+/// pass): "LBXD", as the program writes it.
+const XDP_SEEN: [u8; 4] = 0x4c42_5844u32.to_ne_bytes();
 
 const NODE: Ipv4Addr = Ipv4Addr::new(172, 18, 0, 2);
 const CLIENT: Ipv4Addr = Ipv4Addr::new(192, 168, 50, 7);
@@ -153,34 +158,101 @@ struct Case {
     output: Want,
     /// A verdict counter that must go up by one.
     counts: Option<u32>,
+    /// XDP leaves it to tc (besides the answers tc redirects back).
+    to_tc: bool,
 }
 
-fn run(ebpf: &mut Ebpf, maps: &ServiceMaps, c: &Case) {
-    let prog: &mut SchedClassifier = ebpf
-        .program_mut(c.program)
-        .expect("program")
-        .try_into()
-        .expect("tc");
-    let before = c.counts.map(|v| maps.verdicts()[v as usize]);
-    let mut out = vec![0u8; c.input.len() + 128];
-    let r = prog
-        .test_run(TestRunOptions {
-            data_in: Some(&c.input),
-            data_out: Some(&mut out),
-            ..Default::default()
-        })
-        .unwrap_or_else(|e| panic!("{}: PROG_TEST_RUN: {e:?}", c.name));
+/// What one program run gave: verdict, the frame out (metadata
+/// removed) and whether the XDP program marked it as dealt with.
+struct Ran {
+    verdict: u32,
+    frame: Vec<u8>,
+    seen: bool,
+}
+
+/// Runs `program` (tc or XDP) once on `input` under PROG_TEST_RUN.
+fn run_once(ebpf: &mut Ebpf, program: &str, input: &[u8]) -> Ran {
+    let mut out = vec![0u8; input.len() + 128];
+    let opts = TestRunOptions {
+        data_in: Some(input),
+        data_out: Some(&mut out),
+        ..Default::default()
+    };
+    let prog = ebpf.program_mut(program).expect("program");
+    let xdp = matches!(prog, aya::programs::Program::Xdp(_));
+    let r = if xdp {
+        let p: &mut Xdp = prog.try_into().expect("xdp");
+        p.test_run(opts)
+    } else {
+        let p: &mut SchedClassifier = prog.try_into().expect("tc");
+        p.test_run(opts)
+    }
+    .unwrap_or_else(|e| panic!("{program}: PROG_TEST_RUN: {e:?}"));
     let got = &out[..r.data_size_out as usize];
+    // XDP's output starts at the metadata the program added.
+    let seen = xdp && got.len() == input.len() + 4 && got[..4] == XDP_SEEN;
+    let frame = if seen { &got[4..] } else { got }.to_vec();
+    Ran {
+        verdict: r.return_value,
+        frame,
+        seen,
+    }
+}
+
+fn check(c: &Case, program: &str, ran: &Ran, verdict: u32) {
     assert_eq!(
-        r.return_value,
-        c.verdict,
-        "{}: verdict\n{}",
+        ran.verdict,
+        verdict,
+        "{} ({program}): verdict\n{}",
         c.name,
-        describe(got)
+        describe(&ran.frame)
     );
     match &c.output {
-        Want::Same => assert_frame(c.name, got, &c.input),
-        Want::Frame(f) => assert_frame(c.name, got, f),
+        Want::Same => assert_frame(c.name, &ran.frame, &c.input),
+        Want::Frame(f) => assert_frame(c.name, &ran.frame, f),
+    }
+}
+
+/// Runs case `c` with tc, or, with `xdp`, a device-path case as the
+/// kernel runs a packet: XDP first, then tc when XDP leaves it to tc.
+fn run(ebpf: &mut Ebpf, maps: &ServiceMaps, c: &Case, xdp: bool) {
+    let before = c.counts.map(|v| maps.verdicts()[v as usize]);
+    let to_tc_before = maps.verdicts()[V_XDP_TO_TC as usize];
+    if xdp && c.program == "lb_from_netdev" {
+        let ran = run_once(ebpf, "lb_xdp_from_netdev", &c.input);
+        // XDP builds no answers: a case tc answers (or refuses to) is
+        // left to it, untouched and uncounted.
+        let to_tc = c.to_tc || c.verdict == TC_ACT_REDIRECT;
+        if to_tc {
+            assert_eq!(
+                (ran.verdict, ran.seen),
+                (XDP_PASS, false),
+                "{}: XDP leaves it to tc, unmarked",
+                c.name
+            );
+            assert_frame(c.name, &ran.frame, &c.input);
+            assert_eq!(
+                maps.verdicts()[V_XDP_TO_TC as usize],
+                to_tc_before + 1,
+                "{}: xdp_to_tc",
+                c.name
+            );
+            let ran = run_once(ebpf, c.program, &c.input);
+            check(c, c.program, &ran, c.verdict);
+        } else {
+            let want = match c.verdict {
+                TC_ACT_OK => XDP_PASS,
+                TC_ACT_SHOT => XDP_DROP,
+                v => panic!("{}: no XDP verdict for tc's {v}", c.name),
+            };
+            check(c, "lb_xdp_from_netdev", &ran, want);
+            if want == XDP_PASS {
+                assert!(ran.seen, "{}: passed by XDP without its mark", c.name);
+            }
+        }
+    } else {
+        let ran = run_once(ebpf, c.program, &c.input);
+        check(c, c.program, &ran, c.verdict);
     }
     if let (Some(v), Some(b)) = (c.counts, before) {
         assert_eq!(
@@ -206,11 +278,24 @@ fn case(
         verdict,
         output,
         counts: None,
+        to_tc: false,
     }
 }
 
 #[test]
 fn device_path_cases() {
+    device_path(false);
+}
+
+/// The same cases with the XDP program in front of tc: every packet XDP
+/// translates leaves it as tc would leave it; what XDP leaves to tc comes
+/// out of tc as before.
+#[test]
+fn device_path_cases_in_xdp() {
+    device_path(true);
+}
+
+fn device_path(xdp: bool) {
     require_root();
     sweep();
     let (fs, mut ebpf) = fixture::datapath();
@@ -220,6 +305,13 @@ fn device_path_cases() {
         prog.load()
             .unwrap_or_else(|e| panic!("verifier rejects {p}: {e}"));
     }
+    let prog: &mut Xdp = ebpf
+        .program_mut("lb_xdp_from_netdev")
+        .unwrap()
+        .try_into()
+        .unwrap();
+    prog.load()
+        .unwrap_or_else(|e| panic!("verifier rejects lb_xdp_from_netdev: {e}"));
     let node = NodeInfo {
         name: "node-a".into(),
         zone: None,
@@ -370,6 +462,7 @@ fn device_path_cases() {
         },
         Case {
             counts: Some(V_PASS_NOT_SERVICE),
+            to_tc: true,
             ..case(
                 "an ICMP error about no flow of ours: untouched",
                 "lb_from_netdev",
@@ -400,6 +493,7 @@ fn device_path_cases() {
         },
         Case {
             counts: Some(V_DROP_NO_BACKEND),
+            to_tc: true,
             ..case(
                 "TCP RST to a Service without endpoints: never answered",
                 "lb_from_netdev",
@@ -660,7 +754,7 @@ fn device_path_cases() {
         Want::Same,
     ));
     for c in &cases {
-        run(&mut ebpf, &maps, c);
+        run(&mut ebpf, &maps, c, xdp);
     }
 
     // Per-backend counters: the web pod got the SYN, the externalIP SYN,
@@ -701,22 +795,17 @@ fn device_path_cases() {
 
     // sessionAffinity ClientIP: every new flow of one client (40 source
     // ports) goes to one backend; other clients spread over the four.
-    let prog: &mut SchedClassifier = ebpf
-        .program_mut("lb_from_netdev")
-        .unwrap()
-        .try_into()
-        .unwrap();
-    let dst_of = |src: (Ipv4Addr, u16)| {
+    let program = if xdp {
+        "lb_xdp_from_netdev"
+    } else {
+        "lb_from_netdev"
+    };
+    let mut dst_of = |src: (Ipv4Addr, u16)| {
         let input = Frame::tcp(src, (NODE, 30088), SYN).bytes();
-        let mut out = vec![0u8; input.len() + 128];
-        let r = prog
-            .test_run(TestRunOptions {
-                data_in: Some(&input),
-                data_out: Some(&mut out),
-                ..Default::default()
-            })
-            .expect("PROG_TEST_RUN");
-        assert_eq!(r.return_value, TC_ACT_OK, "{}", describe(&out));
+        let ran = run_once(&mut ebpf, program, &input);
+        let ok = if xdp { XDP_PASS } else { TC_ACT_OK };
+        assert_eq!(ran.verdict, ok, "{}", describe(&ran.frame));
+        let out = ran.frame;
         Ipv4Addr::new(out[30], out[31], out[32], out[33])
     };
     let one: std::collections::BTreeSet<Ipv4Addr> =
@@ -739,6 +828,15 @@ fn skb_ctx(ifindex: u32) -> Vec<u8> {
     ctx
 }
 
+/// `struct xdp_md` as PROG_TEST_RUN's context: the frame's length as
+/// data_end (the kernel checks it) and the device it came in on.
+fn xdp_ctx(ifindex: u32, len: usize) -> Vec<u8> {
+    let mut ctx = vec![0u8; 24];
+    ctx[4..8].copy_from_slice(&(len as u32).to_ne_bytes()); // data_end
+    ctx[12..16].copy_from_slice(&ifindex.to_ne_bytes()); // ingress_ifindex
+    ctx
+}
+
 /// A NodePort whose only backend is on another node: the first packet is
 /// DNATed and SNATed to the node and redirected towards the other node; the
 /// backend's reply to the node is translated back to the client and
@@ -746,10 +844,32 @@ fn skb_ctx(ifindex: u32) -> Vec<u8> {
 /// namespace with a device, routes and fixed neighbours.
 #[test]
 fn snat_to_a_backend_on_another_node_both_ways() {
+    snat_both_ways(false);
+}
+
+/// The same with XDP in front: what it sends leaves by `XDP_TX` as tc's
+/// redirect would have sent it; the answers it cannot build (ICMP errors,
+/// fragmentation needed) come from tc, the packet left to it untouched.
+#[test]
+fn snat_to_a_backend_on_another_node_both_ways_in_xdp() {
+    snat_both_ways(true);
+}
+
+/// What became of a packet, whichever program did it.
+#[derive(Debug, PartialEq, Eq, Clone, Copy)]
+enum Fate {
+    /// Out towards the FIB's next hop (tc redirect, XDP_TX).
+    Sent,
+    Dropped,
+    Other(u32),
+}
+
+fn snat_both_ways(xdp: bool) {
     use lb_tests::guard::Netns;
     require_root();
     sweep();
     const TC_ACT_REDIRECT: u32 = 7;
+    const XDP_TX: u32 = 3;
     let ns = Netns::new("dp");
     let peer = Netns::new("dq");
     let node_mac = [0x02, 0, 0, 0, 0, 0x02];
@@ -831,8 +951,21 @@ fn snat_to_a_backend_on_another_node_both_ways() {
             .try_into()
             .unwrap();
         prog.load().unwrap();
+        let prog: &mut Xdp = ebpf
+            .program_mut("lb_xdp_from_netdev")
+            .unwrap()
+            .try_into()
+            .unwrap();
+        prog.load().unwrap();
+        let ebpf = std::cell::RefCell::new(ebpf);
         let ctx = skb_ctx(ifindex);
-        let run = |frame: &[u8]| {
+        let tc = |frame: &[u8]| {
+            let mut ebpf = ebpf.borrow_mut();
+            let prog: &mut SchedClassifier = ebpf
+                .program_mut("lb_from_netdev")
+                .unwrap()
+                .try_into()
+                .unwrap();
             let mut out = vec![0u8; frame.len() + 64];
             let r = prog
                 .test_run(TestRunOptions {
@@ -843,7 +976,55 @@ fn snat_to_a_backend_on_another_node_both_ways() {
                 })
                 .expect("PROG_TEST_RUN");
             out.truncate(r.data_size_out as usize);
-            (r.return_value, out)
+            let fate = match r.return_value {
+                TC_ACT_REDIRECT => Fate::Sent,
+                TC_ACT_SHOT => Fate::Dropped,
+                v => Fate::Other(v),
+            };
+            (fate, out)
+        };
+        // XDP first; what it leaves to tc (unmarked, untouched) goes on
+        // to tc. Returns the fate, the frame and whether tc decided.
+        let run3 = |frame: &[u8]| {
+            if !xdp {
+                let (fate, out) = tc(frame);
+                return (fate, out, false);
+            }
+            let (verdict, out) = {
+                let mut ebpf = ebpf.borrow_mut();
+                let prog: &mut Xdp = ebpf
+                    .program_mut("lb_xdp_from_netdev")
+                    .unwrap()
+                    .try_into()
+                    .unwrap();
+                let ctx = xdp_ctx(ifindex, frame.len());
+                let mut out = vec![0u8; frame.len() + 64];
+                let r = prog
+                    .test_run(TestRunOptions {
+                        data_in: Some(frame),
+                        data_out: Some(&mut out),
+                        ctx_in: Some(&ctx),
+                        ..Default::default()
+                    })
+                    .expect("PROG_TEST_RUN (XDP)");
+                out.truncate(r.data_size_out as usize);
+                (r.return_value, out)
+            };
+            match verdict {
+                XDP_TX => (Fate::Sent, out, false),
+                XDP_DROP => (Fate::Dropped, out, false),
+                XDP_PASS if out == frame => {
+                    let (fate, out) = tc(frame);
+                    (fate, out, true)
+                }
+                v => (Fate::Other(v), out, false),
+            }
+        };
+        // The fast cases: decided where they came in (XDP with XDP on).
+        let run = |frame: &[u8]| {
+            let (fate, out, via_tc) = run3(frame);
+            assert!(!via_tc, "left to tc\n{}", describe(&out));
+            (fate, out)
         };
         let cl = (CLIENT, 40000);
         let backend = (Ipv4Addr::new(10, 244, 2, 11), 8080);
@@ -854,7 +1035,7 @@ fn snat_to_a_backend_on_another_node_both_ways() {
         let (verdict, out) = run(&syn.bytes());
         assert_eq!(
             verdict,
-            TC_ACT_REDIRECT,
+            Fate::Sent,
             "SNATed SYN is redirected\n{}",
             describe(&out)
         );
@@ -879,7 +1060,7 @@ fn snat_to_a_backend_on_another_node_both_ways() {
         let (verdict, out) = run(&reply.bytes());
         assert_eq!(
             verdict,
-            TC_ACT_REDIRECT,
+            Fate::Sent,
             "reply is redirected\n{}",
             describe(&out)
         );
@@ -905,8 +1086,8 @@ fn snat_to_a_backend_on_another_node_both_ways() {
         let mut want = Frame::icmp_error_for(&syn, 3, 4);
         want.src_mac = node_mac;
         want.dst_mac = router_mac;
-        let (verdict, out) = run(&frag_needed.bytes());
-        assert_eq!(verdict, TC_ACT_REDIRECT, "{}", describe(&out));
+        let (verdict, out, via_tc) = run3(&frag_needed.bytes());
+        assert_eq!((verdict, via_tc), (Fate::Sent, xdp), "{}", describe(&out));
         assert_frame(
             "fragmentation needed from a router on the backend's side: back to the client",
             &out,
@@ -923,8 +1104,8 @@ fn snat_to_a_backend_on_another_node_both_ways() {
         let mut want = Frame::icmp_error_with(&big, 3, 4, [0, 0, 0x05, 0xdc]);
         want.src_mac = node_mac;
         want.dst_mac = big.src_mac;
-        let (verdict, out) = run(&big.bytes());
-        assert_eq!(verdict, TC_ACT_REDIRECT, "{}", describe(&out));
+        let (verdict, out, via_tc) = run3(&big.bytes());
+        assert_eq!((verdict, via_tc), (Fate::Sent, xdp), "{}", describe(&out));
         assert_frame(
             "a segment too big for the route: fragmentation needed, MTU 1500",
             &out,
@@ -938,7 +1119,7 @@ fn snat_to_a_backend_on_another_node_both_ways() {
         want.src_mac = node_mac;
         want.dst_mac = node_b_mac;
         let (verdict, out) = run(&rst.bytes());
-        assert_eq!(verdict, TC_ACT_REDIRECT);
+        assert_eq!(verdict, Fate::Sent);
         assert_frame("RST of the SNATed flow", &out, &want.bytes());
 
         // A SNAT range of four ports: four new flows get one each, the
@@ -959,13 +1140,13 @@ fn snat_to_a_backend_on_another_node_both_ways() {
         let mut given = std::collections::BTreeSet::new();
         for p in 41000..41004 {
             let (verdict, out) = run(&syn_from(p));
-            assert_eq!(verdict, TC_ACT_REDIRECT, "flow from port {p}");
+            assert_eq!(verdict, Fate::Sent, "flow from port {p}");
             given.insert(src_port(&out));
         }
         assert_eq!(given, (62000..=62003).collect(), "each port once");
         let before = maps.verdicts()[V_DROP_NO_SNAT_PORT as usize];
         let (verdict, _) = run(&syn_from(41004));
-        assert_eq!(verdict, TC_ACT_SHOT, "no free SNAT port");
+        assert_eq!(verdict, Fate::Dropped, "no free SNAT port");
         assert_eq!(maps.verdicts()[V_DROP_NO_SNAT_PORT as usize], before + 1);
         // The reply entry of port 62002 expires (as after its lifetime).
         let rkey = lb_common::conntrack::Ct4Key {
@@ -981,7 +1162,7 @@ fn snat_to_a_backend_on_another_node_both_ways() {
         e.last_seen_s = e.last_seen_s.wrapping_sub(e.lifetime_s + 1);
         maps.conntrack.insert(rkey, e, 0).unwrap();
         let (verdict, out) = run(&syn_from(41005));
-        assert_eq!(verdict, TC_ACT_REDIRECT, "an expired port is free again");
+        assert_eq!(verdict, Fate::Sent, "an expired port is free again");
         assert_eq!(src_port(&out), 62002);
         // A closed connection's port waits out the backend's TIME_WAIT
         // (60 s after its last packet), even once its entry expired.
@@ -993,13 +1174,13 @@ fn snat_to_a_backend_on_another_node_both_ways() {
         e.last_seen_s = e.last_seen_s.wrapping_sub(e.lifetime_s + 1);
         maps.conntrack.insert(rkey, e, 0).unwrap();
         let (verdict, _) = run(&syn_from(41006));
-        assert_eq!(verdict, TC_ACT_SHOT, "a port in TIME_WAIT is not given");
+        assert_eq!(verdict, Fate::Dropped, "a port in TIME_WAIT is not given");
         e.last_seen_s = e
             .last_seen_s
             .wrapping_sub(lb_common::conntrack::CT_TIME_WAIT_S);
         maps.conntrack.insert(rkey, e, 0).unwrap();
         let (verdict, out) = run(&syn_from(41007));
-        assert_eq!(verdict, TC_ACT_REDIRECT, "after TIME_WAIT it is");
+        assert_eq!(verdict, Fate::Sent, "after TIME_WAIT it is");
         assert_eq!(src_port(&out), 62001);
         maps.set_config(Default::default()).unwrap();
     })

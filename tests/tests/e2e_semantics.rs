@@ -13,7 +13,7 @@ use std::{
 use lb_tests::{
     guard::sweep,
     require_root,
-    topo::{self, CLIENT_IP, Cluster, NODE_B_NAME, NODE_IP, NODE_NAME, Topology},
+    topo::{self, CLIENT_IP, Cluster, DevicePath, NODE_B_NAME, NODE_IP, NODE_NAME, Topology},
 };
 
 fn lbctl() -> PathBuf {
@@ -275,11 +275,21 @@ fn affinity_of(services: &[serde_json::Value]) -> Option<u64> {
 /// spread again.
 #[test]
 fn session_affinity_on_both_paths_across_restarts_and_off_again() {
+    session_affinity_on_both_paths_across_restarts_and_off_again_on(DevicePath::Tc);
+}
+
+/// The same with XDP in front of tc on node-a's eth0.
+#[test]
+fn session_affinity_on_both_paths_across_restarts_and_off_again_in_xdp() {
+    session_affinity_on_both_paths_across_restarts_and_off_again_on(DevicePath::Xdp);
+}
+
+fn session_affinity_on_both_paths_across_restarts_and_off_again_on(path: DevicePath) {
     require_root();
     sweep();
     let mut t = Topology::new(3);
     t.start_pod_servers(8080);
-    let mut c = Cluster::start(&lbctl(), t, &[("sticky.yaml", &sticky(true))]);
+    let mut c = Cluster::start_on(&lbctl(), t, &[("sticky.yaml", &sticky(true))], path);
     c.wait_services("sticky with affinity", |s| affinity_of(s) == Some(600));
     let (pod, client) = (From::Pod("pod-1"), From::Outside);
     let np = NODE_IP.to_string();
@@ -374,6 +384,16 @@ fn backends_of(services: &[serde_json::Value], name: &str) -> usize {
 /// node's endpoints, and fail at once when there is none.
 #[test]
 fn traffic_policies_local_on_both_paths() {
+    traffic_policies_local_on_both_paths_on(DevicePath::Tc);
+}
+
+/// The same with XDP in front of tc on node-a's eth0.
+#[test]
+fn traffic_policies_local_on_both_paths_in_xdp() {
+    traffic_policies_local_on_both_paths_on(DevicePath::Xdp);
+}
+
+fn traffic_policies_local_on_both_paths_on(path: DevicePath) {
     require_root();
     sweep();
     let mut t = Topology::with_remote(1, 1);
@@ -382,7 +402,7 @@ fn traffic_policies_local_on_both_paths() {
         ("10.244.1.11", NODE_NAME, READY),
         ("10.244.2.11", NODE_B_NAME, READY),
     ];
-    let c = Cluster::start(&lbctl(), t, &[("policies.yaml", &policies(&both))]);
+    let c = Cluster::start_on(&lbctl(), t, &[("policies.yaml", &policies(&both))], path);
     c.wait_services("both services, both endpoints", |s| {
         backends_of(s, "etp") == 2 && backends_of(s, "itp") == 2
     });
@@ -481,12 +501,22 @@ fn none_slice(endpoints: &[(&str, &str, &str)]) -> String {
 /// appears; with no endpoint ready, terminating ones serve.
 #[test]
 fn refusals_first_endpoint_and_terminating_fallback() {
+    refusals_first_endpoint_and_terminating_fallback_on(DevicePath::Tc);
+}
+
+/// The same with XDP in front of tc on node-a's eth0.
+#[test]
+fn refusals_first_endpoint_and_terminating_fallback_in_xdp() {
+    refusals_first_endpoint_and_terminating_fallback_on(DevicePath::Xdp);
+}
+
+fn refusals_first_endpoint_and_terminating_fallback_on(path: DevicePath) {
     require_root();
     sweep();
     let mut t = Topology::new(2);
     t.start_pod_servers(8080);
     t.start_pod_udp_servers(5353);
-    let c = Cluster::start(&lbctl(), t, &[("none.yaml", empty_service())]);
+    let c = Cluster::start_on(&lbctl(), t, &[("none.yaml", empty_service())], path);
     c.wait_services("the empty Service", |s| {
         s.iter().filter(|s| s["name"] == "none").count() == 2
     });
@@ -614,6 +644,16 @@ fn line(lines: &mut Lines) -> String {
 /// instead of hanging.
 #[test]
 fn flows_of_a_backend_that_left_move_or_end() {
+    flows_of_a_backend_that_left_move_or_end_on(DevicePath::Tc);
+}
+
+/// The same with XDP in front of tc on node-a's eth0.
+#[test]
+fn flows_of_a_backend_that_left_move_or_end_in_xdp() {
+    flows_of_a_backend_that_left_move_or_end_on(DevicePath::Xdp);
+}
+
+fn flows_of_a_backend_that_left_move_or_end_on(path: DevicePath) {
     require_root();
     sweep();
     let mut t = Topology::new(2);
@@ -624,7 +664,12 @@ fn flows_of_a_backend_that_left_move_or_end() {
         ("10.244.1.12", NODE_NAME, READY),
     ];
     let ip_of = |name: &str| if name == "pod-1" { both[0] } else { both[1] };
-    let c = Cluster::start(&lbctl(), t, &[("moving.yaml", &moving_service(&both))]);
+    let c = Cluster::start_on(
+        &lbctl(),
+        t,
+        &[("moving.yaml", &moving_service(&both))],
+        path,
+    );
     c.wait_services("moving with two endpoints", |s| {
         backends_of(s, "moving") == 2
     });
@@ -694,6 +739,16 @@ fn flows_of_a_backend_that_left_move_or_end() {
 /// NodePort is not subject to the ranges (as with kube-proxy).
 #[test]
 fn source_ranges_guard_the_load_balancer_ip() {
+    source_ranges_guard_the_load_balancer_ip_on(DevicePath::Tc);
+}
+
+/// The same with XDP in front of tc on node-a's eth0.
+#[test]
+fn source_ranges_guard_the_load_balancer_ip_in_xdp() {
+    source_ranges_guard_the_load_balancer_ip_on(DevicePath::Xdp);
+}
+
+fn source_ranges_guard_the_load_balancer_ip_on(path: DevicePath) {
     require_root();
     sweep();
     let mut t = Topology::new(2);
@@ -710,7 +765,7 @@ fn source_ranges_guard_the_load_balancer_ip() {
         "apiVersion: v1\nkind: Service\nmetadata: {{name: ranged, namespace: e2e}}\nspec:\n  type: LoadBalancer\n  clusterIP: 10.96.0.95\n  loadBalancerSourceRanges: [{}/32, 10.244.1.11/32]\n  ports: [{{name: tcp, port: 80, targetPort: 8080, nodePort: 30096}}, {{name: udp, protocol: UDP, port: 80, targetPort: 8080, nodePort: 30096}}]\nstatus: {{loadBalancer: {{ingress: [{{ip: 198.51.100.6}}]}}}}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: ranged-1, namespace: e2e, labels: {{kubernetes.io/service-name: ranged}}}}\naddressType: IPv4\nports: [{{name: tcp, port: 8080}}, {{name: udp, protocol: UDP, port: 8080}}]\nendpoints:\n- {{addresses: [10.244.1.11], nodeName: {NODE_NAME}, conditions: {{ready: true}}}}\n",
         topo::CLIENT_IP,
     );
-    let c = Cluster::start(&lbctl(), t, &[("ranged.yaml", &yaml)]);
+    let c = Cluster::start_on(&lbctl(), t, &[("ranged.yaml", &yaml)], path);
     c.wait_services("ranged", |s| {
         s.iter()
             .any(|s| s["name"] == "ranged" && s["source_ranges"][0] == "172.18.0.10/32")
@@ -1037,13 +1092,23 @@ fn nodeport_addresses_localhost_and_unallocated_service_ips() {
 /// connected socket fails with ECONNREFUSED instead of waiting.
 #[test]
 fn icmp_errors_reach_the_client_translated() {
+    icmp_errors_reach_the_client_translated_on(DevicePath::Tc);
+}
+
+/// The same with XDP in front of tc on node-a's eth0.
+#[test]
+fn icmp_errors_reach_the_client_translated_in_xdp() {
+    icmp_errors_reach_the_client_translated_on(DevicePath::Xdp);
+}
+
+fn icmp_errors_reach_the_client_translated_on(path: DevicePath) {
     require_root();
     sweep();
     let mut t = Topology::new(1);
     t.start_pod_servers(8080);
     // No UDP server in the pod: its kernel answers port unreachable.
     let one = [("10.244.1.11", NODE_NAME, READY)];
-    let c = Cluster::start(&lbctl(), t, &[("moving.yaml", &moving_service(&one))]);
+    let c = Cluster::start_on(&lbctl(), t, &[("moving.yaml", &moving_service(&one))], path);
     c.wait_services("moving", |s| backends_of(s, "moving") == 1);
     let before = c.verdicts()["icmp_translated"];
     let np = NODE_IP.to_string();
@@ -1061,6 +1126,16 @@ fn icmp_errors_reach_the_client_translated() {
 /// node and one on the other node (SNAT both ways).
 #[test]
 fn fragmented_datagrams_through_a_node_port() {
+    fragmented_datagrams_through_a_node_port_on(DevicePath::Tc);
+}
+
+/// The same with XDP in front of tc on node-a's eth0.
+#[test]
+fn fragmented_datagrams_through_a_node_port_in_xdp() {
+    fragmented_datagrams_through_a_node_port_on(DevicePath::Xdp);
+}
+
+fn fragmented_datagrams_through_a_node_port_on(path: DevicePath) {
     require_root();
     sweep();
     let mut t = Topology::with_remote(1, 1);
@@ -1070,7 +1145,12 @@ fn fragmented_datagrams_through_a_node_port() {
         ("10.244.1.11", NODE_NAME, READY),
         ("10.244.2.11", NODE_B_NAME, READY),
     ];
-    let c = Cluster::start(&lbctl(), t, &[("moving.yaml", &moving_service(&both))]);
+    let c = Cluster::start_on(
+        &lbctl(),
+        t,
+        &[("moving.yaml", &moving_service(&both))],
+        path,
+    );
     c.wait_services("moving", |s| backends_of(s, "moving") == 2);
     let before = c.verdicts();
     let np = NODE_IP.to_string();
@@ -1110,6 +1190,16 @@ fn fragmented_datagrams_through_a_node_port() {
 /// segments would die on node-b's link.
 #[test]
 fn path_mtu_discovery_through_a_node_port() {
+    path_mtu_discovery_through_a_node_port_on(DevicePath::Tc);
+}
+
+/// The same with XDP in front of tc on node-a's eth0.
+#[test]
+fn path_mtu_discovery_through_a_node_port_in_xdp() {
+    path_mtu_discovery_through_a_node_port_on(DevicePath::Xdp);
+}
+
+fn path_mtu_discovery_through_a_node_port_on(path: DevicePath) {
     require_root();
     sweep();
     let mut t = Topology::with_remote(0, 1);
@@ -1127,7 +1217,12 @@ fn path_mtu_discovery_through_a_node_port() {
         "1400",
     ]);
     let remote = [("10.244.2.11", NODE_B_NAME, READY)];
-    let c = Cluster::start(&lbctl(), t, &[("moving.yaml", &moving_service(&remote))]);
+    let c = Cluster::start_on(
+        &lbctl(),
+        t,
+        &[("moving.yaml", &moving_service(&remote))],
+        path,
+    );
     c.wait_services("moving", |s| backends_of(s, "moving") == 1);
     let before = c.verdicts()["frag_needed_sent"];
     let np = NODE_IP.to_string();

@@ -12,7 +12,7 @@ use std::{
 use lb_tests::{
     guard::{sweep, unique},
     require_root,
-    topo::{self, Cluster, EXT_IP, NODE_B_NAME, NODE_IP, NODE_NAME, Topology},
+    topo::{self, Cluster, DevicePath, EXT_IP, NODE_B_NAME, NODE_IP, NODE_NAME, Topology},
 };
 
 fn lbctl() -> PathBuf {
@@ -101,6 +101,16 @@ fn backends_of(services: &[serde_json::Value], name: &str, port: &str) -> usize 
 
 #[test]
 fn services_answer_from_pods_host_and_outside() {
+    services_answer_from_pods_host_and_outside_on(DevicePath::Tc);
+}
+
+/// The same with XDP in front of tc on node-a's eth0.
+#[test]
+fn services_answer_from_pods_host_and_outside_in_xdp() {
+    services_answer_from_pods_host_and_outside_on(DevicePath::Xdp);
+}
+
+fn services_answer_from_pods_host_and_outside_on(path: DevicePath) {
     require_root();
     sweep();
     let mut t = Topology::new(3);
@@ -109,13 +119,14 @@ fn services_answer_from_pods_host_and_outside() {
     let ext = t.ext.name.clone();
     t.http_server(&ext, 8000, "external");
     Topology::wait_listening(&ext, 8000);
-    let mut c = Cluster::start(
+    let mut c = Cluster::start_on(
         &lbctl(),
         t,
         &[
             ("web.yaml", &three_local()),
             ("legacy.yaml", &LEGACY.replace("EXT", &EXT_IP.to_string())),
         ],
+        path,
     );
     c.wait_services("3 service ports", |s| s.len() == 3);
     let pod1 = &c.topo.pod("pod-1").ns;
@@ -185,12 +196,46 @@ fn services_answer_from_pods_host_and_outside() {
         "{verdicts:#?}"
     );
     let status = c.lbctl_json(&["status"]).unwrap();
+    let attachments = status["attachments"].as_array().unwrap();
     assert_eq!(
-        status["attachments"].as_array().unwrap().len(),
-        // 8 socket hooks (IPv4 and IPv4-mapped IPv6), 2 on eth0.
-        10,
+        attachments.len(),
+        // 8 socket hooks (IPv4 and IPv4-mapped IPv6), 2 tc on eth0, and
+        // XDP there when on.
+        if path == DevicePath::Xdp { 11 } else { 10 },
         "{status:#?}"
     );
+    let xdp: Vec<_> = attachments
+        .iter()
+        .filter(|a| a["program"] == "lb_xdp_from_netdev")
+        .collect();
+    match path {
+        DevicePath::Xdp => assert!(
+            xdp.len() == 1 && xdp[0]["device"] == "eth0" && xdp[0]["xdp_mode"] == "native",
+            "{status:#?}"
+        ),
+        // `--xdp auto` leaves a veth to tc.
+        DevicePath::Tc => {
+            assert!(xdp.is_empty(), "{status:#?}");
+            assert!(
+                c.agent_log().contains("no XDP: tc alone"),
+                "{}",
+                c.agent_log()
+            );
+        }
+    }
+
+    // XDP alone: with tc's ingress program off eth0, the NodePort still
+    // answers the outside client.
+    if path == DevicePath::Xdp {
+        c.without_tc_ingress();
+        for _ in 0..3 {
+            assert!(
+                c.get_from_client(&format!("http://{NODE_IP}:30080/"))
+                    .starts_with("pod-"),
+                "NodePort through XDP alone"
+            );
+        }
+    }
 
     // Pinned: the datapath keeps forwarding with the agent gone.
     c.agent.take().expect("agent").stop();
@@ -208,16 +253,27 @@ fn services_answer_from_pods_host_and_outside() {
 
 #[test]
 fn nodeport_to_a_backend_on_another_node_is_snated() {
+    nodeport_to_a_backend_on_another_node_is_snated_on(DevicePath::Tc);
+}
+
+/// The same with XDP: the SNATed packets and their replies leave by `XDP_TX`.
+#[test]
+fn nodeport_to_a_backend_on_another_node_is_snated_in_xdp() {
+    nodeport_to_a_backend_on_another_node_is_snated_on(DevicePath::Xdp);
+}
+
+fn nodeport_to_a_backend_on_another_node_is_snated_on(path: DevicePath) {
     require_root();
     sweep();
     let mut t = Topology::with_remote(1, 1);
     t.start_pod_servers(8080);
     // Only the pod on node-b backs the Service: the client has no route to
     // it, so only SNAT to node-a and the reverse translation make it work.
-    let c = Cluster::start(
+    let c = Cluster::start_on(
         &lbctl(),
         t,
         &[("web.yaml", &web(&[("10.244.2.11", NODE_B_NAME)]))],
+        path,
     );
     c.wait_services("web with its remote backend", |s| {
         backends_of(s, "web", "http") == 1
@@ -227,6 +283,18 @@ fn nodeport_to_a_backend_on_another_node_is_snated() {
             c.get_from_client(&format!("http://{NODE_IP}:30080/")),
             "pod-b1"
         );
+    }
+    // XDP alone: the SNATed packets and the replies leave by XDP_TX, as
+    // tc ingress is gone.
+    if path == DevicePath::Xdp {
+        c.without_tc_ingress();
+        for _ in 0..5 {
+            assert_eq!(
+                c.get_from_client(&format!("http://{NODE_IP}:30080/")),
+                "pod-b1",
+                "through XDP alone"
+            );
+        }
     }
     // And a pod on node-a reaches it through the ClusterIP.
     assert_eq!(
@@ -257,6 +325,16 @@ endpoints: [{addresses: [10.244.1.12], nodeName: node-a}]
 
 #[test]
 fn external_and_load_balancer_ips_from_outside_and_from_pods() {
+    external_and_load_balancer_ips_from_outside_and_from_pods_on(DevicePath::Tc);
+}
+
+/// The same with XDP in front of tc.
+#[test]
+fn external_and_load_balancer_ips_from_outside_and_from_pods_in_xdp() {
+    external_and_load_balancer_ips_from_outside_and_from_pods_on(DevicePath::Xdp);
+}
+
+fn external_and_load_balancer_ips_from_outside_and_from_pods_on(path: DevicePath) {
     require_root();
     sweep();
     let mut t = Topology::new(2);
@@ -267,7 +345,7 @@ fn external_and_load_balancer_ips_from_outside_and_from_pods() {
         t.client
             .run(&["ip", "route", "add", ip, "via", &NODE_IP.to_string()]);
     }
-    let c = Cluster::start(
+    let c = Cluster::start_on(
         &lbctl(),
         t,
         &[
@@ -277,6 +355,7 @@ fn external_and_load_balancer_ips_from_outside_and_from_pods() {
             ),
             ("public.yaml", LOAD_BALANCER),
         ],
+        path,
     );
     c.wait_services("web and public", |s| {
         backends_of(s, "web", "http") == 2 && backends_of(s, "public", "http") == 1

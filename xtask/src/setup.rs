@@ -25,7 +25,8 @@ use crate::sh;
 /// nodes run, busybox for the upstream tests' busybox image and the tools
 /// upstream's agnhost image has (netcat-openbsd, socat, dig; GNU wget,
 /// since Debian's busybox wget crashes on `-T`, which the tests use;
-/// conntrack for the image of kube-proxy's tests).
+/// conntrack for the image of kube-proxy's tests), and ethtool for the
+/// XDP end-to-end tests' checksum and GRO settings.
 const PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "iproute2",
@@ -44,6 +45,7 @@ const PACKAGES: &[&str] = &[
     "netcat-openbsd",
     "socat",
     "bind9-dnsutils",
+    "ethtool",
 ];
 const LLVM_BIN: &str = "/usr/lib/llvm-22/bin";
 

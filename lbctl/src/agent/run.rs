@@ -74,6 +74,8 @@ pub struct AgentConfig {
     pub snat_ip: Option<Ipv4Addr>,
     /// Device name patterns (`*` and `?`), attached as they appear.
     pub devices: Vec<String>,
+    /// `--xdp`.
+    pub xdp: attach::XdpChoice,
     pub cgroup: Option<PathBuf>,
     pub poll: Duration,
     /// `/healthz`, `/livez`, `/readyz` (and `/metrics`) listener.
@@ -433,9 +435,27 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
             match attach::device(&mut ebpf, &cfg.bpffs, &dev) {
                 Ok(n) => {
                     info!(device = %dev, ifindex = index, attached = n.attached, replaced = n.replaced, "device programs in place");
+                }
+                Err(e) => {
+                    warn!(device = %dev, "attaching: {e:#}");
+                    continue;
+                }
+            }
+            // XDP only in front of a tc program that takes what it leaves.
+            match attach::xdp(&mut ebpf, &cfg.bpffs, &dev, cfg.xdp) {
+                Ok(attach::XdpOutcome::On { mode, replaced }) => {
+                    info!(device = %dev, mode = mode.name(), replaced, "XDP in place");
                     attached_devices.insert(dev, index);
                 }
-                Err(e) => warn!(device = %dev, "attaching: {e:#}"),
+                Ok(attach::XdpOutcome::Off { reason }) => {
+                    info!(device = %dev, %reason, "no XDP: tc alone");
+                    attached_devices.insert(dev, index);
+                }
+                Err(e) => {
+                    // tc carries the device; told once, not every pass.
+                    warn!(device = %dev, "XDP: {e:#} (tc alone)");
+                    attached_devices.insert(dev, index);
+                }
             }
         }
         if !ready {

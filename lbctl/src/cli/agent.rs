@@ -50,6 +50,12 @@ pub struct Args {
     /// comma-separated; attached as they appear.
     #[arg(long, value_delimiter = ',')]
     pub devices: Vec<String>,
+    /// XDP in front of tc on those devices: `auto` native where the
+    /// driver has it, generic on hardware whose driver has not, tc alone
+    /// elsewhere (veth and other virtual devices: see the README);
+    /// `native` or `generic` on every device or an error; `off` tc alone.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub xdp: crate::datapath::attach::XdpChoice,
     /// cgroup (v2) whose processes get socket-level load balancing
     /// (default: the cgroup v2 root, found from /proc/self/mountinfo).
     #[arg(long)]
@@ -236,6 +242,7 @@ pub async fn execute(args: Args) -> Result<()> {
         node_ips: args.node_ips,
         snat_ip: args.snat_ip,
         devices: args.devices,
+        xdp: args.xdp,
         cgroup: args.cgroup,
         poll: Duration::from_millis(args.poll_ms.max(10)),
         healthz_addr: addr(&args.healthz_bind_address)?,

@@ -193,8 +193,11 @@ pub fn datapath_view(c: &lb_common::config::Config) -> DatapathView {
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct AttachmentView {
     pub program: String,
-    /// The device for tc hooks; empty for the cgroup hooks.
+    /// The device for tc and XDP hooks; empty for the cgroup hooks.
     pub device: String,
+    /// For the XDP program: `native` or `generic`, as the device reports.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub xdp_mode: Option<String>,
     pub link_id: u32,
     pub program_id: u32,
 }
@@ -206,6 +209,45 @@ pub struct MapView {
     /// How many entries the map holds at most, as the kernel has it (0
     /// when it cannot be read).
     pub max_entries: u32,
+}
+
+/// The XDP mode of each of `devices` as the kernel reports it, asked in
+/// the agent's network namespace (its devices' names are that namespace's)
+/// when its process `agent_pid` is there to enter, else in this one.
+fn xdp_modes(devices: &[String], agent_pid: Option<u32>) -> Vec<String> {
+    let ask = |devices: &[String]| -> Vec<String> {
+        devices
+            .iter()
+            .map(|d| {
+                let Ok(name) = std::ffi::CString::new(d.as_str()) else {
+                    return "unknown".into();
+                };
+                // SAFETY: NUL-terminated name.
+                let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+                if index == 0 {
+                    return "device not found".into();
+                }
+                crate::datapath::xdp_mode::attached(index)
+                    .map_or_else(|e| format!("unknown ({e})"), |m| m.name().into())
+            })
+            .collect()
+    };
+    let ns = agent_pid.and_then(|p| std::fs::File::open(format!("/proc/{p}/ns/net")).ok());
+    let Some(ns) = ns else {
+        return ask(devices);
+    };
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            use std::os::fd::AsRawFd;
+            // SAFETY: setns on this short-lived thread only.
+            if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                return devices.iter().map(|_| "unknown (setns)".into()).collect();
+            }
+            ask(devices)
+        })
+        .join()
+        .unwrap_or_default()
+    })
 }
 
 pub fn execute(args: Args) -> Result<()> {
@@ -230,6 +272,7 @@ pub fn execute(args: Args) -> Result<()> {
             .with_context(|| format!("reading {}", path.display()))?;
         attachments.push(AttachmentView {
             program,
+            xdp_mode: None,
             device: device.unwrap_or_default(),
             link_id: info.id(),
             program_id: info.program_id(),
@@ -237,10 +280,18 @@ pub fn execute(args: Args) -> Result<()> {
     }
     let st = maps.read()?;
     let ct = maps.conntrack.keys().filter_map(Result::ok).count();
-    let agent = maps
-        .agent_status()
-        .ok()
-        .and_then(|r| agent_view(&r, now_unix(), pid_running(r.pid)));
+    let record = maps.agent_status().ok();
+    let agent = record
+        .as_ref()
+        .and_then(|r| agent_view(r, now_unix(), pid_running(r.pid)));
+    let xdp: Vec<usize> = (0..attachments.len())
+        .filter(|&i| attachments[i].program == attach::XDP_FROM_NETDEV)
+        .collect();
+    let devices: Vec<String> = xdp.iter().map(|&i| attachments[i].device.clone()).collect();
+    let running = record.filter(|r| pid_running(r.pid)).map(|r| r.pid);
+    for (i, mode) in xdp.into_iter().zip(xdp_modes(&devices, running)) {
+        attachments[i].xdp_mode = Some(mode);
+    }
     let view = StatusView {
         bpffs: pins.display().to_string(),
         layout_version: lb_common::LAYOUT_VERSION,
@@ -326,6 +377,8 @@ pub fn execute(args: Args) -> Result<()> {
                         view.agent
                             .as_ref()
                             .map_or("cgroup".into(), |g| format!("cgroup {}", g.cgroup))
+                    } else if let Some(m) = &a.xdp_mode {
+                        format!("{} (XDP {m})", a.device)
                     } else {
                         a.device.clone()
                     };

@@ -16,11 +16,14 @@ use aya::{
     Ebpf,
     programs::{
         CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, LinkOrder,
-        SchedClassifier, TcAttachType, links::FdLink, tc::TcAttachOptions,
+        SchedClassifier, TcAttachType, Xdp, XdpMode, links::FdLink, tc::TcAttachOptions,
     },
 };
 
-use super::pins::links_dir;
+use super::{
+    pins::links_dir,
+    xdp_mode::{self, XdpAttached},
+};
 
 /// The socket-level programs and their hooks.
 pub const SOCK_PROGRAMS: &[&str] = &[
@@ -38,6 +41,180 @@ pub const SOCK_PROGRAMS: &[&str] = &[
 pub const SOCK_EGRESS: &str = "lb_sock_egress";
 pub const FROM_NETDEV: &str = "lb_from_netdev";
 pub const TO_NETDEV: &str = "lb_to_netdev";
+/// The device path in XDP, in front of `lb_from_netdev` (`--xdp`).
+pub const XDP_FROM_NETDEV: &str = "lb_xdp_from_netdev";
+
+/// `--xdp`: whether and how the XDP program goes on the devices.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum XdpChoice {
+    /// tc only.
+    Off,
+    /// Native where the driver has it; generic on a hardware device whose
+    /// driver has not; tc alone elsewhere: on veth (see `VETH_REASON`) and
+    /// on virtual devices without native XDP, where generic XDP would cost
+    /// more than tc saves.
+    Auto,
+    /// Native (in the driver) on every device, or the device is refused.
+    Native,
+    /// Generic (on the skb) on every device.
+    Generic,
+}
+
+/// Why `auto` leaves veth devices to tc: a packet built on this host
+/// crosses a veth with its checksum left to offload (CHECKSUM_PARTIAL),
+/// which an XDP program cannot see; a rewritten one then leaves with a
+/// wrong checksum. Packets from a wire always carry whole checksums.
+pub const VETH_REASON: &str =
+    "veth: host-built packets cross it with checksums left to offload, which XDP cannot see";
+
+/// The XDP outcome on one device.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum XdpOutcome {
+    /// Attached (or kept, with this agent's program swapped in) in `mode`.
+    On { mode: XdpAttached, replaced: bool },
+    /// tc only, and why.
+    Off { reason: String },
+}
+
+/// The driver of `device` and its bus address, empty for a virtual device
+/// (`ETHTOOL_GDRVINFO`, as `ethtool -i` shows `driver` and `bus-info`).
+pub fn driver(device: &str) -> Option<(String, String)> {
+    const SIOCETHTOOL: libc::c_ulong = 0x8946;
+    const ETHTOOL_GDRVINFO: u32 = 0x3;
+    // `struct ethtool_drvinfo`: cmd, then driver[32], ...; 196 bytes.
+    let mut info = [0u8; 196];
+    info[..4].copy_from_slice(&ETHTOOL_GDRVINFO.to_ne_bytes());
+    // SAFETY: zeroed plain-old-data.
+    let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
+    let name = device.as_bytes();
+    if name.len() >= ifr.ifr_name.len() {
+        return None;
+    }
+    for (d, s) in ifr.ifr_name.iter_mut().zip(name) {
+        *d = *s as libc::c_char;
+    }
+    ifr.ifr_ifru.ifru_data = info.as_mut_ptr().cast();
+    // SAFETY: a datagram socket for the ioctl, closed below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: ifreq points at `info`, which outlives the call.
+    let r = unsafe { libc::ioctl(fd, SIOCETHTOOL as _, &mut ifr) };
+    // SAFETY: our descriptor.
+    unsafe { libc::close(fd) };
+    if r < 0 {
+        return None;
+    }
+    let text = |d: &[u8]| {
+        let end = d.iter().position(|&b| b == 0).unwrap_or(d.len());
+        String::from_utf8_lossy(&d[..end]).into_owned()
+    };
+    // driver[32], version[32], fw_version[32], bus_info[32].
+    Some((text(&info[4..36]), text(&info[100..132])))
+}
+
+fn ifindex(device: &str) -> Result<u32> {
+    let c = std::ffi::CString::new(device)?;
+    // SAFETY: NUL-terminated name.
+    let i = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    anyhow::ensure!(i != 0, "no device {device}");
+    Ok(i)
+}
+
+/// Puts the XDP program on `device` as `choice` says, swapping it in under
+/// a live pinned link of an earlier agent when that link's mode is one
+/// `choice` accepts, re-attaching otherwise (tc, always attached, carries
+/// the traffic meanwhile). With `auto`, a device that takes no XDP is left
+/// to tc and the reason returned; with `native` or `generic` it is an error.
+pub fn xdp(ebpf: &mut Ebpf, pins: &Path, device: &str, choice: XdpChoice) -> Result<XdpOutcome> {
+    let path = link_path(pins, XDP_FROM_NETDEV, Some(device));
+    let off = |path: &Path, reason: &str| -> Result<XdpOutcome> {
+        if path.exists() {
+            fs::remove_file(path).with_context(|| format!("removing {}", path.display()))?;
+        }
+        Ok(XdpOutcome::Off {
+            reason: reason.into(),
+        })
+    };
+    if choice == XdpChoice::Off {
+        return off(&path, "--xdp=off");
+    }
+    let (driver, bus) = driver(device).unwrap_or_default();
+    if choice == XdpChoice::Auto && driver == "veth" {
+        return off(&path, VETH_REASON);
+    }
+    let hardware = !bus.is_empty();
+    let index = ifindex(device)?;
+    let prog: &mut Xdp = ebpf
+        .program_mut(XDP_FROM_NETDEV)
+        .with_context(|| format!("program {XDP_FROM_NETDEV} missing from the object"))?
+        .try_into()?;
+    if prog.fd().is_err() {
+        prog.load()
+            .with_context(|| format!("loading {XDP_FROM_NETDEV}"))?;
+    }
+    let accepts = |m: XdpAttached| match choice {
+        XdpChoice::Native => m == XdpAttached::Driver,
+        XdpChoice::Generic => m == XdpAttached::Skb,
+        _ => matches!(m, XdpAttached::Driver | XdpAttached::Skb),
+    };
+    if path.exists() {
+        let now = xdp_mode::attached(index)
+            .with_context(|| format!("reading the XDP mode of {device}"))?;
+        if accepts(now) {
+            if replace_pinned(&path, prog.fd()?.as_fd())? {
+                return Ok(XdpOutcome::On {
+                    mode: now,
+                    replaced: true,
+                });
+            }
+        } else {
+            // Another mode than asked: off, then on again as asked.
+            fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
+        }
+    }
+    let modes: &[(XdpMode, XdpAttached)] = match choice {
+        XdpChoice::Native => &[(XdpMode::Driver, XdpAttached::Driver)],
+        XdpChoice::Generic => &[(XdpMode::Skb, XdpAttached::Skb)],
+        _ if hardware => &[
+            (XdpMode::Driver, XdpAttached::Driver),
+            (XdpMode::Skb, XdpAttached::Skb),
+        ],
+        _ => &[(XdpMode::Driver, XdpAttached::Driver)],
+    };
+    let mut errors = Vec::new();
+    for (mode, attached) in modes {
+        match prog.attach_to_if_index(index, *mode) {
+            Ok(id) => {
+                let link: FdLink = prog
+                    .take_link(id)?
+                    .try_into()
+                    .with_context(|| format!("{device}: XDP attached without a bpf_link"))?;
+                link.pin(&path)
+                    .with_context(|| format!("pinning {}", path.display()))?;
+                return Ok(XdpOutcome::On {
+                    mode: *attached,
+                    replaced: false,
+                });
+            }
+            Err(e) => errors.push(format!("{}: {e}", attached.name())),
+        }
+    }
+    let reason = if choice == XdpChoice::Auto && !hardware {
+        format!(
+            "virtual device ({driver}) without native XDP: generic XDP would cost more than tc ({})",
+            errors.join("; ")
+        )
+    } else {
+        format!("XDP refused ({})", errors.join("; "))
+    };
+    if choice == XdpChoice::Auto {
+        return off(&path, &reason);
+    }
+    anyhow::bail!("{device}: {reason}")
+}
 
 fn link_path(pins: &Path, program: &str, device: Option<&str>) -> PathBuf {
     let name = match device {
@@ -225,7 +402,7 @@ pub fn pinned(pins: &Path) -> Vec<(String, String, Option<String>)> {
 /// Detaches a device's programs (the device went away or is no longer
 /// matched): unpinning drops the last reference to the link.
 pub fn detach_device(pins: &Path, device: &str) -> Result<()> {
-    for name in [FROM_NETDEV, TO_NETDEV] {
+    for name in [XDP_FROM_NETDEV, FROM_NETDEV, TO_NETDEV] {
         let path = link_path(pins, name, Some(device));
         if path.exists() {
             fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;

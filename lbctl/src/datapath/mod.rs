@@ -13,3 +13,4 @@ pub mod pins;
 pub mod probe;
 pub mod slots_v1;
 pub mod sockdiag;
+pub mod xdp_mode;

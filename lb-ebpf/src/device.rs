@@ -1,0 +1,162 @@
+//! What the device path's flow logic (`netdev`) asks of the program it runs
+//! in: tc on the node's devices does everything; XDP, before the stack,
+//! does the common work (translate, forward, drop) and leaves the rest to
+//! the tc program behind it, untouched.
+
+use aya_ebpf::{
+    EbpfContext,
+    bindings::{TC_ACT_OK, TC_ACT_SHOT},
+    programs::TcContext,
+};
+use lb_common::{
+    PROTO_TCP,
+    conntrack::Ct4Entry,
+    counters::{V_DROP_REWRITE, V_PASS_NOT_SERVICE},
+};
+
+use crate::{frame::Frame, icmp, nat, parse::Packet, reject, route, stats};
+
+/// Where a rewritten packet goes.
+pub enum Way {
+    /// To the stack: a local backend (or the client, for a local backend's
+    /// reply) that the stack routes to.
+    Stack,
+    /// Past the stack, where the FIB says (SNATed flows).
+    Next(route::Next),
+}
+
+pub trait Device: Frame + EbpfContext {
+    /// Whether the program builds answers itself (RSTs, ICMP port
+    /// unreachable and fragmentation needed) and translates ICMP errors.
+    /// When it does not, such packets go to `to_tc` before anything of
+    /// them is counted or changed.
+    const ANSWERS: bool;
+    /// A packet the device path does not translate, to the stack.
+    fn pass(&self) -> i32;
+    fn drop(&self) -> i32;
+    /// A packet left, untouched, to the tc program (only when !ANSWERS).
+    fn to_tc(&self) -> i32;
+    fn refuse(&self, pkt: &Packet, verdict: u32) -> i32;
+    /// An ICMP error to one of the node's frontend or SNAT addresses.
+    fn icmp(&self, pkt: &Packet) -> i32;
+    /// The IP length of the packet as it will be sent.
+    fn ip_len(&self, pkt: &Packet) -> u16;
+    fn route(&self, proto: u8, src_addr: u32, dst_addr: u32, tot_len: u16) -> route::Next;
+    /// Whether this program can send a packet where `next` says.
+    fn sends(&self, next: &route::Next) -> bool;
+    /// Rewrites per the entry and hands the packet on `way`; counts
+    /// `verdict`.
+    fn forward(&self, pkt: &Packet, e: &Ct4Entry, way: Way, verdict: u32) -> i32;
+}
+
+/// Where a packet from `src_addr` to `dst_addr` goes after the rewrite, if
+/// this program can send it there (else the packet is for tc). Looked up
+/// before anything is rewritten or counted: a packet too big for the route
+/// is answered quoting it as its sender sent it (path MTU discovery).
+#[inline(always)]
+pub fn way<D: Device>(
+    dev: &D,
+    pkt: &Packet,
+    snat: bool,
+    src_addr: u32,
+    dst_addr: u32,
+) -> Option<Way> {
+    if !snat {
+        return Some(Way::Stack);
+    }
+    let next = dev.route(pkt.proto, src_addr, dst_addr, dev.ip_len(pkt));
+    if dev.sends(&next) {
+        Some(Way::Next(next))
+    } else {
+        None
+    }
+}
+
+impl Device for TcContext {
+    const ANSWERS: bool = true;
+
+    #[inline(always)]
+    fn pass(&self) -> i32 {
+        TC_ACT_OK
+    }
+
+    #[inline(always)]
+    fn drop(&self) -> i32 {
+        TC_ACT_SHOT
+    }
+
+    #[inline(always)]
+    fn to_tc(&self) -> i32 {
+        // Never asked: tc answers everything itself.
+        stats::verdict(V_PASS_NOT_SERVICE);
+        TC_ACT_OK
+    }
+
+    #[inline(always)]
+    fn refuse(&self, pkt: &Packet, verdict: u32) -> i32 {
+        reject::refuse(self, pkt, verdict)
+    }
+
+    #[inline(always)]
+    fn icmp(&self, pkt: &Packet) -> i32 {
+        icmp::from_netdev(self, pkt)
+    }
+
+    /// Of each segment for a GSO packet (headers and the segment size),
+    /// else its own.
+    #[inline(always)]
+    fn ip_len(&self, pkt: &Packet) -> u16 {
+        // SAFETY: valid skb pointer.
+        let gso_size = unsafe { (*self.skb.skb).gso_size };
+        if gso_size == 0 {
+            return self
+                .load::<[u8; 2]>(pkt.l3_off as usize + 2)
+                .map_or(0, u16::from_be_bytes);
+        }
+        let l4_header = if pkt.proto == PROTO_TCP {
+            self.load::<u8>(pkt.l4_off as usize + 12)
+                .map_or(20, |d| (d >> 4) as u32 * 4)
+        } else {
+            8
+        };
+        (pkt.l4_off - pkt.l3_off + l4_header + gso_size).min(u16::MAX as u32) as u16
+    }
+
+    #[inline(always)]
+    fn route(&self, proto: u8, src_addr: u32, dst_addr: u32, tot_len: u16) -> route::Next {
+        route::lookup(self, proto, src_addr, dst_addr, tot_len)
+    }
+
+    #[inline(always)]
+    fn sends(&self, _next: &route::Next) -> bool {
+        // Every answer, a fragmentation needed or a counted drop included.
+        true
+    }
+
+    #[inline(always)]
+    fn forward(&self, pkt: &Packet, e: &Ct4Entry, way: Way, verdict: u32) -> i32 {
+        if let Way::Next(route::Next::FragNeeded { mtu }) = way {
+            return reject::frag_needed(self, pkt, mtu);
+        }
+        if nat::rewrite(
+            self,
+            pkt,
+            e.nat_src_addr,
+            e.nat_dst_addr,
+            e.nat_src_port,
+            e.nat_dst_port,
+        )
+        .is_err()
+        {
+            stats::verdict(V_DROP_REWRITE);
+            return TC_ACT_SHOT;
+        }
+        // The first fragment of a datagram: its flow for the later ones.
+        pkt.remember_fragment();
+        stats::verdict(verdict);
+        match way {
+            Way::Next(next) => route::send(self, next),
+            Way::Stack => TC_ACT_OK,
+        }
+    }
+}
