@@ -31,7 +31,14 @@ pub const ROWS: &[&str] = &[
     "not for a Service: routed to a pod address (passed)",
     "floor: tc program returning TC_ACT_OK",
     "floor: XDP program returning XDP_PASS",
+    "XDP: new flow to a NodePort (conntrack create, backend pick, DNAT, XDP_PASS)",
+    "XDP: established flow (conntrack hit, DNAT)",
+    "XDP: reply of an SNATed flow (conntrack hit, FIB lookup, XDP_TX)",
+    "XDP: not for a Service: node address, port 22 (passed)",
 ];
+
+/// Rows of the XDP program, from this index on.
+const XDP_ROWS: usize = 7;
 
 pub struct Results {
     pub sizes: Vec<usize>,
@@ -110,6 +117,7 @@ pub fn run(quick: bool, progress: &mut Progress) -> Results {
     let other = Frame::tcp((client, 40000), (NODE, 22), ACK).bytes();
     let routed = Frame::tcp((client, 40000), (Ipv4Addr::new(10, 244, 9, 9), 8080), ACK).bytes();
 
+    let dev = XdpDevice::new();
     let mut res = Results {
         sizes: sizes.clone(),
         cost: vec![vec![]; ROWS.len()],
@@ -160,10 +168,17 @@ pub fn run(quick: bool, progress: &mut Progress) -> Results {
                     ebpf.program_mut(name).unwrap().try_into().unwrap();
                 p.load().unwrap();
             }
+            let p: &mut Xdp = ebpf
+                .program_mut("lb_xdp_from_netdev")
+                .unwrap()
+                .try_into()
+                .unwrap();
+            p.load().unwrap();
             for (name, p) in ebpf.programs() {
                 let info = match p {
                     Program::SchedClassifier(p) => p.info(),
                     Program::CgroupSockAddr(p) => p.info(),
+                    Program::Xdp(p) => p.info(),
                     _ => continue,
                 };
                 if let Ok(info) = info {
@@ -198,9 +213,198 @@ pub fn run(quick: bool, progress: &mut Progress) -> Results {
         res.cost[4].push(rounds(n_rounds, calls, |_| run_once(from, &routed).0));
         res.cost[5].push(rounds(n_rounds, calls, |_| run_once(floor_tc, &other).0));
         res.cost[6].push(rounds(n_rounds, calls, |_| run_once(xdp, &other).0));
+        progress.step(&format!("per-packet cost: XDP with {n} Services"));
+        let est_key = lb_common::conntrack::Ct4Key {
+            src_addr: lb_common::ip4([192, 168, 99, 1]),
+            dst_addr: lb_common::ip4(NODE.octets()),
+            src_port: 40000u16.to_be(),
+            dst_port: np.to_be(),
+            proto: 6,
+            dir: lb_common::conntrack::CT_ORIGINAL,
+            _pad: 0,
+        };
+        let est_entry = rec
+            .writer
+            .conntrack
+            .get(&est_key, 0)
+            .expect("the established flow's entry");
+        for (row, cost) in xdp_rows(&dev, &pins, np, &est_entry, n_rounds, calls)
+            .into_iter()
+            .enumerate()
+        {
+            res.cost[XDP_ROWS + row].push(cost);
+        }
         drop(rec);
     }
     res
+}
+
+/// A device for the XDP program's FIB lookups: `eth0` in a namespace of
+/// its own (its peer in another), the clients' network routed through a
+/// router whose MAC address is fixed, as in the datapath tests.
+struct XdpDevice {
+    ns: crate::guard::Netns,
+    _peer: crate::guard::Netns,
+    ifindex: u32,
+}
+
+const ROUTER: Ipv4Addr = Ipv4Addr::new(172, 18, 0, 1);
+
+impl XdpDevice {
+    fn new() -> Self {
+        let ns = crate::guard::Netns::new("bx");
+        let peer = crate::guard::Netns::new("by");
+        let ip = |args: &[&str]| {
+            let mut all = vec!["-n", ns.name.as_str()];
+            all.extend_from_slice(args);
+            crate::guard::run("ip", &all);
+        };
+        ip(&[
+            "link", "add", "eth0", "type", "veth", "peer", "name", "eth0", "netns", &peer.name,
+        ]);
+        ip(&["link", "set", "eth0", "up"]);
+        ip(&["addr", "add", &format!("{NODE}/24"), "dev", "eth0"]);
+        ip(&[
+            "neigh",
+            "add",
+            &ROUTER.to_string(),
+            "lladdr",
+            "02:00:00:00:00:01",
+            "dev",
+            "eth0",
+            "nud",
+            "permanent",
+        ]);
+        ip(&["route", "add", "192.168.0.0/16", "via", &ROUTER.to_string()]);
+        ns.run(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+        let ifindex = ns
+            .run(&["cat", "/sys/class/net/eth0/ifindex"])
+            .trim()
+            .parse()
+            .expect("ifindex");
+        Self {
+            ns,
+            _peer: peer,
+            ifindex,
+        }
+    }
+}
+
+/// The XDP rows for the maps pinned at `pins`, measured in the device's
+/// namespace (PROG_TEST_RUN's FIB lookups are the calling thread's):
+/// new flow, established flow `est` (already recorded), the reply of an
+/// SNATed flow (its two entries written as the program writes them), and
+/// a packet for the node's own port 22.
+fn xdp_rows(
+    dev: &XdpDevice,
+    pins: &std::path::Path,
+    np: u16,
+    est: &lb_common::conntrack::Ct4Entry,
+    n_rounds: usize,
+    calls: usize,
+) -> Vec<(f64, f64, f64)> {
+    use lb_common::conntrack::{CT_LIFETIME_TCP_ESTABLISHED, CT_REPLY, CT_SEEN_REPLY, CT_SNAT};
+    let netns = format!("/run/netns/{}", dev.ns.name);
+    let ifindex = dev.ifindex;
+    let pins = pins.to_path_buf();
+    let est = *est;
+    std::thread::spawn(move || {
+        use std::os::fd::AsRawFd;
+        let f = std::fs::File::open(&netns).expect("netns");
+        // SAFETY: setns on this thread only, with a valid namespace fd.
+        assert_eq!(
+            unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) },
+            0,
+            "setns"
+        );
+        let mut ebpf = load::load(&pins).expect("load");
+        let p: &mut Xdp = ebpf
+            .program_mut("lb_xdp_from_netdev")
+            .unwrap()
+            .try_into()
+            .unwrap();
+        p.load().expect("verifier: lb_xdp_from_netdev");
+        let p: &Xdp = ebpf
+            .program("lb_xdp_from_netdev")
+            .unwrap()
+            .try_into()
+            .unwrap();
+        let run = |frame: &[u8]| -> (f64, u32) {
+            // `struct xdp_md`: data_end (the frame's length), ingress_ifindex.
+            let mut ctx = [0u8; 24];
+            ctx[4..8].copy_from_slice(&(frame.len() as u32).to_ne_bytes());
+            ctx[12..16].copy_from_slice(&ifindex.to_ne_bytes());
+            let mut out = vec![0u8; frame.len() + 64];
+            let r = p
+                .test_run(TestRunOptions {
+                    data_in: Some(frame),
+                    data_out: Some(&mut out),
+                    ctx_in: Some(&ctx),
+                    repeat: 1,
+                    ..Default::default()
+                })
+                .expect("PROG_TEST_RUN (XDP)");
+            (r.duration.as_nanos() as f64, r.return_value)
+        };
+        const XDP_PASS: u32 = 2;
+        const XDP_TX: u32 = 3;
+        let mut rows = Vec::new();
+        // New flows from other clients than the tc rows' (their entries
+        // are still there).
+        rows.push(rounds(n_rounds, calls, |i| {
+            let src = Ipv4Addr::new(192, 168, 120 + (i / 60_000) as u8, 7);
+            let f = Frame::tcp((src, 1024 + (i % 60_000) as u16), (NODE, np), SYN).bytes();
+            let (t, v) = run(&f);
+            assert_eq!(v, XDP_PASS, "XDP new flow");
+            t
+        }));
+        let est_frame =
+            Frame::tcp((Ipv4Addr::new(192, 168, 99, 1), 40000), (NODE, np), ACK).bytes();
+        rows.push(rounds(n_rounds, calls, |_| {
+            let (t, v) = run(&est_frame);
+            assert_eq!(v, XDP_PASS, "XDP established flow");
+            t
+        }));
+        // An SNATed flow: the client 192.168.98.1:40000 to the NodePort,
+        // its backend on another node answering the node's port 62000.
+        let client = Ipv4Addr::new(192, 168, 98, 1);
+        let backend = Ipv4Addr::new(10, 244, 2, 11);
+        let mut maps = ServiceMaps::open(&pins).expect("maps");
+        let reply_key = lb_common::conntrack::Ct4Key {
+            src_addr: lb_common::ip4(backend.octets()),
+            dst_addr: lb_common::ip4(NODE.octets()),
+            src_port: 8080u16.to_be(),
+            dst_port: 62000u16.to_be(),
+            proto: 6,
+            dir: CT_REPLY,
+            _pad: 0,
+        };
+        let reply_entry = lb_common::conntrack::Ct4Entry {
+            nat_src_addr: lb_common::ip4(NODE.octets()),
+            nat_dst_addr: lb_common::ip4(client.octets()),
+            nat_src_port: np.to_be(),
+            nat_dst_port: 40000u16.to_be(),
+            flags: CT_SNAT | CT_SEEN_REPLY,
+            lifetime_s: CT_LIFETIME_TCP_ESTABLISHED,
+            packets: 0,
+            bytes: 0,
+            ..est
+        };
+        maps.conntrack
+            .insert(reply_key, reply_entry, 0)
+            .expect("reply entry");
+        let reply = Frame::tcp((backend, 8080), (NODE, 62000), ACK).bytes();
+        rows.push(rounds(n_rounds, calls, |_| {
+            let (t, v) = run(&reply);
+            assert_eq!(v, XDP_TX, "XDP reply of an SNATed flow");
+            t
+        }));
+        let other = Frame::tcp((Ipv4Addr::new(192, 168, 50, 7), 40000), (NODE, 22), ACK).bytes();
+        rows.push(rounds(n_rounds, calls, |_| run(&other).0));
+        rows
+    })
+    .join()
+    .expect("XDP rows")
 }
 
 impl Results {
