@@ -2,6 +2,12 @@
 
 use crate::user_pod;
 
+/// `LB_PORTS_V1` holds every port a frontend in the maps uses and the SNAT
+/// range: the device path passes a packet to any other port (outside the
+/// service CIDRs) at once. Set by the agent once it has written the map
+/// whole; an agent that does not keep the map never sets it.
+pub const CFG_PORTS: u32 = 1 << 0;
+
 /// How many service CIDRs the datapath checks. The API server allows any
 /// number of ServiceCIDR objects; clusters have one or two per family. The
 /// agent reports the ones past this count as not enforced.
@@ -18,6 +24,7 @@ pub struct Config {
     /// datapath (`--snat-port-range`).
     pub snat_port_min: u16,
     pub snat_port_max: u16,
+    /// `CFG_*`.
     pub flags: u32,
     /// How many of `service_cidrs` are set.
     pub service_cidr_count: u32,

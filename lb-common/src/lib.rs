@@ -16,6 +16,7 @@ pub mod conntrack;
 pub mod counters;
 pub mod hash;
 pub mod maps;
+pub mod ports;
 pub mod service;
 pub mod sock;
 pub mod status;

@@ -19,6 +19,9 @@ pub const VERDICT_STATS: &str = "LB_VERDICTS_V1";
 pub const CONFIG: &str = "LB_CONFIG_V1";
 pub const BACKEND_STATS: &str = "LB_BE_STATS_V1";
 pub const AGENT_STATUS: &str = "LB_AGENT_V1";
+/// A bit per destination port the device path looks further at
+/// (`crate::ports`).
+pub const PORTS: &str = "LB_PORTS_V1";
 
 /// Every map the agent pins, in the order `lbctl` lists them.
 pub const ALL: &[&str] = &[
@@ -40,6 +43,7 @@ pub const ALL: &[&str] = &[
     CONFIG,
     BACKEND_STATS,
     AGENT_STATUS,
+    PORTS,
 ];
 
 /// Maps from an earlier layout that the agent removes when it finds them

@@ -114,6 +114,20 @@ pub static AGENT_STATUS: Array<AgentStatus> = Array::pinned(1, 0);
 #[map(name = "LB_CONFIG_V1")]
 pub static CONFIG: Array<Config> = Array::pinned(1, 0);
 
+/// A bit per destination port some frontend or the SNAT range uses
+/// (`lb_common::ports`), valid while the config says `CFG_PORTS`.
+#[map(name = "LB_PORTS_V1")]
+pub static PORTS: Array<u64> = Array::pinned(lb_common::ports::PORT_WORDS, 0);
+
+/// Whether the device path must look further at a packet to `port` (wire
+/// order): true unless the agent's port map says no frontend and no SNAT
+/// range has it.
+#[inline(always)]
+pub fn port_in_use(port: u16) -> bool {
+    let (word, bit) = lb_common::ports::port_bit(u16::from_be(port));
+    PORTS.get(word).is_none_or(|w| w & bit != 0)
+}
+
 /// Room to build a packet's new headers (a refusal, a translated ICMP
 /// error) off the 512-byte BPF stack. Per CPU, one entry, never pinned:
 /// only the program run on this CPU uses it, for the length of one run.

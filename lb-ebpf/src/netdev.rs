@@ -10,6 +10,7 @@ use aya_ebpf::{
 use aya_log_ebpf::debug;
 use lb_common::{
     PROTO_TCP,
+    config::CFG_PORTS,
     conntrack::{CT_CLOSING, CT_LOCAL_BACKEND, CT_ORIGINAL, CT_REPLY, CT_SNAT, Ct4Entry, Ct4Key},
     counters::{
         V_DROP_CT_FULL, V_DROP_NO_LOCAL_BACKEND, V_DROP_NO_SNAT_PORT, V_DROP_SOURCE_RANGE,
@@ -29,7 +30,7 @@ use crate::{
     conntrack::{self, now_s},
     device::{Device, Way, way},
     icmp::{self, PROTO_ICMP},
-    maps::{ADDRS4, CONFIG, SERVICE_BACKENDS, SOURCE_RANGES4},
+    maps::{self, ADDRS4, CONFIG, SERVICE_BACKENDS, SOURCE_RANGES4},
     parse::{self, Packet, TCP_ACK, TCP_SYN},
     select::{self, Chosen, Client},
     stats, xdp,
@@ -54,6 +55,21 @@ pub fn from_outside<D: Device>(dev: &D) -> i32 {
             return dev.pass();
         }
     };
+    // Most traffic to a node that is no Service's (SSH, the kubelet, BGP)
+    // goes to a port no frontend and no SNAT range uses: it leaves after
+    // one array lookup, whatever its address, once the agent has written
+    // the port map whole. Addresses of the service CIDRs go on (an
+    // undefined ClusterIP port is refused, an unallocated address
+    // dropped), and so do ICMP errors (no ports).
+    if pkt.proto != PROTO_ICMP
+        && !maps::port_in_use(pkt.dst_port)
+        && CONFIG
+            .get(0)
+            .is_some_and(|c| c.flags & CFG_PORTS != 0 && !c.in_service_cidr(pkt.dst_addr))
+    {
+        stats::verdict(V_PASS_NOT_SERVICE);
+        return dev.pass();
+    }
     // Every packet this path translates is addressed to a frontend or an
     // SNAT address: anything else leaves after one lookup.
     // SAFETY: copied out at once.

@@ -327,6 +327,9 @@ fn device_path(xdp: bool) {
         (Ipv4Addr::new(10, 96, 0, 0).to_bits(), 12),
         (Ipv4Addr::new(172, 30, 0, 0).to_bits(), 16),
     ]);
+    // The port map is whole (the translation wrote it): a packet to a port
+    // no frontend uses leaves at once, as under the agent.
+    config.flags |= lb_common::config::CFG_PORTS;
     maps.set_config(config).unwrap();
 
     let cl = (CLIENT, 40000);
@@ -568,6 +571,16 @@ fn device_path(xdp: bool) {
                 "an address of the second service CIDR: dropped",
                 "lb_from_netdev",
                 Frame::udp((CLIENT, 5000), (Ipv4Addr::new(172, 30, 9, 9), 53)).bytes(),
+                TC_ACT_SHOT,
+                Want::Same,
+            )
+        },
+        Case {
+            counts: Some(V_DROP_UNALLOCATED_SERVICE_IP),
+            ..case(
+                "a port no frontend uses, to an address of the service CIDR: still dropped",
+                "lb_from_netdev",
+                Frame::tcp(cl, (Ipv4Addr::new(10, 111, 0, 3), 4444), SYN).bytes(),
                 TC_ACT_SHOT,
                 Want::Same,
             )

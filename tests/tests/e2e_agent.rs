@@ -357,18 +357,16 @@ fn restart_swaps_programs_under_the_links_and_reattaches_devices() {
             "ip", "link", "add", "dum0", "type", "veth", "peer", "name", "dum0p",
         ])
     };
+    // The tc attachment's line (XDP's own line names the device too).
+    let attached = "device programs in place device=dum0 ";
     add();
-    wait_log(&c, "device=dum0", 1);
+    wait_log(&c, attached, 1);
     assert!(links(&c.pins()).contains_key("lb_from_netdev@dum0"));
     node.run(&["ip", "link", "del", "dum0"]);
     add();
-    wait_log(&c, "device=dum0", 2);
+    wait_log(&c, attached, 2);
     let log = c.agent_log();
-    let last = log
-        .lines()
-        .rev()
-        .find(|l| l.contains("device=dum0"))
-        .unwrap();
+    let last = log.lines().rev().find(|l| l.contains(attached)).unwrap();
     assert!(
         last.contains("attached=2"),
         "re-attached, not replaced under a dead link: {last}"

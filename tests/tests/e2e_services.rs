@@ -195,7 +195,13 @@ fn services_answer_from_pods_host_and_outside_on(path: DevicePath) {
         verdicts["forward_new"] >= 1 && verdicts["sock_translated"] >= 3,
         "{verdicts:#?}"
     );
-    let status = c.lbctl_json(&["status"]).unwrap();
+    // The port map in force once the agent wrote it whole: the SNAT
+    // range's 4,536 ports and the Services' (NodePort 30080, port 80, 53).
+    let status = c.wait_status("the port map in force", |s| {
+        s["datapath"]["port_map_ports"]
+            .as_u64()
+            .is_some_and(|n| n >= 4536 + 3)
+    });
     let attachments = status["attachments"].as_array().unwrap();
     assert_eq!(
         attachments.len(),

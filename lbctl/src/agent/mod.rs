@@ -15,6 +15,7 @@ pub mod names;
 pub mod nf_conntrack;
 pub mod nodeport_addrs;
 pub mod plan;
+pub mod port_map;
 pub mod reconcile;
 pub mod run;
 pub mod service_cidrs;

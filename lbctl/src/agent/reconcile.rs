@@ -327,6 +327,8 @@ pub struct Reconciler<W> {
     addr_frontends: BTreeMap<u32, u32>,
     addr_cluster_ips: BTreeMap<u32, u32>,
     snat: BTreeSet<u32>,
+    /// `LB_PORTS_V1`: the ports the frontends and SNAT ranges use.
+    port_map: super::port_map::PortMap,
     svc_ids: BTreeMap<PortKey, u32>,
     /// Backend address -> its id and the ports that list it (its entries
     /// are made from the first port's input). One map for both: an id map
@@ -397,6 +399,7 @@ impl<W: MapWriter> Reconciler<W> {
         let mut sets: BTreeSet<u32> = state.slots.keys().map(|k| k.backend_set).collect();
         sets.extend(state.frontends.values().map(|f| f.backend_set));
         set_pool.set_used(sets.iter().copied());
+        let port_map = super::port_map::PortMap::adopt(&state.ports);
         Ok(Self {
             writer,
             retiring_svcs: svc_ids.keys().cloned().collect(),
@@ -412,6 +415,7 @@ impl<W: MapWriter> Reconciler<W> {
             addr_frontends: BTreeMap::new(),
             addr_cluster_ips: BTreeMap::new(),
             snat: BTreeSet::new(),
+            port_map,
             svc_ids,
             backends,
             svc_pool,
@@ -659,8 +663,9 @@ impl<W: MapWriter> Reconciler<W> {
     pub fn flush(&mut self) -> Result<Outcome, ReconcileError> {
         let start = Instant::now();
         self.reread_maps()?;
+        // New ports into the port map before their frontends.
+        let mut writes = self.write_ports(true)?;
         // Phase by phase, in chunks: only one chunk's ops are held at a time.
-        let mut writes = 0;
         let mut udp_left: Vec<UdpLeft> = Vec::new();
         let mut ops = Vec::new();
         for phase in 0..plan::PHASES {
@@ -708,6 +713,10 @@ impl<W: MapWriter> Reconciler<W> {
                 }
             }
         }
+        // Ports whose last frontend went, out of the port map after it.
+        writes += self.write_ports(false)?;
+        self.port_map.set_whole();
+        self.want.ports = self.port_map.target();
         // Every key left was equal to the target.
         self.before = Before::default();
         // The maps hold nothing of the retired ids now.
@@ -736,6 +745,35 @@ impl<W: MapWriter> Reconciler<W> {
             elapsed: start.elapsed(),
             udp_left,
         })
+    }
+
+    /// Writes the port map's changes (`keep`: no bit cleared yet); returns
+    /// how many words were written.
+    fn write_ports(&mut self, keep: bool) -> Result<usize, ReconcileError> {
+        let ops = self.port_map.ops(keep);
+        let written = self.writer.apply_all(&ops);
+        let landed = match &written {
+            Ok(()) => ops.len(),
+            Err((n, _)) => *n,
+        };
+        for op in &ops[..landed] {
+            self.port_map.landed(op);
+        }
+        written.map_err(|(_, e)| e)?;
+        Ok(landed)
+    }
+
+    /// Ports of the SNAT range `range` (and of `previous`, the range the
+    /// pinned config had) in the port map for the agent's life: replies of
+    /// SNATed flows come back to them.
+    pub fn add_snat_ports(&mut self, range: std::ops::RangeInclusive<u16>) {
+        self.port_map.add_snat_range(range);
+    }
+
+    /// Whether the port map has been written whole (the config may say
+    /// `CFG_PORTS`).
+    pub fn ports_whole(&self) -> bool {
+        self.port_map.is_whole()
     }
 
     /// After a flush failed on a whole map: what the maps hold,
@@ -832,9 +870,13 @@ impl<W: MapWriter> Reconciler<W> {
             Some(_) => {
                 if !had {
                     *self.addr_frontends.entry(fk.addr).or_default() += 1;
+                    self.port_map.frontend_added(fk.port);
                 }
             }
             None => {
+                if had {
+                    self.port_map.frontend_removed(fk.port);
+                }
                 if had && let Some(n) = self.addr_frontends.get_mut(&fk.addr) {
                     *n -= 1;
                     if *n == 0 {

@@ -158,16 +158,24 @@ enum Source {
 }
 
 /// The datapath's settings for this node.
+/// `ports_whole`: the port map holds every port in use (the device path
+/// may pass packets to other ports at once).
 fn datapath_config(
     node: &NodeInfo,
     cfg: &AgentConfig,
     host_netns_cookie: u64,
     cidrs: &[(u32, u8)],
+    ports_whole: bool,
 ) -> Config {
     let mut c = Config {
         snat_addr: node.snat.map_or(0, |a| ip4(a.octets())),
         snat_port_min: *cfg.snat_ports.start(),
         snat_port_max: *cfg.snat_ports.end(),
+        flags: if ports_whole {
+            lb_common::config::CFG_PORTS
+        } else {
+            0
+        },
         host_netns_cookie,
         ..Config::default()
     };
@@ -262,9 +270,20 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
     let mut sock_egress: Option<bool> = None;
     // Adopts ids and entries from the pinned maps: no flow moves.
     let maps = ServiceMaps::open(&cfg.bpffs)?;
+    // The SNAT range the pinned config had (an earlier agent's): its ports
+    // stay in the port map, for the replies of flows SNATed before.
+    let pinned_snat = maps
+        .config()
+        .ok()
+        .filter(|c| c.snat_port_min > 0 && c.snat_port_max >= c.snat_port_min)
+        .map(|c| c.snat_port_min..=c.snat_port_max);
 
     let mut rec = Reconciler::adopt(maps)?;
     rec.set_capacity(cfg.capacity);
+    rec.add_snat_ports(cfg.snat_ports.clone());
+    if let Some(r) = pinned_snat {
+        rec.add_snat_ports(r);
+    }
     metrics.map_capacity(&cfg.capacity);
     // Services with a port refused for a full map: tried again once a
     // flush has removed entries.
@@ -506,7 +525,7 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
             }
             cidrs_logged = Some(cidrs.clone());
         }
-        let config = datapath_config(node, &cfg, host_netns_cookie, &dp_cidrs);
+        let config = datapath_config(node, &cfg, host_netns_cookie, &dp_cidrs, rec.ports_whole());
         if last_config != Some(config) {
             rec.writer
                 .set_config(config)

@@ -63,6 +63,9 @@ pub struct MapState {
     pub service_meta: BTreeMap<u32, ServiceMeta>,
     /// Node and zone names by `NAME_NODE | id` / `NAME_ZONE | id`.
     pub names: BTreeMap<u32, Name>,
+    /// `LB_PORTS_V1`: word index -> a bit per port (`lb_common::ports`);
+    /// words that are 0 are left out.
+    pub ports: BTreeMap<u32, u64>,
 }
 
 /// One map write.
@@ -90,6 +93,8 @@ pub enum Op {
     DelServiceMeta(u32),
     DelName(u32),
     DelBackend(u32),
+    /// A word of the port map (0 clears it).
+    PutPorts(u32, u64),
 }
 
 impl MapState {
@@ -107,6 +112,8 @@ impl MapState {
             Op::DelAddr(k) => drop(self.addrs.remove(&k)),
             Op::PutFrontend(k, v) => drop(self.frontends.insert(k, v)),
             Op::DelFrontend(k) => drop(self.frontends.remove(&k)),
+            Op::PutPorts(k, 0) => drop(self.ports.remove(&k)),
+            Op::PutPorts(k, v) => drop(self.ports.insert(k, v)),
             Op::DelSlot(k) => drop(self.slots.remove(&k)),
             Op::DelServiceMeta(k) => drop(self.service_meta.remove(&k)),
             Op::DelName(k) => drop(self.names.remove(&k)),
@@ -151,6 +158,7 @@ impl MapState {
             + self.backends.len()
             + self.service_meta.len()
             + self.names.len()
+            + self.ports.len()
     }
 
     /// One line per entry (per slot for backend sets), stable order: golden
@@ -234,6 +242,13 @@ impl MapState {
                 _ => "?",
             };
             let _ = writeln!(s, "name {kind} {} -> {}", k & 0xffff, cstr(&v.name));
+        }
+        for (k, v) in &self.ports {
+            let ports: Vec<String> = (0..64)
+                .filter(|b| v & (1 << b) != 0)
+                .map(|b| (k * 64 + b).to_string())
+                .collect();
+            let _ = writeln!(s, "ports {k} -> {}", ports.join(","));
         }
         s
     }

@@ -207,6 +207,8 @@ impl Before {
             Op::PutSourceRange(k, _) | Op::DelSourceRange(k) => self.source_ranges.landed(k),
             Op::PutAddr(k, _) | Op::DelAddr(k) => self.addrs.landed(k),
             Op::PutFrontend(k, _) | Op::DelFrontend(k) => self.frontends.landed(k),
+            // Written beside the phases (`Reconciler::write_ports`).
+            Op::PutPorts(..) => {}
         }
     }
 }
@@ -317,6 +319,8 @@ pub fn materialize(want: &MapState, before: &Before) -> MapState {
         backends: overlay(&want.backends, &before.backends),
         service_meta: overlay(&want.service_meta, &before.service_meta),
         names: overlay(&want.names, &before.names),
+        // Kept beside the phases (`port_map`): the target's, as written.
+        ports: want.ports.clone(),
     }
 }
 

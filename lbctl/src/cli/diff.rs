@@ -134,6 +134,12 @@ fn view(cur: &MapState, op: &Op) -> DiffView {
             }
             (NAMES, cur.names.contains_key(k))
         }
+        Op::PutPorts(k, _) => {
+            if let Some(v) = cur.ports.get(k) {
+                have.ports.insert(*k, *v);
+            }
+            (PORTS, cur.ports.contains_key(k))
+        }
     };
     let deleting = matches!(
         op,
@@ -145,6 +151,7 @@ fn view(cur: &MapState, op: &Op) -> DiffView {
             | Op::DelBackend(_)
             | Op::DelServiceMeta(_)
             | Op::DelName(_)
+            | Op::PutPorts(_, 0)
     );
     let change = match (deleting, present) {
         (true, _) => "extra",

@@ -174,10 +174,21 @@ pub struct DatapathView {
     pub snat_ports: String,
     /// CIDRs whose addresses no Service has are dropped.
     pub service_cidrs: Vec<String>,
+    /// Ports in the port map (frontends' and SNAT ranges'), when it is in
+    /// force: the device path passes packets to other ports at once.
+    /// Absent while it is not (no agent has written it whole yet).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub port_map_ports: Option<u32>,
 }
 
-pub fn datapath_view(c: &lb_common::config::Config) -> DatapathView {
+/// `ports`: the port map's words.
+pub fn datapath_view(
+    c: &lb_common::config::Config,
+    ports: &std::collections::BTreeMap<u32, u64>,
+) -> DatapathView {
     DatapathView {
+        port_map_ports: (c.flags & lb_common::config::CFG_PORTS != 0)
+            .then(|| ports.values().map(|w| w.count_ones()).sum()),
         snat_address: match c.snat_addr {
             0 => String::new(),
             a => std::net::Ipv4Addr::from(lb_common::ip4_octets(a)).to_string(),
@@ -296,7 +307,7 @@ pub fn execute(args: Args) -> Result<()> {
         bpffs: pins.display().to_string(),
         layout_version: lb_common::LAYOUT_VERSION,
         agent,
-        datapath: datapath_view(&maps.config().unwrap_or_default()),
+        datapath: datapath_view(&maps.config().unwrap_or_default(), &st.ports),
         attachments,
         maps: [
             (lb_common::maps::ADDRS4, st.addrs.len()),
@@ -363,6 +374,15 @@ pub fn execute(args: Args) -> Result<()> {
                                 "{} (unallocated addresses dropped)",
                                 d.service_cidrs.join(", ")
                             )
+                        },
+                    ],
+                    vec![
+                        "port map".into(),
+                        match d.port_map_ports {
+                            Some(n) => format!(
+                                "{n} ports of frontends and SNAT ranges (other ports pass at once)"
+                            ),
+                            None => "not in force (every packet looked up)".into(),
                         },
                     ],
                 ])

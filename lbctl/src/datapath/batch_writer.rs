@@ -52,8 +52,9 @@ pub fn kind(op: &Op) -> Option<Kind> {
         Op::DelServiceMeta(..) => Kind::DelServiceMeta,
         Op::DelName(..) => Kind::DelName,
         Op::DelBackend(..) => Kind::DelBackend,
-        // Source ranges live in an LPM trie, which has no batch update.
-        Op::PutSourceRange(..) | Op::DelSourceRange(..) => return None,
+        // Source ranges live in an LPM trie, which has no batch update;
+        // port words are few, written one by one.
+        Op::PutSourceRange(..) | Op::DelSourceRange(..) | Op::PutPorts(..) => return None,
     })
 }
 

@@ -155,6 +155,8 @@ pub struct ServiceMaps {
     pub config: Array<MapData, Config>,
     pub backend_stats: PerCpuHashMap<MapData, u32, BackendStats>,
     pub agent: Array<MapData, AgentStatus>,
+    /// A bit per port the device path looks further at.
+    pub ports: Array<MapData, u64>,
     /// Descriptors for batched writes (aya's maps do not lend theirs).
     batch_fds: super::batch_writer::Fds,
 }
@@ -186,6 +188,7 @@ impl ServiceMaps {
             config: typed!(dir, names::CONFIG, Array<MapData, Config>),
             backend_stats: typed!(dir, names::BACKEND_STATS, PerCpuHashMap<MapData, u32, BackendStats>),
             agent: typed!(dir, names::AGENT_STATUS, Array<MapData, AgentStatus>),
+            ports: typed!(dir, names::PORTS, Array<MapData, u64>),
             batch_fds: Default::default(),
         })
     }
@@ -365,6 +368,7 @@ impl MapWriter for ServiceMaps {
             Op::DelAddr(k) => del(&mut self.addrs, &k),
             Op::PutFrontend(k, v) => self.frontends.insert(k, v, 0),
             Op::DelFrontend(k) => del(&mut self.frontends, &k),
+            Op::PutPorts(k, v) => self.ports.set(k, v, 0),
             Op::DelSlot(k) => del(&mut self.slots, &k),
             Op::DelServiceMeta(k) => del(&mut self.service_meta, &k)
                 .and_then(|_| absent_ok(self.service_stats.remove(&k))),
@@ -406,6 +410,18 @@ impl MapWriter for ServiceMaps {
             backends: read_backends(&self.backends)?,
             service_meta: read_all(&self.service_meta, names::SERVICE_META)?,
             names: read_all(&self.names, names::NAMES)?,
+            ports: (0..lb_common::ports::PORT_WORDS)
+                .map(|i| {
+                    self.ports
+                        .get(&i, 0)
+                        .map(|w| (i, w))
+                        .map_err(|e| MapError::Read {
+                            map: names::PORTS,
+                            source: to_io(e),
+                        })
+                })
+                .filter(|r| !matches!(r, Ok((_, 0))))
+                .collect::<Result<_, MapError>>()?,
         })
     }
 }

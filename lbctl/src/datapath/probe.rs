@@ -37,6 +37,7 @@ const SHARED: &[&str] = &[
     names::SOURCE_RANGES4,
     names::BACKENDS4,
     names::CONFIG,
+    names::PORTS,
     names::SERVICE_META,
     names::NAMES,
     names::AGENT_STATUS,

@@ -144,7 +144,16 @@ pub fn run(quick: bool, progress: &mut Progress) -> Results {
         rec.set_capacity(lbctl::agent::reconcile::Capacity {
             lb_map_max: fixture::lb_map_max_for(n * 10),
         });
+        // As the agent: the SNAT range's ports in the port map, and the
+        // config saying the map is whole once written.
+        rec.add_snat_ports(61000..=65535);
         rec.reconcile(&desired).expect("program the maps");
+        rec.writer
+            .set_config(lb_common::config::Config {
+                flags: lb_common::config::CFG_PORTS,
+                ..Default::default()
+            })
+            .expect("config");
         res.program_s.push(t.elapsed().as_secs_f64());
         drop(svcs);
         drop(desired);
