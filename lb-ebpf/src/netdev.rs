@@ -93,6 +93,19 @@ pub fn from_outside<D: Device>(dev: &D) -> i32 {
     let now = now_s();
     let len = pkt.len;
 
+    // A reply from a backend on another node comes to the SNAT address
+    // and a port of the SNAT range: looked up first there, before the
+    // client's direction (which a packet to an SNAT port has only when a
+    // frontend uses a port of the range). Elsewhere only when no frontend
+    // takes the packet (a frontend hit is a new flow, and one lookup
+    // fewer), so a reply to a port the range no longer holds (the range
+    // was changed) is still found.
+    let (snat_min, snat_span) = snat_ports();
+    let snat_port = (u16::from_be(pkt.dst_port) as u32).wrapping_sub(snat_min) < snat_span;
+    if snat_port && let Some(verdict) = reply(dev, &pkt, now, len) {
+        return verdict;
+    }
+
     // A packet of a known flow from the client.
     let k = conntrack::key(&pkt, CT_ORIGINAL);
     let mut new_verdict = V_FORWARD_NEW;
@@ -129,31 +142,18 @@ pub fn from_outside<D: Device>(dev: &D) -> i32 {
             }
         }
     }
-    // A reply from a backend on another node comes to the SNAT address
-    // and a port of the SNAT range: looked up first there. Elsewhere only
-    // when no frontend takes the packet (a frontend hit is a new flow, and
-    // one lookup fewer), so a reply to a port the range no longer holds
-    // (the range was changed) is still found.
-    let (snat_min, snat_span) = snat_ports();
-    let snat_port = (u16::from_be(pkt.dst_port) as u32).wrapping_sub(snat_min) < snat_span;
     let fkey = Frontend4Key {
         addr: pkt.dst_addr,
         port: pkt.dst_port,
         proto: pkt.proto,
         scope: SCOPE_ALL,
     };
-    let mut fe = if snat_port {
-        None
-    } else {
-        select::frontend(&fkey)
-    };
-    if fe.is_none() {
-        if let Some(verdict) = reply(dev, &pkt, now, len) {
-            return verdict;
-        }
-        if snat_port {
-            fe = select::frontend(&fkey);
-        }
+    let fe = select::frontend(&fkey);
+    if fe.is_none()
+        && !snat_port
+        && let Some(verdict) = reply(dev, &pkt, now, len)
+    {
+        return verdict;
     }
     let Some(fe) = fe else {
         // A ClusterIP on a port its Service does not define: refused, as
