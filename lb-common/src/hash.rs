@@ -28,6 +28,47 @@ pub const fn flow4(src_addr: u32, dst_addr: u32, src_port: u16, dst_port: u16, p
     fmix32(h)
 }
 
+/// Hash of a packet's flow for a Maglev frontend: without the destination
+/// address, so a flow to any node's NodePort address, or to a VIP a router
+/// spreads over nodes, hashes the same on every node.
+#[inline(always)]
+pub const fn maglev4(src_addr: u32, src_port: u16, dst_port: u16, proto: u8) -> u32 {
+    let mut h = 0x1b87_3593u32;
+    h = combine(h, src_addr);
+    h = combine(h, ((src_port as u32) << 16) | dst_port as u32);
+    h = combine(h, proto as u32);
+    fmix32(h)
+}
+
+/// The flow hash the device path picks a new flow's backend with: `maglev4`
+/// for a Maglev frontend, else `flow4`.
+#[inline(always)]
+pub const fn device4(
+    maglev: bool,
+    src_addr: u32,
+    dst_addr: u32,
+    src_port: u16,
+    dst_port: u16,
+    proto: u8,
+) -> u32 {
+    if maglev {
+        maglev4(src_addr, src_port, dst_port, proto)
+    } else {
+        flow4(src_addr, dst_addr, src_port, dst_port, proto)
+    }
+}
+
+/// A Maglev permutation's seed for a backend (address and port, wire
+/// order, as in keys; `salt` tells offset from skip): what every node
+/// computes alike from the backend itself, never from its node-local id.
+#[inline(always)]
+pub const fn backend4(salt: u32, addr: u32, port: u16, proto: u8) -> u32 {
+    let mut h = salt;
+    h = combine(h, addr);
+    h = combine(h, ((port as u32) << 8) | proto as u32);
+    fmix32(h)
+}
+
 /// Hash of a socket's flow to a frontend: the socket cookie identifies the
 /// flow before its source port exists.
 #[inline(always)]

@@ -73,23 +73,45 @@ pub const DEFAULT_LB_MAP_MAX: u32 = 1 << 16;
 /// `n`: one per frontend, address, Service port or backend each (`n`);
 /// chunks of backend slots (16 slots each, at least one per set) and
 /// (Service port, backend) pairs twice that (a port's Cluster and Local
-/// lists, and its old and new set during a swap). All are hashes without
-/// preallocation (an LPM trie for the ranges: a map holds a bucket array,
-/// 16 bytes per power-of-two entry, until entries come), except the
-/// backends: an array indexed by backend id (`1..=n`), see
+/// lists, and its old and new set during a swap), the slots plus
+/// `maglev_chunks` for Maglev tables ([`maglev_chunks`]). All are hashes
+/// without preallocation (an LPM trie for the ranges: a map holds a bucket
+/// array, 16 bytes per power-of-two entry, until entries come), except
+/// the backends: an array indexed by backend id (`1..=n`), see
 /// [`lb_map_entries`].
-pub const fn lb_map_sizes(n: u32) -> [(&'static str, u32); 9] {
-    sizes(n, 0)
+pub const fn lb_map_sizes(n: u32, maglev_chunks: u32) -> [(&'static str, u32); 9] {
+    sizes(n, maglev_chunks, 0)
 }
 
 /// The kernel's `max_entries` of the maps [`lb_map_sizes`] sizes: the
 /// same, but the backends array has one more (index 0 is "no backend",
 /// so ids `1..=n` index it).
-pub const fn lb_map_entries(n: u32) -> [(&'static str, u32); 9] {
-    sizes(n, 1)
+pub const fn lb_map_entries(n: u32, maglev_chunks: u32) -> [(&'static str, u32); 9] {
+    sizes(n, maglev_chunks, 1)
 }
 
-const fn sizes(n: u32, backends_extra: u32) -> [(&'static str, u32); 9] {
+/// Slot chunks `tables` Maglev tables of `table_size` slots take (a table
+/// being replaced counts until the old one is deleted).
+pub const fn maglev_chunks(tables: u32, table_size: u32) -> u32 {
+    tables.saturating_mul(table_size.div_ceil(crate::service::SLOTS_PER_CHUNK))
+}
+
+/// Default of the agent's `--maglev-map-max`: Maglev tables the slots map
+/// has room for beyond `--lb-map-max`'s sets (8 MiB of slots at the
+/// default table size when all are used, 1 MiB more of empty hash
+/// buckets while none is).
+pub const DEFAULT_MAGLEV_MAP_MAX: u32 = 64;
+
+/// Default of `--maglev-table-size`: Cilium's (64 KiB of backend ids a
+/// table; Services up to about 160 backends at the Maglev paper's
+/// `M >= 100 N`).
+pub const DEFAULT_MAGLEV_TABLE_SIZE: u32 = 16_381;
+
+/// The slot chunks the defaults leave for Maglev tables.
+pub const DEFAULT_MAGLEV_CHUNKS: u32 =
+    maglev_chunks(DEFAULT_MAGLEV_MAP_MAX, DEFAULT_MAGLEV_TABLE_SIZE);
+
+const fn sizes(n: u32, maglev_chunks: u32, backends_extra: u32) -> [(&'static str, u32); 9] {
     let twice = n.saturating_mul(2);
     [
         (FRONTENDS4, n),
@@ -99,7 +121,7 @@ const fn sizes(n: u32, backends_extra: u32) -> [(&'static str, u32); 9] {
         (SOURCE_RANGES4, n),
         (BACKENDS4, n.saturating_add(backends_extra)),
         (BACKEND_STATS, n),
-        (BACKEND_SLOTS, twice),
+        (BACKEND_SLOTS, twice.saturating_add(maglev_chunks)),
         (SERVICE_BACKENDS, twice),
     ]
 }
@@ -109,7 +131,7 @@ const fn sizes(n: u32, backends_extra: u32) -> [(&'static str, u32); 9] {
 pub const MAX_FRONTENDS: u32 = DEFAULT_LB_MAP_MAX;
 /// Chunks of 16 backend slots over all live backend sets (at least one
 /// per set); also the size of the (Service port, backend) pairs.
-pub const MAX_SLOTS: u32 = DEFAULT_LB_MAP_MAX * 2;
+pub const MAX_SLOTS: u32 = DEFAULT_LB_MAP_MAX * 2 + DEFAULT_MAGLEV_CHUNKS;
 /// Distinct backends (address, port, protocol); the array of them has
 /// one more entry (index 0 is "no backend").
 pub const MAX_BACKENDS: u32 = DEFAULT_LB_MAP_MAX;

@@ -45,6 +45,11 @@ pub const FE_LOCAL_LIST: u16 = 1 << 5;
 /// A LoadBalancer IP whose Service has `loadBalancerSourceRanges`: new
 /// flows from outside only from a source in `LB4_SOURCE_RANGES_V1`.
 pub const FE_SOURCE_RANGES: u16 = 1 << 6;
+/// The backend set is a Maglev table (`count` slots, a prime): new flows
+/// from outside hash without the destination address (`hash::maglev4`),
+/// so every node's table, built from the same backends, gives a flow the
+/// same backend whichever node address or router path it came by.
+pub const FE_MAGLEV: u16 = 1 << 7;
 
 /// `LB4_SOURCE_RANGES_V1` (LPM trie) data: a Service port and a source
 /// prefix. The trie's prefix length counts the 32 bits of the service id
@@ -89,7 +94,9 @@ pub struct Frontend {
     pub service_id: u32,
     /// Id of the backend set serving this frontend now.
     pub backend_set: u32,
-    /// Backends for new flows in slots `0..count`; 0 = no backend.
+    /// Backends for new flows in slots `0..count`; 0 = no backend. Under
+    /// `FE_MAGLEV` the table's size (each backend holds slots in
+    /// proportion to its weight), else one slot per backend.
     pub count: u16,
     /// How many of those `count` are terminating-but-serving endpoints,
     /// used because no endpoint is ready (kube-proxy's fallback): 0 or
@@ -100,9 +107,24 @@ pub struct Frontend {
     pub _pad: u8,
     /// Session affinity timeout in seconds when `FE_AFFINITY_CLIENT_IP`.
     pub affinity_timeout_s: u32,
-    pub _reserved: u32,
+    /// How many distinct backends the set holds, for `lbctl` (the kernel
+    /// reads `count`). Was `_reserved`, always 0: an older agent's entry
+    /// reads as "see `count`".
+    pub backends: u32,
 }
 const _: () = assert!(core::mem::size_of::<Frontend>() == 24);
+
+impl Frontend {
+    /// How many backends new flows go to (`count` is a table's size under
+    /// `FE_MAGLEV`).
+    pub const fn backend_count(&self) -> u32 {
+        if self.flags & FE_MAGLEV != 0 {
+            self.backends
+        } else {
+            self.count as u32
+        }
+    }
+}
 
 /// Backend ids per `LB_SLOTS_V2` entry: a set of `n` backends takes
 /// `ceil(n / 16)` entries, so a Service of 10 endpoints is one map entry
@@ -184,6 +206,9 @@ pub const SB_TOPOLOGY_FILTERED: u32 = 1 << 3;
 /// Ready, or serving and terminating: its UDP flows stay. Without it (not
 /// ready, not serving) only its TCP connections go on.
 pub const SB_SERVING: u32 = 1 << 4;
+/// Weight 0 (the Service's backend-weights annotation): no new flows, its
+/// flows stay (drained).
+pub const SB_DRAINED: u32 = 1 << 5;
 
 pub const AFFINITY_BY_ADDR: u8 = 1;
 pub const AFFINITY_BY_NETNS: u8 = 2;
@@ -325,6 +350,12 @@ pub const NE_SOURCE_RANGES: u32 = 1 << 4;
 pub const NE_TOPOLOGY: u32 = 1 << 5;
 pub const NE_LB_IP_MODE_PROXY: u32 = 1 << 6;
 pub const NE_PROTOCOL_SCTP: u32 = 1 << 7;
+/// An `lbctl.dev/` load-balancing annotation could not be read: the
+/// port runs with the agent's defaults (the agent logs why).
+pub const NE_LB_ANNOTATION: u32 = 1 << 8;
+/// Backend weights other than 0 under `lbctl.dev/lb-algorithm: hash`
+/// (weights need Maglev; 0 still drains).
+pub const NE_WEIGHTS_WITHOUT_MAGLEV: u32 = 1 << 9;
 
 /// Each `NE_*` bit and the Service field it stands for, as users write it.
 pub const NOT_ENFORCED: &[(u32, &str)] = &[
@@ -336,6 +367,14 @@ pub const NOT_ENFORCED: &[(u32, &str)] = &[
     (NE_TOPOLOGY, "trafficDistribution / topology hints"),
     (NE_LB_IP_MODE_PROXY, "loadBalancer ipMode: Proxy"),
     (NE_PROTOCOL_SCTP, "protocol: SCTP"),
+    (
+        NE_LB_ANNOTATION,
+        "lbctl.dev annotation (unreadable, ignored)",
+    ),
+    (
+        NE_WEIGHTS_WITHOUT_MAGLEV,
+        "backend weights under lb-algorithm: hash",
+    ),
 ];
 
 /// The names of the bits set in `bits`, in `NOT_ENFORCED` order.

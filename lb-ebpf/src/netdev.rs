@@ -20,9 +20,9 @@ use lb_common::{
     },
     hash,
     service::{
-        ADDR_CLUSTER_IP, AFFINITY_BY_ADDR, BACKEND_LOCAL, FE_SOURCE_RANGES, Frontend, Frontend4Key,
-        KIND_NODE_PORT, SB_SERVING, SCOPE_ALL, SOURCE_RANGE_ID_BITS, ServiceBackendKey,
-        SourceRange4,
+        ADDR_CLUSTER_IP, AFFINITY_BY_ADDR, BACKEND_LOCAL, FE_MAGLEV, FE_SOURCE_RANGES, Frontend,
+        Frontend4Key, KIND_NODE_PORT, SB_SERVING, SCOPE_ALL, SOURCE_RANGE_ID_BITS,
+        ServiceBackendKey, SourceRange4,
     },
 };
 
@@ -164,7 +164,8 @@ pub fn from_outside<D: Device>(dev: &D) -> i32 {
         stats::verdict(V_PASS_NOT_SERVICE);
         return dev.pass();
     };
-    let h = hash::flow4(
+    let h = hash::device4(
+        fe.flags & FE_MAGLEV != 0,
         pkt.src_addr,
         pkt.dst_addr,
         pkt.src_port,

@@ -36,10 +36,13 @@ pub fn lb_map_max_for(backends: usize) -> u32 {
 pub fn datapath_for(backends: usize) -> (Bpffs, aya::Ebpf) {
     let fs = Bpffs::new();
     pins::prepare(&fs.pins()).expect("pin folder");
-    let sizes = lb_common::maps::lb_map_entries(lb_map_max_for(backends))
-        .into_iter()
-        .map(|(m, n)| (m.to_string(), n))
-        .collect();
+    let sizes = lb_common::maps::lb_map_entries(
+        lb_map_max_for(backends),
+        lb_common::maps::DEFAULT_MAGLEV_CHUNKS,
+    )
+    .into_iter()
+    .map(|(m, n)| (m.to_string(), n))
+    .collect();
     let (ebpf, _) = load::load_with(&fs.pins(), false, &sizes).expect("load the embedded object");
     (fs, ebpf)
 }

@@ -317,6 +317,7 @@ fn device_path(xdp: bool) {
         zone: None,
         addresses: vec![NODE],
         snat: None,
+        balancing: Default::default(),
     };
     let _rec = fixture::program(&pins, MANIFESTS, &node);
     let mut maps = ServiceMaps::open(&pins).unwrap();
@@ -944,6 +945,7 @@ fn snat_both_ways(xdp: bool) {
         zone: None,
         addresses: vec![NODE],
         snat: None,
+        balancing: Default::default(),
     };
     let _rec = fixture::program(&pins, &remote, &node);
 
@@ -1259,6 +1261,7 @@ fn flows_whose_backend_left_end_or_move() {
         zone: None,
         addresses: vec![NODE],
         snat: None,
+        balancing: Default::default(),
     };
     // Five: after two leave and two more stop being ready, one serves.
     let all = [(41, true), (42, true), (43, true), (44, true), (45, true)];
@@ -1607,6 +1610,7 @@ fn conntrack_lifetimes_follow_the_connection() {
         zone: None,
         addresses: vec![NODE],
         snat: None,
+        balancing: Default::default(),
     };
     let _rec = fixture::program(&pins, MANIFESTS, &node);
     let mut maps = ServiceMaps::open(&pins).unwrap();
@@ -1723,6 +1727,7 @@ fn batched_writes_leave_the_maps_as_the_mirror_says() {
         zone: None,
         addresses: vec![NODE],
         snat: None,
+        balancing: Default::default(),
     };
     let all = cluster::services(300, 10);
     let mut rec = fixture::program(&pins, &cluster::to_yaml(&all, "node-a"), &node);
@@ -1813,6 +1818,7 @@ fn socket_egress_passes_what_is_not_a_guarded_sockets_first_packet() {
         zone: None,
         addresses: vec![NODE],
         snat: None,
+        balancing: Default::default(),
     };
     let _rec = fixture::program(&pins, MANIFESTS, &node);
     let maps = ServiceMaps::open(&pins).unwrap();
@@ -1873,4 +1879,101 @@ fn socket_egress_passes_what_is_not_a_guarded_sockets_first_packet() {
             "{name}: drop_source_range"
         );
     }
+}
+
+/// A Maglev Service's new flows go where its table says, the table built
+/// here from the endpoints alone (`maglev::table`) and the flow hashed
+/// without the node's address (`hash::maglev4`): the same client flow to
+/// either of the node's addresses, by tc or by XDP, reaches the same
+/// backend, as it would on another node with the same endpoints.
+#[test]
+fn maglev_flows_go_where_the_table_says_at_every_node_address() {
+    use lbctl::agent::{
+        maglev,
+        model::{BackendAddr, Proto},
+    };
+    require_root();
+    sweep();
+    let (fs, mut ebpf) = fixture::datapath();
+    let pins = fs.pins();
+    let prog: &mut SchedClassifier = ebpf
+        .program_mut("lb_from_netdev")
+        .unwrap()
+        .try_into()
+        .unwrap();
+    prog.load().unwrap();
+    let prog: &mut Xdp = ebpf
+        .program_mut("lb_xdp_from_netdev")
+        .unwrap()
+        .try_into()
+        .unwrap();
+    prog.load().unwrap();
+    let node2 = Ipv4Addr::new(172, 18, 0, 3);
+    let mut node = NodeInfo {
+        name: "node-a".into(),
+        zone: None,
+        addresses: vec![NODE, node2],
+        snat: None,
+        balancing: Default::default(),
+    };
+    node.balancing.table_size = 251;
+    let mut y = String::from(
+        r#"
+apiVersion: v1
+kind: Service
+metadata: {name: shop, namespace: demo, annotations: {lbctl.dev/lb-algorithm: maglev}}
+spec:
+  type: NodePort
+  clusterIP: 10.96.0.70
+  ports: [{port: 80, nodePort: 30070}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: shop-1, namespace: demo, labels: {kubernetes.io/service-name: shop}}
+addressType: IPv4
+ports: [{port: 8080}]
+endpoints:
+"#,
+    );
+    let pods: Vec<Ipv4Addr> = (21..26).map(|i| Ipv4Addr::new(10, 244, 1, i)).collect();
+    for p in &pods {
+        y += &format!("- {{addresses: [{p}], nodeName: node-a}}\n");
+    }
+    let _rec = fixture::program(&pins, &y, &node);
+
+    let entries: Vec<maglev::Entry> = pods
+        .iter()
+        .map(|a| maglev::Entry {
+            addr: BackendAddr {
+                addr: *a,
+                port: 8080,
+                proto: Proto::Tcp,
+            },
+            weight: 100,
+        })
+        .collect();
+    let table = maglev::table(&entries, 251);
+    let mut seen = std::collections::BTreeSet::new();
+    for sport in 40_000..40_060u16 {
+        let h = lb_common::hash::maglev4(
+            lb_common::ip4(CLIENT.octets()),
+            sport.to_be(),
+            30070u16.to_be(),
+            6,
+        );
+        let pod = pods[table[(h % 251) as usize] as usize];
+        seen.insert(pod);
+        let cl = (CLIENT, sport);
+        for (addr, program, verdict) in [
+            (NODE, "lb_from_netdev", TC_ACT_OK),
+            (node2, "lb_xdp_from_netdev", XDP_PASS),
+        ] {
+            let syn = Frame::tcp(cl, (addr, 30070), SYN);
+            let ran = run_once(&mut ebpf, program, &syn.bytes());
+            let name = format!("SYN from port {sport} to {addr}:30070 by {program}");
+            assert_eq!(ran.verdict, verdict, "{name}");
+            assert_frame(&name, &ran.frame, &syn.with(cl, (pod, 8080)).bytes());
+        }
+    }
+    assert_eq!(seen.len(), pods.len(), "60 flows reach all 5 backends");
 }

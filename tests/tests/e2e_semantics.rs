@@ -1304,3 +1304,185 @@ fn a_full_map_refuses_the_port_that_does_not_fit_and_the_rest_forwards() {
     });
     assert_eq!(c.get_from_client("http://172.18.0.2:30097/"), "pod-1");
 }
+
+/// One HTTP GET per source port given, each from that port (`SO_REUSEADDR`,
+/// the server closes first): prints "<port> <body>" per port.
+const FROM_PORTS: &str = r#"
+import socket, sys
+host, port = sys.argv[1], int(sys.argv[2])
+for sport in map(int, sys.argv[3:]):
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.settimeout(5)
+    s.bind(("0.0.0.0", sport))
+    s.connect((host, port))
+    s.sendall(b"GET / HTTP/1.0\r\nHost: x\r\n\r\n")
+    data = b""
+    while chunk := s.recv(4096):
+        data += chunk
+    s.close()
+    print(sport, data.split(b"\r\n\r\n", 1)[1].decode().strip())
+"#;
+
+/// Which backend answered each source port's request to `host:port`.
+fn backends_by_port(
+    c: &Cluster,
+    host: std::net::Ipv4Addr,
+    port: u16,
+    ports: std::ops::Range<u16>,
+) -> std::collections::BTreeMap<u16, String> {
+    let mut cmd = c.topo.client.command("python3");
+    cmd.args(["-c", FROM_PORTS, &host.to_string(), &port.to_string()]);
+    cmd.args(ports.clone().map(|p| p.to_string()));
+    let out = cmd.output().expect("python3");
+    assert!(
+        out.status.success(),
+        "requests to {host}:{port}: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        c.diagnosis()
+    );
+    let got: std::collections::BTreeMap<u16, String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_once(' '))
+        .map(|(p, b)| (p.parse().unwrap(), b.to_string()))
+        .collect();
+    assert_eq!(got.len(), ports.len(), "an answer per port");
+    got
+}
+
+/// A NodePort Service under Maglev with five endpoints (three on node-a,
+/// two on node-b), as each node's agent reads it.
+fn maglev_shop(endpoints: &[(&str, &str)]) -> String {
+    let mut y = String::from(
+        r#"apiVersion: v1
+kind: Service
+metadata: {name: shop, namespace: e2e, annotations: {lbctl.dev/lb-algorithm: maglev}}
+spec:
+  type: NodePort
+  clusterIP: 10.96.0.30
+  ports: [{name: http, port: 80, targetPort: 8080, nodePort: 30030}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: shop-a, namespace: e2e, labels: {kubernetes.io/service-name: shop}}
+addressType: IPv4
+ports: [{name: http, port: 8080}]
+endpoints:
+"#,
+    );
+    for (addr, node) in endpoints {
+        y += &format!("- {{addresses: [{addr}], nodeName: {node}}}\n");
+    }
+    y
+}
+
+/// Maglev end to end, two nodes, each with its own agent and maps and no
+/// state shared: the same client flow (source port) sent to either node's
+/// NodePort reaches the same backend; with one of five backends removed,
+/// the flows of the other four stay where they were, measured over 150
+/// flows (a slot per backend, `hash % N`, would move about four in five).
+#[test]
+fn maglev_picks_the_same_backend_on_both_nodes_and_a_removal_moves_few_flows() {
+    use lb_tests::{guard::Bpffs, guard::Cgroup, topo::NODE_B_IP};
+    require_root();
+    sweep();
+    let mut t = Topology::with_remote(3, 2);
+    t.start_pod_servers(8080);
+    let all = [
+        ("10.244.1.11", NODE_NAME),
+        ("10.244.1.12", NODE_NAME),
+        ("10.244.1.13", NODE_NAME),
+        ("10.244.2.11", NODE_B_NAME),
+        ("10.244.2.12", NODE_B_NAME),
+    ];
+    let c = Cluster::start(&lbctl(), t, &[("shop.yaml", &maglev_shop(&all))]);
+    // node-b's agent: its own folder, maps and cgroup.
+    let b_work = c.work.join("node-b");
+    let b_manifests = b_work.join("manifests");
+    std::fs::create_dir_all(&b_manifests).unwrap();
+    std::fs::write(b_manifests.join("shop.yaml"), maglev_shop(&all)).unwrap();
+    let b_bpffs = Bpffs::new();
+    let b_cgroup = Cgroup::new();
+    let source = vec![
+        "--manifests".to_string(),
+        b_manifests.display().to_string(),
+        "--node-name".into(),
+        NODE_B_NAME.into(),
+        "--node-ip".into(),
+        NODE_B_IP.to_string(),
+    ];
+    let b_agent = topo::Agent::start_with(
+        &lbctl(),
+        &c.topo.node_b,
+        &source,
+        &b_bpffs.pins(),
+        &b_cgroup.path,
+        &b_work.join("agent.log"),
+    );
+    let settled = |pins: &std::path::Path, n: usize| {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        loop {
+            if let Ok(v) = topo::settled_services(&lbctl(), pins)
+                && v.as_array().is_some_and(|a| {
+                    a.iter().any(|s| {
+                        s["name"] == "shop"
+                            && s["algorithm"] == "maglev"
+                            && s["backends"].as_array().map_or(0, Vec::len) == n
+                    })
+                })
+            {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "shop with {n} backends in {}",
+                pins.display()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    };
+    settled(&c.pins(), 5);
+    settled(&b_bpffs.pins(), 5);
+
+    // The same flows through either node: the same backends.
+    let on_a = backends_by_port(&c, NODE_IP, 30030, 20_000..20_040);
+    let on_b = backends_by_port(&c, NODE_B_IP, 30030, 20_000..20_040);
+    assert_eq!(on_a, on_b, "node-a and node-b pick alike");
+    let used: BTreeSet<&String> = on_a.values().collect();
+    assert_eq!(used.len(), 5, "40 flows reach all five: {on_a:?}");
+
+    // 150 flows through node-a; one backend leaves (both agents); the
+    // same flows, new to node-b, through node-b.
+    let before = backends_by_port(&c, NODE_IP, 30030, 21_000..21_150);
+    let four: Vec<(&str, &str)> = all
+        .iter()
+        .copied()
+        .filter(|(a, _)| *a != "10.244.1.12")
+        .collect();
+    c.write("shop.yaml", &maglev_shop(&four));
+    std::fs::write(b_manifests.join("shop.yaml"), maglev_shop(&four)).unwrap();
+    settled(&c.pins(), 4);
+    settled(&b_bpffs.pins(), 4);
+    let after = backends_by_port(&c, NODE_B_IP, 30030, 21_000..21_150);
+    let gone = before.values().filter(|b| *b == "pod-2").count();
+    let moved_others = before
+        .iter()
+        .filter(|(p, b)| *b != "pod-2" && after[*p] != **b)
+        .count();
+    println!(
+        "maglev: of 150 flows, {gone} were on the backend that left (all moved), {moved_others} of the other {} moved",
+        150 - gone
+    );
+    assert!(
+        (15..=45).contains(&gone),
+        "about a fifth of 150 flows were on the backend that left: {gone}"
+    );
+    assert!(after.values().all(|b| b != "pod-2"));
+    // Maglev moves under 2% of the other slots: at most a few flows.
+    assert!(
+        moved_others <= 6,
+        "{moved_others} of {} flows of staying backends moved",
+        150 - gone
+    );
+    drop(b_agent);
+}

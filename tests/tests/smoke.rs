@@ -50,6 +50,7 @@ fn nodeport_syn_to_a_local_backend_is_rewritten() {
         zone: None,
         addresses: vec![Ipv4Addr::new(172, 18, 0, 2)],
         snat: None,
+        balancing: Default::default(),
     };
     let _rec = fixture::program(&pins, MANIFESTS, &node);
 

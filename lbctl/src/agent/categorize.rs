@@ -183,6 +183,7 @@ mod tests {
             node_name: None,
             zone: None,
             hints: None,
+            weight: crate::agent::model::DEFAULT_WEIGHT,
         }
     }
 

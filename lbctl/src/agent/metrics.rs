@@ -142,7 +142,7 @@ impl Metrics {
     /// Entries per map, from the reconciler's mirror of them.
     /// Each Service map's size.
     pub fn map_capacity(&self, capacity: &super::reconcile::Capacity) {
-        for (map, n) in lb_common::maps::lb_map_sizes(capacity.lb_map_max) {
+        for (map, n) in lb_common::maps::lb_map_sizes(capacity.lb_map_max, capacity.maglev_chunks) {
             self.map_capacity
                 .get_or_create(&MapLabel { map: map.into() })
                 .set(n as i64);

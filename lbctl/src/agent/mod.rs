@@ -9,6 +9,7 @@ pub mod heap;
 pub mod ids;
 pub mod intern;
 pub mod logs;
+pub mod maglev;
 pub mod metrics;
 pub mod model;
 pub mod names;

@@ -18,12 +18,12 @@ use std::{
 };
 
 use k8s_openapi::api::core::v1::Endpoints;
-use lb_common::service::NE_PROTOCOL_SCTP;
+use lb_common::service::{NE_LB_ANNOTATION, NE_PROTOCOL_SCTP, NE_WEIGHTS_WITHOUT_MAGLEV};
 
 use super::categorize::{self, EndpointSets, Policies};
 use super::intern::Interned;
 use super::slice::{Hints, Slice};
-use super::svc::Svc;
+use super::svc::{Svc, SvcBalancing};
 
 pub const LABEL_SERVICE_NAME: &str = "kubernetes.io/service-name";
 pub const LABEL_PROXY_NAME: &str = "service.kubernetes.io/service-proxy-name";
@@ -90,7 +90,38 @@ pub struct NodeInfo {
     /// Source address for SNAT to backends on other nodes (replies come
     /// back to it).
     pub snat: Option<Ipv4Addr>,
+    /// The agent's defaults for how ports pick among backends (flags).
+    pub balancing: Balancing,
 }
+
+/// How new flows pick among a port's backends unless the Service's
+/// annotation says otherwise (`--lb-algorithm`, `--maglev-table-size`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Balancing {
+    pub maglev: bool,
+    /// A prime (`maglev::check_table_size`).
+    pub table_size: u32,
+}
+
+impl Default for Balancing {
+    fn default() -> Self {
+        Self {
+            maglev: false,
+            table_size: super::maglev::DEFAULT_TABLE_SIZE,
+        }
+    }
+}
+
+/// Service annotations that choose how its ports pick backends.
+/// `maglev` or `hash` (one slot per backend, the default).
+pub const ANNOTATION_ALGORITHM: &str = "lbctl.dev/lb-algorithm";
+/// `ADDR[:PORT]=WEIGHT, ...`: weights of the Service's endpoints (0 to
+/// 10000, `DEFAULT_WEIGHT` for the ones not named; 0 drains). Weights turn
+/// Maglev on unless the algorithm annotation says `hash`, under which
+/// only 0 is acted on.
+pub const ANNOTATION_WEIGHTS: &str = "lbctl.dev/backend-weights";
+pub const DEFAULT_WEIGHT: u16 = 100;
+pub const MAX_WEIGHT: u16 = 10_000;
 
 impl NodeInfo {
     /// Node facts from the agent's flags and, where a flag is not given,
@@ -126,6 +157,7 @@ impl NodeInfo {
             zone,
             snat: snat_ip.or(addresses.first().copied()),
             addresses,
+            balancing: Balancing::default(),
         }
     }
 }
@@ -286,6 +318,10 @@ pub struct Backend {
     /// so boxed: two vectors inline were 40% of a backend's bytes (kept
     /// for every backend of every port, 4 MiB at 10,000 Services).
     pub hints: Option<Box<Hints>>,
+    /// Share of new flows relative to the others (the Service's
+    /// backend-weights annotation, `DEFAULT_WEIGHT` without one); 0:
+    /// drained, no new flows, its flows stay.
+    pub weight: u16,
 }
 
 impl Backend {
@@ -340,6 +376,9 @@ pub struct ServicePortState {
     /// `NE_*` bits: what this port asks for that the datapath does not do
     /// yet.
     pub not_enforced: u32,
+    /// The size of the port's Maglev tables; 0: new flows hash over one
+    /// slot per backend.
+    pub maglev_table: u32,
 }
 
 /// A problem with one object: it is skipped, everything else goes on.
@@ -540,7 +579,27 @@ fn service(
     source_ranges.dedup();
     // What the Service asks for that the datapath does not do yet: logged
     // by the agent and shown by lbctl, never silently ignored.
-    let not_enforced = 0;
+    let mut not_enforced = 0;
+    let lb = service_balancing(svc.balancing.as_deref(), node.balancing);
+    if let Err(e) = &lb {
+        // The annotation is the operator's, not validated by the API
+        // server: a typo must not take the Service down. Its ports are
+        // programmed with the defaults, the bit shows it.
+        tracing::warn!(service = %key, "{e}: annotation ignored");
+        not_enforced |= NE_LB_ANNOTATION;
+    }
+    let lb = lb.unwrap_or(PortBalancing {
+        maglev_table: if node.balancing.maglev {
+            node.balancing.table_size
+        } else {
+            0
+        },
+        weights: Vec::new(),
+        only_drain: false,
+    });
+    if lb.only_drain {
+        not_enforced |= NE_WEIGHTS_WITHOUT_MAGLEV;
+    }
     let policies = Policies {
         internal_local: internal_policy == TrafficPolicy::Local,
         external_local: external_policy == TrafficPolicy::Local,
@@ -565,13 +624,26 @@ fn service(
         parsed.push((name, proto, port, node_port));
     }
     for (name, proto, port, node_port) in parsed {
-        let state = |frontends, backends: Vec<Backend>, not_enforced| ServicePortState {
+        let state = |frontends, mut backends: Vec<Backend>, not_enforced| ServicePortState {
             svc_type,
             proto,
             port,
             node_port,
             frontends,
-            sets: categorize::categorize(&backends, policies, &node.name, node.zone.as_deref()),
+            sets: {
+                lb.weigh(&mut backends);
+                // Drained backends (weight 0) get no new flows from any
+                // list; they stay in `backends` for their flows.
+                let drained = backends.iter().any(|b| b.weight == 0);
+                let live: Vec<Backend>;
+                let usable = if drained {
+                    live = backends.iter().filter(|b| b.weight > 0).cloned().collect();
+                    &live
+                } else {
+                    &backends
+                };
+                categorize::categorize(usable, policies, &node.name, node.zone.as_deref())
+            },
             backends,
             affinity_timeout_s,
             external_policy,
@@ -579,6 +651,7 @@ fn service(
             health_check_node_port,
             source_ranges: source_ranges.clone(),
             not_enforced,
+            maglev_table: lb.maglev_table,
         };
         let port_key = ServicePortKey {
             namespace: key.namespace.to_string(),
@@ -620,6 +693,102 @@ fn service(
         out.insert(port_key, state(frontends, backends, not_enforced));
     }
     Ok(())
+}
+
+/// How one Service's ports pick backends, from its annotations and the
+/// agent's defaults.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct PortBalancing {
+    maglev_table: u32,
+    /// (address, port if named) -> weight, in the annotation's order.
+    weights: Vec<(Ipv4Addr, Option<u16>, u16)>,
+    /// The algorithm annotation says `hash` and weights are given: only
+    /// 0 (drain) is acted on.
+    only_drain: bool,
+}
+
+impl PortBalancing {
+    /// Gives each backend its weight: one named with its port before one
+    /// named by address alone.
+    fn weigh(&self, backends: &mut [Backend]) {
+        if self.weights.is_empty() {
+            return;
+        }
+        for b in backends {
+            let exact = self
+                .weights
+                .iter()
+                .find(|(a, p, _)| *a == b.addr.addr && *p == Some(b.addr.port));
+            let any = || {
+                self.weights
+                    .iter()
+                    .find(|(a, p, _)| *a == b.addr.addr && p.is_none())
+            };
+            if let Some((_, _, w)) = exact.or_else(any) {
+                b.weight = if self.only_drain && *w > 0 {
+                    DEFAULT_WEIGHT
+                } else {
+                    *w
+                };
+            }
+        }
+    }
+}
+
+fn service_balancing(
+    ann: Option<&SvcBalancing>,
+    defaults: Balancing,
+) -> Result<PortBalancing, String> {
+    let mut out = PortBalancing {
+        maglev_table: if defaults.maglev {
+            defaults.table_size
+        } else {
+            0
+        },
+        ..Default::default()
+    };
+    let Some(ann) = ann else { return Ok(out) };
+    let algorithm = match ann.algorithm.as_deref().map(str::trim) {
+        None => None,
+        Some("maglev") => Some(true),
+        Some("hash") => Some(false),
+        Some(other) => {
+            return Err(format!(
+                "{ANNOTATION_ALGORITHM} {other:?} is neither \"maglev\" nor \"hash\""
+            ));
+        }
+    };
+    if let Some(w) = &ann.weights {
+        out.weights = parse_weights(w)?;
+    }
+    let maglev = algorithm.unwrap_or(defaults.maglev || !out.weights.is_empty());
+    out.maglev_table = if maglev { defaults.table_size } else { 0 };
+    out.only_drain = !maglev && out.weights.iter().any(|(_, _, w)| *w != 0);
+    Ok(out)
+}
+
+/// `10.244.1.5=0, 10.244.2.7:8080=200`.
+fn parse_weights(s: &str) -> Result<Vec<(Ipv4Addr, Option<u16>, u16)>, String> {
+    let mut out = Vec::new();
+    for item in s.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+        let bad = || {
+            format!(
+                "{ANNOTATION_WEIGHTS} entry {item:?} is not ADDRESS[:PORT]=WEIGHT with a weight 0..={MAX_WEIGHT}"
+            )
+        };
+        let (who, w) = item.split_once('=').ok_or_else(bad)?;
+        let w: u16 = w.trim().parse().map_err(|_| bad())?;
+        if w > MAX_WEIGHT {
+            return Err(bad());
+        }
+        let who = who.trim();
+        let (addr, port) = match who.parse::<std::net::SocketAddrV4>() {
+            Ok(sa) => (*sa.ip(), Some(sa.port())),
+            Err(_) => (who.parse::<Ipv4Addr>().map_err(|_| bad())?, None),
+        };
+        out.push((addr, port, w));
+    }
+    Ok(out)
 }
 
 fn finish(mut v: Vec<Backend>) -> Vec<Backend> {
@@ -677,6 +846,7 @@ fn slice_backends(
                     node_name: ep.node_name.clone(),
                     zone: ep.zone.clone(),
                     hints: ep.hints.clone(),
+                    weight: DEFAULT_WEIGHT,
                 });
             }
         }
@@ -718,6 +888,7 @@ fn endpoints_backends(
                 node_name: a.node_name.as_deref().map(super::intern::intern),
                 zone: None,
                 hints: None,
+                weight: DEFAULT_WEIGHT,
             });
         }
     }

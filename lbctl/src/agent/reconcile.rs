@@ -22,6 +22,7 @@ use super::{
     apply::{MapError, MapWriter},
     categorize::PolicyEndpoints,
     ids::IdPool,
+    maglev,
     model::{
         Backend, BackendAddr, BackendState, Desired, FrontendKind, ObjKey, Proto, ServicePortKey,
         ServicePortState, ServiceType, TrafficPolicy,
@@ -44,7 +45,10 @@ pub enum ReconcileError {
     OutOfIds(&'static str),
     /// The port would take a map past its size: refused whole (nothing of
     /// it written), the ports that fit keep working.
-    #[error("map {map} is full: {need} entries needed, {size} fit (raise --lb-map-max)")]
+    #[error(
+        "map {map} is full: {need} entries needed, {size} fit (raise --lb-map-max{})",
+        if *map == lb_common::maps::BACKEND_SLOTS { ", or --maglev-map-max for Maglev tables" } else { "" }
+    )]
     Full {
         map: &'static str,
         size: u32,
@@ -95,12 +99,16 @@ fn udp_backend_leaving(want: &MapState, before: &Before, op: &Op) -> Option<UdpL
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Capacity {
     pub lb_map_max: u32,
+    /// Slot chunks for Maglev tables (`--maglev-map-max` tables of
+    /// `--maglev-table-size`, `lb_common::maps::maglev_chunks`).
+    pub maglev_chunks: u32,
 }
 
 impl Default for Capacity {
     fn default() -> Self {
         Self {
             lb_map_max: lb_common::maps::DEFAULT_LB_MAP_MAX,
+            maglev_chunks: lb_common::maps::DEFAULT_MAGLEV_CHUNKS,
         }
     }
 }
@@ -108,7 +116,7 @@ impl Default for Capacity {
 impl Capacity {
     /// The size of `map`.
     pub fn of(&self, map: &str) -> u32 {
-        lb_common::maps::lb_map_sizes(self.lb_map_max)
+        lb_common::maps::lb_map_sizes(self.lb_map_max, self.maglev_chunks)
             .into_iter()
             .find(|(m, _)| *m == map)
             .map_or(u32::MAX, |(_, n)| n)
@@ -1175,16 +1183,21 @@ impl<W: MapWriter> Reconciler<W> {
             .map(|plan| {
                 let (slots, fallback) = &lists[plan.list];
                 let count = slots.len().min(u16::MAX as usize) as u16;
+                let distinct = if sp.maglev_table > 0 {
+                    slots.iter().collect::<BTreeSet<_>>().len()
+                } else {
+                    slots.len()
+                };
                 let v = Frontend {
                     service_id: svc_id,
                     backend_set: sets[plan.list],
                     count,
-                    terminating: if *fallback { count } else { 0 },
+                    terminating: if *fallback { distinct as u16 } else { 0 },
                     flags: plan.flags,
                     kind: plan.kind.number(),
                     _pad: 0,
                     affinity_timeout_s: sp.affinity_timeout_s.unwrap_or(0),
-                    _reserved: 0,
+                    backends: distinct as u32,
                 };
                 (plan.key, v)
             })
@@ -1307,10 +1320,12 @@ fn frontend_plans(
 ) -> (Vec<(Vec<u32>, bool)>, Vec<FrontendPlan>) {
     let mut lists: Vec<(Vec<u32>, bool)> = Vec::new();
     let mut index = |p: &PolicyEndpoints| {
-        let l = (
-            p.backends.iter().map(&id_of).collect::<Vec<u32>>(),
-            p.terminating_fallback,
-        );
+        let ids = if sp.maglev_table > 0 {
+            maglev_list(sp, &p.backends, &id_of)
+        } else {
+            p.backends.iter().map(&id_of).collect::<Vec<u32>>()
+        };
+        let l = (ids, p.terminating_fallback);
         match lists.iter().position(|x| *x == l) {
             Some(i) => i,
             None => {
@@ -1333,6 +1348,9 @@ fn frontend_plans(
     }
     if !sp.sets.has_endpoints {
         base |= FE_REJECT_NO_BACKEND;
+    }
+    if sp.maglev_table > 0 {
+        base |= FE_MAGLEV;
     }
     let mut plans = Vec::with_capacity(sp.frontends.len());
     for fa in &sp.frontends {
@@ -1379,6 +1397,31 @@ fn frontend_plans(
     (lists, plans)
 }
 
+/// The Maglev table of `sp.maglev_table` slots over `backends` (sorted, as
+/// the categorization leaves them), with their weights: backend ids by
+/// slot. Empty without a backend.
+fn maglev_list(
+    sp: &ServicePortState,
+    backends: &[BackendAddr],
+    id_of: impl Fn(&BackendAddr) -> u32,
+) -> Vec<u32> {
+    let entries: Vec<maglev::Entry> = backends
+        .iter()
+        .map(|a| maglev::Entry {
+            addr: *a,
+            weight: sp
+                .backends
+                .binary_search_by(|b| b.addr.cmp(a))
+                .map_or(super::model::DEFAULT_WEIGHT, |i| sp.backends[i].weight),
+        })
+        .collect();
+    let ids: Vec<u32> = backends.iter().map(id_of).collect();
+    maglev::table(&entries, sp.maglev_table)
+        .into_iter()
+        .map(|i| ids[i as usize])
+        .collect()
+}
+
 /// Each backend of a port and what the port does with it (`SB_*`).
 fn port_backend_flags(sp: &ServicePortState, ids: &[(u32, &Backend)]) -> BTreeMap<u32, u32> {
     let sets = &sp.sets;
@@ -1402,6 +1445,9 @@ fn port_backend_flags(sp: &ServicePortState, ids: &[(u32, &Backend)]) -> BTreeMa
             }
             if sets.local.backends.contains(&b.addr) {
                 f |= SB_LOCAL | fallback(&sets.local);
+            }
+            if b.weight == 0 {
+                f |= SB_DRAINED;
             }
             (*id, f)
         })

@@ -54,6 +54,8 @@ pub struct AgentConfig {
     pub map_sizes: std::collections::BTreeMap<String, u32>,
     /// `--lb-map-max`: what the Service ports must fit in.
     pub capacity: super::reconcile::Capacity,
+    /// `--lb-algorithm`, `--maglev-table-size`.
+    pub balancing: super::model::Balancing,
     /// Source ports for SNAT to backends on other nodes.
     pub snat_ports: std::ops::RangeInclusive<u16>,
     /// `--nodeport-addresses`.
@@ -92,6 +94,7 @@ pub struct AgentConfig {
 /// `--nodeport-addresses` picks them among the node's and this machine's.
 pub fn node_info(cfg: &AgentConfig, node: Option<&Node>) -> NodeInfo {
     let mut info = NodeInfo::from_flags_and_node(&cfg.node_name, &cfg.node_ips, cfg.snat_ip, node);
+    info.balancing = cfg.balancing;
     info.addresses = super::nodeport_addrs::resolve(
         &cfg.nodeport_addresses,
         &info.addresses,

@@ -11,7 +11,7 @@ use k8s_openapi::api::core::v1::Service;
 
 use super::{
     intern::{Interned, intern},
-    model::{LABEL_HEADLESS, LABEL_PROXY_NAME},
+    model::{ANNOTATION_ALGORITHM, ANNOTATION_WEIGHTS, LABEL_HEADLESS, LABEL_PROXY_NAME},
 };
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -23,6 +23,16 @@ pub struct Svc {
     pub spec: Option<SvcSpec>,
     /// `status.loadBalancer.ingress`.
     pub ingress: Vec<Ingress>,
+    /// The `lbctl.dev/` load-balancing annotations, when it has any (few
+    /// do: boxed).
+    pub balancing: Option<Box<SvcBalancing>>,
+}
+
+/// The annotations as written; translation reads them.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SvcBalancing {
+    pub algorithm: Option<String>,
+    pub weights: Option<String>,
 }
 
 /// Words from a small vocabulary (types, policies, protocols, port names)
@@ -67,6 +77,13 @@ fn exact<T: Clone>(v: &Option<Vec<T>>) -> Option<Vec<T>> {
 impl From<&Service> for Svc {
     fn from(s: &Service) -> Self {
         let labels = s.metadata.labels.as_ref();
+        let ann = s.metadata.annotations.as_ref();
+        let get = |k: &str| ann.and_then(|a| a.get(k)).cloned();
+        let balancing = SvcBalancing {
+            algorithm: get(ANNOTATION_ALGORITHM),
+            weights: get(ANNOTATION_WEIGHTS),
+        };
+        let balancing = (balancing != SvcBalancing::default()).then(|| Box::new(balancing));
         let spec = s.spec.as_ref().map(|spec| SvcSpec {
             type_: spec.type_.as_deref().map(intern),
             cluster_ip: spec.cluster_ip.clone(),
@@ -113,6 +130,7 @@ impl From<&Service> for Svc {
             }),
             spec,
             ingress,
+            balancing,
         }
     }
 }

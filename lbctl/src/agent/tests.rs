@@ -69,6 +69,7 @@ fn node() -> NodeInfo {
         zone: None,
         addresses: vec![Ipv4Addr::new(172, 18, 0, 2)],
         snat: None,
+        balancing: Default::default(),
     }
 }
 
@@ -1276,7 +1277,10 @@ fn a_port_that_does_not_fit_is_refused_by_name_and_the_rest_stays() {
     let objs = objects(&yaml);
     let mut store = Store::default();
     let mut rec = Reconciler::adopt(InMemory::default()).unwrap();
-    rec.set_capacity(super::reconcile::Capacity { lb_map_max: 16 });
+    rec.set_capacity(super::reconcile::Capacity {
+        lb_map_max: 16,
+        maglev_chunks: 0,
+    });
     feed(&mut store, &objs);
     let mut refused = Vec::new();
     for c in store.take_changes(&n) {
@@ -1500,5 +1504,208 @@ fn a_backend_set_takes_one_entry_per_sixteen_slots() {
         let mut fresh = Reconciler::adopt(InMemory::default()).unwrap();
         fresh.reconcile(&desired).unwrap();
         assert_eq!(canonical(&st), canonical(&fresh.state()));
+    }
+}
+
+/// A NodePort Service of `n` endpoints with `annotations` (YAML flow
+/// mapping entries).
+fn shop(n: usize, annotations: &str) -> String {
+    let mut y = format!(
+        "---\napiVersion: v1\nkind: Service\nmetadata: {{name: shop, namespace: ns, annotations: {{{annotations}}}}}\nspec:\n  type: NodePort\n  clusterIP: 10.96.0.20\n  ports: [{{port: 80, nodePort: 30020}}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: shop-x, namespace: ns, labels: {{kubernetes.io/service-name: shop}}}}\naddressType: IPv4\nports: [{{port: 8080}}]\nendpoints:\n"
+    );
+    for e in 0..n {
+        y += &format!("- {{addresses: [10.244.1.{}], nodeName: node-b}}\n", e + 11);
+    }
+    y
+}
+
+/// The backend addresses of a frontend's set, slot by slot.
+fn table_of(
+    s: &MapState,
+    addr: [u8; 4],
+    port: u16,
+) -> (Vec<Ipv4Addr>, lb_common::service::Frontend) {
+    use lb_common::service::{Frontend4Key, SCOPE_ALL};
+    let f = s.frontends[&Frontend4Key {
+        addr: lb_common::ip4(addr),
+        port: lb_common::port(port),
+        proto: lb_common::PROTO_TCP,
+        scope: SCOPE_ALL,
+    }];
+    let t = (0..u32::from(f.count))
+        .map(|slot| {
+            let id = s
+                .slot(f.backend_set, slot)
+                .expect("every slot names a backend");
+            Ipv4Addr::from(ip4_octets(s.backends[&id].addr))
+        })
+        .collect();
+    (t, f)
+}
+
+/// Two agents whose nodes have other addresses and that gave the backends
+/// other ids build the same Maglev table of backends: a flow gets the
+/// same backend on either node (the device path hashes it without the
+/// node's address, `hash::maglev4`).
+#[test]
+fn maglev_tables_are_the_same_on_every_node() {
+    use lb_common::service::*;
+    let mut a = node();
+    a.balancing.table_size = 251;
+    let mut b = a.clone();
+    b.name = "node-c".into();
+    b.addresses = vec![Ipv4Addr::new(172, 18, 0, 3)];
+    let yaml = shop(5, "lbctl.dev/lb-algorithm: maglev");
+    let mut rec_a = Reconciler::adopt(InMemory::default()).unwrap();
+    rec_a
+        .reconcile(&model::translate(&objects(&yaml), &a))
+        .unwrap();
+    // Node c saw other backends first: the same endpoints get other ids.
+    let mut rec_b = Reconciler::adopt(InMemory::default()).unwrap();
+    rec_b
+        .reconcile(&model::translate(&objects(&service_of(7)), &b))
+        .unwrap();
+    let both = format!("{}{}", service_of(7), yaml);
+    rec_b
+        .reconcile(&model::translate(&objects(&both), &b))
+        .unwrap();
+
+    let (ta, fa) = table_of(&rec_a.writer.state, [172, 18, 0, 2], 30020);
+    let (tb, fb) = table_of(&rec_b.writer.state, [172, 18, 0, 3], 30020);
+    assert_ne!(fa.backend_set, 0);
+    assert_eq!((fa.count, fa.backends), (251, 5));
+    assert_eq!(fa.flags & FE_MAGLEV, FE_MAGLEV);
+    assert_eq!((fb.count, fb.backends), (251, 5));
+    let id_of = |st: &MapState| {
+        let a = lb_common::ip4([10, 244, 1, 11]);
+        st.backends
+            .iter()
+            .find(|(_, b)| b.addr == a)
+            .map(|(id, _)| *id)
+    };
+    assert_ne!(id_of(&rec_a.writer.state), id_of(&rec_b.writer.state));
+    assert_eq!(ta, tb);
+    // The ClusterIP reads the same table.
+    assert_eq!(table_of(&rec_a.writer.state, [10, 96, 0, 20], 80).0, ta);
+    // Each of the 5 holds 50 or 51 of the 251 slots.
+    for e in 11..16 {
+        let n = ta
+            .iter()
+            .filter(|x| **x == Ipv4Addr::new(10, 244, 1, e))
+            .count();
+        assert!((50..=51).contains(&n), "{e}: {n}");
+    }
+    canonical(&rec_a.writer.state);
+    canonical(&rec_b.writer.state);
+
+    // One endpoint leaves: its slots go to the others, and few others'
+    // slots move.
+    let four = yaml.replace("- {addresses: [10.244.1.13], nodeName: node-b}\n", "");
+    rec_a
+        .reconcile(&model::translate(&objects(&four), &a))
+        .unwrap();
+    let (after, f) = table_of(&rec_a.writer.state, [172, 18, 0, 2], 30020);
+    assert_eq!(f.backends, 4);
+    let gone = Ipv4Addr::new(10, 244, 1, 13);
+    let moved = ta
+        .iter()
+        .zip(&after)
+        .filter(|(x, y)| x != y && **x != gone)
+        .count();
+    assert!(
+        moved * 50 < 251 * 2,
+        "{moved} slots of staying backends moved"
+    );
+}
+
+/// Weights set the shares, 0 drains (no new flows, flows stay), a weight
+/// turns Maglev on; the global flag and the annotation choose the
+/// algorithm; an unreadable annotation leaves the Service working with
+/// the defaults and is shown as not enforced.
+#[test]
+fn weights_drain_and_the_algorithm_flag_and_annotation() {
+    use lb_common::service::*;
+    let mut n = node();
+    n.balancing.table_size = 1021;
+    let yaml = shop(
+        3,
+        "lbctl.dev/backend-weights: \"10.244.1.11=0, 10.244.1.12:8080=300, 10.244.9.9=5\"",
+    );
+    let mut rec = Reconciler::adopt(InMemory::default()).unwrap();
+    rec.reconcile(&model::translate(&objects(&yaml), &n))
+        .unwrap();
+    let st = rec.writer.state.clone();
+    let (t, f) = table_of(&st, [172, 18, 0, 2], 30020);
+    assert_eq!(
+        (f.count, f.backends, f.flags & FE_MAGLEV),
+        (1021, 2, FE_MAGLEV)
+    );
+    let heavy = t
+        .iter()
+        .filter(|x| **x == Ipv4Addr::new(10, 244, 1, 12))
+        .count();
+    let light = t
+        .iter()
+        .filter(|x| **x == Ipv4Addr::new(10, 244, 1, 13))
+        .count();
+    assert_eq!(heavy + light, 1021);
+    assert!((3 * light).abs_diff(heavy) < 20, "{heavy} vs {light}");
+    // The drained one keeps its entry (its flows go on) without a list.
+    let drained = st
+        .svc_backends
+        .iter()
+        .find(|(k, _)| {
+            Ipv4Addr::from(ip4_octets(st.backends[&k.backend_id].addr))
+                == Ipv4Addr::new(10, 244, 1, 11)
+        })
+        .map(|(_, v)| *v);
+    assert_eq!(drained, Some(SB_DRAINED | SB_SERVING));
+    canonical(&st);
+
+    // Weights under `hash`: 0 still drains, the rest is reported.
+    let hash = yaml.replace(
+        "annotations: {",
+        "annotations: {lbctl.dev/lb-algorithm: hash, ",
+    );
+    rec.reconcile(&model::translate(&objects(&hash), &n))
+        .unwrap();
+    let st = rec.writer.state.clone();
+    let (t, f) = table_of(&st, [172, 18, 0, 2], 30020);
+    assert_eq!((f.count, f.flags & FE_MAGLEV), (2, 0));
+    assert!(!t.contains(&Ipv4Addr::new(10, 244, 1, 11)));
+    let meta = st.service_meta.values().next().unwrap();
+    assert_eq!(meta.not_enforced, NE_WEIGHTS_WITHOUT_MAGLEV);
+
+    // The global flag turns Maglev on; the annotation turns it off.
+    let mut m = n.clone();
+    m.balancing.maglev = true;
+    let plain = shop(3, "");
+    rec.reconcile(&model::translate(&objects(&plain), &m))
+        .unwrap();
+    let (_, f) = table_of(&rec.writer.state, [10, 96, 0, 20], 80);
+    assert_eq!(
+        (f.count, f.backends, f.flags & FE_MAGLEV),
+        (1021, 3, FE_MAGLEV)
+    );
+    let off = shop(3, "lbctl.dev/lb-algorithm: hash");
+    rec.reconcile(&model::translate(&objects(&off), &m))
+        .unwrap();
+    let (_, f) = table_of(&rec.writer.state, [10, 96, 0, 20], 80);
+    assert_eq!((f.count, f.flags & FE_MAGLEV), (3, 0));
+
+    // A typo: programmed with the defaults, shown as not enforced.
+    for bad in [
+        "lbctl.dev/lb-algorithm: magleb",
+        "lbctl.dev/backend-weights: \"10.244.1.11=lots\"",
+        "lbctl.dev/backend-weights: \"10.244.1.11=10001\"",
+    ] {
+        let d = model::translate(&objects(&shop(3, bad)), &n);
+        assert!(d.errors.is_empty(), "{:?}", d.errors);
+        rec.reconcile(&d).unwrap();
+        let st = rec.writer.state.clone();
+        let (_, f) = table_of(&st, [172, 18, 0, 2], 30020);
+        assert_eq!((f.count, f.flags & FE_MAGLEV), (3, 0), "{bad}");
+        let meta = st.service_meta.values().next().unwrap();
+        assert_eq!(meta.not_enforced, NE_LB_ANNOTATION, "{bad}");
     }
 }

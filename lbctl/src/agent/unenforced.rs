@@ -101,6 +101,7 @@ mod tests {
                 health_check_node_port: None,
                 source_ranges: vec![],
                 not_enforced: bits,
+                maglev_table: 0,
             },
         )
     }

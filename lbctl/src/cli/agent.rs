@@ -102,6 +102,25 @@ pub struct Args {
     /// migrates the pinned maps, entries included.
     #[arg(long, default_value_t = lb_common::maps::DEFAULT_LB_MAP_MAX)]
     pub lb_map_max: u32,
+    /// How new flows pick a Service's backend unless its
+    /// `lbctl.dev/lb-algorithm` annotation says: `hash` (a slot per
+    /// backend, as kube-proxy spreads them) or `maglev` (a Maglev table
+    /// per Service port: every node picks the same backend for a flow,
+    /// and a backend leaving moves few others' flows).
+    #[arg(long, value_enum, default_value_t = LbAlgorithm::Hash)]
+    pub lb_algorithm: LbAlgorithm,
+    /// Slots of a Maglev table, a prime up to 65521 (Cilium's
+    /// `bpf-lb-maglev-table-size`; at least 100 times a Service's backends
+    /// keeps their shares within 1%). A table takes 8 bytes a slot.
+    #[arg(long, default_value_t = lb_common::maps::DEFAULT_MAGLEV_TABLE_SIZE)]
+    pub maglev_table_size: u32,
+    /// Maglev tables the slots map has room for beyond `--lb-map-max`:
+    /// one per Service port using Maglev, two for one with
+    /// externalTrafficPolicy Local (its Local and Cluster lists), one
+    /// more for each table being replaced. An idle slot costs 16 bytes
+    /// (the hash's buckets).
+    #[arg(long, default_value_t = lb_common::maps::DEFAULT_MAGLEV_MAP_MAX)]
+    pub maglev_map_max: u32,
     /// Entries of the device path's connection-tracking table (two per
     /// flow from outside; least recently used evicted first; preallocated,
     /// about 130 bytes an entry). Default: 0.05% of the node's memory in
@@ -198,8 +217,11 @@ pub async fn execute(args: Args) -> Result<()> {
         "--lb-map-max {}: at least 16 entries",
         args.lb_map_max
     );
+    let maglev_table_size = crate::agent::maglev::check_table_size(args.maglev_table_size)
+        .map_err(|e| anyhow::anyhow!("--maglev-table-size: {e}"))?;
+    let maglev_chunks = lb_common::maps::maglev_chunks(args.maglev_map_max, maglev_table_size);
     let mut map_sizes: std::collections::BTreeMap<String, u32> =
-        lb_common::maps::lb_map_entries(args.lb_map_max)
+        lb_common::maps::lb_map_entries(args.lb_map_max, maglev_chunks)
             .into_iter()
             .map(|(m, n)| (m.to_string(), n))
             .collect();
@@ -229,6 +251,11 @@ pub async fn execute(args: Args) -> Result<()> {
     run::run(AgentConfig {
         capacity: crate::agent::reconcile::Capacity {
             lb_map_max: args.lb_map_max,
+            maglev_chunks,
+        },
+        balancing: crate::agent::model::Balancing {
+            maglev: args.lb_algorithm == LbAlgorithm::Maglev,
+            table_size: maglev_table_size,
         },
         map_sizes,
         snat_ports,
@@ -323,4 +350,11 @@ mod tests {
         assert_eq!(conntrack_default(256 * GIB), 1 << 20);
         assert_eq!(conntrack_default(4096 * GIB), 1 << 22);
     }
+}
+
+/// `--lb-algorithm`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LbAlgorithm {
+    Hash,
+    Maglev,
 }

@@ -163,7 +163,12 @@ pub fn table(views: &[ServiceBackendsView]) -> String {
                     format!("{}:{}", be.address, be.port),
                     be.state.clone(),
                     conditions(be),
-                    be.new_flows.clone(),
+                    match be.maglev_slots {
+                        // Its share of the Maglev table: what its weight
+                        // gives it.
+                        Some(n) if n > 0 => format!("{} ({n} slots)", be.new_flows),
+                        _ => be.new_flows.clone(),
+                    },
                     if be.node.is_empty() {
                         "-".into()
                     } else if be.local {

@@ -28,8 +28,8 @@ use lb_common::{
     hash, ip4, ip4_octets, port, port_host,
     service::{
         ADDR_CLUSTER_IP, AFFINITY_BY_ADDR, AffinityKey, BACKEND_ACTIVE, BACKEND_LOCAL,
-        FE_AFFINITY_CLIENT_IP, FE_LOCAL_LIST, FE_REJECT_NO_BACKEND, FE_TWO_SCOPES, Frontend,
-        Frontend4Key, SB_TOPOLOGY_FILTERED, SCOPE_ALL, SCOPE_INTERNAL,
+        FE_AFFINITY_CLIENT_IP, FE_LOCAL_LIST, FE_MAGLEV, FE_REJECT_NO_BACKEND, FE_TWO_SCOPES,
+        Frontend, Frontend4Key, SB_TOPOLOGY_FILTERED, SCOPE_ALL, SCOPE_INTERNAL,
     },
     sock::SockFlow4Key,
 };
@@ -116,7 +116,7 @@ pub struct ExplainView {
     pub return_code: Option<String>,
     /// The flow hash, the number of backends it chose among, and the slot.
     pub hash: Option<u32>,
-    pub candidates: u16,
+    pub candidates: u32,
     pub slot: Option<u32>,
     pub backend: Option<BackendInfo>,
     /// The packet's addresses after translation (device path), or where
@@ -137,7 +137,7 @@ pub struct FrontendInfo {
     pub kind: String,
     pub address: Ipv4Addr,
     pub port: u16,
-    pub active_backends: u16,
+    pub active_backends: u32,
     pub terminating_backends: u16,
     pub session_affinity: String,
     pub external_traffic_policy: String,
@@ -188,7 +188,7 @@ impl ExplainView {
             verdicts: vec![],
             return_code: None,
             hash: None,
-            candidates: fe.map_or(0, |f| f.count),
+            candidates: fe.map_or(0, |f| f.backend_count()),
             slot: None,
             backend: None,
             translated_src: None,
@@ -236,7 +236,7 @@ fn frontend_info(st: &MapState, k: &Frontend4Key, fe: &Frontend) -> FrontendInfo
             .into(),
         address: Ipv4Addr::from(ip4_octets(k.addr)),
         port: port_host(k.port),
-        active_backends: fe.count,
+        active_backends: fe.backend_count(),
         terminating_backends: fe.terminating,
         session_affinity: match meta.map_or(0, |m| m.affinity_timeout_s) {
             0 => "None".into(),
@@ -366,7 +366,8 @@ pub fn device(
         v.translated_dst = Some(d.to_string());
     }
     let has = |x: u32| probe.verdicts.contains(&x);
-    let h = hash::flow4(
+    let h = hash::device4(
+        fe.is_some_and(|f| f.flags & FE_MAGLEV != 0),
         okey.src_addr,
         okey.dst_addr,
         okey.src_port,
@@ -410,12 +411,18 @@ pub fn device(
         let fe = fe.unwrap_or_default();
         let computed = pick(st, &fe, h);
         v.slot = computed.map(|c| c.0);
-        v.reason = format!(
-            "hash {h:#010x} of (src, dst, ports, protocol) % {} backends = slot {} -> backend {}",
-            fe.count,
-            v.slot.map_or("?".into(), |s| s.to_string()),
-            e.backend_id
-        );
+        let slot = v.slot.map_or("?".into(), |s| s.to_string());
+        v.reason = if fe.flags & FE_MAGLEV != 0 {
+            format!(
+                "hash {h:#010x} of (src, ports, protocol) % Maglev table of {} slots ({} backends) = slot {slot} -> backend {}",
+                fe.count, fe.backends, e.backend_id
+            )
+        } else {
+            format!(
+                "hash {h:#010x} of (src, dst, ports, protocol) % {} backends = slot {slot} -> backend {}",
+                fe.count, e.backend_id
+            )
+        };
         let sticky = affinity
             .as_ref()
             .filter(|(_, a)| a.backend_id == e.backend_id);
@@ -602,10 +609,17 @@ pub fn socket(
                 .backend
                 .as_ref()
                 .map(|b| format!("{}:{}", b.address, b.port));
-            v.reason = format!(
-                "hash {h:#010x} of (cookie, frontend) % {} backends = slot {slot} -> backend {id}",
-                fe.count
-            );
+            v.reason = if fe.flags & FE_MAGLEV != 0 {
+                format!(
+                    "hash {h:#010x} of (cookie, frontend) % Maglev table of {} slots ({} backends) = slot {slot} -> backend {id}",
+                    fe.count, fe.backends
+                )
+            } else {
+                format!(
+                    "hash {h:#010x} of (cookie, frontend) % {} backends = slot {slot} -> backend {id}",
+                    fe.count
+                )
+            };
             v.notes.push(
                 "the socket then talks to the backend directly; getpeername()/recvfrom() show the Service address"
                     .into(),

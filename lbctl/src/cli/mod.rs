@@ -126,6 +126,8 @@ mod golden {
             ],
             backends: vec![backend()],
             session_affinity_timeout_s: Some(10800),
+            algorithm: "maglev".into(),
+            maglev_table_size: Some(16381),
             external_traffic_policy: "Cluster".into(),
             internal_traffic_policy: "Cluster".into(),
             source_ranges: vec![],
@@ -135,9 +137,9 @@ mod golden {
             bytes: 9045,
         }];
         let want = concat!(
-            " SERVICE        TYPE      PROTO  FRONTENDS                    BACKENDS  AFFINITY         POLICY EXT/INT   NOT ENFORCED               FLOWS  PACKETS  BYTES\n",
-            " demo/web:http  NodePort  TCP    10.96.0.10:80 (ClusterIP)    1/1       ClientIP 10800s  Cluster/Cluster  sessionAffinity: ClientIP  18     108      9045\n",
-            "                                 172.18.0.2:30080 (NodePort)\n",
+            " SERVICE        TYPE      PROTO  ALGORITHM     FRONTENDS                    BACKENDS  AFFINITY         POLICY EXT/INT   NOT ENFORCED               FLOWS  PACKETS  BYTES\n",
+            " demo/web:http  NodePort  TCP    maglev/16381  10.96.0.10:80 (ClusterIP)    1/1       ClientIP 10800s  Cluster/Cluster  sessionAffinity: ClientIP  18     108      9045\n",
+            "                                               172.18.0.2:30080 (NodePort)\n",
         );
         assert_eq!(services::table(&v), want, "\n{}", services::table(&v));
     }
@@ -155,6 +157,7 @@ mod golden {
             new_flows: "Cluster".into(),
             node: "node-a".into(),
             zone: "".into(),
+            maglev_slots: Some(16381),
         }
     }
 
@@ -170,6 +173,7 @@ mod golden {
         remote.ready = false;
         remote.terminating = true;
         remote.new_flows = "no: terminating, existing flows only".into();
+        remote.maglev_slots = Some(0);
         let v = vec![backends::ServiceBackendsView {
             service: "demo/web".into(),
             port_name: "http".into(),
@@ -196,7 +200,7 @@ mod golden {
         let want = concat!(
             "demo/web port http 80/TCP\n",
             " ID  BACKEND           STATE        CONDITIONS           NEW FLOWS                             NODE            ZONE    FLOWS  CT FLOWS  PACKETS  BYTES\n",
-            " 7   10.244.1.11:8080  active       ready,serving        Cluster                               node-a (local)  -       12     2         70       5120\n",
+            " 7   10.244.1.11:8080  active       ready,serving        Cluster (16381 slots)                 node-a (local)  -       12     2         70       5120\n",
             " 8   10.244.2.11:8080  terminating  serving,terminating  no: terminating, existing flows only  node-b          zone-b  3      0         0        0\n",
         );
         assert_eq!(t, want, "\n{t}");

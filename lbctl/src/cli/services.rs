@@ -38,6 +38,10 @@ pub struct ServiceView {
     pub frontends: Vec<FrontendView>,
     pub backends: Vec<BackendView>,
     pub session_affinity_timeout_s: Option<u32>,
+    /// How new flows pick a backend: `hash` (a slot per backend) or
+    /// `maglev` (a table of `maglev_table_size` slots).
+    pub algorithm: String,
+    pub maglev_table_size: Option<u32>,
     pub external_traffic_policy: String,
     pub internal_traffic_policy: String,
     /// `loadBalancerSourceRanges` as programmed (CIDRs).
@@ -74,6 +78,9 @@ pub struct BackendView {
     pub new_flows: String,
     pub node: String,
     pub zone: String,
+    /// Slots it holds in the port's Maglev table (the all-traffic one):
+    /// its share of new flows, which its weight sets.
+    pub maglev_slots: Option<u32>,
 }
 
 fn state_label(s: u8) -> &'static str {
@@ -118,6 +125,8 @@ pub fn view(
                 backends: vec![],
                 session_affinity_timeout_s: (m.affinity_timeout_s > 0)
                     .then_some(m.affinity_timeout_s),
+                algorithm: "hash".into(),
+                maglev_table_size: None,
                 external_traffic_policy: policy(m.external_policy).into(),
                 internal_traffic_policy: policy(m.internal_policy).into(),
                 source_ranges: vec![],
@@ -130,6 +139,9 @@ pub fn view(
             },
         );
     }
+    // Each Maglev port's table (of its first all-traffic frontend): slots
+    // by backend.
+    let mut tables: BTreeMap<u32, BTreeMap<u32, u32>> = BTreeMap::new();
     for (k, f) in &state.frontends {
         let Some(v) = out.get_mut(&f.service_id) else {
             continue;
@@ -138,6 +150,17 @@ pub fn view(
         // under externalTrafficPolicy Local) is the same address.
         if k.scope != SCOPE_ALL {
             continue;
+        }
+        if f.flags & FE_MAGLEV != 0 && !tables.contains_key(&f.service_id) {
+            v.algorithm = "maglev".into();
+            v.maglev_table_size = Some(f.count.into());
+            let mut shares = BTreeMap::new();
+            for slot in 0..u32::from(f.count) {
+                if let Some(id) = state.slot(f.backend_set, slot) {
+                    *shares.entry(id).or_insert(0) += 1;
+                }
+            }
+            tables.insert(f.service_id, shares);
         }
         v.frontends.push(FrontendView {
             kind: FrontendKind::from_number(f.kind)
@@ -181,6 +204,9 @@ pub fn view(
             new_flows: new_flows(*flags, terminating, local),
             node: state.node_name(b).into(),
             zone: state.zone_name(b).into(),
+            maglev_slots: tables
+                .get(&k.service_id)
+                .map(|t| t.get(&id).copied().unwrap_or(0)),
         });
     }
     out.into_values().collect()
@@ -203,7 +229,9 @@ pub fn new_flows(flags: u32, terminating: bool, local: bool) -> String {
             l
         };
     }
-    if flags & SB_SERVING == 0 {
+    if flags & SB_DRAINED != 0 {
+        "no: drained (weight 0), existing flows stay".into()
+    } else if flags & SB_SERVING == 0 {
         "no: not ready, existing TCP flows only".into()
     } else if terminating {
         "no: terminating, existing flows only".into()
@@ -239,6 +267,10 @@ pub fn table(views: &[ServiceView]) -> String {
                 name,
                 v.svc_type.clone(),
                 v.protocol.clone(),
+                match v.maglev_table_size {
+                    Some(m) => format!("maglev/{m}"),
+                    None => v.algorithm.clone(),
+                },
                 fronts.join("\n"),
                 format!("{active}/{}", v.backends.len()),
                 affinity,
@@ -262,6 +294,7 @@ pub fn table(views: &[ServiceView]) -> String {
             "SERVICE",
             "TYPE",
             "PROTO",
+            "ALGORITHM",
             "FRONTENDS",
             "BACKENDS",
             "AFFINITY",

@@ -159,6 +159,7 @@ mod tests {
             zone: None,
             addresses: vec![Ipv4Addr::new(172, 18, 0, 2)],
             snat: None,
+            balancing: Default::default(),
         };
         let from_code = lbctl::agent::model::translate(&to_objects(&svcs, "node-a"), &node);
         let from_yaml = lbctl::agent::model::translate(

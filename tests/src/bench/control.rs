@@ -251,6 +251,7 @@ pub fn changes(n: usize, count: usize) -> (Vec<f64>, Vec<f64>) {
     // The capacity the maps were made with (`--lb-map-max`).
     rec.set_capacity(lbctl::agent::reconcile::Capacity {
         lb_map_max: crate::fixture::lb_map_max_for(n * 10),
+        maglev_chunks: lb_common::maps::DEFAULT_MAGLEV_CHUNKS,
     });
     for c in store.take_changes(&node) {
         rec.set_service(&c.service, c.ports.unwrap()).unwrap();

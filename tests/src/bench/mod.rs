@@ -47,6 +47,7 @@ pub fn node_info(addr: Ipv4Addr) -> NodeInfo {
         zone: None,
         addresses: vec![addr],
         snat: None,
+        balancing: Default::default(),
     }
 }
 

@@ -143,6 +143,7 @@ pub fn run(quick: bool, progress: &mut Progress) -> Results {
         // The capacity the maps were made with (`--lb-map-max`).
         rec.set_capacity(lbctl::agent::reconcile::Capacity {
             lb_map_max: fixture::lb_map_max_for(n * 10),
+            maglev_chunks: lb_common::maps::DEFAULT_MAGLEV_CHUNKS,
         });
         // As the agent: the SNAT range's ports in the port map, and the
         // config saying the map is whole once written.
