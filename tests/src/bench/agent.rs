@@ -30,7 +30,7 @@ pub fn start(
     svcs: &[Svc],
     pins: &Path,
     cgroup: &Path,
-    devices: Option<&str>,
+    devices: &[&str],
     waiting: impl FnMut(u32),
 ) -> (Proc, Duration) {
     let manifests = work.join("manifests");
@@ -63,7 +63,7 @@ pub fn start_on(
     services: usize,
     pins: &Path,
     cgroup: &Path,
-    devices: Option<&str>,
+    devices: &[&str],
     mut waiting: impl FnMut(u32),
 ) -> (Proc, Duration) {
     std::fs::create_dir_all(work).unwrap();
@@ -97,9 +97,8 @@ pub fn start_on(
             "--lb-map-max",
             &crate::fixture::lb_map_max_for(services * 10).to_string(),
         ]);
-    if let Some(d) = devices {
-        cmd.args(["--devices", d]);
-    }
+    // Device flags (`--devices eth0`, `--xdp native`); none: no device.
+    cmd.args(devices);
     let agent = Proc(
         cmd.stderr(std::fs::File::create(&log).unwrap())
             .spawn()
@@ -131,4 +130,21 @@ pub fn stop(agent: Proc, pins: &Path) {
         .args(["agent", "--cleanup", "--bpffs"])
         .arg(pins)
         .output();
+}
+
+/// The XDP modes `lbctl status` reports for the agent whose maps are in
+/// `pins` (`native`, `generic`), one per device with XDP.
+pub fn xdp_modes(pins: &Path) -> Vec<String> {
+    let out = Command::new(lbctl())
+        .args(["status", "-o", "json", "--bpffs"])
+        .arg(pins)
+        .output()
+        .expect("lbctl status");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    v["attachments"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|a| a["xdp_mode"].as_str().map(str::to_string))
+        .collect()
 }

@@ -131,7 +131,7 @@ fn one_start(
     svcs: &[kubeproxy::Svc],
 ) -> (crate::guard::Proc, AgentRun) {
     let mut peak_kib = 0u64;
-    let (agent, full) = agent::start(ns, work, svcs, &fs.pins(), &cg.path, None, |pid| {
+    let (agent, full) = agent::start(ns, work, svcs, &fs.pins(), &cg.path, &[], |pid| {
         peak_kib = peak_kib.max(vm_hwm_kib(pid))
     });
     let log = std::fs::read_to_string(work.join("agent.log")).unwrap_or_default();
@@ -214,7 +214,7 @@ pub fn api_run(n: usize) -> (AgentRun, f64) {
         n,
         &fs.pins(),
         &t.cgroup.path,
-        None,
+        &[],
         |pid| peak_kib = peak_kib.max(vm_hwm_kib(pid)),
     );
     let log = std::fs::read_to_string(work.join("agent.log")).unwrap_or_default();

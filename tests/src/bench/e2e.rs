@@ -41,6 +41,9 @@ const PODS: usize = 1;
 pub enum Datapath {
     Direct,
     Lb,
+    /// The same with `--xdp native` on the node's device: NodePort
+    /// packets are translated in the driver.
+    LbXdp,
     Iptables,
     Nftables,
 }
@@ -50,6 +53,7 @@ impl Datapath {
         match self {
             Self::Direct => "direct to the pod (floor)",
             Self::Lb => "this datapath (eBPF)",
+            Self::LbXdp => "this datapath, XDP on the device",
             Self::Iptables => "kube-proxy iptables (legacy)",
             Self::Nftables => "kube-proxy nftables",
         }
@@ -350,7 +354,7 @@ pub fn load_into(ns: &Netns, program: &str, args: &[&str], text: &str) -> f64 {
     t.elapsed().as_secs_f64()
 }
 
-/// One datapath at one size, set up in namespaces of its own (so all four
+/// One datapath at one size, set up in namespaces of its own (so all of them
 /// can stand side by side and be measured in turns).
 struct Setup {
     dp: Datapath,
@@ -373,18 +377,32 @@ impl Setup {
         let target = &svcs[t];
         let node_port = target.node_port.expect("target has a NodePort");
         let bpffs = Bpffs::new();
-        let agent = (dp == Datapath::Lb).then(|| {
+        if dp == Datapath::LbXdp {
+            // The client puts whole checksums on what it sends, as a
+            // wire delivers them (an XDP program cannot see a checksum
+            // left to offload: see the README's XDP section).
+            bench.client.run(&["ethtool", "-K", "eth0", "tx", "off"]);
+        }
+        let devices: &[&str] = match dp {
+            Datapath::LbXdp => &["--devices", "eth0", "--xdp", "native"],
+            _ => &["--devices", "eth0"],
+        };
+        let agent = matches!(dp, Datapath::Lb | Datapath::LbXdp).then(|| {
             let (proc, _) = agent::start(
                 &bench.node,
                 &bench.work,
                 &svcs,
                 &bpffs.pins(),
                 &bench.cgroup.path,
-                Some("eth0"),
+                devices,
                 |_| {},
             );
             proc
         });
+        if dp == Datapath::LbXdp {
+            let modes = agent::xdp_modes(&bpffs.pins());
+            assert_eq!(modes, ["native"], "XDP in the driver on eth0");
+        }
         let load_s = match dp {
             Datapath::Iptables => load_into(
                 &bench.node,
@@ -434,9 +452,10 @@ impl Drop for Setup {
 }
 
 const VIAS: [Via; 2] = [Via::ClusterIp, Via::NodePort];
-pub const DATAPATHS: [Datapath; 4] = [
+pub const DATAPATHS: [Datapath; 5] = [
     Datapath::Direct,
     Datapath::Lb,
+    Datapath::LbXdp,
     Datapath::Iptables,
     Datapath::Nftables,
 ];
@@ -462,7 +481,7 @@ pub fn run(quick: bool, progress: &mut Progress) -> Results {
     let mut rows = Vec::new();
     let mut loads = Vec::new();
     for &n in &sizes {
-        // All four side by side, measured in turns, so a drift of the
+        // All side by side, measured in turns, so a drift of the
         // machine (other tenants, frequency) touches each alike.
         let setups: Vec<Setup> = DATAPATHS
             .iter()
@@ -523,7 +542,7 @@ impl Results {
         let mut s = String::new();
         for via in [Via::ClusterIp, Via::NodePort] {
             s += &format!(
-                "\n**{}** (wrk; each figure the median of {} rounds of {} s, the four datapaths measured in turns; new connections: one request each, 16 at a time; keep-alive: 16 connections; latency: one request at a time)\n\n",
+                "\n**{}** (wrk; each figure the median of {} rounds of {} s, the datapaths measured in turns; new connections: one request each, 16 at a time; keep-alive: 16 connections; latency: one request at a time)\n\n",
                 via.label(),
                 self.rounds,
                 self.seconds
