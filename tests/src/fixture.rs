@@ -36,15 +36,22 @@ pub fn lb_map_max_for(backends: usize) -> u32 {
 pub fn datapath_for(backends: usize) -> (Bpffs, aya::Ebpf) {
     let fs = Bpffs::new();
     pins::prepare(&fs.pins()).expect("pin folder");
-    let sizes = lb_common::maps::lb_map_entries(
+    let (ebpf, _) = load::load_with(&fs.pins(), false, &map_sizes_for(backends))
+        .expect("load the embedded object");
+    (fs, ebpf)
+}
+
+/// The map sizes [`datapath_for`] gives: another load of the object on
+/// the same pins must be given them too, or it migrates the pinned maps
+/// to the object's own sizes (dropping what does not fit).
+pub fn map_sizes_for(backends: usize) -> std::collections::BTreeMap<String, u32> {
+    lb_common::maps::lb_map_entries(
         lb_map_max_for(backends),
         lb_common::maps::DEFAULT_MAGLEV_CHUNKS,
     )
     .into_iter()
     .map(|(m, n)| (m.to_string(), n))
-    .collect();
-    let (ebpf, _) = load::load_with(&fs.pins(), false, &sizes).expect("load the embedded object");
-    (fs, ebpf)
+    .collect()
 }
 
 pub fn objects(yaml: &str) -> Objects {

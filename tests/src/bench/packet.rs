@@ -238,7 +238,7 @@ pub fn run(quick: bool, progress: &mut Progress) -> Results {
             .conntrack
             .get(&est_key, 0)
             .expect("the established flow's entry");
-        for (row, cost) in xdp_rows(&dev, &pins, np, &est_entry, n_rounds, calls)
+        for (row, cost) in xdp_rows(&dev, &pins, n * 10, np, &est_entry, n_rounds, calls)
             .into_iter()
             .enumerate()
         {
@@ -308,6 +308,7 @@ impl XdpDevice {
 fn xdp_rows(
     dev: &XdpDevice,
     pins: &std::path::Path,
+    backends: usize,
     np: u16,
     est: &lb_common::conntrack::Ct4Entry,
     n_rounds: usize,
@@ -327,7 +328,10 @@ fn xdp_rows(
             0,
             "setns"
         );
-        let mut ebpf = load::load(&pins).expect("load");
+        // The sizes the maps were made with: the object's own would
+        // migrate them down (at 100,000 Services dropping addresses).
+        let sizes = fixture::map_sizes_for(backends);
+        let (mut ebpf, _) = load::load_with(&pins, false, &sizes).expect("load");
         let p: &mut Xdp = ebpf
             .program_mut("lb_xdp_from_netdev")
             .unwrap()
