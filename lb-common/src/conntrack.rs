@@ -21,6 +21,20 @@ pub const CT_CLOSING: u8 = 1 << 3;
 /// other may go on sending (a half-close keeps the flow established).
 pub const CT_FIN_ORIGINAL: u8 = 1 << 4;
 pub const CT_FIN_REPLY: u8 = 1 << 5;
+/// Direct server return. On the node the client's packets come to (an
+/// original-direction entry): the backend is on another node and gets the
+/// packets in IPIP, `nat_src_addr` being the outer source (this node's
+/// address; the inner source stays the client), and its replies go
+/// straight to the client, so this node sees only the client's direction.
+/// On the backend's node (a reply-direction entry, `CT_LOCAL_BACKEND`
+/// too): made from the encapsulated packets, it turns the backend's
+/// replies into the frontend's.
+pub const CT_DSR: u8 = 1 << 6;
+
+/// `Ct4Entry::service_id`/`backend_id` of a flow this node knows neither
+/// of (a DSR flow's reply entry on the backend's node, when the frontend
+/// is another node's NodePort): not counted.
+pub const CT_NO_ID: u32 = u32::MAX;
 
 /// Lifetimes in seconds, by what the flow has shown: an entry is dead
 /// after `lifetime` seconds without a packet in either direction.

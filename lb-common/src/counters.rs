@@ -123,6 +123,14 @@ verdicts! {
     /// port unreachable, fragmentation needed), an ICMP error to translate,
     /// a next hop out of another device or without a neighbour entry.
     V_XDP_TO_TC = 26, "xdp_to_tc";
+    /// A new flow to a frontend under direct server return, sent in IPIP
+    /// to its backend's node (its packets after that count as
+    /// `forward_established`).
+    V_FORWARD_DSR = 27, "forward_dsr";
+    /// An IPIP packet from another node's direct server return,
+    /// decapsulated for a backend here; its replies will leave with the
+    /// frontend as their source (`reply`).
+    V_DSR_DECAPSULATED = 28, "dsr_decapsulated";
 }
 
 /// Size of the verdict counter array; room to append.

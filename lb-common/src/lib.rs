@@ -14,6 +14,7 @@
 pub mod config;
 pub mod conntrack;
 pub mod counters;
+pub mod dsr;
 pub mod hash;
 pub mod maps;
 pub mod ports;

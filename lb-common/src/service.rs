@@ -50,6 +50,11 @@ pub const FE_SOURCE_RANGES: u16 = 1 << 6;
 /// so every node's table, built from the same backends, gives a flow the
 /// same backend whichever node address or router path it came by.
 pub const FE_MAGLEV: u16 = 1 << 7;
+/// Direct server return (`lb_common::dsr`): a new flow from outside to a
+/// backend on another node goes there in IPIP, not SNATed, and the
+/// backend's node sends the replies straight to the client. Set on
+/// NodePort, LoadBalancer and external IP frontends only.
+pub const FE_DSR: u16 = 1 << 8;
 
 /// `LB4_SOURCE_RANGES_V1` (LPM trie) data: a Service port and a source
 /// prefix. The trie's prefix length counts the 32 bits of the service id

@@ -8,7 +8,7 @@ use aya_ebpf::{
 use lb_common::{
     PROTO_TCP,
     conntrack::{
-        CT_CLOSING, CT_FIN_ORIGINAL, CT_FIN_REPLY, CT_LIFETIME_TCP_CLOSING,
+        CT_CLOSING, CT_DSR, CT_FIN_ORIGINAL, CT_FIN_REPLY, CT_LIFETIME_TCP_CLOSING,
         CT_LIFETIME_TCP_ESTABLISHED, CT_LIFETIME_TCP_SYN, CT_LIFETIME_UDP, CT_ORIGINAL, CT_REPLY,
         CT_SEEN_REPLY, CT_TIME_WAIT_S, Ct4Entry, Ct4Key,
     },
@@ -16,7 +16,7 @@ use lb_common::{
 
 use crate::{
     maps::CONNTRACK4,
-    parse::{Packet, TCP_FIN, TCP_RST},
+    parse::{Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
 
 #[inline(always)]
@@ -114,7 +114,10 @@ pub fn touch(k: &Ct4Key, e: &mut Ct4Entry, pkt: &Packet, len: u32, now: u32) {
     e.packets += 1;
     e.bytes += len as u64;
     let mut flags = e.flags;
-    if k.dir == CT_REPLY {
+    // Under DSR no reply passes here: the client's ACK of the handshake
+    // shows the backend answered.
+    if k.dir == CT_REPLY || (flags & CT_DSR != 0 && pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_ACK)
+    {
         flags |= CT_SEEN_REPLY;
     }
     if pkt.proto == PROTO_TCP {

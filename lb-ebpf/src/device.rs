@@ -5,16 +5,19 @@
 
 use aya_ebpf::{
     EbpfContext,
-    bindings::{TC_ACT_OK, TC_ACT_SHOT},
+    bindings::{
+        BPF_F_ADJ_ROOM_DECAP_L3_IPV4, TC_ACT_OK, TC_ACT_SHOT, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
+    },
     programs::TcContext,
 };
 use lb_common::{
     PROTO_TCP,
-    conntrack::Ct4Entry,
+    conntrack::{CT_DSR, CT_LOCAL_BACKEND, CT_SNAT, Ct4Entry},
     counters::{V_DROP_REWRITE, V_PASS_NOT_SERVICE},
+    dsr::DSR_OVERHEAD,
 };
 
-use crate::{frame::Frame, icmp, nat, parse::Packet, reject, route, stats};
+use crate::{dsr, frame::Frame, icmp, nat, parse::Packet, reject, route, stats};
 
 /// Where a rewritten packet goes.
 pub enum Way {
@@ -39,32 +42,74 @@ pub trait Device: Frame + EbpfContext {
     fn refuse(&self, pkt: &Packet, verdict: u32) -> i32;
     /// An ICMP error to one of the node's frontend or SNAT addresses.
     fn icmp(&self, pkt: &Packet) -> i32;
-    /// The IP length of the packet as it will be sent.
-    fn ip_len(&self, pkt: &Packet) -> u16;
+    /// The IP length of the packet as it will be sent, `grow` bytes of
+    /// outer header added.
+    fn ip_len(&self, pkt: &Packet, grow: u16) -> u16;
     fn route(&self, proto: u8, src_addr: u32, dst_addr: u32, tot_len: u16) -> route::Next;
     /// Whether this program can send a packet where `next` says.
     fn sends(&self, next: &route::Next) -> bool;
-    /// Rewrites per the entry and hands the packet on `way`; counts
-    /// `verdict`.
+    /// Rewrites per the entry (and encapsulates, under `CT_DSR`) and hands
+    /// the packet on `way`; counts `verdict`.
     fn forward(&self, pkt: &Packet, e: &Ct4Entry, way: Way, verdict: u32) -> i32;
+    /// Takes a DSR packet's outer header off (`DSR_OVERHEAD` bytes after
+    /// the Ethernet header).
+    fn decap(&self) -> bool;
+}
+
+/// Whether packets of flow `e` leave in IPIP: the client's direction of a
+/// DSR flow on the node it came to (the backend's node holds a DSR reply
+/// entry, `CT_LOCAL_BACKEND` too, whose replies leave as they are).
+#[inline(always)]
+pub fn encapsulates(e: &Ct4Entry) -> bool {
+    e.flags & (CT_DSR | CT_LOCAL_BACKEND) == CT_DSR
+}
+
+/// The rewrite of a packet of flow `e`: (source address, destination
+/// address, source port, destination port). A DSR flow's inner packet
+/// keeps the client's source (`nat_src_addr` is the outer one).
+#[inline(always)]
+pub fn rewrite_of(pkt: &Packet, e: &Ct4Entry) -> (u32, u32, u16, u16) {
+    let src = if encapsulates(e) {
+        pkt.src_addr
+    } else {
+        e.nat_src_addr
+    };
+    (src, e.nat_dst_addr, e.nat_src_port, e.nat_dst_port)
+}
+
+/// `way` for a packet of flow `e`.
+#[inline(always)]
+pub fn way_of<D: Device>(dev: &D, pkt: &Packet, e: &Ct4Entry) -> Option<Way> {
+    let dsr = encapsulates(e);
+    way(
+        dev,
+        pkt,
+        e.flags & CT_SNAT != 0 || dsr,
+        e.nat_src_addr,
+        e.nat_dst_addr,
+        if dsr { DSR_OVERHEAD } else { 0 },
+    )
 }
 
 /// Where a packet from `src_addr` to `dst_addr` goes after the rewrite, if
 /// this program can send it there (else the packet is for tc). Looked up
 /// before anything is rewritten or counted: a packet too big for the route
 /// is answered quoting it as its sender sent it (path MTU discovery).
+/// `redirect`: the packet must go past the stack (SNAT, DSR); `grow`: the
+/// outer header it gets (DSR).
 #[inline(always)]
 pub fn way<D: Device>(
     dev: &D,
     pkt: &Packet,
-    snat: bool,
+    redirect: bool,
     src_addr: u32,
     dst_addr: u32,
+    grow: u16,
 ) -> Option<Way> {
-    if !snat {
+    if !redirect {
         return Some(Way::Stack);
     }
-    let next = dev.route(pkt.proto, src_addr, dst_addr, dev.ip_len(pkt));
+    let next = dev.route(pkt.proto, src_addr, dst_addr, dev.ip_len(pkt, grow));
     if dev.sends(&next) {
         Some(Way::Next(next))
     } else {
@@ -103,15 +148,16 @@ impl Device for TcContext {
     }
 
     /// Of each segment for a GSO packet (headers and the segment size),
-    /// else its own.
+    /// else its own. A GSO packet's segments shrink by what an outer
+    /// header adds (`encap_tc`): their length stays.
     #[inline(always)]
-    fn ip_len(&self, pkt: &Packet) -> u16 {
+    fn ip_len(&self, pkt: &Packet, grow: u16) -> u16 {
         // SAFETY: valid skb pointer.
         let gso_size = unsafe { (*self.skb.skb).gso_size };
         if gso_size == 0 {
             return self
                 .load::<[u8; 2]>(pkt.l3_off as usize + 2)
-                .map_or(0, u16::from_be_bytes);
+                .map_or(0, |l| u16::from_be_bytes(l).saturating_add(grow));
         }
         let l4_header = if pkt.proto == PROTO_TCP {
             self.load::<u8>(pkt.l4_off as usize + 12)
@@ -135,28 +181,42 @@ impl Device for TcContext {
 
     #[inline(always)]
     fn forward(&self, pkt: &Packet, e: &Ct4Entry, way: Way, verdict: u32) -> i32 {
+        let dsr = encapsulates(e);
         if let Way::Next(route::Next::FragNeeded { mtu }) = way {
+            // The client's packets may be as big as the route less the
+            // outer header.
+            let mtu = if dsr {
+                mtu.saturating_sub(DSR_OVERHEAD)
+            } else {
+                mtu
+            };
             return reject::frag_needed(self, pkt, mtu);
         }
-        if nat::rewrite(
-            self,
-            pkt,
-            e.nat_src_addr,
-            e.nat_dst_addr,
-            e.nat_src_port,
-            e.nat_dst_port,
-        )
-        .is_err()
-        {
+        let (src, dst, sport, dport) = rewrite_of(pkt, e);
+        if nat::rewrite(self, pkt, src, dst, sport, dport).is_err() {
             stats::verdict(V_DROP_REWRITE);
             return TC_ACT_SHOT;
         }
         // The first fragment of a datagram: its flow for the later ones.
         pkt.remember_fragment();
+        if dsr && dsr::encap_tc(self, pkt, e).is_err() {
+            stats::verdict(V_DROP_REWRITE);
+            return TC_ACT_SHOT;
+        }
         stats::verdict(verdict);
         match way {
             Way::Next(next) => route::send(self, next),
             Way::Stack => TC_ACT_OK,
         }
+    }
+
+    #[inline(always)]
+    fn decap(&self) -> bool {
+        self.adjust_room(
+            -(DSR_OVERHEAD as i32),
+            BPF_ADJ_ROOM_MAC,
+            BPF_F_ADJ_ROOM_DECAP_L3_IPV4 as u64,
+        )
+        .is_ok()
     }
 }

@@ -10,8 +10,8 @@
 //! | `lb_connect6` ...  | the same four, IPv6   | the same for `::ffff:a.b.c.d` (dual-stack sockets) |
 //! | `lb_sock_egress`   | cgroup skb egress     | `loadBalancerSourceRanges` for sockets (while some Service has them) |
 //! | `lb_xdp_from_netdev` | XDP, node dev       | the same as `lb_from_netdev`, before the stack; the rest left to it |
-//! | `lb_from_netdev`   | tc ingress, node dev  | NodePort/external/LB: DNAT (+SNAT), replies   |
-//! | `lb_to_netdev`     | tc egress, node dev   | local backends' replies back to the frontend  |
+//! | `lb_from_netdev`   | tc ingress, node dev  | NodePort/external/LB: DNAT (+SNAT or DSR), replies; DSR decap |
+//! | `lb_to_netdev`     | tc egress, node dev   | local backends' replies back to the frontend (DSR's too) |
 #![no_std]
 #![no_main]
 #![expect(
@@ -24,6 +24,7 @@
 mod conntrack;
 mod csum;
 mod device;
+mod dsr;
 mod frame;
 mod icmp;
 mod maps;
@@ -91,7 +92,7 @@ pub fn lb_sock_egress(ctx: SkBuffContext) -> i32 {
 
 #[xdp]
 pub fn lb_xdp_from_netdev(ctx: XdpContext) -> u32 {
-    netdev::from_outside(&ctx) as u32
+    netdev::from_device(&ctx) as u32
 }
 
 #[classifier]

@@ -11,24 +11,29 @@ use aya_log_ebpf::debug;
 use lb_common::{
     PROTO_TCP,
     config::CFG_PORTS,
-    conntrack::{CT_CLOSING, CT_LOCAL_BACKEND, CT_ORIGINAL, CT_REPLY, CT_SNAT, Ct4Entry, Ct4Key},
+    conntrack::{
+        CT_CLOSING, CT_DSR, CT_LOCAL_BACKEND, CT_NO_ID, CT_ORIGINAL, CT_REPLY, CT_SNAT, Ct4Entry,
+        Ct4Key,
+    },
     counters::{
         V_DROP_CT_FULL, V_DROP_NO_LOCAL_BACKEND, V_DROP_NO_SNAT_PORT, V_DROP_SOURCE_RANGE,
-        V_DROP_UNALLOCATED_SERVICE_IP, V_FORWARD_ESTABLISHED, V_FORWARD_NEW, V_FORWARD_RENEWED,
-        V_PASS_NOT_SERVICE, V_REJECT_NO_BACKEND, V_REJECT_UNDEFINED_PORT, V_REPLY,
-        V_RESET_BACKEND_GONE,
+        V_DROP_UNALLOCATED_SERVICE_IP, V_FORWARD_DSR, V_FORWARD_ESTABLISHED, V_FORWARD_NEW,
+        V_FORWARD_RENEWED, V_PASS_NOT_SERVICE, V_PASS_UNSUPPORTED, V_REJECT_NO_BACKEND,
+        V_REJECT_UNDEFINED_PORT, V_REPLY, V_RESET_BACKEND_GONE,
     },
+    dsr::{DSR_OVERHEAD, PROTO_IPIP},
     hash,
     service::{
-        ADDR_CLUSTER_IP, AFFINITY_BY_ADDR, BACKEND_LOCAL, FE_MAGLEV, FE_SOURCE_RANGES, Frontend,
-        Frontend4Key, KIND_NODE_PORT, SB_SERVING, SCOPE_ALL, SOURCE_RANGE_ID_BITS,
+        ADDR_CLUSTER_IP, AFFINITY_BY_ADDR, BACKEND_LOCAL, FE_DSR, FE_MAGLEV, FE_SOURCE_RANGES,
+        Frontend, Frontend4Key, KIND_NODE_PORT, SB_SERVING, SCOPE_ALL, SOURCE_RANGE_ID_BITS,
         ServiceBackendKey, SourceRange4,
     },
 };
 
 use crate::{
     conntrack::{self, now_s},
-    device::{Device, Way, way},
+    device::{Device, Way, way, way_of},
+    dsr,
     icmp::{self, PROTO_ICMP},
     maps::{self, ADDRS4, CONFIG, SERVICE_BACKENDS, SOURCE_RANGES4},
     parse::{self, Packet, TCP_ACK, TCP_SYN},
@@ -42,12 +47,25 @@ pub fn from_netdev(ctx: &TcContext) -> i32 {
     if xdp::seen(ctx) {
         return TC_ACT_OK;
     }
-    from_outside(ctx)
+    from_device(ctx)
+}
+
+/// A packet on a node device, in tc or XDP: another node's direct server
+/// return for a backend here (or a CNI's tunnel, passed), or a packet from
+/// outside. The two are siblings, each out of line: the verifier counts
+/// the stack of a chain of calls, and `from_outside`'s frame with its
+/// callees leaves no room for `dsr::receive`'s.
+#[inline(always)]
+pub fn from_device<D: Device>(dev: &D) -> i32 {
+    if dsr::is_ipip(dev) {
+        return dsr::receive(dev);
+    }
+    from_outside(dev)
 }
 
 /// A packet from outside the node, in tc or XDP.
-#[inline(always)]
-pub fn from_outside<D: Device>(dev: &D) -> i32 {
+#[inline(never)]
+fn from_outside<D: Device>(dev: &D) -> i32 {
     let pkt = match parse::parse(dev) {
         Ok(p) => p,
         Err(v) => {
@@ -55,6 +73,12 @@ pub fn from_outside<D: Device>(dev: &D) -> i32 {
             return dev.pass();
         }
     };
+    // IPIP went to `dsr::receive` (this one's headers were not linear
+    // then): not translated.
+    if pkt.proto == PROTO_IPIP {
+        stats::verdict(V_PASS_UNSUPPORTED);
+        return dev.pass();
+    }
     // Most traffic to a node that is no Service's (SSH, the kubelet, BGP)
     // goes to a port no frontend and no SNAT range uses: it leaves after
     // one array lookup, whatever its address, once the agent has written
@@ -112,13 +136,7 @@ pub fn from_outside<D: Device>(dev: &D) -> i32 {
     if let Some(e) = conntrack::lookup(&k, now) {
         match still_served(e, &pkt) {
             Served::Yes => {
-                let Some(way) = way(
-                    dev,
-                    &pkt,
-                    e.flags & CT_SNAT != 0,
-                    e.nat_src_addr,
-                    e.nat_dst_addr,
-                ) else {
+                let Some(way) = way_of(dev, &pkt, e) else {
                     return dev.to_tc();
                 };
                 conntrack::touch(&k, e, &pkt, len, now);
@@ -218,8 +236,10 @@ pub fn from_outside<D: Device>(dev: &D) -> i32 {
         }
     };
     // The backend answers the node when it is on another node: the source
-    // becomes a node address.
+    // becomes a node address. Under DSR it answers the client itself and
+    // the node address is the outer source of the packets it is sent.
     let local = chosen.backend.flags & BACKEND_LOCAL != 0;
+    let dsr = !local && fe.flags & FE_DSR != 0;
     let snat_addr = if local { 0 } else { snat_addr(&fe, &pkt) };
     // XDP must know it can send the packet before it records the flow (or
     // leave it to tc untouched); tc asks after, as the stack it has left
@@ -227,20 +247,22 @@ pub fn from_outside<D: Device>(dev: &D) -> i32 {
     let early = if D::ANSWERS {
         None
     } else {
-        let Some(w) = way(dev, &pkt, !local, snat_addr, chosen.backend.addr) else {
+        let grow = if dsr { DSR_OVERHEAD } else { 0 };
+        let Some(w) = way(dev, &pkt, !local, snat_addr, chosen.backend.addr, grow) else {
             return dev.to_tc();
         };
         Some(w)
     };
-    match new_flow(&pkt, &fe, &chosen, snat_addr) {
+    if dsr && new_verdict == V_FORWARD_NEW {
+        new_verdict = V_FORWARD_DSR;
+    }
+    match new_flow(&pkt, &fe, &chosen, snat_addr, dsr) {
         Ok(e) => {
             stats::first_packet(fe.service_id, chosen.backend_id, len);
             let way = match early {
                 Some(w) => w,
                 // tc sends everywhere: never None.
-                None => {
-                    way(dev, &pkt, !local, e.nat_src_addr, e.nat_dst_addr).unwrap_or(Way::Stack)
-                }
+                None => way_of(dev, &pkt, &e).unwrap_or(Way::Stack),
             };
             dev.forward(&pkt, &e, way, new_verdict)
         }
@@ -264,13 +286,7 @@ pub fn from_outside<D: Device>(dev: &D) -> i32 {
 fn reply<D: Device>(dev: &D, pkt: &Packet, now: u32, len: u32) -> Option<i32> {
     let k = conntrack::key(pkt, CT_REPLY);
     let e = conntrack::lookup(&k, now)?;
-    let Some(way) = way(
-        dev,
-        pkt,
-        e.flags & CT_SNAT != 0,
-        e.nat_src_addr,
-        e.nat_dst_addr,
-    ) else {
+    let Some(way) = way_of(dev, pkt, e) else {
         return Some(dev.to_tc());
     };
     conntrack::touch(&k, e, pkt, len, now);
@@ -332,6 +348,10 @@ pub fn to_netdev(ctx: &TcContext) -> i32 {
     if pkt.proto == PROTO_ICMP {
         return icmp::to_netdev(ctx, &pkt);
     }
+    // DSR packets this node sends on (and a CNI's tunnel): no reply.
+    if pkt.proto == PROTO_IPIP {
+        return TC_ACT_OK;
+    }
     let k = conntrack::key(&pkt, CT_REPLY);
     let now = now_s();
     let Some(e) = conntrack::lookup(&k, now) else {
@@ -344,15 +364,28 @@ pub fn to_netdev(ctx: &TcContext) -> i32 {
     let len = ctx.len();
     conntrack::touch(&k, e, &pkt, len, now);
     let e = *e;
-    stats::packet(e.service_id, len);
-    stats::backend_packet(e.backend_id, len);
+    // A DSR flow's frontend may be another node's (a NodePort of its
+    // address): nothing here to count it under.
+    if e.service_id != CT_NO_ID {
+        stats::packet(e.service_id, len);
+    }
+    if e.backend_id != CT_NO_ID {
+        stats::backend_packet(e.backend_id, len);
+    }
     ctx.forward(&pkt, &e, Way::Stack, V_REPLY)
 }
 
-/// Records both directions of a new flow; returns the original direction's
+/// Records both directions of a new flow (the client's only under DSR:
+/// the replies do not come back here); returns the original direction's
 /// entry (the rewrite for this packet).
 #[inline(always)]
-fn new_flow(pkt: &Packet, fe: &Frontend, chosen: &Chosen, snat_addr: u32) -> Result<Ct4Entry, u32> {
+fn new_flow(
+    pkt: &Packet,
+    fe: &Frontend,
+    chosen: &Chosen,
+    snat_addr: u32,
+    dsr: bool,
+) -> Result<Ct4Entry, u32> {
     let now = now_s();
     let len = pkt.len;
     let b = &chosen.backend;
@@ -391,7 +424,10 @@ fn new_flow(pkt: &Packet, fe: &Frontend, chosen: &Chosen, snat_addr: u32) -> Res
         dir: CT_REPLY,
         _pad: 0,
     };
-    if local {
+    if dsr {
+        orig.nat_src_addr = snat_addr;
+        orig.flags = CT_DSR;
+    } else if local {
         conntrack::create_reply(&rkey, &reply, false).map_err(|_| V_DROP_CT_FULL)?;
     } else {
         // The backend answers the node: source becomes a node address and

@@ -1,11 +1,13 @@
 //! Packet parsing for the device path: Ethernet, IPv4 (with options), and
-//! the TCP/UDP ports, read in place from the packet.
+//! the TCP/UDP ports, read in place from the packet. IPIP packets are
+//! parsed to their outer header (`dsr` reads on).
 
 use crate::{frame::Frame, icmp::PROTO_ICMP, maps::FRAGS4};
 use lb_common::{
     PROTO_TCP, PROTO_UDP,
     conntrack::{Frag4Key, Frag4Ports},
     counters::{V_PASS_FRAGMENT_UNKNOWN, V_PASS_NOT_IPV4, V_PASS_TRUNCATED, V_PASS_UNSUPPORTED},
+    dsr::PROTO_IPIP,
 };
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 
@@ -130,7 +132,11 @@ fn parse_linear<F: Frame>(ctx: &F) -> Result<Packet, u32> {
     if ihl < Ipv4Hdr::LEN as u32 {
         return Err(V_PASS_TRUNCATED);
     }
-    if ip.proto != PROTO_TCP && ip.proto != PROTO_UDP && ip.proto != PROTO_ICMP {
+    if ip.proto != PROTO_TCP
+        && ip.proto != PROTO_UDP
+        && ip.proto != PROTO_ICMP
+        && ip.proto != PROTO_IPIP
+    {
         return Err(V_PASS_UNSUPPORTED);
     }
     let (src_addr, dst_addr, proto) = (
@@ -151,7 +157,7 @@ fn parse_linear<F: Frame>(ctx: &F) -> Result<Packet, u32> {
     } else {
         FRAG_NONE
     };
-    if frag != FRAG_NONE && proto == PROTO_ICMP {
+    if frag != FRAG_NONE && (proto == PROTO_ICMP || proto == PROTO_IPIP) {
         return Err(V_PASS_UNSUPPORTED);
     }
     let (src_port, dst_port, tcp_flags) = if frag == FRAG_LATER {
@@ -212,6 +218,9 @@ fn l4_ports<F: Frame>(ctx: &F, proto: u8, l4_off: u32) -> Result<(u16, u16, u8),
             u16::from_ne_bytes([h[2], h[3]]),
             0,
         ))
+    } else if proto == PROTO_IPIP {
+        // No ports: `l4_off` is the inner header, which `dsr` reads.
+        Ok((0, 0, 0))
     } else {
         // ICMP: no ports; its header must be there (icmp.rs reads on).
         ctx.ptr_at::<[u8; 8]>(l4_off as usize)

@@ -12,16 +12,19 @@
 
 use aya_ebpf::{
     bindings::xdp_action::{XDP_DROP, XDP_PASS, XDP_TX},
-    helpers::generated::bpf_xdp_adjust_meta,
+    helpers::generated::{bpf_xdp_adjust_head, bpf_xdp_adjust_meta},
     programs::{TcContext, XdpContext},
 };
 use lb_common::{
     conntrack::Ct4Entry,
     counters::{V_DROP_NO_ROUTE, V_DROP_REWRITE, V_XDP_TO_TC},
+    dsr::DSR_OVERHEAD,
 };
 
 use crate::{
-    device::{Device, Way},
+    device::{Device, Way, encapsulates, rewrite_of},
+    dsr,
+    frame::Frame,
     nat,
     parse::Packet,
     route, stats,
@@ -92,11 +95,10 @@ impl Device for XdpContext {
 
     /// A buffer is one packet (no GSO before the stack): its own length.
     #[inline(always)]
-    fn ip_len(&self, pkt: &Packet) -> u16 {
-        use crate::frame::Frame;
+    fn ip_len(&self, pkt: &Packet, grow: u16) -> u16 {
         match self.ptr_at::<[u8; 2]>(pkt.l3_off as usize + 2) {
             // SAFETY: bounds checked by ptr_at.
-            Some(p) => u16::from_be_bytes(unsafe { *p }),
+            Some(p) => u16::from_be_bytes(unsafe { *p }).saturating_add(grow),
             None => 0,
         }
     }
@@ -123,16 +125,8 @@ impl Device for XdpContext {
 
     #[inline(always)]
     fn forward(&self, pkt: &Packet, e: &Ct4Entry, way: Way, verdict: u32) -> i32 {
-        if nat::rewrite_in_place(
-            self,
-            pkt,
-            e.nat_src_addr,
-            e.nat_dst_addr,
-            e.nat_src_port,
-            e.nat_dst_port,
-        )
-        .is_err()
-        {
+        let (src, dst, sport, dport) = rewrite_of(pkt, e);
+        if nat::rewrite_in_place(self, pkt, src, dst, sport, dport).is_err() {
             stats::verdict(V_DROP_REWRITE);
             return XDP_DROP as i32;
         }
@@ -143,7 +137,10 @@ impl Device for XdpContext {
                 self.pass()
             }
             Way::Next(route::Next::Send { smac, dmac, .. }) => {
-                use crate::frame::Frame;
+                if encapsulates(e) && dsr::encap_xdp(self, pkt, e).is_err() {
+                    stats::verdict(V_DROP_REWRITE);
+                    return XDP_DROP as i32;
+                }
                 let Some(eth) = self.ptr_at::<[u8; 12]>(0) else {
                     stats::verdict(V_DROP_REWRITE);
                     return XDP_DROP as i32;
@@ -161,5 +158,26 @@ impl Device for XdpContext {
                 XDP_DROP as i32
             }
         }
+    }
+
+    /// The Ethernet header moves forward over the outer IP header, and the
+    /// buffer starts there.
+    #[inline(always)]
+    fn decap(&self) -> bool {
+        let Some(eth) = self.ptr_at::<[u8; 14]>(0) else {
+            return false;
+        };
+        // SAFETY: bounds checked by ptr_at.
+        let eth = unsafe { *eth };
+        // SAFETY: valid context; the pointer is taken anew after.
+        if unsafe { bpf_xdp_adjust_head(self.ctx.cast(), DSR_OVERHEAD as i32) } != 0 {
+            return false;
+        }
+        let Some(p) = self.ptr_at::<[u8; 14]>(0) else {
+            return false;
+        };
+        // SAFETY: bounds checked by ptr_at.
+        unsafe { *p = eth };
+        true
     }
 }

@@ -878,60 +878,107 @@ enum Fate {
     Other(u32),
 }
 
+/// MAC addresses of the node namespace's device and its neighbours.
+const NODE_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
+const NODE_B_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x03];
+const ROUTER_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
+
+/// A node for FIB lookups: a namespace whose eth0 (172.18.0.2) has a
+/// route to node-b's pod CIDR (10.244.2.0/24 via 172.18.0.3) and to the
+/// clients (192.168.50.0/24 via the router 172.18.0.1), with fixed
+/// neighbours, forwarding on.
+struct NodeNs {
+    ns: lb_tests::guard::Netns,
+    /// The other end of eth0.
+    peer: lb_tests::guard::Netns,
+    ifindex: u32,
+    netns_path: String,
+}
+
+impl NodeNs {
+    fn new() -> Self {
+        use lb_tests::guard::Netns;
+        let ns = Netns::new("dp");
+        let peer = Netns::new("dq");
+        let ipn = |args: &[&str]| {
+            let mut all = vec!["-n", ns.name.as_str()];
+            all.extend_from_slice(args);
+            lb_tests::guard::run("ip", &all);
+        };
+        ipn(&[
+            "link", "add", "eth0", "type", "veth", "peer", "name", "eth0", "netns", &peer.name,
+        ]);
+        ipn(&["link", "set", "eth0", "address", "02:00:00:00:00:02", "up"]);
+        ipn(&["addr", "add", "172.18.0.2/24", "dev", "eth0"]);
+        for (addr, mac) in [
+            ("172.18.0.3", "02:00:00:00:00:03"),
+            ("172.18.0.1", "02:00:00:00:00:01"),
+        ] {
+            ipn(&[
+                "neigh",
+                "add",
+                addr,
+                "lladdr",
+                mac,
+                "dev",
+                "eth0",
+                "nud",
+                "permanent",
+            ]);
+        }
+        ipn(&["route", "add", "10.244.2.0/24", "via", "172.18.0.3"]);
+        ipn(&["route", "add", "192.168.50.0/24", "via", "172.18.0.1"]);
+        // A node forwards (the FIB lookup refuses otherwise, as on a real
+        // node without ip_forward).
+        ns.run(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+        let ifindex: u32 = ns
+            .run(&["cat", "/sys/class/net/eth0/ifindex"])
+            .trim()
+            .parse()
+            .unwrap();
+        let netns_path = format!("/run/netns/{}", ns.name);
+        Self {
+            ns,
+            peer,
+            ifindex,
+            netns_path,
+        }
+    }
+}
+
+/// Runs `f` on a thread in the namespace at `path` (PROG_TEST_RUN runs
+/// in the calling thread's network namespace).
+fn in_netns(path: &str, f: impl FnOnce() + Send + 'static) {
+    let path = path.to_string();
+    std::thread::spawn(move || {
+        let ns = std::fs::File::open(&path).expect("netns");
+        use std::os::fd::AsRawFd;
+        // SAFETY: setns on this thread only, with a valid namespace fd.
+        assert_eq!(
+            unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) },
+            0,
+            "setns"
+        );
+        f();
+    })
+    .join()
+    .expect("test thread");
+}
+
 fn snat_both_ways(xdp: bool) {
-    use lb_tests::guard::Netns;
     require_root();
     sweep();
     const TC_ACT_REDIRECT: u32 = 7;
     const XDP_TX: u32 = 3;
-    let ns = Netns::new("dp");
-    let peer = Netns::new("dq");
-    let node_mac = [0x02, 0, 0, 0, 0, 0x02];
-    let node_b_mac = [0x02, 0, 0, 0, 0, 0x03];
-    let router_mac = [0x02, 0, 0, 0, 0, 0x01];
-    let ipn = |args: &[&str]| {
-        let mut all = vec!["-n", ns.name.as_str()];
-        all.extend_from_slice(args);
-        lb_tests::guard::run("ip", &all);
-    };
-    ipn(&[
-        "link", "add", "eth0", "type", "veth", "peer", "name", "eth0", "netns", &peer.name,
-    ]);
-    ipn(&["link", "set", "eth0", "address", "02:00:00:00:00:02", "up"]);
-    ipn(&["addr", "add", "172.18.0.2/24", "dev", "eth0"]);
-    ipn(&[
-        "neigh",
-        "add",
-        "172.18.0.3",
-        "lladdr",
-        "02:00:00:00:00:03",
-        "dev",
-        "eth0",
-        "nud",
-        "permanent",
-    ]);
-    ipn(&[
-        "neigh",
-        "add",
-        "172.18.0.1",
-        "lladdr",
-        "02:00:00:00:00:01",
-        "dev",
-        "eth0",
-        "nud",
-        "permanent",
-    ]);
-    ipn(&["route", "add", "10.244.2.0/24", "via", "172.18.0.3"]);
-    ipn(&["route", "add", "192.168.50.0/24", "via", "172.18.0.1"]);
-    // A node forwards (the FIB lookup refuses otherwise, as on a real node
-    // without ip_forward).
-    ns.run(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
-    let ifindex: u32 = ns
-        .run(&["cat", "/sys/class/net/eth0/ifindex"])
-        .trim()
-        .parse()
-        .unwrap();
-    let netns_path = format!("/run/netns/{}", ns.name);
+    let NodeNs {
+        ns: _ns,
+        peer,
+        ifindex,
+        netns_path,
+    } = NodeNs::new();
+    let node_mac = NODE_MAC;
+    let node_b_mac = NODE_B_MAC;
+    let router_mac = ROUTER_MAC;
 
     // Loading pins the maps the fixture then programs.
     let (fs, _pinned) = fixture::datapath();
@@ -949,16 +996,9 @@ fn snat_both_ways(xdp: bool) {
     };
     let _rec = fixture::program(&pins, &remote, &node);
 
-    // PROG_TEST_RUN runs in the calling thread's network namespace.
-    std::thread::spawn(move || {
-        let f = std::fs::File::open(&netns_path).expect("netns");
-        use std::os::fd::AsRawFd;
-        // SAFETY: setns on this thread only, with a valid namespace fd.
-        assert_eq!(
-            unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) },
-            0,
-            "setns"
-        );
+    let pins2 = pins.clone();
+    in_netns(&netns_path, move || {
+        let pins = pins2;
         let mut ebpf = load::load(&pins).expect("load");
         let prog: &mut SchedClassifier = ebpf
             .program_mut("lb_from_netdev")
@@ -1198,9 +1238,7 @@ fn snat_both_ways(xdp: bool) {
         assert_eq!(verdict, Fate::Sent, "after TIME_WAIT it is");
         assert_eq!(src_port(&out), 62001);
         maps.set_config(Default::default()).unwrap();
-    })
-    .join()
-    .expect("test thread");
+    });
     let maps = ServiceMaps::open(&fs.pins()).unwrap();
     let closing = maps
         .conntrack
@@ -1976,4 +2014,222 @@ endpoints:
         }
     }
     assert_eq!(seen.len(), pods.len(), "60 flows reach all 5 backends");
+}
+
+/// Direct server return, both nodes' halves, in tc and in XDP.
+#[test]
+fn dsr_sends_in_ipip_and_the_backends_node_answers_from_the_frontend() {
+    dsr_both_nodes(false);
+}
+
+#[test]
+fn dsr_sends_in_ipip_and_the_backends_node_answers_from_the_frontend_in_xdp() {
+    dsr_both_nodes(true);
+}
+
+/// The frame the first node sends to the backend's: `inner` (already
+/// translated) in an outer header from `src` to the backend, naming the
+/// frontend `(addr, port)` in its option; built byte by byte here.
+fn ipip(inner: &Frame, src: Ipv4Addr, frontend: (Ipv4Addr, u16)) -> Frame {
+    let mut option = vec![0x5e, 8];
+    option.extend(frontend.1.to_be_bytes());
+    option.extend(frontend.0.octets());
+    Frame {
+        src,
+        dst: inner.dst,
+        proto: 4,
+        ttl: 64,
+        ip_id: inner.ip_id,
+        frag: 0x4000,
+        options: option,
+        raw_l4: inner.bytes()[14..].to_vec(),
+        ..inner.clone()
+    }
+}
+
+/// Node-a (the client came to it): a new flow to a NodePort under DSR
+/// whose backend is on node-b is translated to the backend, keeps the
+/// client's source and leaves in IPIP towards node-b (`forward_dsr`); a
+/// segment too big once encapsulated is answered with the route's MTU
+/// less the outer header. Node-b (the same programs and maps play it):
+/// the IPIP packet is decapsulated for the stack and the backend's reply
+/// leaves by tc egress from the NodePort, to the client. An IPIP packet
+/// without the option (a CNI's tunnel) passes untouched.
+fn dsr_both_nodes(xdp: bool) {
+    use lb_common::counters::{V_DSR_DECAPSULATED, V_FORWARD_DSR, V_PASS_UNSUPPORTED};
+    require_root();
+    sweep();
+    const XDP_TX: u32 = 3;
+    let NodeNs {
+        ns: _ns,
+        peer: _peer,
+        ifindex,
+        netns_path,
+    } = NodeNs::new();
+    let (fs, _pinned) = fixture::datapath();
+    let pins = fs.pins();
+    let remote = MANIFESTS
+        .replace(
+            "endpoints: [{addresses: [10.244.1.5], nodeName: node-a}]",
+            "endpoints: [{addresses: [10.244.2.11], nodeName: node-b}]",
+        )
+        .replace(
+            "metadata: {name: web, namespace: demo}",
+            "metadata: {name: web, namespace: demo, annotations: {lbctl.dev/lb-mode: dsr}}",
+        );
+    let node = NodeInfo {
+        name: "node-a".into(),
+        zone: None,
+        addresses: vec![NODE],
+        snat: None,
+        balancing: Default::default(),
+    };
+    let _rec = fixture::program(&pins, &remote, &node);
+    in_netns(&netns_path, move || {
+        let mut ebpf = load::load(&pins).expect("load");
+        for name in ["lb_from_netdev", "lb_to_netdev"] {
+            let p: &mut SchedClassifier = ebpf.program_mut(name).unwrap().try_into().unwrap();
+            p.load().unwrap();
+        }
+        let p: &mut Xdp = ebpf
+            .program_mut("lb_xdp_from_netdev")
+            .unwrap()
+            .try_into()
+            .unwrap();
+        p.load().unwrap();
+        let maps = ServiceMaps::open(&pins).unwrap();
+        let verdicts = |v: u32| maps.verdicts()[v as usize];
+        // One run of `program`: its verdict and the frame out (XDP's
+        // metadata, when it marked the packet, taken off).
+        let mut run = |program: &str, frame: &[u8]| {
+            let mut out = vec![0u8; frame.len() + 128];
+            let prog = ebpf.program_mut(program).unwrap();
+            let r = if program.starts_with("lb_xdp") {
+                let ctx = xdp_ctx(ifindex, frame.len());
+                let p: &mut Xdp = prog.try_into().unwrap();
+                p.test_run(TestRunOptions {
+                    data_in: Some(frame),
+                    data_out: Some(&mut out),
+                    ctx_in: Some(&ctx),
+                    ..Default::default()
+                })
+            } else {
+                let ctx = skb_ctx(ifindex);
+                let p: &mut SchedClassifier = prog.try_into().unwrap();
+                p.test_run(TestRunOptions {
+                    data_in: Some(frame),
+                    data_out: Some(&mut out),
+                    ctx_in: Some(&ctx),
+                    ..Default::default()
+                })
+            }
+            .expect("PROG_TEST_RUN");
+            out.truncate(r.data_size_out as usize);
+            if program.starts_with("lb_xdp") && out.starts_with(&XDP_SEEN) {
+                out.drain(..4);
+            }
+            (r.return_value, out)
+        };
+        let ingress = if xdp {
+            "lb_xdp_from_netdev"
+        } else {
+            "lb_from_netdev"
+        };
+        let sent = if xdp { XDP_TX } else { TC_ACT_REDIRECT };
+        let passed = if xdp { XDP_PASS } else { TC_ACT_OK };
+        let cl = (CLIENT, 40000);
+        let nodeport = (NODE, 30080);
+        let backend = (Ipv4Addr::new(10, 244, 2, 11), 8080);
+        let to_node_b = |f: &Frame| {
+            let mut f = ipip(f, NODE, nodeport);
+            f.src_mac = NODE_MAC;
+            f.dst_mac = NODE_B_MAC;
+            f
+        };
+
+        // Node-a.
+        let mut syn = Frame::tcp(cl, nodeport, SYN);
+        syn.dst_mac = NODE_MAC;
+        let before = verdicts(V_FORWARD_DSR);
+        let (verdict, out) = run(ingress, &syn.bytes());
+        assert_eq!(verdict, sent, "{}", describe(&out));
+        let want = to_node_b(&syn.with(cl, backend));
+        assert_frame(
+            "SYN to a NodePort under DSR: in IPIP to the backend's node",
+            &out,
+            &want.bytes(),
+        );
+        assert_eq!(verdicts(V_FORWARD_DSR), before + 1);
+        let mut ack = Frame::tcp(cl, nodeport, ACK);
+        ack.dst_mac = NODE_MAC;
+        let (verdict, out) = run(ingress, &ack.bytes());
+        assert_eq!(verdict, sent, "{}", describe(&out));
+        let want_ack = to_node_b(&ack.with(cl, backend));
+        assert_frame("the flow's next segment", &out, &want_ack.bytes());
+        // 1,500 bytes fit the route but not with the outer header: the
+        // client hears 1,472 (tc answers, XDP leaves it to tc).
+        let mut big = Frame::tcp(cl, nodeport, ACK);
+        big.dst_mac = NODE_MAC;
+        big.frag = 0x4000;
+        big.payload = vec![7; 1460];
+        let (verdict, out) = run("lb_from_netdev", &big.bytes());
+        assert_eq!(verdict, TC_ACT_REDIRECT, "{}", describe(&out));
+        let mut want = Frame::icmp_error_with(&big, 3, 4, [0, 0, 0x05, 0xc0]);
+        want.src_mac = NODE_MAC;
+        want.dst_mac = big.src_mac;
+        assert_frame(
+            "too big once encapsulated: fragmentation needed, MTU 1472",
+            &out,
+            &want.bytes(),
+        );
+        if xdp {
+            let (verdict, out) = run(ingress, &big.bytes());
+            assert_eq!((verdict, out), (XDP_PASS, big.bytes()), "left to tc");
+        }
+
+        // Node-b: what node-a sent comes in.
+        let mut incoming = want_ack.clone();
+        incoming.dst_mac = NODE_MAC;
+        let before = verdicts(V_DSR_DECAPSULATED);
+        let (verdict, out) = run(ingress, &incoming.bytes());
+        assert_eq!(verdict, passed, "{}", describe(&out));
+        // Its Ethernet header stays.
+        let mut inner = ack.with(cl, backend);
+        inner.src_mac = incoming.src_mac;
+        inner.dst_mac = incoming.dst_mac;
+        assert_frame("decapsulated for the stack", &out, &inner.bytes());
+        assert_eq!(verdicts(V_DSR_DECAPSULATED), before + 1);
+        // The backend's reply leaves from the NodePort, to the client.
+        let reply = Frame::tcp(backend, cl, SYN | ACK);
+        let (verdict, out) = run("lb_to_netdev", &reply.bytes());
+        assert_eq!(verdict, TC_ACT_OK, "{}", describe(&out));
+        assert_frame(
+            "the backend's reply, from the frontend the client used",
+            &out,
+            &reply.with(nodeport, cl).bytes(),
+        );
+        let rkey = lb_common::conntrack::Ct4Key {
+            src_addr: lb_common::ip4(backend.0.octets()),
+            dst_addr: lb_common::ip4(CLIENT.octets()),
+            src_port: backend.1.to_be(),
+            dst_port: cl.1.to_be(),
+            proto: 6,
+            dir: lb_common::conntrack::CT_REPLY,
+            _pad: 0,
+        };
+        let e = maps.conntrack.get(&rkey, 0).expect("reply entry on node-b");
+        use lb_common::conntrack::{CT_DSR, CT_LOCAL_BACKEND, CT_SEEN_REPLY};
+        assert_eq!(
+            e.flags & (CT_DSR | CT_LOCAL_BACKEND | CT_SEEN_REPLY),
+            CT_DSR | CT_LOCAL_BACKEND | CT_SEEN_REPLY
+        );
+
+        // Another IPIP packet (no option): not ours.
+        let mut tunnel = incoming.clone();
+        tunnel.options = vec![];
+        let before = verdicts(V_PASS_UNSUPPORTED);
+        let (verdict, out) = run(ingress, &tunnel.bytes());
+        assert_eq!((verdict, out), (passed, tunnel.bytes()));
+        assert_eq!(verdicts(V_PASS_UNSUPPORTED), before + 1);
+    });
 }

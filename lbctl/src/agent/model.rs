@@ -94,13 +94,15 @@ pub struct NodeInfo {
     pub balancing: Balancing,
 }
 
-/// How new flows pick among a port's backends unless the Service's
-/// annotation says otherwise (`--lb-algorithm`, `--maglev-table-size`).
+/// How new flows pick among a port's backends, and how flows from outside
+/// reach a backend on another node, unless the Service's annotations say
+/// otherwise (`--lb-algorithm`, `--maglev-table-size`, `--lb-mode`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Balancing {
     pub maglev: bool,
     /// A prime (`maglev::check_table_size`).
     pub table_size: u32,
+    pub mode: LbMode,
 }
 
 impl Default for Balancing {
@@ -108,6 +110,49 @@ impl Default for Balancing {
         Self {
             maglev: false,
             table_size: super::maglev::DEFAULT_TABLE_SIZE,
+            mode: LbMode::Snat,
+        }
+    }
+}
+
+/// How a flow from outside reaches a backend on another node.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum LbMode {
+    /// Source translated to the node (kube-proxy's way): replies come
+    /// back through it.
+    #[default]
+    Snat,
+    /// Direct server return: sent in IPIP, replies straight from the
+    /// backend's node to the client.
+    Dsr,
+    /// DSR for TCP, SNAT for UDP and SCTP.
+    Hybrid,
+}
+
+impl LbMode {
+    pub fn parse(s: &str) -> Option<Self> {
+        match s.trim() {
+            "snat" => Some(Self::Snat),
+            "dsr" => Some(Self::Dsr),
+            "hybrid" => Some(Self::Hybrid),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Snat => "snat",
+            Self::Dsr => "dsr",
+            Self::Hybrid => "hybrid",
+        }
+    }
+
+    /// Whether flows of `proto` go by DSR.
+    pub fn dsr(self, proto: Proto) -> bool {
+        match self {
+            Self::Snat => false,
+            Self::Dsr => true,
+            Self::Hybrid => proto == Proto::Tcp,
         }
     }
 }
@@ -120,6 +165,9 @@ pub const ANNOTATION_ALGORITHM: &str = "lbctl.dev/lb-algorithm";
 /// Maglev on unless the algorithm annotation says `hash`, under which
 /// only 0 is acted on.
 pub const ANNOTATION_WEIGHTS: &str = "lbctl.dev/backend-weights";
+/// `snat`, `dsr` or `hybrid` (`LbMode`): how this Service's flows from
+/// outside reach backends on other nodes.
+pub const ANNOTATION_MODE: &str = "lbctl.dev/lb-mode";
 pub const DEFAULT_WEIGHT: u16 = 100;
 pub const MAX_WEIGHT: u16 = 10_000;
 
@@ -379,6 +427,9 @@ pub struct ServicePortState {
     /// The size of the port's Maglev tables; 0: new flows hash over one
     /// slot per backend.
     pub maglev_table: u32,
+    /// Flows from outside reach backends on other nodes by direct server
+    /// return (the Service's mode, for this port's protocol).
+    pub dsr: bool,
 }
 
 /// A problem with one object: it is skipped, everything else goes on.
@@ -588,15 +639,7 @@ fn service(
         tracing::warn!(service = %key, "{e}: annotation ignored");
         not_enforced |= NE_LB_ANNOTATION;
     }
-    let lb = lb.unwrap_or(PortBalancing {
-        maglev_table: if node.balancing.maglev {
-            node.balancing.table_size
-        } else {
-            0
-        },
-        weights: Vec::new(),
-        only_drain: false,
-    });
+    let lb = lb.unwrap_or_else(|_| PortBalancing::defaults(node.balancing));
     if lb.only_drain {
         not_enforced |= NE_WEIGHTS_WITHOUT_MAGLEV;
     }
@@ -652,6 +695,7 @@ fn service(
             source_ranges: source_ranges.clone(),
             not_enforced,
             maglev_table: lb.maglev_table,
+            dsr: lb.mode.dsr(proto),
         };
         let port_key = ServicePortKey {
             namespace: key.namespace.to_string(),
@@ -700,6 +744,7 @@ fn service(
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 struct PortBalancing {
     maglev_table: u32,
+    mode: LbMode,
     /// (address, port if named) -> weight, in the annotation's order.
     weights: Vec<(Ipv4Addr, Option<u16>, u16)>,
     /// The algorithm annotation says `hash` and weights are given: only
@@ -708,6 +753,15 @@ struct PortBalancing {
 }
 
 impl PortBalancing {
+    /// The agent's defaults, for a Service without (readable) annotations.
+    fn defaults(b: Balancing) -> Self {
+        Self {
+            maglev_table: if b.maglev { b.table_size } else { 0 },
+            mode: b.mode,
+            ..Default::default()
+        }
+    }
+
     /// Gives each backend its weight: one named with its port before one
     /// named by address alone.
     fn weigh(&self, backends: &mut [Backend]) {
@@ -739,14 +793,7 @@ fn service_balancing(
     ann: Option<&SvcBalancing>,
     defaults: Balancing,
 ) -> Result<PortBalancing, String> {
-    let mut out = PortBalancing {
-        maglev_table: if defaults.maglev {
-            defaults.table_size
-        } else {
-            0
-        },
-        ..Default::default()
-    };
+    let mut out = PortBalancing::defaults(defaults);
     let Some(ann) = ann else { return Ok(out) };
     let algorithm = match ann.algorithm.as_deref().map(str::trim) {
         None => None,
@@ -760,6 +807,11 @@ fn service_balancing(
     };
     if let Some(w) = &ann.weights {
         out.weights = parse_weights(w)?;
+    }
+    if let Some(m) = &ann.mode {
+        out.mode = LbMode::parse(m).ok_or_else(|| {
+            format!("{ANNOTATION_MODE} {m:?} is none of \"snat\", \"dsr\", \"hybrid\"")
+        })?;
     }
     let maglev = algorithm.unwrap_or(defaults.maglev || !out.weights.is_empty());
     out.maglev_table = if maglev { defaults.table_size } else { 0 };

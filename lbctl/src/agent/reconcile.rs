@@ -1178,16 +1178,24 @@ impl<W: MapWriter> Reconciler<W> {
         } else {
             BTreeSet::new()
         };
+        // Distinct backends of each list (a Maglev table repeats them):
+        // counted once per list, not per frontend reading it.
+        let distinct: Vec<usize> = lists
+            .iter()
+            .map(|(slots, _)| {
+                if sp.maglev_table > 0 {
+                    slots.iter().collect::<BTreeSet<_>>().len()
+                } else {
+                    slots.len()
+                }
+            })
+            .collect();
         let fe_values: Vec<(Frontend4Key, Frontend)> = plans
             .iter()
             .map(|plan| {
                 let (slots, fallback) = &lists[plan.list];
                 let count = slots.len().min(u16::MAX as usize) as u16;
-                let distinct = if sp.maglev_table > 0 {
-                    slots.iter().collect::<BTreeSet<_>>().len()
-                } else {
-                    slots.len()
-                };
+                let distinct = distinct[plan.list];
                 let v = Frontend {
                     service_id: svc_id,
                     backend_set: sets[plan.list],
@@ -1365,11 +1373,18 @@ fn frontend_plans(
         } else {
             0
         };
+        // Direct server return is for flows from outside (the device
+        // path); a ClusterIP is reached from pods and the node.
+        let dsr = if sp.dsr && fa.kind != FrontendKind::ClusterIp {
+            FE_DSR
+        } else {
+            0
+        };
         let plan = |key, list, flags: u16| FrontendPlan {
             key,
             kind: fa.kind,
             list,
-            flags: flags | ranges,
+            flags: flags | ranges | dsr,
         };
         if fa.kind == FrontendKind::ClusterIp {
             if internal_local {

@@ -11,7 +11,9 @@ use k8s_openapi::api::core::v1::Service;
 
 use super::{
     intern::{Interned, intern},
-    model::{ANNOTATION_ALGORITHM, ANNOTATION_WEIGHTS, LABEL_HEADLESS, LABEL_PROXY_NAME},
+    model::{
+        ANNOTATION_ALGORITHM, ANNOTATION_MODE, ANNOTATION_WEIGHTS, LABEL_HEADLESS, LABEL_PROXY_NAME,
+    },
 };
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -33,6 +35,7 @@ pub struct Svc {
 pub struct SvcBalancing {
     pub algorithm: Option<String>,
     pub weights: Option<String>,
+    pub mode: Option<String>,
 }
 
 /// Words from a small vocabulary (types, policies, protocols, port names)
@@ -82,6 +85,7 @@ impl From<&Service> for Svc {
         let balancing = SvcBalancing {
             algorithm: get(ANNOTATION_ALGORITHM),
             weights: get(ANNOTATION_WEIGHTS),
+            mode: get(ANNOTATION_MODE),
         };
         let balancing = (balancing != SvcBalancing::default()).then(|| Box::new(balancing));
         let spec = s.spec.as_ref().map(|spec| SvcSpec {

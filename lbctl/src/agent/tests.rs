@@ -1709,3 +1709,78 @@ fn weights_drain_and_the_algorithm_flag_and_annotation() {
         assert_eq!(meta.not_enforced, NE_LB_ANNOTATION, "{bad}");
     }
 }
+
+/// Direct server return: the global flag and the annotation choose it;
+/// it marks the frontends reached from outside (NodePort here), never
+/// the ClusterIP; `hybrid` is DSR for TCP and SNAT for UDP; a typo leaves
+/// the defaults, shown as not enforced.
+#[test]
+fn dsr_by_flag_and_annotation_on_outside_frontends_only() {
+    use lb_common::service::*;
+    let yaml = |annotations: &str| {
+        format!(
+            "---\napiVersion: v1\nkind: Service\nmetadata: {{name: dns, namespace: ns, annotations: {{{annotations}}}}}\nspec:\n  type: NodePort\n  clusterIP: 10.96.0.53\n  ports: [{{name: tcp, port: 53, nodePort: 30053}}, {{name: udp, port: 53, protocol: UDP, nodePort: 30053}}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: dns-x, namespace: ns, labels: {{kubernetes.io/service-name: dns}}}}\naddressType: IPv4\nports: [{{name: tcp, port: 53}}, {{name: udp, port: 53, protocol: UDP}}]\nendpoints:\n- {{addresses: [10.244.1.11], nodeName: node-b}}\n"
+        )
+    };
+    let flags = |st: &MapState, addr: [u8; 4], port: u16, proto: u8| {
+        st.frontends[&Frontend4Key {
+            addr: lb_common::ip4(addr),
+            port: lb_common::port(port),
+            proto,
+            scope: SCOPE_ALL,
+        }]
+            .flags
+            & FE_DSR
+    };
+    let (tcp, udp) = (lb_common::PROTO_TCP, lb_common::PROTO_UDP);
+    // (NodePort TCP, NodePort UDP, ClusterIP TCP) under each setting.
+    let dsr_of = |st: &MapState| {
+        (
+            flags(st, [172, 18, 0, 2], 30053, tcp) != 0,
+            flags(st, [172, 18, 0, 2], 30053, udp) != 0,
+            flags(st, [10, 96, 0, 53], 53, tcp) != 0,
+        )
+    };
+    let mut rec = Reconciler::adopt(InMemory::default()).unwrap();
+    let mut n = node();
+    for (mode, annotations, want, ne) in [
+        (model::LbMode::Snat, "", (false, false, false), 0),
+        (model::LbMode::Dsr, "", (true, true, false), 0),
+        (model::LbMode::Hybrid, "", (true, false, false), 0),
+        (
+            model::LbMode::Snat,
+            "lbctl.dev/lb-mode: dsr",
+            (true, true, false),
+            0,
+        ),
+        (
+            model::LbMode::Dsr,
+            "lbctl.dev/lb-mode: snat",
+            (false, false, false),
+            0,
+        ),
+        (
+            model::LbMode::Snat,
+            "lbctl.dev/lb-mode: hybrid",
+            (true, false, false),
+            0,
+        ),
+        (
+            model::LbMode::Hybrid,
+            "lbctl.dev/lb-mode: direct",
+            (true, false, false),
+            NE_LB_ANNOTATION,
+        ),
+    ] {
+        n.balancing.mode = mode;
+        let d = model::translate(&objects(&yaml(annotations)), &n);
+        assert!(d.errors.is_empty(), "{:?}", d.errors);
+        rec.reconcile(&d).unwrap();
+        let st = rec.writer.state.clone();
+        assert_eq!(dsr_of(&st), want, "{mode:?} {annotations:?}");
+        for meta in st.service_meta.values() {
+            assert_eq!(meta.not_enforced, ne, "{mode:?} {annotations:?}");
+        }
+        canonical(&st);
+    }
+}

@@ -102,6 +102,7 @@ mod tests {
                 source_ranges: vec![],
                 not_enforced: bits,
                 maglev_table: 0,
+                dsr: false,
             },
         )
     }

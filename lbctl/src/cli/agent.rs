@@ -114,6 +114,17 @@ pub struct Args {
     /// keeps their shares within 1%). A table takes 8 bytes a slot.
     #[arg(long, default_value_t = lb_common::maps::DEFAULT_MAGLEV_TABLE_SIZE)]
     pub maglev_table_size: u32,
+    /// How a flow from outside (NodePort, LoadBalancer IP, external IP)
+    /// reaches a backend on another node unless the Service's
+    /// `lbctl.dev/lb-mode` annotation says: `snat` (the node's address as
+    /// source; replies come back through it, as with kube-proxy), `dsr`
+    /// (direct server return: in IPIP to the backend's node, which sends
+    /// the replies straight to the client) or `hybrid` (DSR for TCP, SNAT
+    /// for UDP). DSR needs every node's agent on the device that receives
+    /// node-to-node traffic, and a network that lets a node send with a
+    /// Service address as source.
+    #[arg(long, value_enum, default_value_t = LbModeArg::Snat)]
+    pub lb_mode: LbModeArg,
     /// Maglev tables the slots map has room for beyond `--lb-map-max`:
     /// one per Service port using Maglev, two for one with
     /// externalTrafficPolicy Local (its Local and Cluster lists), one
@@ -256,6 +267,11 @@ pub async fn execute(args: Args) -> Result<()> {
         balancing: crate::agent::model::Balancing {
             maglev: args.lb_algorithm == LbAlgorithm::Maglev,
             table_size: maglev_table_size,
+            mode: match args.lb_mode {
+                LbModeArg::Snat => crate::agent::model::LbMode::Snat,
+                LbModeArg::Dsr => crate::agent::model::LbMode::Dsr,
+                LbModeArg::Hybrid => crate::agent::model::LbMode::Hybrid,
+            },
         },
         map_sizes,
         snat_ports,
@@ -357,4 +373,12 @@ mod tests {
 pub enum LbAlgorithm {
     Hash,
     Maglev,
+}
+
+/// `--lb-mode`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LbModeArg {
+    Snat,
+    Dsr,
+    Hybrid,
 }

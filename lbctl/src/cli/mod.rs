@@ -128,6 +128,7 @@ mod golden {
             session_affinity_timeout_s: Some(10800),
             algorithm: "maglev".into(),
             maglev_table_size: Some(16381),
+            mode: "dsr".into(),
             external_traffic_policy: "Cluster".into(),
             internal_traffic_policy: "Cluster".into(),
             source_ranges: vec![],
@@ -139,7 +140,7 @@ mod golden {
         let want = concat!(
             " SERVICE        TYPE      PROTO  ALGORITHM     FRONTENDS                    BACKENDS  AFFINITY         POLICY EXT/INT   NOT ENFORCED               FLOWS  PACKETS  BYTES\n",
             " demo/web:http  NodePort  TCP    maglev/16381  10.96.0.10:80 (ClusterIP)    1/1       ClientIP 10800s  Cluster/Cluster  sessionAffinity: ClientIP  18     108      9045\n",
-            "                                               172.18.0.2:30080 (NodePort)\n",
+            "                                 dsr           172.18.0.2:30080 (NodePort)\n",
         );
         assert_eq!(services::table(&v), want, "\n{}", services::table(&v));
     }

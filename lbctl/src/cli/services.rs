@@ -42,6 +42,9 @@ pub struct ServiceView {
     /// `maglev` (a table of `maglev_table_size` slots).
     pub algorithm: String,
     pub maglev_table_size: Option<u32>,
+    /// How flows from outside reach a backend on another node: `snat` or
+    /// `dsr` (direct server return).
+    pub mode: String,
     pub external_traffic_policy: String,
     pub internal_traffic_policy: String,
     /// `loadBalancerSourceRanges` as programmed (CIDRs).
@@ -127,6 +130,7 @@ pub fn view(
                     .then_some(m.affinity_timeout_s),
                 algorithm: "hash".into(),
                 maglev_table_size: None,
+                mode: "snat".into(),
                 external_traffic_policy: policy(m.external_policy).into(),
                 internal_traffic_policy: policy(m.internal_policy).into(),
                 source_ranges: vec![],
@@ -150,6 +154,9 @@ pub fn view(
         // under externalTrafficPolicy Local) is the same address.
         if k.scope != SCOPE_ALL {
             continue;
+        }
+        if f.flags & FE_DSR != 0 {
+            v.mode = "dsr".into();
         }
         if f.flags & FE_MAGLEV != 0 && !tables.contains_key(&f.service_id) {
             v.algorithm = "maglev".into();
@@ -267,9 +274,16 @@ pub fn table(views: &[ServiceView]) -> String {
                 name,
                 v.svc_type.clone(),
                 v.protocol.clone(),
-                match v.maglev_table_size {
-                    Some(m) => format!("maglev/{m}"),
-                    None => v.algorithm.clone(),
+                {
+                    let a = match v.maglev_table_size {
+                        Some(m) => format!("maglev/{m}"),
+                        None => v.algorithm.clone(),
+                    };
+                    if v.mode == "dsr" {
+                        format!("{a}\ndsr")
+                    } else {
+                        a
+                    }
                 },
                 fronts.join("\n"),
                 format!("{active}/{}", v.backends.len()),
