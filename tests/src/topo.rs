@@ -688,6 +688,26 @@ impl Cluster {
         serde_json::from_slice(&out.stdout).map_err(|e| e.to_string())
     }
 
+    /// `lbctl explain ... -o json` run in node-a's network namespace (as
+    /// the agent's pod would run it), parsed.
+    pub fn explain(&self, args: &[&str]) -> serde_json::Value {
+        let out = Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", self.topo.node.name))
+            .arg(&self.lbctl)
+            .arg("explain")
+            .args(args)
+            .args(["-o", "json", "--bpffs"])
+            .arg(self.pins())
+            .output()
+            .expect("run lbctl explain");
+        assert!(
+            out.status.success(),
+            "lbctl explain {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("explain JSON")
+    }
+
     /// `lbctl counters`: every verdict's count by its label.
     pub fn verdicts(&self) -> std::collections::BTreeMap<String, u64> {
         let v = self.lbctl_json(&["counters"]).expect("lbctl counters");

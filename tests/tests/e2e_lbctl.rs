@@ -8,7 +8,7 @@ use std::{
     collections::BTreeMap,
     io::{BufRead, BufReader, Write},
     path::PathBuf,
-    process::{Command, Stdio},
+    process::Stdio,
 };
 
 use lb_tests::{
@@ -61,26 +61,6 @@ while True:
 print(data.split(b"\r\n\r\n", 1)[1].decode().strip(), flush=True)
 "#;
 
-/// `lbctl explain ... -o json` run in the node's network namespace (as
-/// the agent's pod would run it), parsed.
-fn explain(c: &Cluster, args: &[&str]) -> Value {
-    let out = Command::new("nsenter")
-        .arg(format!("--net=/run/netns/{}", c.topo.node.name))
-        .arg(&c.lbctl)
-        .arg("explain")
-        .args(args)
-        .args(["-o", "json", "--bpffs"])
-        .arg(c.pins())
-        .output()
-        .expect("run lbctl explain");
-    assert!(
-        out.status.success(),
-        "lbctl explain {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("explain JSON")
-}
-
 fn backend_of(v: &Value) -> String {
     format!(
         "{}:{}",
@@ -125,7 +105,7 @@ fn explain_backends_and_status_agree_with_real_traffic() {
     let mut answered: BTreeMap<String, u64> = BTreeMap::new();
     for p in 41000..41012u16 {
         let src = format!("{CLIENT_IP}:{p}");
-        let before = explain(&c, &["--src", &src, "--dst", &dst]);
+        let before = c.explain(&["--src", &src, "--dst", &dst]);
         assert_eq!(before["decision"], "new_flow", "{before:#}");
         assert_eq!(before["path"], "device");
         assert_eq!(before["device"], "eth0");
@@ -146,7 +126,7 @@ fn explain_backends_and_status_agree_with_real_traffic() {
         );
         *answered.entry(predicted.clone()).or_default() += 1;
 
-        let after = explain(&c, &["--src", &src, "--dst", &dst]);
+        let after = c.explain(&["--src", &src, "--dst", &dst]);
         assert_eq!(after["decision"], "existing_flow", "{after:#}");
         assert_eq!(backend_of(&after), predicted, "{after:#}");
         assert!(
@@ -210,7 +190,7 @@ fn explain_backends_and_status_agree_with_real_traffic() {
         let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
         let guard = Proc(child);
         let cookie = lines.next().unwrap().unwrap();
-        let before = explain(&c, &["--cookie", &cookie, "--dst", "10.96.0.10:80"]);
+        let before = c.explain(&["--cookie", &cookie, "--dst", "10.96.0.10:80"]);
         assert_eq!(before["decision"], "new_socket", "{before:#}");
         assert_eq!(before["path"], "socket");
         let predicted = backend_of(&before);
@@ -221,7 +201,7 @@ fn explain_backends_and_status_agree_with_real_traffic() {
             pod_of.get(&predicted),
             "explain predicted {predicted} for socket {cookie}"
         );
-        let after = explain(&c, &["--cookie", &cookie, "--dst", "10.96.0.10:80"]);
+        let after = c.explain(&["--cookie", &cookie, "--dst", "10.96.0.10:80"]);
         assert_eq!(after["decision"], "existing_socket", "{after:#}");
         assert_eq!(backend_of(&after), predicted);
         drop(guard);
@@ -237,10 +217,7 @@ fn explain_backends_and_status_agree_with_real_traffic() {
     assert_eq!(verdicts["sock_translated"], 4, "{verdicts:#?}");
 
     // Not a Service: passed untouched, by the program's own verdict.
-    let other = explain(
-        &c,
-        &["--src", "172.18.0.10:41999", "--dst", "172.18.0.2:22"],
-    );
+    let other = c.explain(&["--src", "172.18.0.10:41999", "--dst", "172.18.0.2:22"]);
     assert_eq!(other["decision"], "not_a_service", "{other:#}");
 
     // The agent gone: the record says so, the datapath stays.

@@ -1383,7 +1383,7 @@ endpoints:
 /// flows (a slot per backend, `hash % N`, would move about four in five).
 #[test]
 fn maglev_picks_the_same_backend_on_both_nodes_and_a_removal_moves_few_flows() {
-    use lb_tests::{guard::Bpffs, guard::Cgroup, topo::NODE_B_IP};
+    use lb_tests::topo::NODE_B_IP;
     require_root();
     sweep();
     let mut t = Topology::with_remote(3, 2);
@@ -1396,53 +1396,16 @@ fn maglev_picks_the_same_backend_on_both_nodes_and_a_removal_moves_few_flows() {
         ("10.244.2.12", NODE_B_NAME),
     ];
     let c = Cluster::start(&lbctl(), t, &[("shop.yaml", &maglev_shop(&all))]);
-    // node-b's agent: its own folder, maps and cgroup.
-    let b_work = c.work.join("node-b");
-    let b_manifests = b_work.join("manifests");
-    std::fs::create_dir_all(&b_manifests).unwrap();
-    std::fs::write(b_manifests.join("shop.yaml"), maglev_shop(&all)).unwrap();
-    let b_bpffs = Bpffs::new();
-    let b_cgroup = Cgroup::new();
-    let source = vec![
-        "--manifests".to_string(),
-        b_manifests.display().to_string(),
-        "--node-name".into(),
-        NODE_B_NAME.into(),
-        "--node-ip".into(),
-        NODE_B_IP.to_string(),
-    ];
-    let b_agent = topo::Agent::start_with(
-        &lbctl(),
-        &c.topo.node_b,
-        &source,
-        &b_bpffs.pins(),
-        &b_cgroup.path,
-        &b_work.join("agent.log"),
-    );
+    let b = NodeB::start(&c, &[("shop.yaml", &maglev_shop(&all))]);
     let settled = |pins: &std::path::Path, n: usize| {
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-        loop {
-            if let Ok(v) = topo::settled_services(&lbctl(), pins)
-                && v.as_array().is_some_and(|a| {
-                    a.iter().any(|s| {
-                        s["name"] == "shop"
-                            && s["algorithm"] == "maglev"
-                            && s["backends"].as_array().map_or(0, Vec::len) == n
-                    })
-                })
-            {
-                return;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "shop with {n} backends in {}",
-                pins.display()
-            );
-            std::thread::sleep(std::time::Duration::from_millis(50));
-        }
+        wait_settled(pins, &format!("shop with {n} backends"), |s| {
+            s["name"] == "shop"
+                && s["algorithm"] == "maglev"
+                && s["backends"].as_array().map_or(0, Vec::len) == n
+        })
     };
     settled(&c.pins(), 5);
-    settled(&b_bpffs.pins(), 5);
+    settled(&b.bpffs.pins(), 5);
 
     // The same flows through either node: the same backends.
     let on_a = backends_by_port(&c, NODE_IP, 30030, 20_000..20_040);
@@ -1460,9 +1423,9 @@ fn maglev_picks_the_same_backend_on_both_nodes_and_a_removal_moves_few_flows() {
         .filter(|(a, _)| *a != "10.244.1.12")
         .collect();
     c.write("shop.yaml", &maglev_shop(&four));
-    std::fs::write(b_manifests.join("shop.yaml"), maglev_shop(&four)).unwrap();
+    b.write("shop.yaml", &maglev_shop(&four));
     settled(&c.pins(), 4);
-    settled(&b_bpffs.pins(), 4);
+    settled(&b.bpffs.pins(), 4);
     let after = backends_by_port(&c, NODE_B_IP, 30030, 21_000..21_150);
     let gone = before.values().filter(|b| *b == "pod-2").count();
     let moved_others = before
@@ -1484,5 +1447,217 @@ fn maglev_picks_the_same_backend_on_both_nodes_and_a_removal_moves_few_flows() {
         "{moved_others} of {} flows of staying backends moved",
         150 - gone
     );
-    drop(b_agent);
+    drop(b);
+}
+
+/// node-b's own agent, beside node-a's: its folder of manifests, maps and
+/// cgroup, nothing shared with node-a's. Dropped in field order: the
+/// agent ends before its maps and cgroup go.
+struct NodeB {
+    _agent: topo::Agent,
+    bpffs: lb_tests::guard::Bpffs,
+    _cgroup: lb_tests::guard::Cgroup,
+    manifests: PathBuf,
+}
+
+impl NodeB {
+    fn start(c: &Cluster, files: &[(&str, &str)]) -> Self {
+        let work = c.work.join("node-b");
+        let manifests = work.join("manifests");
+        std::fs::create_dir_all(&manifests).unwrap();
+        for (name, text) in files {
+            std::fs::write(manifests.join(name), text).unwrap();
+        }
+        let bpffs = lb_tests::guard::Bpffs::new();
+        let cgroup = lb_tests::guard::Cgroup::new();
+        let source = vec![
+            "--manifests".to_string(),
+            manifests.display().to_string(),
+            "--node-name".into(),
+            NODE_B_NAME.into(),
+            "--node-ip".into(),
+            topo::NODE_B_IP.to_string(),
+        ];
+        let agent = topo::Agent::start_with(
+            &lbctl(),
+            &c.topo.node_b,
+            &source,
+            &bpffs.pins(),
+            &cgroup.path,
+            &work.join("agent.log"),
+        );
+        Self {
+            _agent: agent,
+            bpffs,
+            _cgroup: cgroup,
+            manifests,
+        }
+    }
+
+    fn write(&self, name: &str, text: &str) {
+        std::fs::write(self.manifests.join(name), text).unwrap();
+    }
+
+    /// `lbctl counters` of node-b: every verdict's count by its label.
+    fn verdicts(&self) -> std::collections::BTreeMap<String, u64> {
+        let out = std::process::Command::new(lbctl())
+            .args(["counters", "-o", "json", "--bpffs"])
+            .arg(self.bpffs.pins())
+            .output()
+            .expect("lbctl counters");
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("counters json");
+        v.as_array()
+            .expect("a list of verdicts")
+            .iter()
+            .map(|c| {
+                (
+                    c["verdict"].as_str().unwrap_or_default().to_string(),
+                    c["count"].as_u64().unwrap_or_default(),
+                )
+            })
+            .collect()
+    }
+}
+
+/// Waits until the agent whose maps are at `pins` has programmed a
+/// Service port satisfying `ok` (read between write passes).
+fn wait_settled(pins: &std::path::Path, what: &str, ok: impl Fn(&serde_json::Value) -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        if let Ok(v) = topo::settled_services(&lbctl(), pins)
+            && v.as_array().is_some_and(|a| a.iter().any(&ok))
+        {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what} in {}",
+            pins.display()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// A NodePort under direct server return whose one endpoint is on node-b.
+const DSR_WEB: &str = r#"apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: e2e, annotations: {lbctl.dev/lb-mode: dsr}}
+spec:
+  type: NodePort
+  clusterIP: 10.96.0.31
+  ports: [{name: http, port: 80, targetPort: 8080, nodePort: 30031}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-b, namespace: e2e, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+ports: [{name: http, port: 8080}]
+endpoints: [{addresses: [10.244.2.11], nodeName: node-b}]
+"#;
+
+#[test]
+fn dsr_replies_reach_the_client_without_passing_the_first_node() {
+    dsr_replies_skip_the_first_node_on(DevicePath::Tc);
+}
+
+/// The same with XDP on node-a: it encapsulates and sends by `XDP_TX`.
+#[test]
+fn dsr_replies_reach_the_client_without_passing_the_first_node_in_xdp() {
+    dsr_replies_skip_the_first_node_on(DevicePath::Xdp);
+}
+
+/// A client downloads 2 MB from a NodePort of node-a whose backend is on
+/// node-b, under DSR: node-a sends the client's packets to node-b in IPIP,
+/// node-b's agent decapsulates them and sends the backend's replies
+/// straight to the client from node-a's NodePort address. node-a's device
+/// counts the client's requests and ACKs only, not the 2 MB.
+fn dsr_replies_skip_the_first_node_on(path: DevicePath) {
+    require_root();
+    sweep();
+    let mut t = Topology::with_remote(1, 1);
+    t.start_pod_servers(8080);
+    let c = Cluster::start_on(&lbctl(), t, &[("web.yaml", DSR_WEB)], path);
+    let b = NodeB::start(&c, &[("web.yaml", DSR_WEB)]);
+    let dsr_web = |s: &serde_json::Value| {
+        s["name"] == "web"
+            && s["mode"] == "dsr"
+            && s["backends"].as_array().map_or(0, Vec::len) == 1
+    };
+    wait_settled(&c.pins(), "web under DSR", dsr_web);
+    wait_settled(&b.bpffs.pins(), "web under DSR", dsr_web);
+    for _ in 0..3 {
+        assert_eq!(
+            c.get_from_client(&format!("http://{NODE_IP}:30031/")),
+            "pod-b1"
+        );
+    }
+    let counter = |what: &str| -> u64 {
+        c.topo
+            .node
+            .run(&["cat", &format!("/sys/class/net/eth0/statistics/{what}")])
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    let (rx, tx) = (counter("rx_bytes"), counter("tx_bytes"));
+    const SIZE: u64 = 2_000_000;
+    let got = c.topo.client.run(&[
+        "curl",
+        "-sS",
+        "--max-time",
+        "30",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code} %{size_download}",
+        &format!("http://{NODE_IP}:30031/bytes/{SIZE}"),
+    ]);
+    assert_eq!(got, format!("200 {SIZE}"), "{}", c.diagnosis());
+    let (rx, tx) = (counter("rx_bytes") - rx, counter("tx_bytes") - tx);
+    println!(
+        "dsr ({path:?}): {SIZE} bytes downloaded through node-a's NodePort; node-a's eth0 received {rx} and sent {tx} bytes"
+    );
+    assert!(
+        rx < SIZE / 10 && tx < SIZE / 10,
+        "the download passed node-a: received {rx}, sent {tx}"
+    );
+    let a = c.verdicts();
+    let bv = b.verdicts();
+    assert!(a["forward_dsr"] >= 4, "node-a: {a:?}");
+    assert!(
+        bv["dsr_decapsulated"] > 0 && bv["reply"] > 0,
+        "node-b: {bv:?}"
+    );
+
+    // What lbctl shows: explain on node-a names DSR and the inner
+    // rewrite; node-b's conntrack holds the reply entries that give the
+    // backend's replies node-a's NodePort as source.
+    let v = c.explain(&[
+        "--src",
+        &format!("{CLIENT_IP}:45000"),
+        "--dst",
+        &format!("{NODE_IP}:30031"),
+    ]);
+    assert_eq!(v["decision"], "new_flow", "{v:#}");
+    assert_eq!(v["dsr"], true, "{v:#}");
+    assert_eq!(v["verdicts"][0], "forward_dsr", "{v:#}");
+    assert_eq!(v["translated_src"], format!("{CLIENT_IP}:45000"), "{v:#}");
+    assert_eq!(v["translated_dst"], "10.244.2.11:8080", "{v:#}");
+    let out = std::process::Command::new(lbctl())
+        .args(["conntrack", "-o", "json", "--bpffs"])
+        .arg(b.bpffs.pins())
+        .output()
+        .expect("lbctl conntrack");
+    let flows: serde_json::Value = serde_json::from_slice(&out.stdout).expect("conntrack json");
+    let replies: Vec<&serde_json::Value> = flows
+        .as_array()
+        .expect("a list of flows")
+        .iter()
+        .filter(|f| f["direction"] == "reply" && f["dsr"] == true)
+        .collect();
+    assert!(!replies.is_empty(), "{flows:#}");
+    for f in replies {
+        assert_eq!(f["nat_src"], format!("{NODE_IP}:30031"), "{f:#}");
+        assert_eq!(f["src"], "10.244.2.11:8080", "{f:#}");
+    }
 }

@@ -7,8 +7,8 @@ use std::net::Ipv4Addr;
 use anyhow::Result;
 use lb_common::{
     conntrack::{
-        CT_CLOSING, CT_FIN_ORIGINAL, CT_FIN_REPLY, CT_LOCAL_BACKEND, CT_ORIGINAL, CT_SEEN_REPLY,
-        CT_SNAT,
+        CT_CLOSING, CT_DSR, CT_FIN_ORIGINAL, CT_FIN_REPLY, CT_LOCAL_BACKEND, CT_NO_ID, CT_ORIGINAL,
+        CT_SEEN_REPLY, CT_SNAT,
     },
     ip4_octets, port_host,
 };
@@ -59,6 +59,11 @@ pub struct FlowView {
     pub state: String,
     pub snat: bool,
     pub local_backend: bool,
+    /// Direct server return: an original entry sends the client's packets
+    /// in IPIP to the backend's node (the replies do not come back here);
+    /// a reply entry, on the backend's node, gives the backend's replies
+    /// the frontend's address.
+    pub dsr: bool,
     pub age_s: u32,
     pub idle_s: u32,
     pub expires_in_s: i64,
@@ -117,16 +122,29 @@ pub fn view(maps: &ServiceMaps) -> Vec<FlowView> {
                 protocol: proto.map_or_else(|| k.proto.to_string(), |p| p.to_string()),
                 src: ep(k.src_addr, k.src_port),
                 dst: ep(k.dst_addr, k.dst_port),
-                nat_src: ep(e.nat_src_addr, e.nat_src_port),
+                // A DSR flow's original entry holds the outer source (this
+                // node) there; the packet's own source stays the client.
+                nat_src: if e.flags & (CT_DSR | CT_LOCAL_BACKEND) == CT_DSR {
+                    ep(k.src_addr, e.nat_src_port)
+                } else {
+                    ep(e.nat_src_addr, e.nat_src_port)
+                },
                 nat_dst: ep(e.nat_dst_addr, e.nat_dst_port),
-                service: names
-                    .get(&e.service_id)
-                    .cloned()
-                    .unwrap_or_else(|| format!("#{}", e.service_id)),
+                // A DSR reply entry whose frontend is another node's
+                // NodePort names no Service of this node.
+                service: if e.service_id == CT_NO_ID {
+                    "-".into()
+                } else {
+                    names
+                        .get(&e.service_id)
+                        .cloned()
+                        .unwrap_or_else(|| format!("#{}", e.service_id))
+                },
                 backend_id: e.backend_id,
                 state: state.into(),
                 snat: e.flags & CT_SNAT != 0,
                 local_backend: e.flags & CT_LOCAL_BACKEND != 0,
+                dsr: e.flags & CT_DSR != 0,
                 age_s: now.wrapping_sub(e.created_s),
                 idle_s: now.wrapping_sub(e.last_seen_s),
                 expires_in_s: e.last_seen_s as i64 + e.lifetime_s as i64 - now as i64,
@@ -187,7 +205,11 @@ pub fn table(flows: &[FlowView]) -> String {
             .map(|f| {
                 vec![
                     f.service.clone(),
-                    f.direction.clone(),
+                    if f.dsr {
+                        format!("{}/dsr", f.direction)
+                    } else {
+                        f.direction.clone()
+                    },
                     f.protocol.clone(),
                     f.src.clone(),
                     f.dst.clone(),

@@ -21,9 +21,9 @@ use lb_common::{
     PROTO_TCP, PROTO_UDP,
     conntrack::{CT_ORIGINAL, CT_SNAT, Ct4Entry, Ct4Key},
     counters::{
-        V_DROP_NO_BACKEND, V_DROP_NO_LOCAL_BACKEND, V_DROP_SOURCE_RANGE, V_FORWARD_ESTABLISHED,
-        V_FORWARD_NEW, V_FORWARD_RENEWED, V_PASS_NOT_SERVICE, V_REJECT_NO_BACKEND,
-        V_REJECT_UNDEFINED_PORT, V_REPLY, V_RESET_BACKEND_GONE, VERDICTS,
+        V_DROP_NO_BACKEND, V_DROP_NO_LOCAL_BACKEND, V_DROP_SOURCE_RANGE, V_FORWARD_DSR,
+        V_FORWARD_ESTABLISHED, V_FORWARD_NEW, V_FORWARD_RENEWED, V_PASS_NOT_SERVICE,
+        V_REJECT_NO_BACKEND, V_REJECT_UNDEFINED_PORT, V_REPLY, V_RESET_BACKEND_GONE, VERDICTS,
     },
     hash, ip4, ip4_octets, port, port_host,
     service::{
@@ -124,6 +124,9 @@ pub struct ExplainView {
     pub translated_src: Option<String>,
     pub translated_dst: Option<String>,
     pub snat: bool,
+    /// Direct server return: the packet leaves in IPIP for the backend's
+    /// node, which answers the client itself.
+    pub dsr: bool,
     /// The live connection-tracking entry this flow already has.
     pub conntrack: Option<ConntrackInfo>,
     pub notes: Vec<String>,
@@ -194,6 +197,7 @@ impl ExplainView {
             translated_src: None,
             translated_dst: None,
             snat: false,
+            dsr: false,
             conntrack: None,
             notes: vec![],
         }
@@ -359,7 +363,14 @@ pub fn device(
         }),
         ..ExplainView::new("device", attach::FROM_NETDEV, proto, dst, st, &key, fe)
     };
-    if let Some((s, d)) = frame::tuple(&probe.frame)
+    if let Some((outer_src, outer_dst, s, d)) = frame::ipip(&probe.frame) {
+        v.translated_src = Some(s.to_string());
+        v.translated_dst = Some(d.to_string());
+        v.dsr = true;
+        v.notes.push(format!(
+            "direct server return: sent in IPIP from {outer_src} to {outer_dst}; the backend's node answers the client itself, from {dst}"
+        ));
+    } else if let Some((s, d)) = frame::tuple(&probe.frame)
         && (s, d) != (src, dst)
     {
         v.translated_src = Some(s.to_string());
@@ -396,7 +407,7 @@ pub fn device(
             "the connection's backend {} left the Service: the next segment gets a RST back and the flow's entries go",
             e.backend_id
         );
-    } else if has(V_FORWARD_NEW) || has(V_FORWARD_RENEWED) {
+    } else if has(V_FORWARD_NEW) || has(V_FORWARD_RENEWED) || has(V_FORWARD_DSR) {
         let e = probe.entry.unwrap_or_default();
         v.decision = "new_flow".into();
         if has(V_FORWARD_RENEWED) {
@@ -729,7 +740,16 @@ pub fn table(v: &ExplainView) -> String {
     if let (Some(s), Some(d)) = (&v.translated_src, &v.translated_dst) {
         rows.push(vec![
             "rewrite".into(),
-            format!("{s} -> {d}{}", if v.snat { " (SNAT)" } else { "" }),
+            format!(
+                "{s} -> {d}{}",
+                if v.snat {
+                    " (SNAT)"
+                } else if v.dsr {
+                    " (DSR, in IPIP)"
+                } else {
+                    ""
+                }
+            ),
         ]);
     } else if let Some(d) = &v.translated_dst {
         rows.push(vec!["connects to".into(), d.clone()]);

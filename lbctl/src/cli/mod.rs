@@ -271,6 +271,7 @@ mod golden {
             translated_src: Some("172.18.0.10:40000".into()),
             translated_dst: Some("10.244.1.13:8080".into()),
             snat: false,
+            dsr: false,
             conntrack: None,
             notes: vec![],
         };

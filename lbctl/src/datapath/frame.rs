@@ -74,9 +74,26 @@ pub fn build(proto: u8, src: SocketAddrV4, dst: SocketAddrV4, tcp_flags: u8) -> 
 
 /// The (source, destination) of an IPv4 TCP/UDP frame without options.
 pub fn tuple(frame: &[u8]) -> Option<(SocketAddrV4, SocketAddrV4)> {
+    tuple_at(frame, ETH_LEN)
+}
+
+/// The outer header's addresses and the inner packet's tuple of an IPIP
+/// frame (direct server return); None for any other frame.
+pub fn ipip(frame: &[u8]) -> Option<(Ipv4Addr, Ipv4Addr, SocketAddrV4, SocketAddrV4)> {
     let ip = frame.get(ETH_LEN..ETH_LEN + IP_LEN)?;
+    if ip[9] != lb_common::dsr::PROTO_IPIP {
+        return None;
+    }
     let ihl = usize::from(ip[0] & 0x0f) * 4;
-    let l4 = frame.get(ETH_LEN + ihl..ETH_LEN + ihl + 4)?;
+    let (s, d) = tuple_at(frame, ETH_LEN + ihl)?;
+    let addr = |b: &[u8]| Ipv4Addr::new(b[0], b[1], b[2], b[3]);
+    Some((addr(&ip[12..16]), addr(&ip[16..20]), s, d))
+}
+
+fn tuple_at(frame: &[u8], l3: usize) -> Option<(SocketAddrV4, SocketAddrV4)> {
+    let ip = frame.get(l3..l3 + IP_LEN)?;
+    let ihl = usize::from(ip[0] & 0x0f) * 4;
+    let l4 = frame.get(l3 + ihl..l3 + ihl + 4)?;
     let addr = |b: &[u8]| Ipv4Addr::new(b[0], b[1], b[2], b[3]);
     let port = |b: &[u8]| u16::from_be_bytes([b[0], b[1]]);
     Some((
@@ -88,6 +105,33 @@ pub fn tuple(frame: &[u8]) -> Option<(SocketAddrV4, SocketAddrV4)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reads_the_inner_tuple_of_an_ipip_frame() {
+        let src: SocketAddrV4 = "172.18.0.10:40000".parse().unwrap();
+        let dst: SocketAddrV4 = "10.244.2.11:8080".parse().unwrap();
+        let inner = build(PROTO_TCP, src, dst, TCP_SYN);
+        let outer = lb_common::dsr::outer_header(
+            (inner.len() - ETH_LEN) as u16,
+            0,
+            1,
+            lb_common::ip4([172, 18, 0, 2]),
+            lb_common::ip4([10, 244, 2, 11]),
+            lb_common::ip4([172, 18, 0, 2]),
+            lb_common::port(30080),
+        );
+        let f = [&inner[..ETH_LEN], &outer[..], &inner[ETH_LEN..]].concat();
+        assert_eq!(
+            ipip(&f),
+            Some((
+                Ipv4Addr::new(172, 18, 0, 2),
+                Ipv4Addr::new(10, 244, 2, 11),
+                src,
+                dst
+            ))
+        );
+        assert_eq!(ipip(&inner), None);
+    }
 
     #[test]
     fn builds_valid_headers_and_reads_the_tuple_back() {
