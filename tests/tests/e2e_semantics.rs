@@ -1661,3 +1661,170 @@ fn dsr_replies_skip_the_first_node_on(path: DevicePath) {
         assert_eq!(f["src"], "10.244.2.11:8080", "{f:#}");
     }
 }
+
+/// A LoadBalancer IP under Maglev and DSR, two endpoints on each node.
+const ECMP_SHOP: &str = r#"apiVersion: v1
+kind: Service
+metadata:
+  name: shop
+  namespace: e2e
+  annotations: {lbctl.dev/lb-algorithm: maglev, lbctl.dev/lb-mode: dsr}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.0.32
+  ports: [{name: http, port: 80, targetPort: 8080, nodePort: 30032}]
+status: {loadBalancer: {ingress: [{ip: 198.51.100.10}]}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: shop-x, namespace: e2e, labels: {kubernetes.io/service-name: shop}}
+addressType: IPv4
+ports: [{name: http, port: 8080}]
+endpoints:
+- {addresses: [10.244.1.11], nodeName: node-a}
+- {addresses: [10.244.1.12], nodeName: node-a}
+- {addresses: [10.244.2.11], nodeName: node-b}
+- {addresses: [10.244.2.12], nodeName: node-b}
+"#;
+
+#[test]
+fn a_transfer_goes_on_when_the_routers_ecmp_moves_it_to_the_other_node() {
+    ecmp_move_on(DevicePath::Tc);
+}
+
+#[test]
+fn a_transfer_goes_on_when_the_routers_ecmp_moves_it_to_the_other_node_in_xdp() {
+    ecmp_move_on(DevicePath::Xdp);
+}
+
+/// Nodes behind an ECMP router, as a cloud or a BGP fabric puts them: a
+/// client in its own network reaches a LoadBalancer IP through a router
+/// whose route to it has both nodes as next hops. A slow 3 MB download
+/// starts on whichever node the router's hash picks; mid-transfer the
+/// route moves it to the other node, which has never seen the flow and
+/// shares no state with the first. Maglev gives the other node the same
+/// backend for the flow's next packet, DSR keeps the replies off both
+/// routes, and the download completes, every byte.
+fn ecmp_move_on(path: DevicePath) {
+    use lb_tests::guard::Netns;
+    use std::net::Ipv4Addr;
+    require_root();
+    sweep();
+    const VIP: &str = "198.51.100.10";
+    const SIZE: u64 = 3_000_000;
+    let mut t = Topology::with_remote(2, 2);
+    t.start_pod_servers(8080);
+    // client 10.99.0.2 ── router ── LAN 172.18.0.20 ── node-a, node-b
+    let router = Netns::new("rt");
+    let client = Netns::new("ec");
+    topo::veth(&t.lan, "p-router", &router, "eth0");
+    topo::ip(&t.lan, &["link", "set", "p-router", "master", "lan0"]);
+    topo::ip(&router, &["addr", "add", "172.18.0.20/24", "dev", "eth0"]);
+    topo::veth(&router, "eth1", &client, "eth0");
+    topo::ip(&router, &["addr", "add", "10.99.0.1/24", "dev", "eth1"]);
+    topo::ip(&client, &["addr", "add", "10.99.0.2/24", "dev", "eth0"]);
+    topo::ip(&client, &["route", "add", "default", "via", "10.99.0.1"]);
+    router.run(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+    let via = |nodes: &[Ipv4Addr]| {
+        let mut args = vec!["route", "replace", VIP];
+        let hops: Vec<String> = nodes.iter().map(|n| n.to_string()).collect();
+        if let [one] = hops.as_slice() {
+            args.extend(["via", one.as_str()]);
+        } else {
+            for h in &hops {
+                args.extend(["nexthop", "via", h.as_str(), "weight", "1"]);
+            }
+        }
+        topo::ip(&router, &args);
+    };
+    via(&[NODE_IP, topo::NODE_B_IP]);
+    for node in [&t.node, &t.node_b] {
+        topo::ip(
+            node,
+            &["route", "add", "10.99.0.0/24", "via", "172.18.0.20"],
+        );
+    }
+    if path == DevicePath::Xdp {
+        // Whole checksums on the wire towards node-a's XDP.
+        for (ns, dev) in [(&router, "eth0"), (&router, "eth1"), (&client, "eth0")] {
+            ns.run(&["ethtool", "-K", dev, "tx", "off"]);
+        }
+    }
+    let c = Cluster::start_on(&lbctl(), t, &[("shop.yaml", ECMP_SHOP)], path);
+    let b = NodeB::start(&c, &[("shop.yaml", ECMP_SHOP)]);
+    let ready = |s: &serde_json::Value| {
+        s["name"] == "shop"
+            && s["mode"] == "dsr"
+            && s["algorithm"] == "maglev"
+            && s["backends"].as_array().map_or(0, Vec::len) == 4
+    };
+    wait_settled(&c.pins(), "shop under Maglev and DSR", ready);
+    wait_settled(&b.bpffs.pins(), "shop under Maglev and DSR", ready);
+
+    // Which node holds a flow of the client (its original entry).
+    let holds = |pins: &std::path::Path| -> bool {
+        let out = std::process::Command::new(lbctl())
+            .args([
+                "conntrack",
+                "-o",
+                "json",
+                "--client",
+                "10.99.0.2",
+                "--bpffs",
+            ])
+            .arg(pins)
+            .output()
+            .expect("lbctl conntrack");
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        v.as_array().is_some_and(|a| {
+            a.iter()
+                .any(|f| f["direction"] == "original" && f["dst"] == format!("{VIP}:80"))
+        })
+    };
+    let mut curl = client.command("curl");
+    curl.args([
+        "-sS",
+        "--max-time",
+        "60",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code} %{size_download}",
+        &format!("http://{VIP}/slow/{SIZE}"),
+    ])
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
+    let download = curl.spawn().expect("curl");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let (first, second, second_ip, second_pins) = loop {
+        if holds(&c.pins()) {
+            break (NODE_NAME, NODE_B_NAME, topo::NODE_B_IP, b.bpffs.pins());
+        }
+        if holds(&b.bpffs.pins()) {
+            break (NODE_B_NAME, NODE_NAME, NODE_IP, c.pins());
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the download's flow on neither node"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    // The router's hash moves the flow: its next packets go to the other
+    // node.
+    via(&[second_ip]);
+    let out = download.wait_with_output().expect("curl");
+    let got = String::from_utf8_lossy(&out.stdout).to_string();
+    println!("ecmp ({path:?}): started on {first}, moved to {second}; curl: {got}");
+    assert_eq!(
+        got,
+        format!("200 {SIZE}"),
+        "the download after the move: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        c.diagnosis()
+    );
+    assert!(
+        holds(&second_pins),
+        "the flow went on through {second} (its own entry)"
+    );
+    drop(b);
+}
