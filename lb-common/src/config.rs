@@ -1,4 +1,4 @@
-//! Datapath configuration written by the agent (`LB_CONFIG_V1[0]`).
+//! Datapath configuration written by the agent (`LB_CONFIG_V2[0]`).
 
 use crate::user_pod;
 
@@ -36,10 +36,39 @@ pub struct Config {
     /// kube-proxy's nftables mode does. Count 0: nothing dropped.
     pub service_cidrs: [u32; MAX_SERVICE_CIDRS],
     pub service_cidr_masks: [u32; MAX_SERVICE_CIDRS],
+    /// Flood protection (`--new-flow-rate`, `--new-flow-burst`): each CPU
+    /// takes a new flow from outside into conntrack every
+    /// `flow_interval_ns` at most, with up to `flow_burst_ns` of them
+    /// ahead (a GCRA, the token bucket as one timestamp). 0: no limit.
+    pub flow_interval_ns: u64,
+    pub flow_burst_ns: u64,
 }
-const _: () = assert!(core::mem::size_of::<Config>() == 56);
+const _: () = assert!(core::mem::size_of::<Config>() == 72);
 
 impl Config {
+    /// Sets the new-flow limit: `rate` flows a second per CPU (0: none),
+    /// `burst` of them at once.
+    pub fn set_flow_rate(&mut self, rate: u32, burst: u32) {
+        if rate == 0 {
+            self.flow_interval_ns = 0;
+            self.flow_burst_ns = 0;
+            return;
+        }
+        self.flow_interval_ns = (1_000_000_000 / u64::from(rate)).max(1);
+        self.flow_burst_ns = self.flow_interval_ns * u64::from(burst.max(1));
+    }
+
+    /// (flows a second per CPU, burst), 0 when there is no limit.
+    pub fn flow_rate(&self) -> (u32, u32) {
+        if self.flow_interval_ns == 0 {
+            return (0, 0);
+        }
+        (
+            (1_000_000_000 / self.flow_interval_ns) as u32,
+            (self.flow_burst_ns / self.flow_interval_ns) as u32,
+        )
+    }
+
     /// Whether `addr` (wire order) is in one of the service CIDRs. The
     /// network and mask are both in wire order, so the test needs no byte
     /// swap.

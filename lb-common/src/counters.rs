@@ -131,6 +131,15 @@ verdicts! {
     /// decapsulated for a backend here; its replies will leave with the
     /// frontend as their source (`reply`).
     V_DSR_DECAPSULATED = 28, "dsr_decapsulated";
+    /// Flood protection: a new flow past this CPU's new-flow rate to a
+    /// Maglev frontend under DSR, sent on without a conntrack entry (its
+    /// next packets find the same backend in the table): Katran's bypass.
+    V_FORWARD_UNTRACKED = 29, "forward_untracked";
+    /// Flood protection: a new flow past this CPU's new-flow rate that
+    /// needs a conntrack entry (SNAT, a local backend, no Maglev table):
+    /// dropped, so a flood cannot push established flows out of the
+    /// table; a real client sends its SYN again.
+    V_DROP_FLOOD = 30, "drop_flood";
 }
 
 /// Size of the verdict counter array; room to append.

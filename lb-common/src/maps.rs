@@ -16,7 +16,7 @@ pub const SOCK_REVNAT4: &str = "LB4_SOCK_REVNAT_V1";
 pub const SOCK_FLOWS4: &str = "LB4_SOCK_FLOWS_V1";
 pub const SERVICE_STATS: &str = "LB_SVC_STATS_V2";
 pub const VERDICT_STATS: &str = "LB_VERDICTS_V1";
-pub const CONFIG: &str = "LB_CONFIG_V1";
+pub const CONFIG: &str = "LB_CONFIG_V2";
 pub const BACKEND_STATS: &str = "LB_BE_STATS_V1";
 pub const AGENT_STATUS: &str = "LB_AGENT_V1";
 /// A bit per destination port the device path looks further at
@@ -59,6 +59,9 @@ pub const RETIRED: &[&str] = &[
     // One entry per slot. Now 16 slots an entry (`SlotChunk`); the agent
     // converts the entries when it finds the map (`RETIRED_SLOTS`).
     RETIRED_SLOTS,
+    // 56 bytes; now 72, with the flood protection's rate. The agent
+    // writes the configuration whole at start: nothing to carry over.
+    "LB_CONFIG_V1",
 ];
 
 /// The backend slots of the first layout: (set, slot) -> backend id.

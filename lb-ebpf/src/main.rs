@@ -25,6 +25,7 @@ mod conntrack;
 mod csum;
 mod device;
 mod dsr;
+mod flood;
 mod frame;
 mod icmp;
 mod maps;

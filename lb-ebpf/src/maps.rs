@@ -111,7 +111,7 @@ pub static BACKEND_STATS: PerCpuHashMap<u32, BackendStats> =
 pub static AGENT_STATUS: Array<AgentStatus> = Array::pinned(1, 0);
 
 /// Datapath configuration, one entry.
-#[map(name = "LB_CONFIG_V1")]
+#[map(name = "LB_CONFIG_V2")]
 pub static CONFIG: Array<Config> = Array::pinned(1, 0);
 
 /// A bit per destination port some frontend or the SNAT range uses
@@ -138,6 +138,12 @@ pub struct Scratch {
 
 #[map(name = "LB_SCRATCH")]
 pub static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
+
+/// Flood protection's state: per CPU, the time (ns) its next new flow is
+/// due at the configured rate (`flood::over_rate`). Never pinned: a
+/// reload starts afresh.
+#[map(name = "LB_FLOOD")]
+pub static FLOOD: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
 /// This CPU's scratch area as a `T`: a repr(C) struct of byte arrays
 /// (alignment 1) of at most 128 bytes.

@@ -16,10 +16,11 @@ use lb_common::{
         Ct4Key,
     },
     counters::{
-        V_DROP_CT_FULL, V_DROP_NO_LOCAL_BACKEND, V_DROP_NO_SNAT_PORT, V_DROP_SOURCE_RANGE,
-        V_DROP_UNALLOCATED_SERVICE_IP, V_FORWARD_DSR, V_FORWARD_ESTABLISHED, V_FORWARD_NEW,
-        V_FORWARD_RENEWED, V_PASS_NOT_SERVICE, V_PASS_UNSUPPORTED, V_REJECT_NO_BACKEND,
-        V_REJECT_UNDEFINED_PORT, V_REPLY, V_RESET_BACKEND_GONE,
+        V_DROP_CT_FULL, V_DROP_FLOOD, V_DROP_NO_LOCAL_BACKEND, V_DROP_NO_SNAT_PORT,
+        V_DROP_SOURCE_RANGE, V_DROP_UNALLOCATED_SERVICE_IP, V_FORWARD_DSR, V_FORWARD_ESTABLISHED,
+        V_FORWARD_NEW, V_FORWARD_RENEWED, V_FORWARD_UNTRACKED, V_PASS_NOT_SERVICE,
+        V_PASS_UNSUPPORTED, V_REJECT_NO_BACKEND, V_REJECT_UNDEFINED_PORT, V_REPLY,
+        V_RESET_BACKEND_GONE,
     },
     dsr::{DSR_OVERHEAD, PROTO_IPIP},
     hash,
@@ -33,7 +34,7 @@ use lb_common::{
 use crate::{
     conntrack::{self, now_s},
     device::{Device, Way, way, way_of},
-    dsr,
+    dsr, flood,
     icmp::{self, PROTO_ICMP},
     maps::{self, ADDRS4, CONFIG, SERVICE_BACKENDS, SOURCE_RANGES4},
     parse::{self, Packet, TCP_ACK, TCP_SYN},
@@ -256,9 +257,28 @@ fn from_outside<D: Device>(dev: &D) -> i32 {
     if dsr && new_verdict == V_FORWARD_NEW {
         new_verdict = V_FORWARD_DSR;
     }
-    match new_flow(&pkt, &fe, &chosen, snat_addr, dsr) {
+    // Past this CPU's new-flow rate nothing more goes into conntrack: a
+    // flow the Maglev table alone keeps on its backend (DSR: no reply
+    // comes back here) goes on untracked, any other is dropped.
+    let track = if flood::over_rate() {
+        if !(dsr && fe.flags & FE_MAGLEV != 0) {
+            stats::verdict(V_DROP_FLOOD);
+            return dev.drop();
+        }
+        new_verdict = V_FORWARD_UNTRACKED;
+        false
+    } else {
+        true
+    };
+    match new_flow(&pkt, &fe, &chosen, snat_addr, dsr, track) {
         Ok(e) => {
-            stats::first_packet(fe.service_id, chosen.backend_id, len);
+            // An untracked packet is no new flow to count, only a packet.
+            if track {
+                stats::first_packet(fe.service_id, chosen.backend_id, len);
+            } else {
+                stats::packet(fe.service_id, len);
+                stats::backend_packet(chosen.backend_id, len);
+            }
             let way = match early {
                 Some(w) => w,
                 // tc sends everywhere: never None.
@@ -385,6 +405,7 @@ fn new_flow(
     chosen: &Chosen,
     snat_addr: u32,
     dsr: bool,
+    track: bool,
 ) -> Result<Ct4Entry, u32> {
     let now = now_s();
     let len = pkt.len;
@@ -427,6 +448,11 @@ fn new_flow(
     if dsr {
         orig.nat_src_addr = snat_addr;
         orig.flags = CT_DSR;
+        // Untracked (flood protection): the entry only says how to send
+        // this packet.
+        if !track {
+            return Ok(orig);
+        }
     } else if local {
         conntrack::create_reply(&rkey, &reply, false).map_err(|_| V_DROP_CT_FULL)?;
     } else {

@@ -37,6 +37,7 @@ const TC_ACT_SHOT: u32 = 2;
 const TC_ACT_REDIRECT: u32 = 7;
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
+const XDP_TX_VERDICT: u32 = 3;
 /// The metadata word of a packet the XDP program dealt with (tc lets it
 /// pass): "LBXD", as the program writes it.
 const XDP_SEEN: [u8; 4] = 0x4c42_5844u32.to_ne_bytes();
@@ -2086,50 +2087,10 @@ fn dsr_both_nodes(xdp: bool) {
     };
     let _rec = fixture::program(&pins, &remote, &node);
     in_netns(&netns_path, move || {
-        let mut ebpf = load::load(&pins).expect("load");
-        for name in ["lb_from_netdev", "lb_to_netdev"] {
-            let p: &mut SchedClassifier = ebpf.program_mut(name).unwrap().try_into().unwrap();
-            p.load().unwrap();
-        }
-        let p: &mut Xdp = ebpf
-            .program_mut("lb_xdp_from_netdev")
-            .unwrap()
-            .try_into()
-            .unwrap();
-        p.load().unwrap();
+        let mut ebpf = device_programs(&pins);
         let maps = ServiceMaps::open(&pins).unwrap();
         let verdicts = |v: u32| maps.verdicts()[v as usize];
-        // One run of `program`: its verdict and the frame out (XDP's
-        // metadata, when it marked the packet, taken off).
-        let mut run = |program: &str, frame: &[u8]| {
-            let mut out = vec![0u8; frame.len() + 128];
-            let prog = ebpf.program_mut(program).unwrap();
-            let r = if program.starts_with("lb_xdp") {
-                let ctx = xdp_ctx(ifindex, frame.len());
-                let p: &mut Xdp = prog.try_into().unwrap();
-                p.test_run(TestRunOptions {
-                    data_in: Some(frame),
-                    data_out: Some(&mut out),
-                    ctx_in: Some(&ctx),
-                    ..Default::default()
-                })
-            } else {
-                let ctx = skb_ctx(ifindex);
-                let p: &mut SchedClassifier = prog.try_into().unwrap();
-                p.test_run(TestRunOptions {
-                    data_in: Some(frame),
-                    data_out: Some(&mut out),
-                    ctx_in: Some(&ctx),
-                    ..Default::default()
-                })
-            }
-            .expect("PROG_TEST_RUN");
-            out.truncate(r.data_size_out as usize);
-            if program.starts_with("lb_xdp") && out.starts_with(&XDP_SEEN) {
-                out.drain(..4);
-            }
-            (r.return_value, out)
-        };
+        let mut run = |program: &str, frame: &[u8]| test_run(&mut ebpf, program, frame, ifindex);
         let ingress = if xdp {
             "lb_xdp_from_netdev"
         } else {
@@ -2231,5 +2192,174 @@ fn dsr_both_nodes(xdp: bool) {
         let (verdict, out) = run(ingress, &tunnel.bytes());
         assert_eq!((verdict, out), (passed, tunnel.bytes()));
         assert_eq!(verdicts(V_PASS_UNSUPPORTED), before + 1);
+    });
+}
+
+/// The device programs of the object whose maps are pinned at `pins`,
+/// loaded (tc ingress and egress, XDP).
+fn device_programs(pins: &std::path::Path) -> Ebpf {
+    let mut ebpf = load::load(pins).expect("load");
+    for name in ["lb_from_netdev", "lb_to_netdev"] {
+        let p: &mut SchedClassifier = ebpf.program_mut(name).unwrap().try_into().unwrap();
+        p.load().unwrap();
+    }
+    let p: &mut Xdp = ebpf
+        .program_mut("lb_xdp_from_netdev")
+        .unwrap()
+        .try_into()
+        .unwrap();
+    p.load().unwrap();
+    ebpf
+}
+
+/// One run of `program` on `frame` as if it came in on `ifindex`: its
+/// verdict and the frame out (XDP's metadata, when it marked the packet,
+/// taken off).
+fn test_run(ebpf: &mut Ebpf, program: &str, frame: &[u8], ifindex: u32) -> (u32, Vec<u8>) {
+    let mut out = vec![0u8; frame.len() + 128];
+    let prog = ebpf.program_mut(program).unwrap();
+    let xdp = program.starts_with("lb_xdp");
+    let r = if xdp {
+        let ctx = xdp_ctx(ifindex, frame.len());
+        let p: &mut Xdp = prog.try_into().unwrap();
+        p.test_run(TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            ctx_in: Some(&ctx),
+            ..Default::default()
+        })
+    } else {
+        let ctx = skb_ctx(ifindex);
+        let p: &mut SchedClassifier = prog.try_into().unwrap();
+        p.test_run(TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            ctx_in: Some(&ctx),
+            ..Default::default()
+        })
+    }
+    .expect("PROG_TEST_RUN");
+    out.truncate(r.data_size_out as usize);
+    if xdp && out.starts_with(&XDP_SEEN) {
+        out.drain(..4);
+    }
+    (r.return_value, out)
+}
+
+#[test]
+fn flood_protection_past_the_rate() {
+    flood_protection(false);
+}
+
+#[test]
+fn flood_protection_past_the_rate_in_xdp() {
+    flood_protection(true);
+}
+
+/// Past a CPU's new-flow rate: a new flow to a Maglev frontend under DSR
+/// goes on untracked (the same frame as a tracked one, no conntrack
+/// entry), a new flow that needs an entry (a local backend here) is
+/// dropped, and established flows go on. The rate is one flow per 1,000
+/// seconds, so the second flow is past it; the thread stays on one CPU,
+/// whose state it is.
+fn flood_protection(xdp: bool) {
+    use lb_common::counters::{V_DROP_FLOOD, V_FORWARD_DSR, V_FORWARD_UNTRACKED};
+    require_root();
+    sweep();
+    let NodeNs {
+        ns: _ns,
+        peer: _peer,
+        ifindex,
+        netns_path,
+    } = NodeNs::new();
+    let (fs, _pinned) = fixture::datapath();
+    let pins = fs.pins();
+    let remote = MANIFESTS
+        .replace(
+            "endpoints: [{addresses: [10.244.1.5], nodeName: node-a}]",
+            "endpoints: [{addresses: [10.244.2.11], nodeName: node-b}]",
+        )
+        .replace(
+            "metadata: {name: web, namespace: demo}",
+            "metadata: {name: web, namespace: demo, annotations: {lbctl.dev/lb-mode: dsr, lbctl.dev/lb-algorithm: maglev}}",
+        );
+    let node = NodeInfo {
+        name: "node-a".into(),
+        zone: None,
+        addresses: vec![NODE],
+        snat: None,
+        balancing: Default::default(),
+    };
+    let _rec = fixture::program(&pins, &remote, &node);
+    in_netns(&netns_path, move || {
+        // SAFETY: a zeroed set with CPU 0 added; this thread only.
+        unsafe {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            libc::CPU_SET(0, &mut set);
+            assert_eq!(
+                libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set),
+                0
+            );
+        }
+        let mut ebpf = device_programs(&pins);
+        let mut maps = ServiceMaps::open(&pins).unwrap();
+        let mut config = lb_common::config::Config::default();
+        config.flow_interval_ns = 1_000_000_000_000;
+        config.flow_burst_ns = config.flow_interval_ns;
+        maps.set_config(config).unwrap();
+        let verdicts = |maps: &ServiceMaps, v: u32| maps.verdicts()[v as usize];
+        let ingress = if xdp {
+            "lb_xdp_from_netdev"
+        } else {
+            "lb_from_netdev"
+        };
+        let sent = if xdp { XDP_TX_VERDICT } else { TC_ACT_REDIRECT };
+        let dropped = if xdp { XDP_DROP } else { TC_ACT_SHOT };
+        let nodeport = (NODE, 30080);
+        let backend = (Ipv4Addr::new(10, 244, 2, 11), 8080);
+        let syn = |port: u16| {
+            let mut f = Frame::tcp((CLIENT, port), nodeport, SYN);
+            f.dst_mac = NODE_MAC;
+            f
+        };
+        let encapsulated = |f: &Frame| {
+            let mut e = ipip(&f.with((f.src, f.sport), backend), NODE, nodeport);
+            e.src_mac = NODE_MAC;
+            e.dst_mac = NODE_B_MAC;
+            e.bytes()
+        };
+        // The first flow is within the rate: tracked.
+        let before = verdicts(&maps, V_FORWARD_DSR);
+        let (v, out) = test_run(&mut ebpf, ingress, &syn(41000).bytes(), ifindex);
+        assert_eq!(v, sent, "{}", describe(&out));
+        assert_frame("within the rate", &out, &encapsulated(&syn(41000)));
+        assert_eq!(verdicts(&maps, V_FORWARD_DSR), before + 1);
+        // The second is past it: sent alike, untracked.
+        let before = verdicts(&maps, V_FORWARD_UNTRACKED);
+        let (v, out) = test_run(&mut ebpf, ingress, &syn(41001).bytes(), ifindex);
+        assert_eq!(v, sent, "{}", describe(&out));
+        assert_frame("past the rate, untracked", &out, &encapsulated(&syn(41001)));
+        assert_eq!(verdicts(&maps, V_FORWARD_UNTRACKED), before + 1);
+        let tracked = |port: u16| {
+            maps.conntrack
+                .iter()
+                .filter_map(Result::ok)
+                .any(|(k, _)| k.src_port == port.to_be())
+        };
+        assert!(tracked(41000) && !tracked(41001));
+        // A new flow that needs an entry (the local DNS backend): dropped.
+        let mut dns = Frame::udp((CLIENT, 41002), (NODE, 30053));
+        dns.dst_mac = NODE_MAC;
+        let before = verdicts(&maps, V_DROP_FLOOD);
+        let (v, _) = test_run(&mut ebpf, ingress, &dns.bytes(), ifindex);
+        assert_eq!(v, dropped);
+        assert_eq!(verdicts(&maps, V_DROP_FLOOD), before + 1);
+        // The tracked flow goes on.
+        let mut ack = Frame::tcp((CLIENT, 41000), nodeport, ACK);
+        ack.dst_mac = NODE_MAC;
+        let (v, out) = test_run(&mut ebpf, ingress, &ack.bytes(), ifindex);
+        assert_eq!(v, sent, "{}", describe(&out));
+        assert_frame("an established flow", &out, &encapsulated(&ack));
+        maps.set_config(Default::default()).unwrap();
     });
 }

@@ -1828,3 +1828,85 @@ fn ecmp_move_on(path: DevicePath) {
     );
     drop(b);
 }
+
+/// Flood protection end to end: node-a's agent takes 500 new flows a
+/// second per CPU into conntrack (burst 100). A client downloads 8 MB
+/// slowly through a NodePort while a namespace on the LAN sends SYNs from
+/// random sources to the same NodePort as fast as hping3 makes them. The
+/// download completes, every byte; the flood's flows past the rate are
+/// dropped, those within it stay within what the rate allows; a new
+/// connection after the flood is served.
+#[test]
+fn a_syn_flood_leaves_established_transfers_alone() {
+    use lb_tests::guard::{Netns, Proc};
+    require_root();
+    sweep();
+    const RATE: u64 = 500;
+    const BURST: u64 = 100;
+    let mut t = Topology::new(1);
+    t.start_pod_servers(8080);
+    let flooder = Netns::new("fl");
+    topo::veth(&t.lan, "p-flood", &flooder, "eth0");
+    topo::ip(&t.lan, &["link", "set", "p-flood", "master", "lan0"]);
+    topo::ip(&flooder, &["addr", "add", "172.18.0.30/24", "dev", "eth0"]);
+    let one = [("10.244.1.11", NODE_NAME, READY)];
+    let mut c = Cluster::start(&lbctl(), t, &[("moving.yaml", &moving_service(&one))]);
+    c.agent.take().expect("agent").stop();
+    c.source.extend(
+        [
+            "--new-flow-rate",
+            &RATE.to_string(),
+            "--new-flow-burst",
+            &BURST.to_string(),
+            "--conntrack-max",
+            "16384",
+        ]
+        .map(String::from),
+    );
+    c.start_agent();
+    c.wait_services("moving", |s| backends_of(s, "moving") == 1);
+    let status = c.lbctl_json(&["status"]).expect("lbctl status");
+    assert_eq!(status["datapath"]["new_flow_rate"], RATE, "{status:#}");
+    assert_eq!(status["datapath"]["new_flow_burst"], BURST, "{status:#}");
+
+    let np = NODE_IP.to_string();
+    let (mut download, mut lines) =
+        spawn_probe(&c, From::Outside, &["slow", &np, "30094", "8000000"]);
+    assert_eq!(line(&mut lines), "pod-1");
+    let before = c.verdicts();
+    let started = std::time::Instant::now();
+    let flood = Proc(
+        flooder
+            .command("hping3")
+            .args(["--flood", "-q", "-S", "-p", "30094", "--rand-source", &np])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("hping3"),
+    );
+    let end = line(&mut lines);
+    let secs = started.elapsed().as_secs_f64();
+    drop(flood);
+    let _ = download.wait();
+    let after = c.verdicts();
+    let delta = |v: &str| after.get(v).copied().unwrap_or(0) - before.get(v).copied().unwrap_or(0);
+    let (taken, dropped) = (delta("forward_new"), delta("drop_flood"));
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as u64;
+    println!(
+        "syn flood: {} new flows in {secs:.1} s ({:.0} a second) during the download; {taken} taken into conntrack, {dropped} dropped past the rate ({RATE}/s per CPU, {cpus} CPUs)",
+        taken + dropped,
+        (taken + dropped) as f64 / secs
+    );
+    assert_eq!(end, "complete 8000000", "the download under the flood");
+    assert!(dropped > 0, "the flood went past the rate: {after:?}");
+    let allowed = (RATE as f64 * secs + BURST as f64 + 1.0) * cpus as f64;
+    assert!(
+        (taken as f64) <= allowed,
+        "{taken} flows taken, the rate allows {allowed:.0}"
+    );
+    // The flood over, a new connection is served.
+    assert_eq!(
+        c.get_from_client(&format!("http://{NODE_IP}:30094/")),
+        "pod-1"
+    );
+}

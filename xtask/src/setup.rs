@@ -25,8 +25,9 @@ use crate::sh;
 /// nodes run, busybox for the upstream tests' busybox image and the tools
 /// upstream's agnhost image has (netcat-openbsd, socat, dig; GNU wget,
 /// since Debian's busybox wget crashes on `-T`, which the tests use;
-/// conntrack for the image of kube-proxy's tests), and ethtool for the
-/// XDP end-to-end tests' checksum and GRO settings.
+/// conntrack for the image of kube-proxy's tests), ethtool for the
+/// XDP end-to-end tests' checksum and GRO settings, and hping3 for the
+/// SYN flood of the flood protection's end-to-end test.
 const PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "iproute2",
@@ -46,6 +47,7 @@ const PACKAGES: &[&str] = &[
     "socat",
     "bind9-dnsutils",
     "ethtool",
+    "hping3",
 ];
 const LLVM_BIN: &str = "/usr/lib/llvm-22/bin";
 

@@ -58,6 +58,10 @@ pub struct AgentConfig {
     pub balancing: super::model::Balancing,
     /// Source ports for SNAT to backends on other nodes.
     pub snat_ports: std::ops::RangeInclusive<u16>,
+    /// Flood protection: new flows from outside a second per CPU that go
+    /// into conntrack (0: no limit), and how many may come at once.
+    pub new_flow_rate: u32,
+    pub new_flow_burst: u32,
     /// `--nodeport-addresses`.
     pub nodeport_addresses: Vec<super::nodeport_addrs::Selector>,
     /// The service CIDRs whose unallocated addresses are dropped.
@@ -183,6 +187,7 @@ fn datapath_config(
         ..Config::default()
     };
     c.set_service_cidrs(cidrs);
+    c.set_flow_rate(cfg.new_flow_rate, cfg.new_flow_burst);
     c
 }
 

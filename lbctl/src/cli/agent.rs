@@ -150,6 +150,18 @@ pub struct Args {
     /// ip_local_reserved_ports, so no socket of the node gets one.
     #[arg(long, default_value = "61000-65535")]
     pub snat_port_range: String,
+    /// Flood protection: new flows from outside each CPU takes into the
+    /// device path's conntrack table a second (0: no limit, the default).
+    /// Past it a flow to a Maglev frontend under DSR goes on without an
+    /// entry (the table keeps it on its backend), any other new flow is
+    /// dropped (its client sends the SYN again), so a SYN flood cannot
+    /// push established flows out of the table. Counted
+    /// `forward_untracked` and `drop_flood`.
+    #[arg(long, default_value_t = 0)]
+    pub new_flow_rate: u32,
+    /// How many new flows a CPU may take at once above the rate.
+    #[arg(long, default_value_t = 1000)]
+    pub new_flow_burst: u32,
     /// The node's netfilter conntrack table (`nf_conntrack_max`), as
     /// kube-proxy sizes it: this many entries per CPU, at least
     /// `--conntrack-min` (0: leave the kernel's). Written only from the
@@ -275,6 +287,8 @@ pub async fn execute(args: Args) -> Result<()> {
         },
         map_sizes,
         snat_ports,
+        new_flow_rate: args.new_flow_rate,
+        new_flow_burst: args.new_flow_burst,
         nodeport_addresses,
         service_cidrs,
         source,

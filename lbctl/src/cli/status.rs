@@ -164,7 +164,7 @@ pub fn agent_table(a: Option<&AgentView>) -> String {
     render::pairs(rows)
 }
 
-/// `LB_CONFIG_V1`: what the programs read besides the Services.
+/// `LB_CONFIG_V2`: what the programs read besides the Services.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct DatapathView {
     /// Source address of flows SNATed to another node's backend when the
@@ -174,6 +174,10 @@ pub struct DatapathView {
     pub snat_ports: String,
     /// CIDRs whose addresses no Service has are dropped.
     pub service_cidrs: Vec<String>,
+    /// Flood protection: new flows a second per CPU taken into conntrack
+    /// (`--new-flow-rate`; 0: no limit) and the burst.
+    pub new_flow_rate: u32,
+    pub new_flow_burst: u32,
     /// Ports in the port map (frontends' and SNAT ranges'), when it is in
     /// force: the device path passes packets to other ports at once.
     /// Absent while it is not (no agent has written it whole yet).
@@ -198,6 +202,8 @@ pub fn datapath_view(
             .service_cidr_list()
             .map(|(a, l)| format!("{}/{l}", std::net::Ipv4Addr::from_bits(a)))
             .collect(),
+        new_flow_rate: c.flow_rate().0,
+        new_flow_burst: c.flow_rate().1,
     }
 }
 
@@ -373,6 +379,17 @@ pub fn execute(args: Args) -> Result<()> {
                             format!(
                                 "{} (unallocated addresses dropped)",
                                 d.service_cidrs.join(", ")
+                            )
+                        },
+                    ],
+                    vec![
+                        "new flows".into(),
+                        if d.new_flow_rate == 0 {
+                            "no limit (--new-flow-rate 0)".into()
+                        } else {
+                            format!(
+                                "{} a second per CPU, {} at once (flood protection)",
+                                d.new_flow_rate, d.new_flow_burst
                             )
                         },
                     ],
