@@ -303,7 +303,7 @@ fn device_path(xdp: bool) {
     let pins = fs.pins();
     for p in ["lb_from_netdev", "lb_to_netdev"] {
         let prog: &mut SchedClassifier = ebpf.program_mut(p).unwrap().try_into().unwrap();
-        prog.load()
+        lbctl::datapath::load::verified(|| prog.load())
             .unwrap_or_else(|e| panic!("verifier rejects {p}: {e}"));
     }
     let prog: &mut Xdp = ebpf
@@ -311,7 +311,7 @@ fn device_path(xdp: bool) {
         .unwrap()
         .try_into()
         .unwrap();
-    prog.load()
+    lbctl::datapath::load::verified(|| prog.load())
         .unwrap_or_else(|e| panic!("verifier rejects lb_xdp_from_netdev: {e}"));
     let node = NodeInfo {
         name: "node-a".into(),
@@ -1006,13 +1006,13 @@ fn snat_both_ways(xdp: bool) {
             .unwrap()
             .try_into()
             .unwrap();
-        prog.load().unwrap();
+        lbctl::datapath::load::verified(|| prog.load()).unwrap();
         let prog: &mut Xdp = ebpf
             .program_mut("lb_xdp_from_netdev")
             .unwrap()
             .try_into()
             .unwrap();
-        prog.load().unwrap();
+        lbctl::datapath::load::verified(|| prog.load()).unwrap();
         let ebpf = std::cell::RefCell::new(ebpf);
         let ctx = skb_ctx(ifindex);
         let tc = |frame: &[u8]| {
@@ -1311,7 +1311,7 @@ fn flows_whose_backend_left_end_or_move() {
         .unwrap()
         .try_into()
         .unwrap();
-    prog.load().unwrap();
+    lbctl::datapath::load::verified(|| prog.load()).unwrap();
     let send = |f: &Frame, counts: u32| {
         let before = maps.verdicts()[counts as usize];
         let input = f.bytes();
@@ -1642,7 +1642,7 @@ fn conntrack_lifetimes_follow_the_connection() {
     let pins = fs.pins();
     for p in ["lb_from_netdev", "lb_to_netdev"] {
         let prog: &mut SchedClassifier = ebpf.program_mut(p).unwrap().try_into().unwrap();
-        prog.load().unwrap();
+        lbctl::datapath::load::verified(|| prog.load()).unwrap();
     }
     let node = NodeInfo {
         name: "node-a".into(),
@@ -1866,7 +1866,7 @@ fn socket_egress_passes_what_is_not_a_guarded_sockets_first_packet() {
         .unwrap()
         .try_into()
         .unwrap();
-    prog.load()
+    lbctl::datapath::load::verified(|| prog.load())
         .unwrap_or_else(|e| panic!("verifier rejects lb_sock_egress: {e}"));
     const PASS: u32 = 1;
     let outside = (OUTSIDER, 41000);
@@ -1940,13 +1940,13 @@ fn maglev_flows_go_where_the_table_says_at_every_node_address() {
         .unwrap()
         .try_into()
         .unwrap();
-    prog.load().unwrap();
+    lbctl::datapath::load::verified(|| prog.load()).unwrap();
     let prog: &mut Xdp = ebpf
         .program_mut("lb_xdp_from_netdev")
         .unwrap()
         .try_into()
         .unwrap();
-    prog.load().unwrap();
+    lbctl::datapath::load::verified(|| prog.load()).unwrap();
     let node2 = Ipv4Addr::new(172, 18, 0, 3);
     let mut node = NodeInfo {
         name: "node-a".into(),
@@ -2201,14 +2201,14 @@ fn device_programs(pins: &std::path::Path) -> Ebpf {
     let mut ebpf = load::load(pins).expect("load");
     for name in ["lb_from_netdev", "lb_to_netdev"] {
         let p: &mut SchedClassifier = ebpf.program_mut(name).unwrap().try_into().unwrap();
-        p.load().unwrap();
+        lbctl::datapath::load::verified(|| p.load()).unwrap();
     }
     let p: &mut Xdp = ebpf
         .program_mut("lb_xdp_from_netdev")
         .unwrap()
         .try_into()
         .unwrap();
-    p.load().unwrap();
+    lbctl::datapath::load::verified(|| p.load()).unwrap();
     ebpf
 }
 

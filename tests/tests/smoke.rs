@@ -59,7 +59,7 @@ fn nodeport_syn_to_a_local_backend_is_rewritten() {
         .expect("program")
         .try_into()
         .expect("tc program");
-    prog.load().expect("verifier accepts lb_from_netdev");
+    lbctl::datapath::load::verified(|| prog.load()).expect("verifier accepts lb_from_netdev");
 
     let client = (Ipv4Addr::new(192, 168, 50, 7), 40000);
     let input = Frame::tcp(client, (Ipv4Addr::new(172, 18, 0, 2), 30080), SYN);

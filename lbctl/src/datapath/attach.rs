@@ -152,7 +152,7 @@ pub fn xdp(ebpf: &mut Ebpf, pins: &Path, device: &str, choice: XdpChoice) -> Res
         .with_context(|| format!("program {XDP_FROM_NETDEV} missing from the object"))?
         .try_into()?;
     if prog.fd().is_err() {
-        prog.load()
+        super::load::verified(|| prog.load())
             .with_context(|| format!("loading {XDP_FROM_NETDEV}"))?;
     }
     let accepts = |m: XdpAttached| match choice {
@@ -284,7 +284,7 @@ pub fn cgroup(ebpf: &mut Ebpf, pins: &Path, cgroup: &Path) -> Result<Outcome> {
             .with_context(|| format!("program {name} missing from the object"))?
             .try_into()?;
         if prog.fd().is_err() {
-            prog.load().with_context(|| format!("loading {name}"))?;
+            super::load::verified(|| prog.load()).with_context(|| format!("loading {name}"))?;
         }
         let moving = on_other_cgroup(&path, want)?;
         if !moving && replace_pinned(&path, prog.fd()?.as_fd())? {
@@ -330,8 +330,7 @@ pub fn sock_egress(ebpf: &mut Ebpf, pins: &Path, cgroup: &Path, on: bool) -> Res
         .with_context(|| format!("program {SOCK_EGRESS} missing from the object"))?
         .try_into()?;
     if prog.fd().is_err() {
-        prog.load()
-            .with_context(|| format!("loading {SOCK_EGRESS}"))?;
+        super::load::verified(|| prog.load()).with_context(|| format!("loading {SOCK_EGRESS}"))?;
     }
     let moving = on_other_cgroup(&path, want)?;
     if !moving && replace_pinned(&path, prog.fd()?.as_fd())? {
@@ -364,7 +363,7 @@ pub fn device(ebpf: &mut Ebpf, pins: &Path, device: &str) -> Result<Outcome> {
             .with_context(|| format!("program {name} missing from the object"))?
             .try_into()?;
         if prog.fd().is_err() {
-            prog.load().with_context(|| format!("loading {name}"))?;
+            super::load::verified(|| prog.load()).with_context(|| format!("loading {name}"))?;
         }
         if replace_pinned(&path, prog.fd()?.as_fd())? {
             out.replaced += 1;

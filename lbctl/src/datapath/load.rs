@@ -139,3 +139,24 @@ pub fn load_floor() -> Result<Ebpf, LoadError> {
         source: Box::new(source),
     })
 }
+
+/// Runs a program's `load` (BPF_PROG_LOAD), again when the kernel gave up
+/// with EAGAIN: the verifier stops a long verification when a signal is
+/// pending for the loading thread (the device programs take it about 3 s
+/// on a small machine), as libbpf's loader knows and retries, five tries
+/// in all.
+pub fn verified(
+    mut load: impl FnMut() -> Result<(), aya::programs::ProgramError>,
+) -> Result<(), aya::programs::ProgramError> {
+    let mut tries = 1;
+    loop {
+        match load() {
+            Err(aya::programs::ProgramError::LoadError { io_error, .. })
+                if io_error.raw_os_error() == Some(libc::EAGAIN) && tries < 5 =>
+            {
+                tries += 1;
+            }
+            r => return r,
+        }
+    }
+}

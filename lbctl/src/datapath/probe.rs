@@ -176,7 +176,7 @@ pub fn from_netdev(
         .program_mut(super::attach::FROM_NETDEV)
         .context("lb_from_netdev missing from the object")?
         .try_into()?;
-    prog.load().context("loading lb_from_netdev")?;
+    super::load::verified(|| prog.load()).context("loading lb_from_netdev")?;
     let ctx = skb_ctx(ifindex);
     let mut out = vec![0u8; frame.len() + 128];
     let r = prog

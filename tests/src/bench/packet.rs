@@ -109,7 +109,7 @@ pub fn run(quick: bool, progress: &mut Progress) -> Results {
     let mut floor = load::load_floor().expect("floor object");
     tc(&mut floor, "floor_tc").load().unwrap();
     let x: &mut Xdp = floor.program_mut("floor_xdp").unwrap().try_into().unwrap();
-    x.load().unwrap();
+    lbctl::datapath::load::verified(|| x.load()).unwrap();
     let floor_tc: &SchedClassifier = floor.program("floor_tc").unwrap().try_into().unwrap();
     let xdp: &Xdp = floor.program("floor_xdp").unwrap().try_into().unwrap();
 
@@ -165,7 +165,7 @@ pub fn run(quick: bool, progress: &mut Progress) -> Results {
         }
 
         for name in ["lb_from_netdev", "lb_to_netdev"] {
-            tc(&mut ebpf, name).load().unwrap();
+            lbctl::datapath::load::verified(|| tc(&mut ebpf, name).load()).unwrap();
         }
         if si == 0 {
             for name in [
@@ -176,14 +176,14 @@ pub fn run(quick: bool, progress: &mut Progress) -> Results {
             ] {
                 let p: &mut aya::programs::CgroupSockAddr =
                     ebpf.program_mut(name).unwrap().try_into().unwrap();
-                p.load().unwrap();
+                lbctl::datapath::load::verified(|| p.load()).unwrap();
             }
             let p: &mut Xdp = ebpf
                 .program_mut("lb_xdp_from_netdev")
                 .unwrap()
                 .try_into()
                 .unwrap();
-            p.load().unwrap();
+            lbctl::datapath::load::verified(|| p.load()).unwrap();
             for (name, p) in ebpf.programs() {
                 let info = match p {
                     Program::SchedClassifier(p) => p.info(),
@@ -337,7 +337,7 @@ fn xdp_rows(
             .unwrap()
             .try_into()
             .unwrap();
-        p.load().expect("verifier: lb_xdp_from_netdev");
+        lbctl::datapath::load::verified(|| p.load()).expect("verifier: lb_xdp_from_netdev");
         let p: &Xdp = ebpf
             .program("lb_xdp_from_netdev")
             .unwrap()
