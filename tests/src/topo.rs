@@ -710,17 +710,7 @@ impl Cluster {
 
     /// `lbctl counters`: every verdict's count by its label.
     pub fn verdicts(&self) -> std::collections::BTreeMap<String, u64> {
-        let v = self.lbctl_json(&["counters"]).expect("lbctl counters");
-        v.as_array()
-            .expect("a list of verdicts")
-            .iter()
-            .map(|c| {
-                (
-                    c["verdict"].as_str().unwrap_or_default().to_string(),
-                    c["count"].as_u64().unwrap_or_default(),
-                )
-            })
-            .collect()
+        verdicts(&self.lbctl, &self.pins())
     }
 
     /// `lbctl services` as a finished write pass left the maps (see
@@ -825,6 +815,32 @@ impl Drop for Cluster {
             .output();
         let _ = std::fs::remove_dir_all(&self.work);
     }
+}
+
+/// `lbctl counters` of the maps at `pins`: every verdict's count by its
+/// label.
+pub fn verdicts(lbctl: &Path, pins: &Path) -> std::collections::BTreeMap<String, u64> {
+    let out = Command::new(lbctl)
+        .args(["counters", "-o", "json", "--bpffs"])
+        .arg(pins)
+        .output()
+        .expect("lbctl counters");
+    assert!(
+        out.status.success(),
+        "lbctl counters: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("counters JSON");
+    v.as_array()
+        .expect("a list of verdicts")
+        .iter()
+        .map(|c| {
+            (
+                c["verdict"].as_str().unwrap_or_default().to_string(),
+                c["count"].as_u64().unwrap_or_default(),
+            )
+        })
+        .collect()
 }
 
 /// `lbctl services -o json` for `pins`, read while no write pass runs: the

@@ -2069,23 +2069,7 @@ fn dsr_both_nodes(xdp: bool) {
     } = NodeNs::new();
     let (fs, _pinned) = fixture::datapath();
     let pins = fs.pins();
-    let remote = MANIFESTS
-        .replace(
-            "endpoints: [{addresses: [10.244.1.5], nodeName: node-a}]",
-            "endpoints: [{addresses: [10.244.2.11], nodeName: node-b}]",
-        )
-        .replace(
-            "metadata: {name: web, namespace: demo}",
-            "metadata: {name: web, namespace: demo, annotations: {lbctl.dev/lb-mode: dsr}}",
-        );
-    let node = NodeInfo {
-        name: "node-a".into(),
-        zone: None,
-        addresses: vec![NODE],
-        snat: None,
-        balancing: Default::default(),
-    };
-    let _rec = fixture::program(&pins, &remote, &node);
+    let _rec = program_remote_web(&pins, "lbctl.dev/lb-mode: dsr");
     in_netns(&netns_path, move || {
         let mut ebpf = device_programs(&pins);
         let maps = ServiceMaps::open(&pins).unwrap();
@@ -2274,23 +2258,10 @@ fn flood_protection(xdp: bool) {
     } = NodeNs::new();
     let (fs, _pinned) = fixture::datapath();
     let pins = fs.pins();
-    let remote = MANIFESTS
-        .replace(
-            "endpoints: [{addresses: [10.244.1.5], nodeName: node-a}]",
-            "endpoints: [{addresses: [10.244.2.11], nodeName: node-b}]",
-        )
-        .replace(
-            "metadata: {name: web, namespace: demo}",
-            "metadata: {name: web, namespace: demo, annotations: {lbctl.dev/lb-mode: dsr, lbctl.dev/lb-algorithm: maglev}}",
-        );
-    let node = NodeInfo {
-        name: "node-a".into(),
-        zone: None,
-        addresses: vec![NODE],
-        snat: None,
-        balancing: Default::default(),
-    };
-    let _rec = fixture::program(&pins, &remote, &node);
+    let _rec = program_remote_web(
+        &pins,
+        "lbctl.dev/lb-mode: dsr, lbctl.dev/lb-algorithm: maglev",
+    );
     in_netns(&netns_path, move || {
         // SAFETY: a zeroed set with CPU 0 added; this thread only.
         unsafe {
@@ -2362,4 +2333,29 @@ fn flood_protection(xdp: bool) {
         assert_frame("an established flow", &out, &encapsulated(&ack));
         maps.set_config(Default::default()).unwrap();
     });
+}
+
+/// Programs `MANIFESTS` as node-a's agent would, with `web`'s one
+/// endpoint on node-b and `annotations` on `web`.
+fn program_remote_web(
+    pins: &std::path::Path,
+    annotations: &str,
+) -> lbctl::agent::reconcile::Reconciler<ServiceMaps> {
+    let remote = MANIFESTS
+        .replace(
+            "endpoints: [{addresses: [10.244.1.5], nodeName: node-a}]",
+            "endpoints: [{addresses: [10.244.2.11], nodeName: node-b}]",
+        )
+        .replace(
+            "metadata: {name: web, namespace: demo}",
+            &format!("metadata: {{name: web, namespace: demo, annotations: {{{annotations}}}}}"),
+        );
+    let node = NodeInfo {
+        name: "node-a".into(),
+        zone: None,
+        addresses: vec![NODE],
+        snat: None,
+        balancing: Default::default(),
+    };
+    fixture::program(pins, &remote, &node)
 }

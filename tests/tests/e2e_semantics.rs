@@ -1500,22 +1500,7 @@ impl NodeB {
 
     /// `lbctl counters` of node-b: every verdict's count by its label.
     fn verdicts(&self) -> std::collections::BTreeMap<String, u64> {
-        let out = std::process::Command::new(lbctl())
-            .args(["counters", "-o", "json", "--bpffs"])
-            .arg(self.bpffs.pins())
-            .output()
-            .expect("lbctl counters");
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("counters json");
-        v.as_array()
-            .expect("a list of verdicts")
-            .iter()
-            .map(|c| {
-                (
-                    c["verdict"].as_str().unwrap_or_default().to_string(),
-                    c["count"].as_u64().unwrap_or_default(),
-                )
-            })
-            .collect()
+        topo::verdicts(&lbctl(), &self.bpffs.pins())
     }
 }
 
