@@ -9,8 +9,8 @@ use lb_common::{
     PROTO_TCP,
     conntrack::{
         CT_CLOSING, CT_DSR, CT_FIN_ORIGINAL, CT_FIN_REPLY, CT_LIFETIME_TCP_CLOSING,
-        CT_LIFETIME_TCP_ESTABLISHED, CT_LIFETIME_TCP_SYN, CT_LIFETIME_UDP, CT_ORIGINAL, CT_REPLY,
-        CT_SEEN_REPLY, CT_TIME_WAIT_S, Ct4Entry, Ct4Key,
+        CT_LIFETIME_TCP_ESTABLISHED, CT_LIFETIME_TCP_SYN, CT_LIFETIME_UDP, CT_LOCAL_BACKEND,
+        CT_ORIGINAL, CT_REPLY, CT_SEEN_REPLY, CT_TIME_WAIT_S, Ct4Entry, Ct4Key,
     },
 };
 
@@ -36,6 +36,16 @@ pub fn key(pkt: &Packet, dir: u8) -> Ct4Key {
         dir,
         _pad: 0,
     }
+}
+
+/// Whether entry `e` has an other direction here. The client's direction
+/// of a DSR flow on the node it came to has none (the replies go from the
+/// backend's node straight to the client): its `other_key` would name an
+/// unrelated flow's entry (an SNATed flow's reply entry, when the client's
+/// port is in the SNAT range and that flow holds it as its SNAT port).
+#[inline(always)]
+pub fn paired(e: &Ct4Entry) -> bool {
+    e.flags & (CT_DSR | CT_LOCAL_BACKEND) != CT_DSR
 }
 
 /// The key of the other direction of the flow an entry belongs to: the
@@ -149,6 +159,9 @@ pub fn touch(k: &Ct4Key, e: &mut Ct4Entry, pkt: &Packet, len: u32, now: u32) {
     };
     e.flags = flags;
     e.lifetime_s = lifetime;
+    if !paired(e) {
+        return;
+    }
     // The other direction learns the same, so both age together.
     if let Some(o) = CONNTRACK4.get_ptr_mut(&other_key(k, e)) {
         // SAFETY: as in `lookup`.
@@ -174,6 +187,8 @@ pub fn create_original(k: &Ct4Key, e: &Ct4Entry) -> Result<(), ()> {
 /// Removes both directions of the flow `e` (found under `k`).
 #[inline(always)]
 pub fn forget(k: &Ct4Key, e: &Ct4Entry) {
-    let _ = CONNTRACK4.remove(&other_key(k, e));
+    if paired(e) {
+        let _ = CONNTRACK4.remove(&other_key(k, e));
+    }
     let _ = CONNTRACK4.remove(k);
 }

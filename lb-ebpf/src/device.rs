@@ -12,12 +12,12 @@ use aya_ebpf::{
 };
 use lb_common::{
     PROTO_TCP,
-    conntrack::{CT_DSR, CT_LOCAL_BACKEND, CT_SNAT, Ct4Entry},
+    conntrack::{CT_SNAT, Ct4Entry},
     counters::{V_DROP_REWRITE, V_PASS_NOT_SERVICE},
     dsr::DSR_OVERHEAD,
 };
 
-use crate::{dsr, frame::Frame, icmp, nat, parse::Packet, reject, route, stats};
+use crate::{conntrack, dsr, frame::Frame, icmp, nat, parse::Packet, reject, route, stats};
 
 /// Where a rewritten packet goes.
 pub enum Way {
@@ -61,7 +61,7 @@ pub trait Device: Frame + EbpfContext {
 /// entry, `CT_LOCAL_BACKEND` too, whose replies leave as they are).
 #[inline(always)]
 pub fn encapsulates(e: &Ct4Entry) -> bool {
-    e.flags & (CT_DSR | CT_LOCAL_BACKEND) == CT_DSR
+    !conntrack::paired(e)
 }
 
 /// The rewrite of a packet of flow `e`: (source address, destination

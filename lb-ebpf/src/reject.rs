@@ -8,7 +8,7 @@
 
 use aya_ebpf::{
     bindings::TC_ACT_SHOT,
-    helpers::generated::{bpf_redirect, bpf_skb_change_tail},
+    helpers::generated::{bpf_redirect, bpf_skb_change_tail, bpf_skb_load_bytes},
     programs::TcContext,
 };
 use lb_common::{
@@ -68,31 +68,46 @@ pub fn refuse(ctx: &TcContext, pkt: &Packet, verdict: u32) -> i32 {
     unsafe { bpf_redirect((*ctx.skb.skb).ifindex, 0) as i32 }
 }
 
-/// The Ethernet header back to the sender.
+/// Loads `buf.len()` bytes at `off` straight into `buf` (scratch memory:
+/// nothing on the BPF stack, whose budget the caller's frame spends).
 #[inline(always)]
-fn eth_back(ctx: &TcContext) -> Result<[u8; ETH_LEN], ()> {
-    let orig: [u8; ETH_LEN] = ctx.load(0).map_err(|_| ())?;
-    let mut eth = [0u8; ETH_LEN];
-    eth[..6].copy_from_slice(&orig[6..12]);
-    eth[6..12].copy_from_slice(&orig[..6]);
-    eth[12] = 0x08;
-    eth[13] = 0x00;
-    Ok(eth)
+fn load_into(ctx: &TcContext, off: usize, buf: &mut [u8]) -> Result<(), ()> {
+    // SAFETY: valid skb pointer; the helper writes at most `buf.len()`
+    // bytes into `buf`.
+    let r = unsafe {
+        bpf_skb_load_bytes(
+            ctx.skb.skb.cast(),
+            off as u32,
+            buf.as_mut_ptr().cast(),
+            buf.len() as u32,
+        )
+    };
+    if r == 0 { Ok(()) } else { Err(()) }
 }
 
-/// An IPv4 header from the packet's destination back to its source.
+/// The Ethernet header back to the sender, into `eth`.
 #[inline(always)]
-fn ip_back(pkt: &Packet, proto: u8, total_len: u16) -> [u8; 20] {
-    let mut ip = [0u8; 20];
+fn eth_back(ctx: &TcContext, eth: &mut [u8; ETH_LEN]) -> Result<(), ()> {
+    load_into(ctx, 6, &mut eth[..6])?;
+    load_into(ctx, 0, &mut eth[6..12])?;
+    eth[12] = 0x08;
+    eth[13] = 0x00;
+    Ok(())
+}
+
+/// An IPv4 header from the packet's destination back to its source, into
+/// `ip`.
+#[inline(always)]
+fn ip_back(ip: &mut [u8; 20], pkt: &Packet, proto: u8, total_len: u16) {
+    *ip = [0u8; 20];
     ip[0] = 0x45;
     ip[2..4].copy_from_slice(&total_len.to_be_bytes());
     ip[8] = 64;
     ip[9] = proto;
     ip[12..16].copy_from_slice(&pkt.dst_addr.to_ne_bytes());
     ip[16..20].copy_from_slice(&pkt.src_addr.to_ne_bytes());
-    let c = checksum(0, &ip);
+    let c = checksum(0, ip);
     ip[10..12].copy_from_slice(&c.to_be_bytes());
-    ip
 }
 
 #[inline(always)]
@@ -102,11 +117,12 @@ fn tcp_rst(ctx: &TcContext, pkt: &Packet) -> Result<(), ()> {
     }
     let l3 = pkt.l3_off as usize;
     let l4 = pkt.l4_off as usize;
+    let f = scratch::<RstFrame>().ok_or(())?;
+    // The segment's header, as it came: its ports, sequence and
+    // acknowledgment numbers and data offset are read in place.
+    load_into(ctx, l4, &mut f.tcp)?;
     let total: [u8; 2] = ctx.load(l3 + 2).map_err(|_| ())?;
-    let seq: [u8; 4] = ctx.load(l4 + 4).map_err(|_| ())?;
-    let ack: [u8; 4] = ctx.load(l4 + 8).map_err(|_| ())?;
-    let doff: u8 = ctx.load(l4 + 12).map_err(|_| ())?;
-    let headers = (l4 - l3) as u32 + ((doff >> 4) as u32) * 4;
+    let headers = (l4 - l3) as u32 + ((f.tcp[12] >> 4) as u32) * 4;
     let mut seg_len = (u16::from_be_bytes(total) as u32).saturating_sub(headers);
     if pkt.tcp_flags & TCP_SYN != 0 {
         seg_len += 1;
@@ -114,23 +130,20 @@ fn tcp_rst(ctx: &TcContext, pkt: &Packet) -> Result<(), ()> {
     if pkt.tcp_flags & TCP_FIN != 0 {
         seg_len += 1;
     }
+    let seq = u32::from_be_bytes([f.tcp[4], f.tcp[5], f.tcp[6], f.tcp[7]]);
+    let ack = u32::from_be_bytes([f.tcp[8], f.tcp[9], f.tcp[10], f.tcp[11]]);
     let (rst_seq, rst_ack, flags) = if pkt.tcp_flags & TCP_ACK != 0 {
-        (ack, [0u8; 4], TCP_RST)
+        (ack, 0, TCP_RST)
     } else {
-        (
-            [0u8; 4],
-            u32::from_be_bytes(seq).wrapping_add(seg_len).to_be_bytes(),
-            TCP_RST | TCP_ACK,
-        )
+        (0, seq.wrapping_add(seg_len), TCP_RST | TCP_ACK)
     };
-    let f = scratch::<RstFrame>().ok_or(())?;
-    f.eth = eth_back(ctx)?;
-    f.ip = ip_back(pkt, PROTO_TCP, 40);
+    eth_back(ctx, &mut f.eth)?;
+    ip_back(&mut f.ip, pkt, PROTO_TCP, 40);
     f.tcp = [0u8; 20];
     f.tcp[0..2].copy_from_slice(&pkt.dst_port.to_ne_bytes());
     f.tcp[2..4].copy_from_slice(&pkt.src_port.to_ne_bytes());
-    f.tcp[4..8].copy_from_slice(&rst_seq);
-    f.tcp[8..12].copy_from_slice(&rst_ack);
+    f.tcp[4..8].copy_from_slice(&rst_seq.to_be_bytes());
+    f.tcp[8..12].copy_from_slice(&rst_ack.to_be_bytes());
     f.tcp[12] = 5 << 4;
     f.tcp[13] = flags;
     // Pseudo-header: addresses, protocol, TCP length.
@@ -173,9 +186,9 @@ fn icmp_error(ctx: &TcContext, pkt: &Packet, code: u8, rest: [u8; 4]) -> Result<
         return Err(());
     }
     let f = scratch::<UnreachFrame>().ok_or(())?;
-    f.quote = ctx.load(pkt.l3_off as usize).map_err(|_| ())?;
-    f.eth = eth_back(ctx)?;
-    f.ip = ip_back(pkt, IPPROTO_ICMP, 20 + 8 + 28);
+    load_into(ctx, pkt.l3_off as usize, &mut f.quote)?;
+    eth_back(ctx, &mut f.eth)?;
+    ip_back(&mut f.ip, pkt, IPPROTO_ICMP, 20 + 8 + 28);
     f.icmp = [3, code, 0, 0, rest[0], rest[1], rest[2], rest[3]];
     let c = checksum(sum(0, &f.icmp), &f.quote);
     f.icmp[2..4].copy_from_slice(&c.to_be_bytes());

@@ -2072,8 +2072,7 @@ fn dsr_both_nodes(xdp: bool) {
     let _rec = program_remote_web(&pins, "lbctl.dev/lb-mode: dsr");
     in_netns(&netns_path, move || {
         let mut ebpf = device_programs(&pins);
-        let maps = ServiceMaps::open(&pins).unwrap();
-        let verdicts = |v: u32| maps.verdicts()[v as usize];
+        let mut maps = ServiceMaps::open(&pins).unwrap();
         let mut run = |program: &str, frame: &[u8]| test_run(&mut ebpf, program, frame, ifindex);
         let ingress = if xdp {
             "lb_xdp_from_netdev"
@@ -2095,7 +2094,7 @@ fn dsr_both_nodes(xdp: bool) {
         // Node-a.
         let mut syn = Frame::tcp(cl, nodeport, SYN);
         syn.dst_mac = NODE_MAC;
-        let before = verdicts(V_FORWARD_DSR);
+        let before = maps.verdicts()[V_FORWARD_DSR as usize];
         let (verdict, out) = run(ingress, &syn.bytes());
         assert_eq!(verdict, sent, "{}", describe(&out));
         let want = to_node_b(&syn.with(cl, backend));
@@ -2104,7 +2103,7 @@ fn dsr_both_nodes(xdp: bool) {
             &out,
             &want.bytes(),
         );
-        assert_eq!(verdicts(V_FORWARD_DSR), before + 1);
+        assert_eq!(maps.verdicts()[V_FORWARD_DSR as usize], before + 1);
         let mut ack = Frame::tcp(cl, nodeport, ACK);
         ack.dst_mac = NODE_MAC;
         let (verdict, out) = run(ingress, &ack.bytes());
@@ -2131,11 +2130,59 @@ fn dsr_both_nodes(xdp: bool) {
             let (verdict, out) = run(ingress, &big.bytes());
             assert_eq!((verdict, out), (XDP_PASS, big.bytes()), "left to tc");
         }
+        // The DSR flow's reversed tuple names another flow's entry: an
+        // SNATed flow to the same backend whose SNAT port is the client's
+        // port. The DSR flow's FIN marks its own entry only.
+        use lb_common::conntrack::{
+            CT_DSR, CT_FIN_ORIGINAL, CT_LIFETIME_TCP_ESTABLISHED, CT_LOCAL_BACKEND, CT_ORIGINAL,
+            CT_REPLY, CT_SEEN_REPLY, CT_SNAT, Ct4Key,
+        };
+        let dsr_key = Ct4Key {
+            src_addr: lb_common::ip4(CLIENT.octets()),
+            dst_addr: lb_common::ip4(NODE.octets()),
+            src_port: cl.1.to_be(),
+            dst_port: nodeport.1.to_be(),
+            proto: 6,
+            dir: CT_ORIGINAL,
+            _pad: 0,
+        };
+        let dsr_entry = maps.conntrack.get(&dsr_key, 0).expect("node-a's DSR entry");
+        let decoy_key = Ct4Key {
+            src_addr: lb_common::ip4(backend.0.octets()),
+            dst_addr: lb_common::ip4(NODE.octets()),
+            src_port: backend.1.to_be(),
+            dst_port: cl.1.to_be(),
+            proto: 6,
+            dir: CT_REPLY,
+            _pad: 0,
+        };
+        let decoy = lb_common::conntrack::Ct4Entry {
+            flags: CT_SNAT | CT_SEEN_REPLY,
+            lifetime_s: CT_LIFETIME_TCP_ESTABLISHED,
+            ..dsr_entry
+        };
+        maps.conntrack.insert(decoy_key, decoy, 0).unwrap();
+        let mut fin = Frame::tcp(cl, nodeport, FIN | ACK);
+        fin.dst_mac = NODE_MAC;
+        let (verdict, out) = run(ingress, &fin.bytes());
+        assert_eq!(verdict, sent, "{}", describe(&out));
+        let after = maps.conntrack.get(&dsr_key, 0).unwrap();
+        assert_ne!(after.flags & CT_FIN_ORIGINAL, 0, "the DSR flow's FIN");
+        let other = maps
+            .conntrack
+            .get(&decoy_key, 0)
+            .expect("the other flow's entry stays");
+        assert_eq!(
+            (other.flags, other.lifetime_s, other.last_seen_s),
+            (decoy.flags, decoy.lifetime_s, decoy.last_seen_s),
+            "the other flow's entry untouched"
+        );
+        maps.conntrack.remove(&decoy_key).unwrap();
 
         // Node-b: what node-a sent comes in.
         let mut incoming = want_ack.clone();
         incoming.dst_mac = NODE_MAC;
-        let before = verdicts(V_DSR_DECAPSULATED);
+        let before = maps.verdicts()[V_DSR_DECAPSULATED as usize];
         let (verdict, out) = run(ingress, &incoming.bytes());
         assert_eq!(verdict, passed, "{}", describe(&out));
         // Its Ethernet header stays.
@@ -2143,7 +2190,7 @@ fn dsr_both_nodes(xdp: bool) {
         inner.src_mac = incoming.src_mac;
         inner.dst_mac = incoming.dst_mac;
         assert_frame("decapsulated for the stack", &out, &inner.bytes());
-        assert_eq!(verdicts(V_DSR_DECAPSULATED), before + 1);
+        assert_eq!(maps.verdicts()[V_DSR_DECAPSULATED as usize], before + 1);
         // The backend's reply leaves from the NodePort, to the client.
         let reply = Frame::tcp(backend, cl, SYN | ACK);
         let (verdict, out) = run("lb_to_netdev", &reply.bytes());
@@ -2163,7 +2210,6 @@ fn dsr_both_nodes(xdp: bool) {
             _pad: 0,
         };
         let e = maps.conntrack.get(&rkey, 0).expect("reply entry on node-b");
-        use lb_common::conntrack::{CT_DSR, CT_LOCAL_BACKEND, CT_SEEN_REPLY};
         assert_eq!(
             e.flags & (CT_DSR | CT_LOCAL_BACKEND | CT_SEEN_REPLY),
             CT_DSR | CT_LOCAL_BACKEND | CT_SEEN_REPLY
@@ -2172,10 +2218,10 @@ fn dsr_both_nodes(xdp: bool) {
         // Another IPIP packet (no option): not ours.
         let mut tunnel = incoming.clone();
         tunnel.options = vec![];
-        let before = verdicts(V_PASS_UNSUPPORTED);
+        let before = maps.verdicts()[V_PASS_UNSUPPORTED as usize];
         let (verdict, out) = run(ingress, &tunnel.bytes());
         assert_eq!((verdict, out), (passed, tunnel.bytes()));
-        assert_eq!(verdicts(V_PASS_UNSUPPORTED), before + 1);
+        assert_eq!(maps.verdicts()[V_PASS_UNSUPPORTED as usize], before + 1);
     });
 }
 
