@@ -82,9 +82,18 @@ fn main() {
         cmd.env_remove(var);
     }
     let arch = env::var("CARGO_CFG_TARGET_ARCH").expect("target arch");
+    // `--disable-expand-memcpy-in-order`: with LLVM 22's BPF backend,
+    // bpf-linker's default `-bpf-expand-memcpy-in-order` also stops
+    // constant-size memsets (a zeroed struct, `[0; 3]` padding) from being
+    // expanded into stores: each became a call to compiler_builtins'
+    // byte-at-a-time `memset` (37 in the device path), slower per packet
+    // and a loop the verifier walks byte by byte. Without it llc expands
+    // them, as clang's BPF builds do.
     cmd.env(
         "CARGO_ENCODED_RUSTFLAGS",
-        format!("--cfg=bpf_target_arch=\"{arch}\"\x1f-Cdebuginfo=2\x1f-Clink-arg=--btf"),
+        format!(
+            "--cfg=bpf_target_arch=\"{arch}\"\x1f-Cdebuginfo=2\x1f-Clink-arg=--btf\x1f-Clink-arg=--disable-expand-memcpy-in-order"
+        ),
     );
     cmd.env("PATH", path_with_linker());
     route.configure(&mut cmd);

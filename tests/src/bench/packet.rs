@@ -238,7 +238,11 @@ pub fn run(quick: bool, progress: &mut Progress) -> Results {
             .conntrack
             .get(&est_key, 0)
             .expect("the established flow's entry");
-        for (row, cost) in xdp_rows(&dev, &pins, n * 10, np, &est_entry, n_rounds, calls)
+        let measure = Measure::Rounds {
+            rounds: n_rounds,
+            calls,
+        };
+        for (row, cost) in xdp_rows(&dev, &pins, n * 10, np, &est_entry, measure)
             .into_iter()
             .enumerate()
         {
@@ -300,6 +304,68 @@ impl XdpDevice {
     }
 }
 
+/// How the XDP rows are run.
+#[derive(Clone, Copy)]
+enum Measure {
+    /// Every row: `rounds` rounds of `calls` calls.
+    Rounds { rounds: usize, calls: usize },
+    /// One row (of [`XDP_PROFILE_ROWS`]) called again and again for
+    /// `seconds`, for a profiler to sample; the others skipped.
+    Loop { row: usize, seconds: f64 },
+}
+
+impl Measure {
+    fn row(&self, row: usize, one: &mut dyn FnMut(usize) -> f64) -> (f64, f64, f64) {
+        match *self {
+            Measure::Rounds { rounds: n, calls } => rounds(n, calls, one),
+            Measure::Loop { row: r, .. } if r != row => (0.0, 0.0, 0.0),
+            Measure::Loop { seconds, .. } => {
+                let t = Instant::now();
+                let mut all = Vec::new();
+                while t.elapsed().as_secs_f64() < seconds {
+                    all.push(one(all.len()));
+                }
+                let n = all.len();
+                let m = median(all);
+                eprintln!("{}: {n} calls, median {m:.0} ns", XDP_PROFILE_ROWS[row]);
+                (m, m, m)
+            }
+        }
+    }
+}
+
+/// The XDP rows by the names `bench --only profile --row NAME` takes.
+pub const XDP_PROFILE_ROWS: &[&str] = &["new", "established", "reply", "other"];
+
+/// `bench --only profile --row NAME [--seconds S]`: one XDP row, 1 Service
+/// x 10 backends programmed as the packet part does, run for `seconds`
+/// (new flows: each call a new one, as in the rows, so conntrack fills
+/// and evicts as there) while `perf record -a` samples where the time
+/// goes (with `net.core.bpf_jit_kallsyms=1` the program and the helpers
+/// it calls are named).
+pub fn profile(row: usize, seconds: f64) {
+    let dev = XdpDevice::new();
+    let (fs, _ebpf) = fixture::datapath_for(10);
+    let pins = fs.pins();
+    let node = node_info(NODE);
+    let svcs = cluster::services(1, 10);
+    let np = svcs[0].node_port.expect("service 0 has a NodePort");
+    let desired = model::translate(&cluster::to_objects(&svcs, "node-a"), &node);
+    let mut rec = Reconciler::adopt(ServiceMaps::open(&pins).unwrap()).unwrap();
+    rec.add_snat_ports(61000..=65535);
+    rec.reconcile(&desired).expect("program the maps");
+    rec.writer
+        .set_config(lb_common::config::Config {
+            flags: lb_common::config::CFG_PORTS,
+            ..Default::default()
+        })
+        .expect("config");
+    // The established row's first call makes its flow (the rest hit it);
+    // the SNATed reply's entry takes the rest of its fields from this.
+    let e = lb_common::conntrack::Ct4Entry::default();
+    xdp_rows(&dev, &pins, 10, np, &e, Measure::Loop { row, seconds });
+}
+
 /// The XDP rows for the maps pinned at `pins`, measured in the device's
 /// namespace (PROG_TEST_RUN's FIB lookups are the calling thread's):
 /// new flow, established flow `est` (already recorded), the reply of an
@@ -311,8 +377,7 @@ fn xdp_rows(
     backends: usize,
     np: u16,
     est: &lb_common::conntrack::Ct4Entry,
-    n_rounds: usize,
-    calls: usize,
+    measure: Measure,
 ) -> Vec<(f64, f64, f64)> {
     use lb_common::conntrack::{CT_LIFETIME_TCP_ESTABLISHED, CT_REPLY, CT_SEEN_REPLY, CT_SNAT};
     let netns = format!("/run/netns/{}", dev.ns.name);
@@ -363,9 +428,10 @@ fn xdp_rows(
         const XDP_PASS: u32 = 2;
         const XDP_TX: u32 = 3;
         let mut rows = Vec::new();
+        let rounds = |row: usize, one: &mut dyn FnMut(usize) -> f64| measure.row(row, one);
         // New flows from other clients than the tc rows' (their entries
         // are still there).
-        rows.push(rounds(n_rounds, calls, |i| {
+        rows.push(rounds(0, &mut |i| {
             let src = Ipv4Addr::new(192, 168, 120 + (i / 60_000) as u8, 7);
             let f = Frame::tcp((src, 1024 + (i % 60_000) as u16), (NODE, np), SYN).bytes();
             let (t, v) = run(&f);
@@ -374,7 +440,7 @@ fn xdp_rows(
         }));
         let est_frame =
             Frame::tcp((Ipv4Addr::new(192, 168, 99, 1), 40000), (NODE, np), ACK).bytes();
-        rows.push(rounds(n_rounds, calls, |_| {
+        rows.push(rounds(1, &mut |_| {
             let (t, v) = run(&est_frame);
             assert_eq!(v, XDP_PASS, "XDP established flow");
             t
@@ -408,13 +474,13 @@ fn xdp_rows(
             .insert(reply_key, reply_entry, 0)
             .expect("reply entry");
         let reply = Frame::tcp((backend, 8080), (NODE, 62000), ACK).bytes();
-        rows.push(rounds(n_rounds, calls, |_| {
+        rows.push(rounds(2, &mut |_| {
             let (t, v) = run(&reply);
             assert_eq!(v, XDP_TX, "XDP reply of an SNATed flow");
             t
         }));
         let other = Frame::tcp((Ipv4Addr::new(192, 168, 50, 7), 40000), (NODE, 22), ACK).bytes();
-        rows.push(rounds(n_rounds, calls, |_| run(&other).0));
+        rows.push(rounds(3, &mut |_| run(&other).0));
         rows
     })
     .join()

@@ -4,7 +4,8 @@
 //! nothing about the figures. `--quick` runs a small version to check it
 //! still runs; `--only packet|e2e|control` runs one part; `--only agent
 //! [--services N,...]` the agent alone; `--only change [--services N]` one
-//! EndpointSlice change's latency.
+//! EndpointSlice change's latency; `--only profile --row new|established|
+//! reply|other [--seconds S]` one XDP row in a loop, for a profiler.
 
 use std::path::PathBuf;
 
@@ -39,6 +40,20 @@ fn main() -> anyhow::Result<()> {
                 .join("bench")
         });
 
+    // `--only profile --row new|established|reply|other [--seconds S]`:
+    // one XDP row in a loop, for `perf record -a` (see `packet::profile`).
+    if only.contains(&"profile") {
+        let arg = |name: &str| args.windows(2).find(|w| w[0] == name).map(|w| w[1].clone());
+        let row = arg("--row").unwrap_or_else(|| "new".into());
+        let Some(row) = packet::XDP_PROFILE_ROWS.iter().position(|r| *r == row) else {
+            anyhow::bail!("--row {row}: one of {:?}", packet::XDP_PROFILE_ROWS);
+        };
+        let seconds = arg("--seconds")
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(10.0);
+        packet::profile(row, seconds);
+        return Ok(());
+    }
     let mut progress = Progress::new();
     let pkt = wants("packet").then(|| packet::run(quick, &mut progress));
     let e2e = wants("e2e").then(|| e2e::run(quick, &mut progress));
