@@ -145,6 +145,12 @@ pub static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
 #[map(name = "LB_FLOOD")]
 pub static FLOOD: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
+/// The FIB's recent answers, per CPU (`route::lookup_from`). Never
+/// pinned: a reload starts afresh.
+#[map(name = "LB_NEXT_HOPS")]
+pub static NEXT_HOPS: PerCpuArray<crate::route::NextHop> =
+    PerCpuArray::with_max_entries(crate::route::NEXT_HOP_SLOTS, 0);
+
 /// This CPU's scratch area as a `T`: a repr(C) struct of byte arrays
 /// (alignment 1) of at most 128 bytes.
 #[inline(always)]
