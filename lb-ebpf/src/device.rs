@@ -45,7 +45,10 @@ pub trait Device: Frame + EbpfContext {
     /// The IP length of the packet as it will be sent, `grow` bytes of
     /// outer header added.
     fn ip_len(&self, pkt: &Packet, grow: u16) -> u16;
-    fn route(&self, proto: u8, src_addr: u32, dst_addr: u32, tot_len: u16) -> route::Next;
+    /// Where the FIB sends the packet; `now`: the coarse second (the
+    /// next-hop cache's clock).
+    fn route(&self, proto: u8, src_addr: u32, dst_addr: u32, tot_len: u16, now: u32)
+    -> route::Next;
     /// Whether this program can send a packet where `next` says.
     fn sends(&self, next: &route::Next) -> bool;
     /// Rewrites per the entry (and encapsulates, under `CT_DSR`) and hands
@@ -79,7 +82,7 @@ pub fn rewrite_of(pkt: &Packet, e: &Ct4Entry) -> (u32, u32, u16, u16) {
 
 /// `way` for a packet of flow `e`.
 #[inline(always)]
-pub fn way_of<D: Device>(dev: &D, pkt: &Packet, e: &Ct4Entry) -> Option<Way> {
+pub fn way_of<D: Device>(dev: &D, pkt: &Packet, e: &Ct4Entry, now: u32) -> Option<Way> {
     let dsr = encapsulates(e);
     way(
         dev,
@@ -88,6 +91,7 @@ pub fn way_of<D: Device>(dev: &D, pkt: &Packet, e: &Ct4Entry) -> Option<Way> {
         e.nat_src_addr,
         e.nat_dst_addr,
         if dsr { DSR_OVERHEAD } else { 0 },
+        now,
     )
 }
 
@@ -105,11 +109,12 @@ pub fn way<D: Device>(
     src_addr: u32,
     dst_addr: u32,
     grow: u16,
+    now: u32,
 ) -> Option<Way> {
     if !redirect {
         return Some(Way::Stack);
     }
-    let next = dev.route(pkt.proto, src_addr, dst_addr, dev.ip_len(pkt, grow));
+    let next = dev.route(pkt.proto, src_addr, dst_addr, dev.ip_len(pkt, grow), now);
     if dev.sends(&next) {
         Some(Way::Next(next))
     } else {
@@ -169,8 +174,15 @@ impl Device for TcContext {
     }
 
     #[inline(always)]
-    fn route(&self, proto: u8, src_addr: u32, dst_addr: u32, tot_len: u16) -> route::Next {
-        route::lookup(self, proto, src_addr, dst_addr, tot_len)
+    fn route(
+        &self,
+        proto: u8,
+        src_addr: u32,
+        dst_addr: u32,
+        tot_len: u16,
+        now: u32,
+    ) -> route::Next {
+        route::lookup(self, proto, src_addr, dst_addr, tot_len, now)
     }
 
     #[inline(always)]

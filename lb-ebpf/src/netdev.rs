@@ -137,7 +137,7 @@ fn from_outside<D: Device>(dev: &D) -> i32 {
     if let Some(e) = conntrack::lookup(&k, now) {
         match still_served(e, &pkt) {
             Served::Yes => {
-                let Some(way) = way_of(dev, &pkt, e) else {
+                let Some(way) = way_of(dev, &pkt, e, now) else {
                     return dev.to_tc();
                 };
                 conntrack::touch(&k, e, &pkt, len, now);
@@ -249,7 +249,7 @@ fn from_outside<D: Device>(dev: &D) -> i32 {
         None
     } else {
         let grow = if dsr { DSR_OVERHEAD } else { 0 };
-        let Some(w) = way(dev, &pkt, !local, snat_addr, chosen.backend.addr, grow) else {
+        let Some(w) = way(dev, &pkt, !local, snat_addr, chosen.backend.addr, grow, now) else {
             return dev.to_tc();
         };
         Some(w)
@@ -270,7 +270,7 @@ fn from_outside<D: Device>(dev: &D) -> i32 {
     } else {
         true
     };
-    match new_flow(&pkt, &fe, &chosen, snat_addr, dsr, track) {
+    match new_flow(&pkt, &fe, &chosen, snat_addr, dsr, track, now) {
         Ok(e) => {
             // An untracked packet is no new flow to count, only a packet.
             if track {
@@ -282,7 +282,7 @@ fn from_outside<D: Device>(dev: &D) -> i32 {
             let way = match early {
                 Some(w) => w,
                 // tc sends everywhere: never None.
-                None => way_of(dev, &pkt, &e).unwrap_or(Way::Stack),
+                None => way_of(dev, &pkt, &e, now).unwrap_or(Way::Stack),
             };
             dev.forward(&pkt, &e, way, new_verdict)
         }
@@ -306,7 +306,7 @@ fn from_outside<D: Device>(dev: &D) -> i32 {
 fn reply<D: Device>(dev: &D, pkt: &Packet, now: u32, len: u32) -> Option<i32> {
     let k = conntrack::key(pkt, CT_REPLY);
     let e = conntrack::lookup(&k, now)?;
-    let Some(way) = way_of(dev, pkt, e) else {
+    let Some(way) = way_of(dev, pkt, e, now) else {
         return Some(dev.to_tc());
     };
     conntrack::touch(&k, e, pkt, len, now);
@@ -406,8 +406,8 @@ fn new_flow(
     snat_addr: u32,
     dsr: bool,
     track: bool,
+    now: u32,
 ) -> Result<Ct4Entry, u32> {
-    let now = now_s();
     let len = pkt.len;
     let b = &chosen.backend;
     let local = b.flags & BACKEND_LOCAL != 0;

@@ -20,7 +20,7 @@ use aya_ebpf::{
 };
 use lb_common::counters::V_DROP_NO_ROUTE;
 
-use crate::{conntrack::now_s, maps::NEXT_HOPS, stats};
+use crate::{maps::NEXT_HOPS, stats};
 
 const AF_INET: u8 = 2;
 const BPF_FIB_LKUP_RET_SUCCESS: i64 = 0;
@@ -52,10 +52,17 @@ pub enum Next {
 /// MTU (a route `mtu` attribute counts, as in the kernel's forwarding);
 /// 0: the packet is checked against the device's MTU.
 #[inline(always)]
-pub fn lookup(ctx: &TcContext, proto: u8, src_addr: u32, dst_addr: u32, tot_len: u16) -> Next {
+pub fn lookup(
+    ctx: &TcContext,
+    proto: u8,
+    src_addr: u32,
+    dst_addr: u32,
+    tot_len: u16,
+    now: u32,
+) -> Next {
     // SAFETY: valid skb pointer.
     let ifindex = unsafe { (*ctx.skb.skb).ingress_ifindex };
-    lookup_from(ctx, ifindex, proto, src_addr, dst_addr, tot_len)
+    lookup_from(ctx, ifindex, proto, src_addr, dst_addr, tot_len, now)
 }
 
 /// Slots of the next-hop cache, per CPU (a power of two).
@@ -88,7 +95,8 @@ fn slot(dst_addr: u32) -> u32 {
 }
 
 /// The same for a packet that came in on `ifindex`, from any program type
-/// the FIB helper takes (tc or XDP). A `tot_len` of 0 (tc's check against
+/// the FIB helper takes (tc or XDP), at coarse second `second`. A
+/// `tot_len` of 0 (tc's check against
 /// the device, which looks at the skb) always asks the FIB.
 #[inline(always)]
 pub fn lookup_from<C: EbpfContext>(
@@ -98,8 +106,8 @@ pub fn lookup_from<C: EbpfContext>(
     src_addr: u32,
     dst_addr: u32,
     tot_len: u16,
+    second: u32,
 ) -> Next {
-    let second = now_s();
     let cached = NEXT_HOPS.get_ptr_mut(slot(dst_addr));
     if let Some(c) = cached {
         // SAFETY: this CPU's slot; a program runs to completion on it.
@@ -203,5 +211,7 @@ pub fn send(ctx: &TcContext, next: Next) -> i32 {
 /// Redirects the (already rewritten) packet towards `dst_addr`.
 #[inline(always)]
 pub fn redirect(ctx: &TcContext, proto: u8, src_addr: u32, dst_addr: u32) -> i32 {
-    send(ctx, lookup(ctx, proto, src_addr, dst_addr, 0))
+    // Length 0: the FIB checks the skb against the device, and the cache
+    // (so its clock) is not used.
+    send(ctx, lookup(ctx, proto, src_addr, dst_addr, 0, 0))
 }

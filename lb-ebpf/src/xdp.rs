@@ -104,7 +104,14 @@ impl Device for XdpContext {
     }
 
     #[inline(always)]
-    fn route(&self, proto: u8, src_addr: u32, dst_addr: u32, tot_len: u16) -> route::Next {
+    fn route(
+        &self,
+        proto: u8,
+        src_addr: u32,
+        dst_addr: u32,
+        tot_len: u16,
+        now: u32,
+    ) -> route::Next {
         route::lookup_from(
             self,
             self.ingress_ifindex() as u32,
@@ -112,6 +119,7 @@ impl Device for XdpContext {
             src_addr,
             dst_addr,
             tot_len,
+            now,
         )
     }
 
