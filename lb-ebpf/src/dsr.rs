@@ -23,7 +23,7 @@ use crate::{
     conntrack::{self, now_s},
     device::Device,
     frame::Frame,
-    parse::{self, FRAG_FIRST, FRAG_LATER, FRAG_NONE, Packet},
+    parse::{self, FRAG_LATER, Packet},
     select, stats,
 };
 
@@ -112,14 +112,7 @@ fn inner<D: Device>(dev: &D, pkt: &Packet) -> Result<Option<(Packet, FrontendAdd
     if proto != PROTO_TCP && proto != PROTO_UDP {
         return Ok(None);
     }
-    let frags = u16::from_be_bytes(ip.frags);
-    let frag = if frags & 0x1fff != 0 {
-        FRAG_LATER
-    } else if frags & 0x2000 != 0 {
-        FRAG_FIRST
-    } else {
-        FRAG_NONE
-    };
+    let frag = parse::frag_kind(ip.frags);
     let mut inner = Packet {
         src_addr: u32::from_ne_bytes(ip.src_addr),
         dst_addr,

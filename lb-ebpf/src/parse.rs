@@ -25,6 +25,20 @@ pub const FRAG_FIRST: u8 = 1;
 /// A later fragment: no L4 header; its ports are the first fragment's.
 pub const FRAG_LATER: u8 = 2;
 
+/// Which of `FRAG_*` a packet is, from its IPv4 header's flags and
+/// fragment offset field (as on the wire).
+#[inline(always)]
+pub fn frag_kind(frags: [u8; 2]) -> u8 {
+    let frags = u16::from_be_bytes(frags);
+    if frags & 0x1fff != 0 {
+        FRAG_LATER
+    } else if frags & 0x2000 != 0 {
+        FRAG_FIRST
+    } else {
+        FRAG_NONE
+    }
+}
+
 /// What the device path needs of a packet. Addresses and ports in wire order.
 pub struct Packet {
     pub src_addr: u32,
@@ -149,14 +163,7 @@ fn parse_linear<F: Frame>(ctx: &F) -> Result<Packet, u32> {
     // Fragments: the first (more-fragments, offset 0) has the L4 header
     // and is parsed as any packet; a later one has none and takes the
     // ports its first fragment left in FRAGS4 when it was translated.
-    let frags = u16::from_be_bytes(ip.frags);
-    let frag = if frags & 0x1fff != 0 {
-        FRAG_LATER
-    } else if frags & 0x2000 != 0 {
-        FRAG_FIRST
-    } else {
-        FRAG_NONE
-    };
+    let frag = frag_kind(ip.frags);
     if frag != FRAG_NONE && (proto == PROTO_ICMP || proto == PROTO_IPIP) {
         return Err(V_PASS_UNSUPPORTED);
     }
