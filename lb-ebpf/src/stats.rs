@@ -20,17 +20,24 @@ pub fn verdict(v: u32) {
     }
 }
 
-/// This CPU's counters of `id` in `$map`, made (zeroed) when missing; out
-/// of line, so each call site costs a call, not the insert's code. A full
-/// map or an empty allocator cache leaves the packet uncounted.
+/// This CPU's counters of `id` in `$map`, made (zeroed) when missing. The
+/// lookup is inline (every counted packet); the making is out of line
+/// (`$made`, a flow's first packet at most), so each call site costs a
+/// call, not the insert's code. A full map or an empty allocator cache
+/// leaves the packet uncounted.
 macro_rules! counters {
-    ($name:ident, $map:ident, $v:ty) => {
-        #[inline(never)]
+    ($name:ident, $made:ident, $map:ident, $v:ty) => {
+        #[inline(always)]
         fn $name(id: u32) -> Option<&'static mut $v> {
-            if let Some(p) = $map.get_ptr_mut(&id) {
+            match $map.get_ptr_mut(&id) {
                 // SAFETY: per-CPU value, see `verdict`.
-                return Some(unsafe { &mut *p });
+                Some(p) => Some(unsafe { &mut *p }),
+                None => $made(id),
             }
+        }
+
+        #[inline(never)]
+        fn $made(id: u32) -> Option<&'static mut $v> {
             // Another CPU may create it at the same moment: NOEXIST keeps
             // theirs.
             let _ = $map.insert(&id, &<$v>::default(), BPF_NOEXIST as u64);
@@ -40,8 +47,8 @@ macro_rules! counters {
     };
 }
 
-counters!(service, SERVICE_STATS, ServiceStats);
-counters!(backend, BACKEND_STATS, BackendStats);
+counters!(service, make_service, SERVICE_STATS, ServiceStats);
+counters!(backend, make_backend, BACKEND_STATS, BackendStats);
 
 #[inline(always)]
 pub fn new_flow(id: u32) {
