@@ -33,7 +33,7 @@ pub const ROWS: &[&str] = &[
     "floor: XDP program returning XDP_PASS",
     "XDP: new flow to a NodePort (conntrack create, backend pick, DNAT, XDP_PASS)",
     "XDP: established flow (conntrack hit, DNAT)",
-    "XDP: reply of an SNATed flow (conntrack hit, FIB lookup, XDP_TX)",
+    "XDP: reply of an SNATed flow (conntrack hit, next hop, XDP_TX)",
     "XDP: not for a Service: node address, port 22 (passed)",
 ];
 
