@@ -1000,20 +1000,7 @@ fn snat_both_ways(xdp: bool) {
     let pins2 = pins.clone();
     in_netns(&netns_path, move || {
         let pins = pins2;
-        let mut ebpf = load::load(&pins).expect("load");
-        let prog: &mut SchedClassifier = ebpf
-            .program_mut("lb_from_netdev")
-            .unwrap()
-            .try_into()
-            .unwrap();
-        lbctl::datapath::load::verified(|| prog.load()).unwrap();
-        let prog: &mut Xdp = ebpf
-            .program_mut("lb_xdp_from_netdev")
-            .unwrap()
-            .try_into()
-            .unwrap();
-        lbctl::datapath::load::verified(|| prog.load()).unwrap();
-        let ebpf = std::cell::RefCell::new(ebpf);
+        let ebpf = std::cell::RefCell::new(device_programs(&pins));
         let ctx = skb_ctx(ifindex);
         let tc = |frame: &[u8]| {
             let mut ebpf = ebpf.borrow_mut();

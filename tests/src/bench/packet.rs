@@ -132,32 +132,9 @@ pub fn run(quick: bool, progress: &mut Progress) -> Results {
         ));
         let (fs, mut ebpf) = fixture::datapath_for(n * 10);
         let pins = fs.pins();
-        let node = node_info(NODE);
-        let svcs = cluster::services(n, 10);
-        // Service 0 is NodePort 30000.
-        let np = svcs[0].node_port.expect("service 0 has a NodePort");
         let t = Instant::now();
-        let desired = model::translate(&cluster::to_objects(&svcs, "node-a"), &node);
-        assert!(desired.errors.is_empty(), "{:?}", desired.errors);
-        let mut rec = Reconciler::adopt(ServiceMaps::open(&pins).unwrap()).unwrap();
-        // The capacity the maps were made with (`--lb-map-max`).
-        rec.set_capacity(lbctl::agent::reconcile::Capacity {
-            lb_map_max: fixture::lb_map_max_for(n * 10),
-            maglev_chunks: lb_common::maps::DEFAULT_MAGLEV_CHUNKS,
-        });
-        // As the agent: the SNAT range's ports in the port map, and the
-        // config saying the map is whole once written.
-        rec.add_snat_ports(61000..=65535);
-        rec.reconcile(&desired).expect("program the maps");
-        rec.writer
-            .set_config(lb_common::config::Config {
-                flags: lb_common::config::CFG_PORTS,
-                ..Default::default()
-            })
-            .expect("config");
+        let (np, rec) = program(&pins, n);
         res.program_s.push(t.elapsed().as_secs_f64());
-        drop(svcs);
-        drop(desired);
         let mem = memory::maps(&pins);
         res.map_bytes.push(mem.iter().map(|m| m.1).sum());
         if si + 1 == sizes.len() {
@@ -304,6 +281,34 @@ impl XdpDevice {
     }
 }
 
+/// Programs `n` Services x 10 backends into the maps pinned at `pins` as
+/// the agent does (the capacity the maps were made with, the SNAT range's
+/// ports in the port map, the config saying the map is whole); returns
+/// Service 0's NodePort and the reconciler holding them.
+fn program(pins: &std::path::Path, n: usize) -> (u16, Reconciler<ServiceMaps>) {
+    let node = node_info(NODE);
+    let svcs = cluster::services(n, 10);
+    // Service 0 is NodePort 30000.
+    let np = svcs[0].node_port.expect("service 0 has a NodePort");
+    let desired = model::translate(&cluster::to_objects(&svcs, "node-a"), &node);
+    assert!(desired.errors.is_empty(), "{:?}", desired.errors);
+    let mut rec = Reconciler::adopt(ServiceMaps::open(pins).unwrap()).unwrap();
+    // The capacity the maps were made with (`--lb-map-max`).
+    rec.set_capacity(lbctl::agent::reconcile::Capacity {
+        lb_map_max: fixture::lb_map_max_for(n * 10),
+        maglev_chunks: lb_common::maps::DEFAULT_MAGLEV_CHUNKS,
+    });
+    rec.add_snat_ports(61000..=65535);
+    rec.reconcile(&desired).expect("program the maps");
+    rec.writer
+        .set_config(lb_common::config::Config {
+            flags: lb_common::config::CFG_PORTS,
+            ..Default::default()
+        })
+        .expect("config");
+    (np, rec)
+}
+
 /// How the XDP rows are run.
 #[derive(Clone, Copy)]
 enum Measure {
@@ -347,19 +352,7 @@ pub fn profile(row: usize, seconds: f64) {
     let dev = XdpDevice::new();
     let (fs, _ebpf) = fixture::datapath_for(10);
     let pins = fs.pins();
-    let node = node_info(NODE);
-    let svcs = cluster::services(1, 10);
-    let np = svcs[0].node_port.expect("service 0 has a NodePort");
-    let desired = model::translate(&cluster::to_objects(&svcs, "node-a"), &node);
-    let mut rec = Reconciler::adopt(ServiceMaps::open(&pins).unwrap()).unwrap();
-    rec.add_snat_ports(61000..=65535);
-    rec.reconcile(&desired).expect("program the maps");
-    rec.writer
-        .set_config(lb_common::config::Config {
-            flags: lb_common::config::CFG_PORTS,
-            ..Default::default()
-        })
-        .expect("config");
+    let (np, _rec) = program(&pins, 1);
     // The established row's first call makes its flow (the rest hit it);
     // the SNATed reply's entry takes the rest of its fields from this.
     let e = lb_common::conntrack::Ct4Entry::default();
