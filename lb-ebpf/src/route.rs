@@ -86,6 +86,7 @@ pub struct NextHop {
     smac: [u8; 6],
     dmac: [u8; 6],
 }
+const _: () = assert!(core::mem::size_of::<NextHop>() == 36);
 
 /// The cache slot of destination `dst_addr` (Fibonacci hashing: the top
 /// bits of the product).
@@ -96,8 +97,8 @@ fn slot(dst_addr: u32) -> u32 {
 
 /// The same for a packet that came in on `ifindex`, from any program type
 /// the FIB helper takes (tc or XDP), at coarse second `second`. A
-/// `tot_len` of 0 (tc's check against
-/// the device, which looks at the skb) always asks the FIB.
+/// `tot_len` of 0 (tc's check against the device, which looks at the
+/// skb) always asks the FIB.
 #[inline(always)]
 pub fn lookup_from<C: EbpfContext>(
     ctx: &C,
