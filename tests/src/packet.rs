@@ -259,6 +259,24 @@ impl Frame {
 }
 
 /// A readable, layer-by-layer rendering of a frame, for mismatch reports.
+/// The conntrack key of a TCP packet from `src` to `dst` (address, port),
+/// in direction `dir` (`CT_ORIGINAL` or `CT_REPLY`), as the datapath writes it.
+pub fn tcp_ct_key(
+    src: (Ipv4Addr, u16),
+    dst: (Ipv4Addr, u16),
+    dir: u8,
+) -> lb_common::conntrack::Ct4Key {
+    lb_common::conntrack::Ct4Key {
+        src_addr: lb_common::ip4(src.0.octets()),
+        dst_addr: lb_common::ip4(dst.0.octets()),
+        src_port: src.1.to_be(),
+        dst_port: dst.1.to_be(),
+        proto: 6,
+        dir,
+        _pad: 0,
+    }
+}
+
 pub fn describe(b: &[u8]) -> String {
     let mut s = String::new();
     if b.len() < 14 {

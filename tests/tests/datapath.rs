@@ -13,6 +13,7 @@ use aya::{
     Ebpf,
     programs::{SchedClassifier, TestRun, TestRunOptions, Xdp},
 };
+use lb_common::conntrack::{CT_ORIGINAL, CT_REPLY};
 use lb_common::counters::{
     V_DROP_NO_BACKEND, V_DROP_NO_LOCAL_BACKEND, V_DROP_NO_SNAT_PORT, V_DROP_SOURCE_RANGE,
     V_DROP_UNALLOCATED_SERVICE_IP, V_FORWARD_ESTABLISHED, V_FORWARD_NEW, V_FORWARD_RENEWED,
@@ -22,7 +23,7 @@ use lb_common::counters::{
 use lb_tests::{
     fixture,
     guard::sweep,
-    packet::{ACK, FIN, Frame, RST, SYN, assert_frame, describe},
+    packet::{ACK, FIN, Frame, RST, SYN, assert_frame, describe, tcp_ct_key},
     require_root,
 };
 use lbctl::{
@@ -1192,15 +1193,7 @@ fn snat_both_ways(xdp: bool) {
         assert_eq!(verdict, Fate::Dropped, "no free SNAT port");
         assert_eq!(maps.verdicts()[V_DROP_NO_SNAT_PORT as usize], before + 1);
         // The reply entry of port 62002 expires (as after its lifetime).
-        let rkey = lb_common::conntrack::Ct4Key {
-            src_addr: lb_common::ip4(backend.0.octets()),
-            dst_addr: lb_common::ip4(NODE.octets()),
-            src_port: backend.1.to_be(),
-            dst_port: 62002u16.to_be(),
-            proto: 6,
-            dir: lb_common::conntrack::CT_REPLY,
-            _pad: 0,
-        };
+        let rkey = tcp_ct_key(backend, (NODE, 62002), CT_REPLY);
         let mut e = maps.conntrack.get(&rkey, 0).expect("reply entry of 62002");
         e.last_seen_s = e.last_seen_s.wrapping_sub(e.lifetime_s + 1);
         maps.conntrack.insert(rkey, e, 0).unwrap();
@@ -1380,10 +1373,7 @@ fn flows_whose_backend_left_end_or_move() {
 /// set aside, the new one not made yet) is undone on the next start.
 #[test]
 fn pinned_maps_of_another_size_are_migrated_with_their_entries() {
-    use lb_common::{
-        conntrack::{Ct4Entry, Ct4Key},
-        maps::CONNTRACK4,
-    };
+    use lb_common::{conntrack::Ct4Entry, maps::CONNTRACK4};
     use lbctl::datapath::{load, pins};
     require_root();
     sweep();
@@ -1410,15 +1400,11 @@ fn pinned_maps_of_another_size_are_migrated_with_their_entries() {
         "another layout under the same name: recreated"
     );
     let default_size = size(&dir);
-    let key = Ct4Key {
-        src_addr: lb_common::ip4([192, 168, 50, 7]),
-        dst_addr: lb_common::ip4([172, 18, 0, 2]),
-        src_port: 40000u16.to_be(),
-        dst_port: 30080u16.to_be(),
-        proto: 6,
-        dir: 0,
-        _pad: 0,
-    };
+    let key = tcp_ct_key(
+        (Ipv4Addr::new(192, 168, 50, 7), 40000),
+        (Ipv4Addr::new(172, 18, 0, 2), 30080),
+        CT_ORIGINAL,
+    );
     let entry = Ct4Entry {
         backend_id: 7,
         lifetime_s: 60,
@@ -2121,28 +2107,12 @@ fn dsr_both_nodes(xdp: bool) {
         // SNATed flow to the same backend whose SNAT port is the client's
         // port. The DSR flow's FIN marks its own entry only.
         use lb_common::conntrack::{
-            CT_DSR, CT_FIN_ORIGINAL, CT_LIFETIME_TCP_ESTABLISHED, CT_LOCAL_BACKEND, CT_ORIGINAL,
-            CT_REPLY, CT_SEEN_REPLY, CT_SNAT, Ct4Key,
+            CT_DSR, CT_FIN_ORIGINAL, CT_LIFETIME_TCP_ESTABLISHED, CT_LOCAL_BACKEND, CT_SEEN_REPLY,
+            CT_SNAT,
         };
-        let dsr_key = Ct4Key {
-            src_addr: lb_common::ip4(CLIENT.octets()),
-            dst_addr: lb_common::ip4(NODE.octets()),
-            src_port: cl.1.to_be(),
-            dst_port: nodeport.1.to_be(),
-            proto: 6,
-            dir: CT_ORIGINAL,
-            _pad: 0,
-        };
+        let dsr_key = tcp_ct_key(cl, nodeport, CT_ORIGINAL);
         let dsr_entry = maps.conntrack.get(&dsr_key, 0).expect("node-a's DSR entry");
-        let decoy_key = Ct4Key {
-            src_addr: lb_common::ip4(backend.0.octets()),
-            dst_addr: lb_common::ip4(NODE.octets()),
-            src_port: backend.1.to_be(),
-            dst_port: cl.1.to_be(),
-            proto: 6,
-            dir: CT_REPLY,
-            _pad: 0,
-        };
+        let decoy_key = tcp_ct_key(backend, (NODE, cl.1), CT_REPLY);
         let decoy = lb_common::conntrack::Ct4Entry {
             flags: CT_SNAT | CT_SEEN_REPLY,
             lifetime_s: CT_LIFETIME_TCP_ESTABLISHED,
@@ -2187,15 +2157,7 @@ fn dsr_both_nodes(xdp: bool) {
             &out,
             &reply.with(nodeport, cl).bytes(),
         );
-        let rkey = lb_common::conntrack::Ct4Key {
-            src_addr: lb_common::ip4(backend.0.octets()),
-            dst_addr: lb_common::ip4(CLIENT.octets()),
-            src_port: backend.1.to_be(),
-            dst_port: cl.1.to_be(),
-            proto: 6,
-            dir: lb_common::conntrack::CT_REPLY,
-            _pad: 0,
-        };
+        let rkey = tcp_ct_key(backend, cl, CT_REPLY);
         let e = maps.conntrack.get(&rkey, 0).expect("reply entry on node-b");
         assert_eq!(
             e.flags & (CT_DSR | CT_LOCAL_BACKEND | CT_SEEN_REPLY),

@@ -201,15 +201,11 @@ pub fn run(quick: bool, progress: &mut Progress) -> Results {
         res.cost[5].push(rounds(n_rounds, calls, |_| run_once(floor_tc, &other).0));
         res.cost[6].push(rounds(n_rounds, calls, |_| run_once(xdp, &other).0));
         progress.step(&format!("per-packet cost: XDP with {n} Services"));
-        let est_key = lb_common::conntrack::Ct4Key {
-            src_addr: lb_common::ip4([192, 168, 99, 1]),
-            dst_addr: lb_common::ip4(NODE.octets()),
-            src_port: 40000u16.to_be(),
-            dst_port: np.to_be(),
-            proto: 6,
-            dir: lb_common::conntrack::CT_ORIGINAL,
-            _pad: 0,
-        };
+        let est_key = crate::packet::tcp_ct_key(
+            (Ipv4Addr::new(192, 168, 99, 1), 40000),
+            (NODE, np),
+            lb_common::conntrack::CT_ORIGINAL,
+        );
         let est_entry = rec
             .writer
             .conntrack
@@ -443,15 +439,7 @@ fn xdp_rows(
         let client = Ipv4Addr::new(192, 168, 98, 1);
         let backend = Ipv4Addr::new(10, 244, 2, 11);
         let mut maps = ServiceMaps::open(&pins).expect("maps");
-        let reply_key = lb_common::conntrack::Ct4Key {
-            src_addr: lb_common::ip4(backend.octets()),
-            dst_addr: lb_common::ip4(NODE.octets()),
-            src_port: 8080u16.to_be(),
-            dst_port: 62000u16.to_be(),
-            proto: 6,
-            dir: CT_REPLY,
-            _pad: 0,
-        };
+        let reply_key = crate::packet::tcp_ct_key((backend, 8080), (NODE, 62000), CT_REPLY);
         let reply_entry = lb_common::conntrack::Ct4Entry {
             nat_src_addr: lb_common::ip4(NODE.octets()),
             nat_dst_addr: lb_common::ip4(client.octets()),
