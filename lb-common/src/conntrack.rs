@@ -47,7 +47,8 @@ pub const CT_LIFETIME_UDP: u32 = 60;
 /// connection.
 pub const CT_TIME_WAIT_S: u32 = 60;
 
-#[repr(C)]
+/// 8-byte aligned: the datapath compares keys as two u64 words.
+#[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Ct4Key {
     pub src_addr: u32,
@@ -60,6 +61,15 @@ pub struct Ct4Key {
     pub _pad: u16,
 }
 const _: () = assert!(core::mem::size_of::<Ct4Key>() == 16);
+
+impl Ct4Key {
+    /// The key as two words, for comparing in two steps.
+    #[inline(always)]
+    pub fn words(&self) -> [u64; 2] {
+        // SAFETY: 16 bytes, 8-aligned, no padding (fields fill it).
+        unsafe { *(self as *const Ct4Key as *const [u64; 2]) }
+    }
+}
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -85,6 +95,145 @@ pub struct Ct4Entry {
 const _: () = assert!(core::mem::size_of::<Ct4Entry>() == 56);
 
 user_pod!(Ct4Key, Ct4Entry);
+
+/// Flows a set of the flow table holds (a power of two: the datapath
+/// masks way indexes with `CT_WAYS - 1`).
+pub const CT_WAYS: usize = 4;
+const _: () = assert!(CT_WAYS.is_power_of_two());
+
+/// One set of the flow table (`LB4_CT_V2`): an array of sets, a flow's
+/// entry in the set its key hashes to ([`ct_set_index`]), in any of its
+/// `CT_WAYS` ways. A kernel hash map costs an allocation from its free
+/// list, a bucket lock and a lookup per insert (two per new flow, ~80% of
+/// a new flow's time); here an insert is the lookup's probe and a store.
+/// A full set gives up its way with the least to lose (`ct_victim_rank`):
+/// an empty or expired one, then the oldest flow that never had a reply,
+/// then the oldest flow.
+///
+/// BPF programs have no compare-and-exchange before cpu v3, so ways are
+/// not locked: `check[i]` is a hash of way `i`'s key and the fields that
+/// say where its packets go ([`ct_check`]), written with them. A way
+/// whose check does not match is being written, or was torn by two CPUs
+/// writing it at once, and counts as empty. Index 0 of the table holds no
+/// flows but the table's parameters ([`Ct4Params`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Ct4Set {
+    pub check: [u64; CT_WAYS],
+    pub keys: [Ct4Key; CT_WAYS],
+    pub entries: [Ct4Entry; CT_WAYS],
+}
+const _: () = assert!(core::mem::size_of::<Ct4Set>() == 32 + 16 * CT_WAYS + 56 * CT_WAYS);
+
+user_pod!(Ct4Set);
+
+/// The flow table's parameters, in `check` of its index 0: written once by
+/// the agent when it makes the table, before any program runs on it, and
+/// kept with the table (a resized table is a new table, its flows moved
+/// under its own parameters).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Ct4Params {
+    /// Hash seed, random per table: where a flow lands cannot be aimed at
+    /// from outside.
+    pub seed: u32,
+    /// Sets at indexes `1..=sets` (0: the table is not made yet).
+    pub sets: u32,
+}
+
+impl Ct4Params {
+    #[inline(always)]
+    pub fn of(head: &Ct4Set) -> Self {
+        Ct4Params {
+            seed: head.check[0] as u32,
+            sets: head.check[1] as u32,
+        }
+    }
+
+    /// The head: seed and sets; `check[CT_HEAD_ZERO]` stays 0.
+    pub fn head(self) -> Ct4Set {
+        let mut s = Ct4Set::default();
+        s.check[0] = self.seed as u64;
+        s.check[1] = self.sets as u64;
+        s
+    }
+}
+
+/// The word of the table's head that is always 0: the datapath adds it
+/// to way indexes so the verifier sees one path, not one per way.
+pub const CT_HEAD_ZERO: usize = 2;
+
+/// Entries in the flow table for `flows` flow directions: the parameters'
+/// index and enough sets of `CT_WAYS` ways.
+pub const fn ct_table_len(flows: u32) -> u32 {
+    1 + flows.div_ceil(CT_WAYS as u32)
+}
+
+/// The sets of a table of `len` entries.
+pub const fn ct_sets(len: u32) -> u32 {
+    len.saturating_sub(1)
+}
+
+#[inline(always)]
+fn mix(h: u64) -> u64 {
+    let h = (h ^ (h >> 31)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    let h = (h ^ (h >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    h ^ (h >> 31)
+}
+
+#[inline(always)]
+fn key_words(k: &Ct4Key) -> (u64, u64) {
+    (
+        ((k.src_addr as u64) << 32) | k.dst_addr as u64,
+        ((k.src_port as u64) << 48)
+            | ((k.dst_port as u64) << 32)
+            | ((k.proto as u64) << 8)
+            | k.dir as u64,
+    )
+}
+
+/// The index of the set key `k` lives in: a 64-bit mix of the tuple and
+/// the seed, reduced to `1..=sets` by a multiply (any set count, no mask).
+#[inline(always)]
+pub fn ct_set_index(k: &Ct4Key, p: Ct4Params) -> u32 {
+    let (a, b) = key_words(k);
+    let h = mix(mix(a ^ (p.seed as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)) ^ b);
+    1 + (((h & 0xffff_ffff) * p.sets as u64) >> 32) as u32
+}
+
+/// The check word of a way holding `k` and `e`: a hash of the key and the
+/// fields fixed when the flow is made (the rewrite, ids, creation time),
+/// never 0 (an empty way's). Counters, flags and times change in place.
+#[inline(always)]
+pub fn ct_check(k: &Ct4Key, e: &Ct4Entry) -> u64 {
+    let (a, b) = key_words(k);
+    let c = ((e.nat_src_addr as u64) << 32) | e.nat_dst_addr as u64;
+    let d = ((e.nat_src_port as u64) << 48) | ((e.nat_dst_port as u64) << 32) | e.created_s as u64;
+    let f = ((e.service_id as u64) << 32) | e.backend_id as u64;
+    mix(mix(mix(mix(a) ^ b) ^ c) ^ d ^ f.rotate_left(17)) | 1
+}
+
+/// Whether a way holds a flow (its entry has a lifetime; a removed or
+/// never written way is zeros).
+#[inline(always)]
+pub fn ct_occupied(e: &Ct4Entry) -> bool {
+    e.lifetime_s != 0
+}
+
+/// How little a way has to lose at `now`, lowest first: empty or expired,
+/// then flows that never had a reply (a SYN flood's), then the rest; the
+/// oldest first within each.
+#[inline(always)]
+pub fn ct_victim_rank(e: &Ct4Entry, now: u32) -> u64 {
+    let age = now.wrapping_sub(e.last_seen_s);
+    let class: u64 = if !ct_occupied(e) || age > e.lifetime_s {
+        0
+    } else if e.flags & CT_SEEN_REPLY == 0 {
+        1
+    } else {
+        2
+    };
+    (class << 32) | (u32::MAX - age) as u64
+}
 
 /// A fragmented datagram as its fragments carry it: only the first has the
 /// ports, so the device path remembers them under the IP header's fields

@@ -10,7 +10,7 @@ pub const SOURCE_RANGES4: &str = "LB4_SOURCE_RANGES_V1";
 pub const BACKENDS4: &str = "LB4_BACKENDS_V1";
 pub const SERVICE_META: &str = "LB_SVC_META_V1";
 pub const NAMES: &str = "LB_NAMES_V1";
-pub const CONNTRACK4: &str = "LB4_CT_V1";
+pub const CONNTRACK4: &str = "LB4_CT_V2";
 pub const FRAGS4: &str = "LB4_FRAGS_V1";
 pub const SOCK_REVNAT4: &str = "LB4_SOCK_REVNAT_V1";
 pub const SOCK_FLOWS4: &str = "LB4_SOCK_FLOWS_V1";
@@ -59,10 +59,17 @@ pub const RETIRED: &[&str] = &[
     // One entry per slot. Now 16 slots an entry (`SlotChunk`); the agent
     // converts the entries when it finds the map (`RETIRED_SLOTS`).
     RETIRED_SLOTS,
+    // A kernel LRU hash of flows. Now a set-associative table in an array
+    // (`conntrack::Ct4Set`); the agent moves the flows over when it finds
+    // the map (`RETIRED_CONNTRACK4`).
+    RETIRED_CONNTRACK4,
     // 56 bytes; now 72, with the flood protection's rate. The agent
     // writes the configuration whole at start: nothing to carry over.
     "LB_CONFIG_V1",
 ];
+
+/// The flows of the first layout: an LRU hash, (`Ct4Key`) -> `Ct4Entry`.
+pub const RETIRED_CONNTRACK4: &str = "LB4_CT_V1";
 
 /// The backend slots of the first layout: (set, slot) -> backend id.
 pub const RETIRED_SLOTS: &str = "LB_SLOTS_V1";
@@ -148,8 +155,9 @@ pub const MAX_SERVICES: u32 = DEFAULT_LB_MAP_MAX;
 /// backends array: `1..=` its size (`--lb-map-max`).
 pub const SERVICE_ID_SPACE: u32 = 1 << 24;
 /// Per-packet connection tracking entries (two per NodePort/external
-/// flow), as compiled: LRU maps are preallocated (about 130 bytes an
-/// entry), so the agent sizes it from the node's memory (`--conntrack-max`).
+/// flow), as compiled: the table is preallocated (80 bytes an entry,
+/// `conntrack::Ct4Set`), so the agent sizes it from the node's memory
+/// (`--conntrack-max`, entries; the map has `conntrack::ct_table_len` sets).
 pub const MAX_CONNTRACK: u32 = 1 << 16;
 /// Fragmented datagrams in flight through the device path (first
 /// fragment's ports by source, destination, IP id and protocol), least

@@ -1,16 +1,14 @@
 //! Per-packet flow state for the device path: lookup with expiry, touch with
 //! TCP-aware lifetimes, and creation of both directions of a flow.
 
-use aya_ebpf::{
-    bindings::{BPF_ANY, BPF_NOEXIST},
-    helpers::bpf_ktime_get_coarse_ns,
-};
+use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use lb_common::{
     PROTO_TCP,
     conntrack::{
-        CT_CLOSING, CT_DSR, CT_FIN_ORIGINAL, CT_FIN_REPLY, CT_LIFETIME_TCP_CLOSING,
+        CT_CLOSING, CT_DSR, CT_FIN_ORIGINAL, CT_FIN_REPLY, CT_HEAD_ZERO, CT_LIFETIME_TCP_CLOSING,
         CT_LIFETIME_TCP_ESTABLISHED, CT_LIFETIME_TCP_SYN, CT_LIFETIME_UDP, CT_LOCAL_BACKEND,
-        CT_ORIGINAL, CT_REPLY, CT_SEEN_REPLY, CT_TIME_WAIT_S, Ct4Entry, Ct4Key,
+        CT_ORIGINAL, CT_REPLY, CT_SEEN_REPLY, CT_TIME_WAIT_S, CT_WAYS, Ct4Entry, Ct4Key, Ct4Params,
+        Ct4Set, ct_check, ct_set_index, ct_victim_rank,
     },
 };
 
@@ -93,20 +91,112 @@ pub fn snat_port_free(e: &Ct4Entry, now: u32) -> bool {
         && (e.flags & CT_CLOSING == 0 || now.wrapping_sub(e.last_seen_s) > CT_TIME_WAIT_S)
 }
 
-/// The entry for `k`, live or not.
+/// The set key `k` lives in (None before the agent made the table).
 #[inline(always)]
-pub fn get(k: &Ct4Key) -> Option<&'static Ct4Entry> {
-    // SAFETY: LRU map value, read only.
-    CONNTRACK4.get_ptr(k).map(|e| unsafe { &*e })
+fn set_of(k: &Ct4Key) -> Option<Set> {
+    // SAFETY: array values; index 0 is written once, before any program.
+    let head = unsafe { &*CONNTRACK4.get_ptr(0)? };
+    let p = Ct4Params::of(head);
+    if p.sets == 0 {
+        return None;
+    }
+    // SAFETY: array value; ways are checked, not locked (`Ct4Set`).
+    let set = unsafe { &mut *CONNTRACK4.get_ptr_mut(ct_set_index(k, p))? };
+    Some(Set {
+        set,
+        zero: head.check[CT_HEAD_ZERO],
+    })
+}
+
+/// A set, and a zero the verifier cannot see is one.
+struct Set {
+    set: &'static mut Ct4Set,
+    /// Always 0 (`CT_HEAD_ZERO`). Each way found is a constant on its own
+    /// path, and a constant used as an index stays precise: the verifier
+    /// would walk the rest of the program once per way, per probe (four
+    /// times per lookup, sixteen for a packet that touches both of its
+    /// flow's entries: past its million instructions). `(i + zero) & 3`
+    /// is any of 0..=3 to it, one path for all.
+    zero: u64,
+}
+
+impl Set {
+    #[inline(always)]
+    fn blur(&self, i: usize) -> usize {
+        ((i as u64).wrapping_add(self.zero) & (CT_WAYS as u64 - 1)) as usize
+    }
+}
+
+/// The way of `set` whose key is `k`, whether or not its check matches
+/// (a writer reuses it: one key never holds two ways).
+#[inline(always)]
+fn key_way(s: &Set, k: &Ct4Key) -> Option<usize> {
+    let w = k.words();
+    let i = s.set.keys.iter().position(|key| key.words() == w)?;
+    Some(s.blur(i))
+}
+
+/// Whether way `i` holds `k`'s flow whole: its check matches (a way being
+/// written, or torn by two CPUs at once, does not).
+#[inline(always)]
+fn valid(set: &Ct4Set, i: usize, k: &Ct4Key) -> bool {
+    let i = i & (CT_WAYS - 1);
+    // SAFETY: an aligned u64 of a map value, read once.
+    let check = unsafe { core::ptr::read_volatile(&set.check[i]) };
+    check == ct_check(k, &set.entries[i])
+}
+
+/// The way of `set` holding `k`'s flow, if one does.
+#[inline(always)]
+fn way_of(s: &Set, k: &Ct4Key) -> Option<usize> {
+    key_way(s, k).filter(|&i| valid(s.set, i, k))
+}
+
+/// The way of `set` a new flow takes at `now`: the one with the least to
+/// lose (`ct_victim_rank`).
+#[inline(always)]
+fn victim(s: &Set, now: u32) -> usize {
+    let mut best = 0;
+    let mut rank = u64::MAX;
+    for (i, e) in s.set.entries.iter().enumerate() {
+        let r = ct_victim_rank(e, now);
+        if r < rank {
+            rank = r;
+            best = i;
+        }
+    }
+    s.blur(best)
+}
+
+/// Writes way `i`: the check first cleared (readers see no flow there
+/// while the rest is written), then key and entry, then the check.
+#[inline(always)]
+fn write(set: &mut Ct4Set, i: usize, k: &Ct4Key, e: &Ct4Entry, check: u64) {
+    // In range by construction; the mask shows it (no bounds check).
+    let i = i & (CT_WAYS - 1);
+    // SAFETY: aligned u64s of a map value; volatile so the stores keep
+    // their order around the key's and entry's.
+    unsafe { core::ptr::write_volatile(&mut set.check[i], 0) };
+    set.keys[i] = *k;
+    set.entries[i] = *e;
+    unsafe { core::ptr::write_volatile(&mut set.check[i], check) };
+}
+
+/// The entry for `k` to update in place, live or not. A reader racing a
+/// writer that replaces the way (only when the set is full and this flow
+/// has the least to lose) may update the new flow's counters: what a
+/// kernel LRU map's reuse of an element does too.
+#[inline(always)]
+fn get_mut(k: &Ct4Key) -> Option<&'static mut Ct4Entry> {
+    let s = set_of(k)?;
+    let i = way_of(&s, k)?;
+    Some(&mut s.set.entries[i])
 }
 
 /// A live entry for `k`, or None (absent or expired).
 #[inline(always)]
 pub fn lookup(k: &Ct4Key, now: u32) -> Option<&'static mut Ct4Entry> {
-    let e = CONNTRACK4.get_ptr_mut(k)?;
-    // SAFETY: LRU map value; concurrent updates of counters may race, which
-    // costs at most a lost increment.
-    let e = unsafe { &mut *e };
+    let e = get_mut(k)?;
     if expired(e, now) {
         return None;
     }
@@ -163,32 +253,76 @@ pub fn touch(k: &Ct4Key, e: &mut Ct4Entry, pkt: &Packet, len: u32, now: u32) {
         return;
     }
     // The other direction learns the same, so both age together.
-    if let Some(o) = CONNTRACK4.get_ptr_mut(&other_key(k, e)) {
-        // SAFETY: as in `lookup`.
-        let o = unsafe { &mut *o };
+    if let Some(o) = get_mut(&other_key(k, e)) {
         o.flags |= flags;
         o.lifetime_s = lifetime;
         o.last_seen_s = now;
     }
 }
 
-/// Creates the reply entry; fails if one exists (an SNAT port in use).
+/// Writes `k`'s entry: over its way if it has one (unless `exclusive` and
+/// the way holds a flow whole: then that fails, as an SNAT port in use),
+/// else over the way of its set with the least to lose. Two CPUs making the same new key at once could
+/// both find no way and take two: lookups use the first; it needs two new
+/// flows with one tuple in the same nanoseconds (for SNAT, one random
+/// port of thousands to one backend).
+#[inline(always)]
+fn insert(k: &Ct4Key, e: &Ct4Entry, exclusive: bool, now: u32) -> Result<(), ()> {
+    let s = set_of(k).ok_or(())?;
+    let i = match key_way(&s, k) {
+        Some(i) if exclusive && valid(s.set, i, k) => return Err(()),
+        Some(i) => i,
+        None => victim(&s, now),
+    };
+    write(s.set, i, k, e, ct_check(k, e));
+    Ok(())
+}
+
+/// Takes the SNAT port `k` names (a reply key) for the flow `e` if no
+/// flow holds it: no entry, or one whose port is free again
+/// (`snat_port_free`). One probe of the set, where a get and an insert
+/// would be two.
+#[inline(always)]
+pub fn reserve_snat_port(k: &Ct4Key, e: &Ct4Entry, now: u32) -> bool {
+    let Some(s) = set_of(k) else {
+        return false;
+    };
+    let i = match key_way(&s, k) {
+        Some(i) if valid(s.set, i, k) && !snat_port_free(&s.set.entries[i], now) => {
+            return false;
+        }
+        Some(i) => i,
+        None => victim(&s, now),
+    };
+    write(s.set, i, k, e, ct_check(k, e));
+    true
+}
+
+/// Creates the reply entry; fails if one exists and `exclusive` (an SNAT
+/// port in use).
 #[inline(always)]
 pub fn create_reply(k: &Ct4Key, e: &Ct4Entry, exclusive: bool) -> Result<(), ()> {
-    let flags = if exclusive { BPF_NOEXIST } else { BPF_ANY };
-    CONNTRACK4.insert(k, e, flags as u64).map_err(|_| ())
+    insert(k, e, exclusive, e.last_seen_s)
 }
 
 #[inline(always)]
 pub fn create_original(k: &Ct4Key, e: &Ct4Entry) -> Result<(), ()> {
-    CONNTRACK4.insert(k, e, BPF_ANY as u64).map_err(|_| ())
+    insert(k, e, false, e.last_seen_s)
+}
+
+/// Empties `k`'s way, if it has one.
+#[inline(always)]
+fn remove(k: &Ct4Key) {
+    let Some(s) = set_of(k) else { return };
+    let Some(i) = way_of(&s, k) else { return };
+    write(s.set, i, &Ct4Key::default(), &Ct4Entry::default(), 0);
 }
 
 /// Removes both directions of the flow `e` (found under `k`).
 #[inline(always)]
 pub fn forget(k: &Ct4Key, e: &Ct4Entry) {
     if paired(e) {
-        let _ = CONNTRACK4.remove(&other_key(k, e));
+        remove(&other_key(k, e));
     }
-    let _ = CONNTRACK4.remove(k);
+    remove(k);
 }

@@ -8,7 +8,7 @@ use aya_ebpf::{
 };
 use lb_common::{
     config::Config,
-    conntrack::{Ct4Entry, Ct4Key, Frag4Key, Frag4Ports},
+    conntrack::{Ct4Set, Frag4Key, Frag4Ports, ct_table_len},
     counters::{BackendStats, MAX_VERDICTS, ServiceStats},
     maps::{
         MAX_AFFINITY, MAX_BACKENDS, MAX_CONNTRACK, MAX_FRAGS, MAX_FRONTENDS, MAX_NAMES,
@@ -72,9 +72,10 @@ pub static SERVICE_META: HashMap<u32, ServiceMeta> =
 #[map(name = "LB_NAMES_V1")]
 pub static NAMES: HashMap<u32, Name> = HashMap::pinned(MAX_NAMES, BPF_F_NO_PREALLOC);
 
-/// Per-packet flows (device path), both directions.
-#[map(name = "LB4_CT_V1")]
-pub static CONNTRACK4: LruHashMap<Ct4Key, Ct4Entry> = LruHashMap::pinned(MAX_CONNTRACK, 0);
+/// Per-packet flows (device path), both directions: a set-associative
+/// table (`lb_common::conntrack::Ct4Set`, `crate::conntrack`).
+#[map(name = "LB4_CT_V2")]
+pub static CONNTRACK4: Array<Ct4Set> = Array::pinned(ct_table_len(MAX_CONNTRACK), 0);
 
 /// Fragmented datagrams: the first fragment's ports, for the later ones.
 #[map(name = "LB4_FRAGS_V1")]

@@ -471,14 +471,7 @@ fn new_flow(
         for i in 0..SNAT_TRIES {
             port = (min + (start + i) % span) as u16;
             rkey.dst_port = port.to_be();
-            let taken = match conntrack::get(&rkey) {
-                None => conntrack::create_reply(&rkey, &reply, true).is_err(),
-                Some(e) if conntrack::snat_port_free(e, now) => {
-                    conntrack::create_reply(&rkey, &reply, false).is_err()
-                }
-                Some(_) => true,
-            };
-            if !taken {
+            if conntrack::reserve_snat_port(&rkey, &reply, now) {
                 done = true;
                 break;
             }

@@ -1194,9 +1194,13 @@ fn snat_both_ways(xdp: bool) {
         assert_eq!(maps.verdicts()[V_DROP_NO_SNAT_PORT as usize], before + 1);
         // The reply entry of port 62002 expires (as after its lifetime).
         let rkey = tcp_ct_key(backend, (NODE, 62002), CT_REPLY);
-        let mut e = maps.conntrack.get(&rkey, 0).expect("reply entry of 62002");
+        let mut e = maps
+            .conntrack
+            .get(&rkey)
+            .unwrap()
+            .expect("reply entry of 62002");
         e.last_seen_s = e.last_seen_s.wrapping_sub(e.lifetime_s + 1);
-        maps.conntrack.insert(rkey, e, 0).unwrap();
+        maps.conntrack.insert(&rkey, &e).unwrap();
         let (verdict, out) = run(&syn_from(41005));
         assert_eq!(verdict, Fate::Sent, "an expired port is free again");
         assert_eq!(src_port(&out), 62002);
@@ -1204,17 +1208,21 @@ fn snat_both_ways(xdp: bool) {
         // (60 s after its last packet), even once its entry expired.
         let mut rkey = rkey;
         rkey.dst_port = 62001u16.to_be();
-        let mut e = maps.conntrack.get(&rkey, 0).expect("reply entry of 62001");
+        let mut e = maps
+            .conntrack
+            .get(&rkey)
+            .unwrap()
+            .expect("reply entry of 62001");
         e.flags |= lb_common::conntrack::CT_CLOSING;
         e.lifetime_s = lb_common::conntrack::CT_LIFETIME_TCP_CLOSING;
         e.last_seen_s = e.last_seen_s.wrapping_sub(e.lifetime_s + 1);
-        maps.conntrack.insert(rkey, e, 0).unwrap();
+        maps.conntrack.insert(&rkey, &e).unwrap();
         let (verdict, _) = run(&syn_from(41006));
         assert_eq!(verdict, Fate::Dropped, "a port in TIME_WAIT is not given");
         e.last_seen_s = e
             .last_seen_s
             .wrapping_sub(lb_common::conntrack::CT_TIME_WAIT_S);
-        maps.conntrack.insert(rkey, e, 0).unwrap();
+        maps.conntrack.insert(&rkey, &e).unwrap();
         let (verdict, out) = run(&syn_from(41007));
         assert_eq!(verdict, Fate::Sent, "after TIME_WAIT it is");
         assert_eq!(src_port(&out), 62001);
@@ -1223,8 +1231,9 @@ fn snat_both_ways(xdp: bool) {
     let maps = ServiceMaps::open(&fs.pins()).unwrap();
     let closing = maps
         .conntrack
-        .iter()
-        .filter_map(Result::ok)
+        .entries()
+        .unwrap()
+        .into_iter()
         .filter(|(_, e)| {
             e.flags & lb_common::conntrack::CT_CLOSING != 0
                 && e.lifetime_s == lb_common::conntrack::CT_LIFETIME_TCP_CLOSING
@@ -1411,8 +1420,8 @@ fn pinned_maps_of_another_size_are_migrated_with_their_entries() {
         ..Default::default()
     };
     {
-        let mut maps = ServiceMaps::open(&dir).unwrap();
-        maps.conntrack.insert(key, entry, 0).unwrap();
+        let maps = ServiceMaps::open(&dir).unwrap();
+        maps.conntrack.insert(&key, &entry).unwrap();
     }
     drop(ebpf);
 
@@ -1430,7 +1439,7 @@ fn pinned_maps_of_another_size_are_migrated_with_their_entries() {
     );
     assert_eq!(size(&dir), 1024);
     let maps = ServiceMaps::open(&dir).unwrap();
-    assert_eq!(maps.conntrack.get(&key, 0).unwrap(), entry);
+    assert_eq!(maps.conntrack.get(&key).unwrap().unwrap(), entry);
     drop((ebpf, maps));
 
     // Killed after setting the old table aside: the next start puts it
@@ -1442,7 +1451,7 @@ fn pinned_maps_of_another_size_are_migrated_with_their_entries() {
     assert_eq!(size(&dir), default_size);
     assert!(!aside.exists());
     let maps = ServiceMaps::open(&dir).unwrap();
-    assert_eq!(maps.conntrack.get(&key, 0).unwrap(), entry);
+    assert_eq!(maps.conntrack.get(&key).unwrap().unwrap(), entry);
 }
 
 /// Backends an older agent left in a hash (`LB4_BACKENDS_V1` keyed by
@@ -1491,6 +1500,58 @@ fn backends_of_the_hash_layout_are_copied_into_the_array() {
         std::collections::BTreeMap::from([(1, backend(1)), (77, backend(2))]),
         "ids in the array kept, nothing else read as a backend"
     );
+}
+
+/// Flows an older agent left in `LB4_CT_V1` (a kernel LRU hash) are in
+/// the set table once the object is loaded, before any program of this
+/// agent runs, and the old map is unpinned: an upgrade keeps every flow
+/// on its backend and every SNAT port held.
+#[test]
+fn flows_of_the_lru_layout_are_carried_into_the_set_table() {
+    use lb_common::conntrack::{CT_SNAT, Ct4Entry, Ct4Key};
+    use lbctl::datapath::{load, pins};
+    require_root();
+    sweep();
+    let fs = lb_tests::guard::Bpffs::new();
+    let dir = fs.pins();
+    pins::prepare(&dir).unwrap();
+    let old = dir.join(lb_common::maps::RETIRED_CONNTRACK4);
+    pin_map(&old, 9, 16, 56, 4096); // BPF_MAP_TYPE_LRU_HASH
+    let flows: Vec<(Ct4Key, Ct4Entry)> = (0..300u16)
+        .map(|i| {
+            let k = tcp_ct_key(
+                (Ipv4Addr::new(192, 168, 50, 7), 40000 + i),
+                (Ipv4Addr::new(172, 18, 0, 2), 30080),
+                if i % 2 == 0 { CT_ORIGINAL } else { CT_REPLY },
+            );
+            let e = Ct4Entry {
+                nat_dst_addr: lb_common::ip4([10, 244, 1, (i % 7) as u8]),
+                backend_id: 1 + u32::from(i % 7),
+                created_s: 100,
+                last_seen_s: 100,
+                lifetime_s: 3600,
+                flags: CT_SNAT,
+                packets: u64::from(i),
+                ..Default::default()
+            };
+            (k, e)
+        })
+        .collect();
+    {
+        let data = aya::maps::MapData::from_pin(&old).unwrap();
+        let mut m: aya::maps::HashMap<_, Ct4Key, Ct4Entry> =
+            aya::maps::HashMap::try_from(aya::maps::Map::LruHashMap(data)).unwrap();
+        for (k, e) in &flows {
+            m.insert(k, e, 0).unwrap();
+        }
+    }
+    let (_ebpf, _) = load::load_with(&dir, false, &Default::default()).unwrap();
+    assert!(!old.exists(), "the old map unpinned");
+    let maps = ServiceMaps::open(&dir).unwrap();
+    for (k, e) in &flows {
+        assert_eq!(maps.conntrack.get(k).unwrap().as_ref(), Some(e), "{k:?}");
+    }
+    assert_eq!(maps.conntrack.entries().unwrap().len(), flows.len());
 }
 
 /// Backend sets an older agent left in `LB_SLOTS_V1` (one entry per slot)
@@ -1643,8 +1704,9 @@ fn conntrack_lifetimes_follow_the_connection() {
     // Both entries of the flow from client port `port`.
     let entries = |maps: &ServiceMaps, port: u16| -> Vec<Ct4Entry> {
         maps.conntrack
-            .iter()
-            .filter_map(Result::ok)
+            .entries()
+            .unwrap()
+            .into_iter()
             .filter(|(k, _)| k.src_port == port.to_be() || k.dst_port == port.to_be())
             .map(|(_, e)| e)
             .collect()
@@ -1652,13 +1714,14 @@ fn conntrack_lifetimes_follow_the_connection() {
     let age = |maps: &mut ServiceMaps, port: u16, by: u32| {
         let keys: Vec<_> = maps
             .conntrack
-            .iter()
-            .filter_map(Result::ok)
+            .entries()
+            .unwrap()
+            .into_iter()
             .filter(|(k, _)| k.src_port == port.to_be() || k.dst_port == port.to_be())
             .collect();
         for (k, mut e) in keys {
             e.last_seen_s = e.last_seen_s.wrapping_sub(by);
-            maps.conntrack.insert(k, e, 0).unwrap();
+            maps.conntrack.insert(&k, &e).unwrap();
         }
     };
     let lifetimes = |maps: &ServiceMaps, port| -> Vec<u32> {
@@ -2045,7 +2108,7 @@ fn dsr_both_nodes(xdp: bool) {
     let _rec = program_remote_web(&pins, "lbctl.dev/lb-mode: dsr");
     in_netns(&netns_path, move || {
         let mut ebpf = device_programs(&pins);
-        let mut maps = ServiceMaps::open(&pins).unwrap();
+        let maps = ServiceMaps::open(&pins).unwrap();
         let mut run = |program: &str, frame: &[u8]| test_run(&mut ebpf, program, frame, ifindex);
         let ingress = if xdp {
             "lb_xdp_from_netdev"
@@ -2111,23 +2174,28 @@ fn dsr_both_nodes(xdp: bool) {
             CT_SNAT,
         };
         let dsr_key = tcp_ct_key(cl, nodeport, CT_ORIGINAL);
-        let dsr_entry = maps.conntrack.get(&dsr_key, 0).expect("node-a's DSR entry");
+        let dsr_entry = maps
+            .conntrack
+            .get(&dsr_key)
+            .unwrap()
+            .expect("node-a's DSR entry");
         let decoy_key = tcp_ct_key(backend, (NODE, cl.1), CT_REPLY);
         let decoy = lb_common::conntrack::Ct4Entry {
             flags: CT_SNAT | CT_SEEN_REPLY,
             lifetime_s: CT_LIFETIME_TCP_ESTABLISHED,
             ..dsr_entry
         };
-        maps.conntrack.insert(decoy_key, decoy, 0).unwrap();
+        maps.conntrack.insert(&decoy_key, &decoy).unwrap();
         let mut fin = Frame::tcp(cl, nodeport, FIN | ACK);
         fin.dst_mac = NODE_MAC;
         let (verdict, out) = run(ingress, &fin.bytes());
         assert_eq!(verdict, sent, "{}", describe(&out));
-        let after = maps.conntrack.get(&dsr_key, 0).unwrap();
+        let after = maps.conntrack.get(&dsr_key).unwrap().unwrap();
         assert_ne!(after.flags & CT_FIN_ORIGINAL, 0, "the DSR flow's FIN");
         let other = maps
             .conntrack
-            .get(&decoy_key, 0)
+            .get(&decoy_key)
+            .unwrap()
             .expect("the other flow's entry stays");
         assert_eq!(
             (other.flags, other.lifetime_s, other.last_seen_s),
@@ -2158,7 +2226,11 @@ fn dsr_both_nodes(xdp: bool) {
             &reply.with(nodeport, cl).bytes(),
         );
         let rkey = tcp_ct_key(backend, cl, CT_REPLY);
-        let e = maps.conntrack.get(&rkey, 0).expect("reply entry on node-b");
+        let e = maps
+            .conntrack
+            .get(&rkey)
+            .unwrap()
+            .expect("reply entry on node-b");
         assert_eq!(
             e.flags & (CT_DSR | CT_LOCAL_BACKEND | CT_SEEN_REPLY),
             CT_DSR | CT_LOCAL_BACKEND | CT_SEEN_REPLY
@@ -2308,8 +2380,9 @@ fn flood_protection(xdp: bool) {
         assert_eq!(verdicts(&maps, V_FORWARD_UNTRACKED), before + 1);
         let tracked = |port: u16| {
             maps.conntrack
-                .iter()
-                .filter_map(Result::ok)
+                .entries()
+                .unwrap()
+                .into_iter()
                 .any(|(k, _)| k.src_port == port.to_be())
         };
         assert!(tracked(41000) && !tracked(41001));

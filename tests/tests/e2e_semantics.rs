@@ -870,7 +870,7 @@ fn restart_with_another_conntrack_size_keeps_flows() {
     let status = c.lbctl_json(&["status"]).expect("lbctl status");
     let ct = status["maps"]
         .as_array()
-        .and_then(|m| m.iter().find(|m| m["map"] == "LB4_CT_V1"))
+        .and_then(|m| m.iter().find(|m| m["map"] == lb_common::maps::CONNTRACK4))
         .cloned()
         .unwrap_or_default();
     assert_eq!(ct["max_entries"], 4096, "{status}");

@@ -133,8 +133,9 @@ pub struct Args {
     #[arg(long, default_value_t = lb_common::maps::DEFAULT_MAGLEV_MAP_MAX)]
     pub maglev_map_max: u32,
     /// Entries of the device path's connection-tracking table (two per
-    /// flow from outside; least recently used evicted first; preallocated,
-    /// about 130 bytes an entry). Default: 0.05% of the node's memory in
+    /// flow from outside; sets of four, a full set giving up an expired,
+    /// then a never-answered, then its oldest flow; preallocated, 80 bytes
+    /// an entry). Default: 0.05% of the node's memory in
     /// entries, a power of two from 65,536 (below 32 GiB) to 4,194,304
     /// (`lbctl status` shows it). A restart with another size migrates
     /// the pinned table, flows included.
@@ -269,6 +270,10 @@ pub async fn execute(args: Args) -> Result<()> {
             map_sizes.insert(map.to_string(), n);
         }
     }
+    // The flow table is sized in flows; its map holds sets of them.
+    if let Some(n) = map_sizes.get_mut(lb_common::maps::CONNTRACK4) {
+        *n = lb_common::conntrack::ct_table_len(*n);
+    }
     let snat_ports = crate::agent::snat_ports::parse(&args.snat_port_range)
         .map_err(|e| anyhow::anyhow!("--snat-port-range {e}"))?;
     run::run(AgentConfig {
@@ -331,7 +336,8 @@ fn memory_bytes() -> u64 {
 }
 
 /// Conntrack entries for a node of `mem` bytes: 0.05% of its memory at
-/// about 130 bytes an entry, the power of two below, from 65,536 to
+/// 130 bytes an entry (what the kernel LRU hash it replaced took; the set
+/// table takes 80, so the same count costs less), the power of two below, from 65,536 to
 /// 4,194,304 (Cilium sizes its tables from memory the same way, with a
 /// larger share).
 pub fn conntrack_default(mem: u64) -> u32 {

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use lb_common::conntrack::CT_ORIGINAL;
 use serde::Serialize;
 
@@ -213,7 +213,7 @@ pub fn execute(args: Args) -> Result<()> {
     let state = maps.read()?;
     let services = services::view(&state, |id| maps.service_stats(id));
     let mut conntrack: BTreeMap<u32, u64> = BTreeMap::new();
-    for (k, e) in maps.conntrack.iter().filter_map(Result::ok) {
+    for (k, e) in maps.conntrack.entries().context("reading the flow table")? {
         if k.dir == CT_ORIGINAL {
             *conntrack.entry(e.backend_id).or_default() += 1;
         }

@@ -4,7 +4,7 @@
 
 use std::net::Ipv4Addr;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use lb_common::{
     conntrack::{
         CT_CLOSING, CT_DSR, CT_FIN_ORIGINAL, CT_FIN_REPLY, CT_LOCAL_BACKEND, CT_NO_ID, CT_ORIGINAL,
@@ -86,7 +86,7 @@ fn ep(addr: u32, port: u16) -> String {
     format!("{}:{}", Ipv4Addr::from(ip4_octets(addr)), port_host(port))
 }
 
-pub fn view(maps: &ServiceMaps) -> Vec<FlowView> {
+pub fn view(maps: &ServiceMaps) -> Result<Vec<FlowView>> {
     let now = now_s();
     let names: std::collections::BTreeMap<u32, String> = maps
         .service_meta
@@ -96,8 +96,9 @@ pub fn view(maps: &ServiceMaps) -> Vec<FlowView> {
         .collect();
     let mut out: Vec<FlowView> = maps
         .conntrack
-        .iter()
-        .filter_map(Result::ok)
+        .entries()
+        .context("reading the flow table")?
+        .into_iter()
         .filter(|(_, e)| now.wrapping_sub(e.last_seen_s) <= e.lifetime_s)
         .map(|(k, e)| {
             let proto = Proto::from_number(k.proto);
@@ -154,7 +155,7 @@ pub fn view(maps: &ServiceMaps) -> Vec<FlowView> {
         })
         .collect();
     out.sort_by(|a, b| (&a.service, &a.direction, &a.src).cmp(&(&b.service, &b.direction, &b.src)));
-    out
+    Ok(out)
 }
 
 /// The client of a flow: the source of an original entry, the destination
@@ -227,7 +228,7 @@ pub fn table(flows: &[FlowView]) -> String {
 
 pub fn execute(args: Args) -> Result<()> {
     let maps = ServiceMaps::open(&args.pins.bpffs)?;
-    let flows = filter(view(&maps), &args);
+    let flows = filter(view(&maps)?, &args);
     if args.count {
         match args.output {
             render::Output::Table => println!("{}", flows.len()),

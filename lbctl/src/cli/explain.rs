@@ -16,7 +16,7 @@ use std::{
     net::{Ipv4Addr, SocketAddrV4},
 };
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use lb_common::{
     PROTO_TCP, PROTO_UDP,
     conntrack::{CT_ORIGINAL, CT_SNAT, Ct4Entry, Ct4Key},
@@ -319,7 +319,7 @@ pub fn device(
     let mut seed = Vec::new();
     let mut existing = None;
     for k in [okey, rkey] {
-        if let Ok(e) = maps.conntrack.get(&k, 0)
+        if let Some(e) = maps.conntrack.get(&k).context("reading the flow table")?
             && live(&e, now)
         {
             seed.push((k, e));

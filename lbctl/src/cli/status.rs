@@ -296,7 +296,11 @@ pub fn execute(args: Args) -> Result<()> {
         });
     }
     let st = maps.read()?;
-    let ct = maps.conntrack.keys().filter_map(Result::ok).count();
+    let ct = maps
+        .conntrack
+        .entries()
+        .context("reading the flow table")?
+        .len();
     let record = maps.agent_status().ok();
     let agent = record
         .as_ref()
@@ -343,6 +347,11 @@ pub fn execute(args: Args) -> Result<()> {
             map: m.into(),
             entries: n,
             max_entries: aya::maps::MapInfo::from_pin(pins.join(m)).map_or(0, |i| {
+                if m == lb_common::maps::CONNTRACK4 {
+                    // Sets of flows after the table's head.
+                    return lb_common::conntrack::ct_sets(i.max_entries())
+                        .saturating_mul(lb_common::conntrack::CT_WAYS as u32);
+                }
                 // The backends array's index 0 is "no backend": it holds
                 // one entry fewer than its size.
                 let unused = u32::from(m == lb_common::maps::BACKENDS4);

@@ -1,10 +1,12 @@
 //! The eBPF objects built by `build.rs` and embedded in `lbctl`.
 
-use std::{collections::BTreeMap, path::Path};
+use std::{collections::BTreeMap, os::fd::AsFd, path::Path};
 
 use aya::{Ebpf, EbpfLoader};
+use lb_common::conntrack::{Ct4Entry, Ct4Key};
 
 use super::{
+    flows,
     migrate::{self, Migrated},
     slots_v1,
 };
@@ -79,8 +81,30 @@ pub fn load_with(
         source,
     })?;
     // Maps of an earlier layout, replaced by their next version.
+    // Flows of the first layout (an LRU hash), placed in the new table
+    // once it is there, then unpinned.
+    let old_flows = pin_dir.join(lb_common::maps::RETIRED_CONNTRACK4);
+    let flows_v1: Option<Vec<(Ct4Key, Ct4Entry)>> = if old_flows.exists() {
+        let fd = super::link::open_pinned(&old_flows).map_err(|source| LoadError::Migrate {
+            pins: pins(),
+            source,
+        })?;
+        Some(
+            super::batch::lookup_all(fd.as_fd(), 8192).map_err(|source| LoadError::Migrate {
+                pins: pins(),
+                source,
+            })?,
+        )
+    } else {
+        None
+    };
     for name in lb_common::maps::RETIRED {
-        if *name == lb_common::maps::RETIRED_SLOTS {
+        if [
+            lb_common::maps::RETIRED_SLOTS,
+            lb_common::maps::RETIRED_CONNTRACK4,
+        ]
+        .contains(name)
+        {
             continue;
         }
         let p = pin_dir.join(name);
@@ -109,10 +133,32 @@ pub fn load_with(
         pins: pins(),
         source: Box::new(source),
     })?;
+    // The flow table is made (seed and sets written) before any program
+    // runs on it, flows of a resized one placed in it (`migrate`).
+    let flow_table = pin_dir.join(lb_common::maps::CONNTRACK4);
+    flows::make_pinned(&flow_table).map_err(|source| LoadError::Migrate {
+        pins: pins(),
+        source,
+    })?;
     let migrated = migrate::finish(pin_dir, staged).map_err(|source| LoadError::Migrate {
         pins: pins(),
         source,
     })?;
+    if let Some(old) = flows_v1 {
+        let kept = flows::carry(&old, &flow_table)
+            .and_then(|n| std::fs::remove_file(&old_flows).map(|()| n))
+            .map_err(|source| LoadError::Migrate {
+                pins: pins(),
+                source,
+            })?;
+        tracing::info!(
+            from = lb_common::maps::RETIRED_CONNTRACK4,
+            to = lb_common::maps::CONNTRACK4,
+            flows = old.len(),
+            kept,
+            "flows carried into the new flow table"
+        );
+    }
     if let Some(chunks) = slots_v1 {
         let new = pin_dir.join(lb_common::maps::BACKEND_SLOTS);
         let n = slots_v1::write(&new, &chunks)

@@ -12,7 +12,6 @@ use aya::maps::{
 };
 use lb_common::{
     config::Config,
-    conntrack::{Ct4Entry, Ct4Key},
     counters::{BackendStats, MAX_VERDICTS, ServiceStats},
     maps as names,
     service::{
@@ -136,6 +135,26 @@ macro_rules! typed {
     }};
 }
 
+/// The flow table pinned in `dir`.
+fn flow_table(dir: &Path) -> Result<super::flows::FlowTable<MapData>, OpenError> {
+    let name = names::CONNTRACK4;
+    let Map::Array(data) = open(dir, name)? else {
+        return Err(OpenError::Open {
+            name,
+            dir: dir.display().to_string(),
+            source: AyaMapError::InvalidMapType { map_type: 0 },
+        });
+    };
+    super::flows::FlowTable::open(data).map_err(|e| OpenError::Open {
+        name,
+        dir: dir.display().to_string(),
+        source: AyaMapError::SyscallError(aya::sys::SyscallError {
+            call: "bpf_map_lookup_elem",
+            io_error: e,
+        }),
+    })
+}
+
 /// The service maps and counters.
 pub struct ServiceMaps {
     pub dir: PathBuf,
@@ -150,7 +169,7 @@ pub struct ServiceMaps {
     pub names: HashMap<MapData, u32, Name>,
     pub service_stats: PerCpuHashMap<MapData, u32, ServiceStats>,
     pub verdicts: PerCpuArray<MapData, u64>,
-    pub conntrack: HashMap<MapData, Ct4Key, Ct4Entry>,
+    pub conntrack: super::flows::FlowTable<MapData>,
     pub affinity: HashMap<MapData, AffinityKey, AffinityEntry>,
     pub config: Array<MapData, Config>,
     pub backend_stats: PerCpuHashMap<MapData, u32, BackendStats>,
@@ -183,7 +202,7 @@ impl ServiceMaps {
             names: typed!(dir, names::NAMES, HashMap<MapData, u32, Name>),
             service_stats: typed!(dir, names::SERVICE_STATS, PerCpuHashMap<MapData, u32, ServiceStats>),
             verdicts: typed!(dir, names::VERDICT_STATS, PerCpuArray<MapData, u64>),
-            conntrack: typed!(dir, names::CONNTRACK4, HashMap<MapData, Ct4Key, Ct4Entry>),
+            conntrack: flow_table(dir)?,
             affinity: typed!(dir, names::AFFINITY4, HashMap<MapData, AffinityKey, AffinityEntry>),
             config: typed!(dir, names::CONFIG, Array<MapData, Config>),
             backend_stats: typed!(dir, names::BACKEND_STATS, PerCpuHashMap<MapData, u32, BackendStats>),

@@ -177,7 +177,14 @@ fn finish_one(pins: &Path, s: Staged) -> io::Result<Migrated> {
     {
         let new_fd = super::link::open_pinned(&pins.join(&s.name))?;
         let same_layout = s.old.key_size == s.new.key_size && s.old.value_size == s.new.value_size;
-        let (copied, dropped) = if same_layout {
+        let (copied, dropped) = if same_layout && s.name == lb_common::maps::CONNTRACK4 {
+            // A flow's set depends on the table's size: flows are placed
+            // again, not copied by index.
+            drop(new_fd);
+            let flows = super::flows::read_pinned(&s.path)?;
+            let kept = super::flows::carry(&flows, &pins.join(&s.name))?;
+            (Some(kept), flows.len() - kept)
+        } else if same_layout {
             let (c, d) = copy(s.fd.as_fd(), new_fd.as_fd(), &s.name, s.old)?;
             (Some(c), d)
         } else {

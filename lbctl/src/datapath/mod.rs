@@ -4,6 +4,7 @@
 pub mod attach;
 pub mod batch;
 pub mod batch_writer;
+pub mod flows;
 pub mod frame;
 pub mod link;
 pub mod load;

@@ -26,7 +26,10 @@ use lb_common::{
     service::{AffinityEntry, AffinityKey},
 };
 
-use super::load::{LB_OBJECT, object};
+use super::{
+    flows::FlowTable,
+    load::{LB_OBJECT, object},
+};
 
 /// Maps the program only reads: the live ones are used.
 const SHARED: &[&str] = &[
@@ -155,13 +158,13 @@ pub fn from_netdev(
         .context("loading a second copy of the datapath object")?;
 
     {
-        let mut ct: HashMap<_, Ct4Key, Ct4Entry> = HashMap::try_from(
-            ebpf.map_mut(names::CONNTRACK4)
+        let ct = FlowTable::make(super::flows::data_of(
+            ebpf.map(names::CONNTRACK4)
                 .context("conntrack map missing from the object")?,
-        )?;
+        )?)
+        .context("making the scratch flow table")?;
         for (k, e) in seed {
-            ct.insert(k, e, 0)
-                .context("seeding the scratch conntrack")?;
+            ct.insert(k, e).context("seeding the scratch flow table")?;
         }
         let mut aff: HashMap<_, AffinityKey, AffinityEntry> = HashMap::try_from(
             ebpf.map_mut(names::AFFINITY4)
@@ -200,10 +203,10 @@ pub fn from_netdev(
                 .is_ok_and(|c| c.iter().copied().sum::<u64>() > 0)
         })
         .collect();
-    let ct: HashMap<_, Ct4Key, Ct4Entry> = HashMap::try_from(
+    let ct = FlowTable::open(super::flows::data_of(
         ebpf.map(names::CONNTRACK4)
             .context("conntrack map missing from the object")?,
-    )?;
+    )?)?;
     let own = crate::datapath::frame::tuple(frame).map(|(s, d)| Ct4Key {
         src_addr: lb_common::ip4(s.ip().octets()),
         dst_addr: lb_common::ip4(d.ip().octets()),
@@ -213,7 +216,10 @@ pub fn from_netdev(
         dir: lb_common::conntrack::CT_ORIGINAL,
         _pad: 0,
     });
-    let entry = own.and_then(|k| ct.get(&k, 0).ok());
+    let entry = match own {
+        Some(k) => ct.get(&k)?,
+        None => None,
+    };
     Ok(Probe {
         return_code: r.return_value as i32,
         frame: out,

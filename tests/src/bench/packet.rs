@@ -209,7 +209,8 @@ pub fn run(quick: bool, progress: &mut Progress) -> Results {
         let est_entry = rec
             .writer
             .conntrack
-            .get(&est_key, 0)
+            .get(&est_key)
+            .expect("reading the flow table")
             .expect("the established flow's entry");
         let measure = Measure::Rounds {
             rounds: n_rounds,
@@ -438,7 +439,7 @@ fn xdp_rows(
         // its backend on another node answering the node's port 62000.
         let client = Ipv4Addr::new(192, 168, 98, 1);
         let backend = Ipv4Addr::new(10, 244, 2, 11);
-        let mut maps = ServiceMaps::open(&pins).expect("maps");
+        let maps = ServiceMaps::open(&pins).expect("maps");
         let reply_key = crate::packet::tcp_ct_key((backend, 8080), (NODE, 62000), CT_REPLY);
         let reply_entry = lb_common::conntrack::Ct4Entry {
             nat_src_addr: lb_common::ip4(NODE.octets()),
@@ -452,7 +453,7 @@ fn xdp_rows(
             ..est
         };
         maps.conntrack
-            .insert(reply_key, reply_entry, 0)
+            .insert(&reply_key, &reply_entry)
             .expect("reply entry");
         let reply = Frame::tcp((backend, 8080), (NODE, 62000), ACK).bytes();
         rows.push(rounds(2, &mut |_| {
