@@ -92,7 +92,7 @@ fn main() {
     cmd.env(
         "CARGO_ENCODED_RUSTFLAGS",
         format!(
-            "--cfg=bpf_target_arch=\"{arch}\"\x1f-Cdebuginfo=2\x1f-Clink-arg=--btf\x1f-Clink-arg=--disable-expand-memcpy-in-order"
+            "--cfg=bpf_target_arch=\"{arch}\"\x1f-Cdebuginfo=2\x1f-Clink-arg=--btf\x1f-Clink-arg=--disable-expand-memcpy-in-order\x1f-Clink-arg=--export=lb_ct_find,lb_ct_create,lb_ct_reserve_snat_port,lb_ct_remove"
         ),
     );
     cmd.env("PATH", path_with_linker());

@@ -149,7 +149,7 @@ impl Ct4Params {
         }
     }
 
-    /// The head: seed and sets; `check[CT_HEAD_ZERO]` stays 0.
+    /// The table's index 0 holding these parameters.
     pub fn head(self) -> Ct4Set {
         let mut s = Ct4Set::default();
         s.check[0] = self.seed as u64;
@@ -157,10 +157,6 @@ impl Ct4Params {
         s
     }
 }
-
-/// The word of the table's head that is always 0: the datapath adds it
-/// to way indexes so the verifier sees one path, not one per way.
-pub const CT_HEAD_ZERO: usize = 2;
 
 /// Entries in the flow table for `flows` flow directions: the parameters'
 /// index and enough sets of `CT_WAYS` ways.
@@ -173,11 +169,15 @@ pub const fn ct_sets(len: u32) -> u32 {
     len.saturating_sub(1)
 }
 
+/// Mixes two words into one (a multiply, xor-shifts and a second
+/// multiply, as splitmix64's finalizer): every input bit reaches the low
+/// 32 bits, which pick the set.
 #[inline(always)]
-fn mix(h: u64) -> u64 {
-    let h = (h ^ (h >> 31)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    let h = (h ^ (h >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    h ^ (h >> 31)
+fn mix2(x: u64, y: u64) -> u64 {
+    let h = x.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ y;
+    let h = (h ^ (h >> 32)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    let h = (h ^ (h >> 29)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    h ^ (h >> 32)
 }
 
 #[inline(always)]
@@ -191,25 +191,28 @@ fn key_words(k: &Ct4Key) -> (u64, u64) {
     )
 }
 
-/// The index of the set key `k` lives in: a 64-bit mix of the tuple and
-/// the seed, reduced to `1..=sets` by a multiply (any set count, no mask).
+/// The index of the set key `k` lives in: the tuple's two words mixed
+/// with the seed, reduced to `1..=sets` by a multiply (any set count, no
+/// mask).
 #[inline(always)]
 pub fn ct_set_index(k: &Ct4Key, p: Ct4Params) -> u32 {
     let (a, b) = key_words(k);
-    let h = mix(mix(a ^ (p.seed as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)) ^ b);
+    let h = mix2(a ^ ((p.seed as u64) << 16), b ^ p.seed as u64);
     1 + (((h & 0xffff_ffff) * p.sets as u64) >> 32) as u32
 }
 
 /// The check word of a way holding `k` and `e`: a hash of the key and the
 /// fields fixed when the flow is made (the rewrite, ids, creation time),
 /// never 0 (an empty way's). Counters, flags and times change in place.
+/// It tells a whole way from a torn one (two flows' halves), not an
+/// adversary's forgery: nothing outside writes the table.
 #[inline(always)]
 pub fn ct_check(k: &Ct4Key, e: &Ct4Entry) -> u64 {
     let (a, b) = key_words(k);
     let c = ((e.nat_src_addr as u64) << 32) | e.nat_dst_addr as u64;
     let d = ((e.nat_src_port as u64) << 48) | ((e.nat_dst_port as u64) << 32) | e.created_s as u64;
     let f = ((e.service_id as u64) << 32) | e.backend_id as u64;
-    mix(mix(mix(mix(a) ^ b) ^ c) ^ d ^ f.rotate_left(17)) | 1
+    mix2(mix2(a, b) ^ c, d ^ f.rotate_left(16)) | 1
 }
 
 /// Whether a way holds a flow (its entry has a lifetime; a removed or

@@ -5,7 +5,7 @@ use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use lb_common::{
     PROTO_TCP,
     conntrack::{
-        CT_CLOSING, CT_DSR, CT_FIN_ORIGINAL, CT_FIN_REPLY, CT_HEAD_ZERO, CT_LIFETIME_TCP_CLOSING,
+        CT_CLOSING, CT_DSR, CT_FIN_ORIGINAL, CT_FIN_REPLY, CT_LIFETIME_TCP_CLOSING,
         CT_LIFETIME_TCP_ESTABLISHED, CT_LIFETIME_TCP_SYN, CT_LIFETIME_UDP, CT_LOCAL_BACKEND,
         CT_ORIGINAL, CT_REPLY, CT_SEEN_REPLY, CT_TIME_WAIT_S, CT_WAYS, Ct4Entry, Ct4Key, Ct4Params,
         Ct4Set, ct_check, ct_set_index, ct_victim_rank,
@@ -91,49 +91,31 @@ pub fn snat_port_free(e: &Ct4Entry, now: u32) -> bool {
         && (e.flags & CT_CLOSING == 0 || now.wrapping_sub(e.last_seen_s) > CT_TIME_WAIT_S)
 }
 
-/// The set key `k` lives in (None before the agent made the table).
+/// The set key `k` lives in and its index (None before the agent made
+/// the table).
 #[inline(always)]
-fn set_of(k: &Ct4Key) -> Option<Set> {
+fn set_of(k: &Ct4Key) -> Option<(u32, &'static mut Ct4Set)> {
     // SAFETY: array values; index 0 is written once, before any program.
     let head = unsafe { &*CONNTRACK4.get_ptr(0)? };
     let p = Ct4Params::of(head);
     if p.sets == 0 {
         return None;
     }
+    let index = ct_set_index(k, p);
     // SAFETY: array value; ways are checked, not locked (`Ct4Set`).
-    let set = unsafe { &mut *CONNTRACK4.get_ptr_mut(ct_set_index(k, p))? };
-    Some(Set {
-        set,
-        zero: head.check[CT_HEAD_ZERO],
-    })
-}
-
-/// A set, and a zero the verifier cannot see is one.
-struct Set {
-    set: &'static mut Ct4Set,
-    /// Always 0 (`CT_HEAD_ZERO`). Each way found is a constant on its own
-    /// path, and a constant used as an index stays precise: the verifier
-    /// would walk the rest of the program once per way, per probe (four
-    /// times per lookup, sixteen for a packet that touches both of its
-    /// flow's entries: past its million instructions). `(i + zero) & 3`
-    /// is any of 0..=3 to it, one path for all.
-    zero: u64,
-}
-
-impl Set {
-    #[inline(always)]
-    fn blur(&self, i: usize) -> usize {
-        ((i as u64).wrapping_add(self.zero) & (CT_WAYS as u64 - 1)) as usize
-    }
+    let set = unsafe { &mut *CONNTRACK4.get_ptr_mut(index)? };
+    Some((index, set))
 }
 
 /// The way of `set` whose key is `k`, whether or not its check matches
 /// (a writer reuses it: one key never holds two ways).
 #[inline(always)]
-fn key_way(s: &Set, k: &Ct4Key) -> Option<usize> {
+fn key_way(set: &Ct4Set, k: &Ct4Key) -> Option<usize> {
     let w = k.words();
-    let i = s.set.keys.iter().position(|key| key.words() == w)?;
-    Some(s.blur(i))
+    set.keys
+        .iter()
+        .position(|key| key.words() == w)
+        .map(|i| i & (CT_WAYS - 1))
 }
 
 /// Whether way `i` holds `k`'s flow whole: its check matches (a way being
@@ -148,24 +130,24 @@ fn valid(set: &Ct4Set, i: usize, k: &Ct4Key) -> bool {
 
 /// The way of `set` holding `k`'s flow, if one does.
 #[inline(always)]
-fn way_of(s: &Set, k: &Ct4Key) -> Option<usize> {
-    key_way(s, k).filter(|&i| valid(s.set, i, k))
+fn way_of(set: &Ct4Set, k: &Ct4Key) -> Option<usize> {
+    key_way(set, k).filter(|&i| valid(set, i, k))
 }
 
 /// The way of `set` a new flow takes at `now`: the one with the least to
 /// lose (`ct_victim_rank`).
 #[inline(always)]
-fn victim(s: &Set, now: u32) -> usize {
+fn victim(set: &Ct4Set, now: u32) -> usize {
     let mut best = 0;
     let mut rank = u64::MAX;
-    for (i, e) in s.set.entries.iter().enumerate() {
+    for (i, e) in set.entries.iter().enumerate() {
         let r = ct_victim_rank(e, now);
         if r < rank {
             rank = r;
             best = i;
         }
     }
-    s.blur(best)
+    best
 }
 
 /// Writes way `i`: the check first cleared (readers see no flow there
@@ -182,15 +164,44 @@ fn write(set: &mut Ct4Set, i: usize, k: &Ct4Key, e: &Ct4Entry, check: u64) {
     unsafe { core::ptr::write_volatile(&mut set.check[i], check) };
 }
 
+/// `lb_ct_find`'s answer when no way holds the key.
+const NOT_FOUND: u64 = u64::MAX;
+
+/// Where `k`'s flow is: its set's index times 4 plus its way, or
+/// `NOT_FOUND`. A global BPF function: the verifier checks it once, on
+/// its own, and a call costs each path reaching it one instruction (its
+/// answer is any scalar to the caller), where the probe inline cost every
+/// path its hundred-odd instructions.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn lb_ct_find(k: *const Ct4Key) -> u64 {
+    // SAFETY: a global function's pointer argument may be null; else it
+    // points at a key (the verifier checks the callers pass 16 bytes).
+    let Some(k) = (unsafe { k.as_ref() }) else {
+        return NOT_FOUND;
+    };
+    let Some((index, set)) = set_of(k) else {
+        return NOT_FOUND;
+    };
+    match way_of(set, k) {
+        Some(i) => ((index as u64) << 2) | i as u64,
+        None => NOT_FOUND,
+    }
+}
+
 /// The entry for `k` to update in place, live or not. A reader racing a
 /// writer that replaces the way (only when the set is full and this flow
 /// has the least to lose) may update the new flow's counters: what a
 /// kernel LRU map's reuse of an element does too.
 #[inline(always)]
 fn get_mut(k: &Ct4Key) -> Option<&'static mut Ct4Entry> {
-    let s = set_of(k)?;
-    let i = way_of(&s, k)?;
-    Some(&mut s.set.entries[i])
+    let at = lb_ct_find(k);
+    if at == NOT_FOUND {
+        return None;
+    }
+    // SAFETY: array value, as in `set_of`.
+    let set = unsafe { &mut *CONNTRACK4.get_ptr_mut((at >> 2) as u32)? };
+    Some(&mut set.entries[(at & 3) as usize])
 }
 
 /// A live entry for `k`, or None (absent or expired).
@@ -260,62 +271,95 @@ pub fn touch(k: &Ct4Key, e: &mut Ct4Entry, pkt: &Packet, len: u32, now: u32) {
     }
 }
 
-/// Writes `k`'s entry: over its way if it has one (unless `exclusive` and
-/// the way holds a flow whole: then that fails, as an SNAT port in use),
-/// else over the way of its set with the least to lose. Two CPUs making the same new key at once could
-/// both find no way and take two: lookups use the first; it needs two new
-/// flows with one tuple in the same nanoseconds (for SNAT, one random
-/// port of thousands to one backend).
+/// Writes `k`'s entry (a flow's first packet): over its way if it has
+/// one, else over the way of its set with the least to lose at the entry's
+/// time. Fails only before the agent made the table. Two CPUs making the
+/// same new key at once could both find no way and take two: lookups use
+/// the first; it needs two new flows with one tuple in the same
+/// nanoseconds.
 #[inline(always)]
-fn insert(k: &Ct4Key, e: &Ct4Entry, exclusive: bool, now: u32) -> Result<(), ()> {
-    let s = set_of(k).ok_or(())?;
-    let i = match key_way(&s, k) {
-        Some(i) if exclusive && valid(s.set, i, k) => return Err(()),
-        Some(i) => i,
-        None => victim(&s, now),
+pub fn create(k: &Ct4Key, e: &Ct4Entry) -> Result<(), ()> {
+    if lb_ct_create(k, e) == 0 {
+        Ok(())
+    } else {
+        Err(())
+    }
+}
+
+/// `create`, as a global BPF function (see `lb_ct_find`): 0 when written.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn lb_ct_create(k: *const Ct4Key, e: *const Ct4Entry) -> u64 {
+    // SAFETY: null or a key and an entry (checked by the verifier).
+    let (Some(k), Some(e)) = (unsafe { k.as_ref() }, unsafe { e.as_ref() }) else {
+        return 1;
     };
-    write(s.set, i, k, e, ct_check(k, e));
-    Ok(())
+    let Some((_, set)) = set_of(k) else {
+        return 1;
+    };
+    let i = match key_way(set, k) {
+        Some(i) => i,
+        None => victim(set, e.last_seen_s),
+    };
+    write(set, i, k, e, ct_check(k, e));
+    0
 }
 
 /// Takes the SNAT port `k` names (a reply key) for the flow `e` if no
 /// flow holds it: no entry, or one whose port is free again
-/// (`snat_port_free`). One probe of the set, where a get and an insert
-/// would be two.
+/// (`snat_port_free`) at `e`'s time. One probe of the set, where a get
+/// and an insert would be two.
 #[inline(always)]
-pub fn reserve_snat_port(k: &Ct4Key, e: &Ct4Entry, now: u32) -> bool {
-    let Some(s) = set_of(k) else {
-        return false;
+pub fn reserve_snat_port(k: &Ct4Key, e: &Ct4Entry) -> bool {
+    lb_ct_reserve_snat_port(k, e) == 0
+}
+
+/// `reserve_snat_port`, as a global BPF function (see `lb_ct_find`): 0
+/// when taken.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn lb_ct_reserve_snat_port(k: *const Ct4Key, e: *const Ct4Entry) -> u64 {
+    // SAFETY: null or a key and an entry (checked by the verifier).
+    let (Some(k), Some(e)) = (unsafe { k.as_ref() }, unsafe { e.as_ref() }) else {
+        return 1;
     };
-    let i = match key_way(&s, k) {
-        Some(i) if valid(s.set, i, k) && !snat_port_free(&s.set.entries[i], now) => {
-            return false;
+    let Some((_, set)) = set_of(k) else {
+        return 1;
+    };
+    let now = e.last_seen_s;
+    let i = match key_way(set, k) {
+        Some(i) if valid(set, i, k) && !snat_port_free(&set.entries[i], now) => {
+            return 1;
         }
         Some(i) => i,
-        None => victim(&s, now),
+        None => victim(set, now),
     };
-    write(s.set, i, k, e, ct_check(k, e));
-    true
-}
-
-/// Creates the reply entry; fails if one exists and `exclusive` (an SNAT
-/// port in use).
-#[inline(always)]
-pub fn create_reply(k: &Ct4Key, e: &Ct4Entry, exclusive: bool) -> Result<(), ()> {
-    insert(k, e, exclusive, e.last_seen_s)
-}
-
-#[inline(always)]
-pub fn create_original(k: &Ct4Key, e: &Ct4Entry) -> Result<(), ()> {
-    insert(k, e, false, e.last_seen_s)
+    write(set, i, k, e, ct_check(k, e));
+    0
 }
 
 /// Empties `k`'s way, if it has one.
 #[inline(always)]
 fn remove(k: &Ct4Key) {
-    let Some(s) = set_of(k) else { return };
-    let Some(i) = way_of(&s, k) else { return };
-    write(s.set, i, &Ct4Key::default(), &Ct4Entry::default(), 0);
+    lb_ct_remove(k);
+}
+
+/// `remove`, as a global BPF function (see `lb_ct_find`).
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn lb_ct_remove(k: *const Ct4Key) -> u64 {
+    // SAFETY: null or a key (checked by the verifier).
+    let Some(k) = (unsafe { k.as_ref() }) else {
+        return 1;
+    };
+    let Some((_, set)) = set_of(k) else {
+        return 1;
+    };
+    let Some(i) = way_of(set, k) else {
+        return 1;
+    };
+    write(set, i, &Ct4Key::default(), &Ct4Entry::default(), 0);
+    0
 }
 
 /// Removes both directions of the flow `e` (found under `k`).

@@ -198,7 +198,7 @@ fn remember(inner: &Packet, (addr, port): FrontendAddr) {
     };
     // A full table leaves the replies untranslated (the client drops
     // them) until an entry frees: nothing better can be done here.
-    let _ = conntrack::create_reply(&rkey, &e, false);
+    let _ = conntrack::create(&rkey, &e);
 }
 
 /// The outer header for the (already translated) packet of flow `e`: to

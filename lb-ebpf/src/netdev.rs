@@ -454,7 +454,7 @@ fn new_flow(
             return Ok(orig);
         }
     } else if local {
-        conntrack::create_reply(&rkey, &reply, false).map_err(|_| V_DROP_CT_FULL)?;
+        conntrack::create(&rkey, &reply).map_err(|_| V_DROP_CT_FULL)?;
     } else {
         // The backend answers the node: source becomes a node address and
         // a port of the SNAT range no other flow to that backend holds. A
@@ -471,7 +471,7 @@ fn new_flow(
         for i in 0..SNAT_TRIES {
             port = (min + (start + i) % span) as u16;
             rkey.dst_port = port.to_be();
-            if conntrack::reserve_snat_port(&rkey, &reply, now) {
+            if conntrack::reserve_snat_port(&rkey, &reply) {
                 done = true;
                 break;
             }
@@ -482,7 +482,7 @@ fn new_flow(
         orig.nat_src_port = port.to_be();
     }
     let okey = conntrack::key(pkt, CT_ORIGINAL);
-    conntrack::create_original(&okey, &orig).map_err(|_| V_DROP_CT_FULL)?;
+    conntrack::create(&okey, &orig).map_err(|_| V_DROP_CT_FULL)?;
     Ok(orig)
 }
 

@@ -305,26 +305,44 @@ mod tests {
             sets: ct_sets(ct_table_len(1 << 16)),
         };
         assert_eq!(p.sets, 1 << 14);
-        let mut count = vec![0u32; p.sets as usize + 1];
-        for i in 0..(1u32 << 16) {
-            let k = Ct4Key {
-                src_addr: 0x0a00_0000 + (i >> 8),
-                dst_addr: 0xc0a8_0001,
-                src_port: (1024 + (i & 0xff)) as u16,
-                dst_port: 80,
-                proto: 6,
-                ..Default::default()
-            };
-            let s = ct_set_index(&k, p);
-            assert!((1..=p.sets).contains(&s));
-            count[s as usize] += 1;
+        let key = |src: u32, sport: u32, dir: u8| Ct4Key {
+            src_addr: src,
+            dst_addr: 0xc0a8_0001,
+            src_port: sport as u16,
+            dst_port: 80,
+            proto: 6,
+            dir,
+            _pad: 0,
+        };
+        // Many clients with a few ports each; one client with many ports
+        // (only the port's 16 bits differ), both directions.
+        let families: [Vec<Ct4Key>; 2] = [
+            (0..(1u32 << 16))
+                .map(|i| key(0x0a00_0000 + (i >> 8), 1024 + (i & 0xff), 0))
+                .collect(),
+            (0..(1u32 << 15))
+                .flat_map(|i| {
+                    [
+                        key(0x0a00_0001, 20000 + i, 0),
+                        key(0x0a00_0001, 20000 + i, 1),
+                    ]
+                })
+                .collect(),
+        ];
+        for keys in families {
+            let mut count = vec![0u32; p.sets as usize + 1];
+            for k in &keys {
+                let s = ct_set_index(k, p);
+                assert!((1..=p.sets).contains(&s));
+                count[s as usize] += 1;
+            }
+            // 4 a set on average: a fair hash leaves about e^-4 of the
+            // sets empty (300 of 16,384, as balls in bins) and none past 16.
+            let empty = count[1..].iter().filter(|c| **c == 0).count();
+            let most = count.iter().max().copied().unwrap_or(0);
+            assert!((200..420).contains(&empty), "{empty} empty sets");
+            assert!(most <= 16, "a set of {most} keys");
+            assert_eq!(count[0], 0, "index 0 holds the parameters");
         }
-        // 4 a set on average: a fair hash leaves about e^-4 of the sets
-        // empty (300 of 16,384, as balls in bins) and none past 16.
-        let empty = count[1..].iter().filter(|c| **c == 0).count();
-        let most = count.iter().max().copied().unwrap_or(0);
-        assert!((200..420).contains(&empty), "{empty} empty sets");
-        assert!(most <= 16, "a set of {most} keys");
-        assert_eq!(count[0], 0, "index 0 holds the parameters");
     }
 }

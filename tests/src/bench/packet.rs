@@ -352,7 +352,14 @@ pub fn profile(row: usize, seconds: f64) {
     let (np, _rec) = program(&pins, 1);
     // The established row's first call makes its flow (the rest hit it);
     // the SNATed reply's entry takes the rest of its fields from this.
-    let e = lb_common::conntrack::Ct4Entry::default();
+    // Made now: an entry of time 0 would be expired on a machine up for
+    // longer than an established flow's lifetime.
+    let now = lbctl::cli::conntrack::now_s();
+    let e = lb_common::conntrack::Ct4Entry {
+        created_s: now,
+        last_seen_s: now,
+        ..Default::default()
+    };
     xdp_rows(&dev, &pins, 10, np, &e, Measure::Loop { row, seconds });
 }
 
