@@ -116,14 +116,18 @@ const _: () = assert!(CT_WAYS.is_power_of_two());
 /// whose check does not match is being written, or was torn by two CPUs
 /// writing it at once, and counts as empty. Index 0 of the table holds no
 /// flows but the table's parameters ([`Ct4Params`]).
+/// `meta[i]` is what choosing a way to give up needs ([`ct_meta`]: when
+/// the flow expires, whether it was answered), kept next to the keys so a
+/// new flow reads one cache line of the set, not its four entries.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Ct4Set {
-    pub check: [u64; CT_WAYS],
+    pub check: [u32; CT_WAYS],
+    pub meta: [u32; CT_WAYS],
     pub keys: [Ct4Key; CT_WAYS],
     pub entries: [Ct4Entry; CT_WAYS],
 }
-const _: () = assert!(core::mem::size_of::<Ct4Set>() == 32 + 16 * CT_WAYS + 56 * CT_WAYS);
+const _: () = assert!(core::mem::size_of::<Ct4Set>() == 8 * CT_WAYS + 16 * CT_WAYS + 56 * CT_WAYS);
 
 user_pod!(Ct4Set);
 
@@ -144,16 +148,16 @@ impl Ct4Params {
     #[inline(always)]
     pub fn of(head: &Ct4Set) -> Self {
         Ct4Params {
-            seed: head.check[0] as u32,
-            sets: head.check[1] as u32,
+            seed: head.check[0],
+            sets: head.check[1],
         }
     }
 
     /// The table's index 0 holding these parameters.
     pub fn head(self) -> Ct4Set {
         let mut s = Ct4Set::default();
-        s.check[0] = self.seed as u64;
-        s.check[1] = self.sets as u64;
+        s.check[0] = self.seed;
+        s.check[1] = self.sets;
         s
     }
 }
@@ -207,12 +211,12 @@ pub fn ct_set_index(k: &Ct4Key, p: Ct4Params) -> u32 {
 /// It tells a whole way from a torn one (two flows' halves), not an
 /// adversary's forgery: nothing outside writes the table.
 #[inline(always)]
-pub fn ct_check(k: &Ct4Key, e: &Ct4Entry) -> u64 {
+pub fn ct_check(k: &Ct4Key, e: &Ct4Entry) -> u32 {
     let (a, b) = key_words(k);
     let c = ((e.nat_src_addr as u64) << 32) | e.nat_dst_addr as u64;
     let d = ((e.nat_src_port as u64) << 48) | ((e.nat_dst_port as u64) << 32) | e.created_s as u64;
     let f = ((e.service_id as u64) << 32) | e.backend_id as u64;
-    mix2(mix2(a, b) ^ c, d ^ f.rotate_left(16)) | 1
+    (mix2(mix2(a, b) ^ c, d ^ f.rotate_left(16)) as u32) | 1
 }
 
 /// Whether a way holds a flow (its entry has a lifetime; a removed or
@@ -222,20 +226,28 @@ pub fn ct_occupied(e: &Ct4Entry) -> bool {
     e.lifetime_s != 0
 }
 
-/// How little a way has to lose at `now`, lowest first: empty or expired,
-/// then flows that never had a reply (a SYN flood's), then the rest; the
-/// oldest first within each.
+/// A way's `meta` for its entry `e`: when it expires (`last_seen_s +
+/// lifetime_s`, to 2 s) in the upper 31 bits, whether it was answered
+/// (`CT_SEEN_REPLY`) in bit 0. An empty way's is 0: long expired.
 #[inline(always)]
-pub fn ct_victim_rank(e: &Ct4Entry, now: u32) -> u64 {
-    let age = now.wrapping_sub(e.last_seen_s);
-    let class: u64 = if !ct_occupied(e) || age > e.lifetime_s {
+pub fn ct_meta(e: &Ct4Entry) -> u32 {
+    (e.last_seen_s.wrapping_add(e.lifetime_s) & !1) | u32::from(e.flags & CT_SEEN_REPLY != 0)
+}
+
+/// How little a way whose `meta` is this has to lose at `now`, lowest
+/// first: empty or expired, then flows that never had a reply (a SYN
+/// flood's), then the rest; the soonest to expire first within each.
+#[inline(always)]
+pub fn ct_victim_rank(meta: u32, now: u32) -> u64 {
+    let expires = meta & !1;
+    let class: u64 = if now.wrapping_sub(expires) as i32 > 0 {
         0
-    } else if e.flags & CT_SEEN_REPLY == 0 {
+    } else if meta & 1 == 0 {
         1
     } else {
         2
     };
-    (class << 32) | (u32::MAX - age) as u64
+    (class << 32) | expires.wrapping_sub(now) as u64
 }
 
 /// A fragmented datagram as its fragments carry it: only the first has the

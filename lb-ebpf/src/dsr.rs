@@ -159,7 +159,7 @@ fn remember(inner: &Packet, (addr, port): FrontendAddr) {
         dir: CT_REPLY,
         _pad: 0,
     };
-    if let Some(e) = conntrack::lookup(&rkey, now)
+    if let Some(mut e) = conntrack::lookup(&rkey, now)
         && e.flags & CT_DSR != 0
         && e.nat_src_addr == addr
         && e.nat_src_port == port
@@ -168,7 +168,7 @@ fn remember(inner: &Packet, (addr, port): FrontendAddr) {
             dir: CT_ORIGINAL,
             ..rkey
         };
-        conntrack::touch(&as_client, e, inner, inner.len, now);
+        conntrack::touch(&as_client, &mut e, inner, inner.len, now);
         return;
     }
     // The frontend's counters when this node has the same frontend (a

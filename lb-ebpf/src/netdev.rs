@@ -134,13 +134,13 @@ fn from_outside<D: Device>(dev: &D) -> i32 {
     // A packet of a known flow from the client.
     let k = conntrack::key(&pkt, CT_ORIGINAL);
     let mut new_verdict = V_FORWARD_NEW;
-    if let Some(e) = conntrack::lookup(&k, now) {
-        match still_served(e, &pkt) {
+    if let Some(mut e) = conntrack::lookup(&k, now) {
+        match still_served(&e, &pkt) {
             Served::Yes => {
-                let Some(way) = way_of(dev, &pkt, e, now) else {
+                let Some(way) = way_of(dev, &pkt, &e, now) else {
                     return dev.to_tc();
                 };
-                conntrack::touch(&k, e, &pkt, len, now);
+                conntrack::touch(&k, &mut e, &pkt, len, now);
                 let e = *e;
                 stats::packet(e.service_id, len);
                 stats::backend_packet(e.backend_id, len);
@@ -305,11 +305,11 @@ fn from_outside<D: Device>(dev: &D) -> i32 {
 #[inline(always)]
 fn reply<D: Device>(dev: &D, pkt: &Packet, now: u32, len: u32) -> Option<i32> {
     let k = conntrack::key(pkt, CT_REPLY);
-    let e = conntrack::lookup(&k, now)?;
-    let Some(way) = way_of(dev, pkt, e, now) else {
+    let mut e = conntrack::lookup(&k, now)?;
+    let Some(way) = way_of(dev, pkt, &e, now) else {
         return Some(dev.to_tc());
     };
-    conntrack::touch(&k, e, pkt, len, now);
+    conntrack::touch(&k, &mut e, pkt, len, now);
     let e = *e;
     stats::packet(e.service_id, len);
     stats::backend_packet(e.backend_id, len);
@@ -374,7 +374,7 @@ pub fn to_netdev(ctx: &TcContext) -> i32 {
     }
     let k = conntrack::key(&pkt, CT_REPLY);
     let now = now_s();
-    let Some(e) = conntrack::lookup(&k, now) else {
+    let Some(mut e) = conntrack::lookup(&k, now) else {
         return TC_ACT_OK;
     };
     // SNATed flows' replies arrive on ingress; only local backends' here.
@@ -382,7 +382,7 @@ pub fn to_netdev(ctx: &TcContext) -> i32 {
         return TC_ACT_OK;
     }
     let len = ctx.len();
-    conntrack::touch(&k, e, &pkt, len, now);
+    conntrack::touch(&k, &mut e, &pkt, len, now);
     let e = *e;
     // A DSR flow's frontend may be another node's (a NodePort of its
     // address): nothing here to count it under.

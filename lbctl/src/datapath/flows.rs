@@ -11,8 +11,8 @@ use std::{borrow::Borrow, io, os::fd::AsFd};
 
 use aya::maps::MapData;
 use lb_common::conntrack::{
-    CT_WAYS, Ct4Entry, Ct4Key, Ct4Params, Ct4Set, ct_check, ct_occupied, ct_set_index, ct_sets,
-    ct_victim_rank,
+    CT_WAYS, Ct4Entry, Ct4Key, Ct4Params, Ct4Set, ct_check, ct_meta, ct_occupied, ct_set_index,
+    ct_sets, ct_victim_rank,
 };
 
 /// The flow table behind a map's descriptor (owned or borrowed).
@@ -113,6 +113,7 @@ impl<T: Borrow<MapData>> FlowTable<T> {
         let w = way_of(&set, k).unwrap_or_else(|| victim(&set, e.last_seen_s));
         set.keys[w] = *k;
         set.entries[w] = *e;
+        set.meta[w] = ct_meta(e);
         set.check[w] = ct_check(k, e);
         self.write(i, &set)
     }
@@ -125,6 +126,7 @@ impl<T: Borrow<MapData>> FlowTable<T> {
         };
         set.keys[w] = Ct4Key::default();
         set.entries[w] = Ct4Entry::default();
+        set.meta[w] = 0;
         set.check[w] = 0;
         self.write(i, &set).map(|()| true)
     }
@@ -161,7 +163,7 @@ fn way_of(set: &Ct4Set, k: &Ct4Key) -> Option<usize> {
 /// The way a new flow takes at `now`, as the programs choose it.
 fn victim(set: &Ct4Set, now: u32) -> usize {
     (0..CT_WAYS)
-        .min_by_key(|&w| ct_victim_rank(&set.entries[w], now))
+        .min_by_key(|&w| ct_victim_rank(set.meta[w], now))
         .unwrap_or(0)
 }
 
@@ -250,23 +252,31 @@ mod tests {
 
     #[test]
     fn a_full_set_gives_up_expired_then_unanswered_then_oldest() {
-        let mut set = Ct4Set {
-            entries: [
-                entry(100, 60, CT_SEEN_REPLY),
-                entry(90, 60, CT_SEEN_REPLY),
-                entry(95, 60, 0),
-                entry(99, 60, 0),
-            ],
+        let with = |entries: [Ct4Entry; CT_WAYS]| Ct4Set {
+            meta: entries.map(|e| ct_meta(&e)),
+            entries,
             ..Default::default()
         };
-        assert_eq!(victim(&set, 100), 2, "the older of the unanswered");
-        set.entries[3] = entry(10, 60, CT_SEEN_REPLY);
-        assert_eq!(victim(&set, 100), 3, "expired first");
-        set.entries[0] = Ct4Entry::default();
-        assert_eq!(victim(&set, 100), 0, "an empty way first");
-        set.entries = [entry(100, 60, CT_SEEN_REPLY); CT_WAYS];
-        set.entries[1].last_seen_s = 50;
-        assert_eq!(victim(&set, 100), 1, "the oldest answered flow last");
+        let mut ways = [
+            entry(1000, 60, CT_SEEN_REPLY),
+            entry(990, 60, CT_SEEN_REPLY),
+            entry(995, 60, 0),
+            entry(999, 60, 0),
+        ];
+        assert_eq!(victim(&with(ways), 1000), 2, "the older of the unanswered");
+        ways[3] = entry(910, 60, CT_SEEN_REPLY);
+        assert_eq!(victim(&with(ways), 1000), 3, "expired first");
+        ways[0] = Ct4Entry::default();
+        assert_eq!(victim(&with(ways), 1000), 0, "an empty way first");
+        let mut ways = [entry(1000, 3600, CT_SEEN_REPLY); CT_WAYS];
+        ways[1].last_seen_s = 950;
+        assert_eq!(
+            victim(&with(ways), 1000),
+            1,
+            "the least recent answered flow last"
+        );
+        ways[2].lifetime_s = 10;
+        assert_eq!(victim(&with(ways), 1000), 2, "a closing flow before");
     }
 
     #[test]
