@@ -71,7 +71,7 @@ impl<T: Borrow<MapData>> FlowTable<T> {
     fn read(&self, index: u32) -> io::Result<Ct4Set> {
         let mut set = Ct4Set::default();
         elem(
-            BPF_MAP_LOOKUP_ELEM,
+            super::migrate::BPF_MAP_LOOKUP_ELEM,
             self.map.borrow(),
             index,
             (&mut set as *mut Ct4Set).cast(),
@@ -81,7 +81,7 @@ impl<T: Borrow<MapData>> FlowTable<T> {
 
     fn write(&self, index: u32, set: &Ct4Set) -> io::Result<()> {
         elem(
-            BPF_MAP_UPDATE_ELEM,
+            super::migrate::BPF_MAP_UPDATE_ELEM,
             self.map.borrow(),
             index,
             (set as *const Ct4Set).cast_mut().cast(),
@@ -210,29 +210,9 @@ fn random_u32() -> io::Result<u32> {
     Ok(u32::from_ne_bytes(b))
 }
 
-const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
-const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
-
-/// `union bpf_attr` for the map element commands.
-#[repr(C)]
-struct ElemAttr {
-    map_fd: u32,
-    _pad: u32,
-    key: u64,
-    value: u64,
-    flags: u64,
-}
-
+/// A lookup or update of the set at `index`.
 fn elem(cmd: libc::c_long, map: &MapData, index: u32, value: *mut u8) -> io::Result<()> {
-    use std::os::fd::AsRawFd;
-    let mut attr = ElemAttr {
-        map_fd: map.fd().as_fd().as_raw_fd() as u32,
-        _pad: 0,
-        key: &index as *const u32 as u64,
-        value: value as u64,
-        flags: 0,
-    };
-    super::link::bpf(cmd, &mut attr).map(|_| ())
+    super::migrate::map_elem(cmd, map.fd().as_fd(), Some(&index.to_ne_bytes()), value, 0)
 }
 
 #[cfg(test)]

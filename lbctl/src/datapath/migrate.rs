@@ -285,8 +285,8 @@ fn copy(from: BorrowedFd, to: BorrowedFd, name: &str, def: MapDef) -> io::Result
 }
 
 const BPF_MAP_TYPE_ARRAY: u32 = 2;
-const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
-const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
+pub(super) const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
+pub(super) const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
 const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
 const BPF_OBJ_PIN: libc::c_long = 6;
 
@@ -300,7 +300,9 @@ struct ElemAttr {
     flags: u64,
 }
 
-fn map_elem(
+/// One map element command (`BPF_MAP_*_ELEM`, `BPF_MAP_GET_NEXT_KEY`) on
+/// `fd`: `key` (None: the first key), `value` the buffer read or written.
+pub(super) fn map_elem(
     cmd: libc::c_long,
     fd: BorrowedFd,
     key: Option<&[u8]>,
