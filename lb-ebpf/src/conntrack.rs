@@ -1,5 +1,8 @@
 //! Per-packet flow state for the device path: lookup with expiry, touch with
-//! TCP-aware lifetimes, and creation of both directions of a flow.
+//! TCP-aware lifetimes, and creation of both directions of a flow, in the
+//! set-associative flow table (`lb_common::conntrack::Ct4Set`: layout,
+//! hashes and the choice of a way to give up live there, shared with user
+//! space). The probes are global BPF functions (`lb_ct_*`), verified once.
 
 use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use lb_common::{
