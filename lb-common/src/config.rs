@@ -117,12 +117,85 @@ impl Config {
 
 user_pod!(Config);
 
+/// How many of the node's own addresses `NodeAddrs4` holds. A node with
+/// more has the rest found through the address map, as any other address.
+pub const MAX_NODE_ADDRS: usize = 7;
+
+/// The node's own addresses (the NodePort addresses and the SNAT address,
+/// wire order), `LB4_NODE_ADDRS_V1[0]`, written by the agent. Most traffic
+/// a node's device path translates is to one of them (NodePorts, the
+/// replies of SNATed flows): the program knows them from these few
+/// compares on one cache line, without the address map's hash lookup.
+/// None of them is a ClusterIP, so the address map's flags would have
+/// said nothing more. Empty (an agent that never wrote it): every address
+/// is looked up.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NodeAddrs4 {
+    pub count: u32,
+    pub addrs: [u32; MAX_NODE_ADDRS],
+}
+const _: () = assert!(core::mem::size_of::<NodeAddrs4>() == 32);
+
+impl NodeAddrs4 {
+    /// The first [`MAX_NODE_ADDRS`] of `addrs` (wire order), each once,
+    /// and how many were left out.
+    pub fn new(addrs: impl IntoIterator<Item = u32>) -> (Self, usize) {
+        let mut n = Self::default();
+        let mut left_out = 0;
+        for a in addrs {
+            if n.list().any(|b| b == a) {
+                continue;
+            }
+            if (n.count as usize) < MAX_NODE_ADDRS {
+                n.addrs[n.count as usize] = a;
+                n.count += 1;
+            } else {
+                left_out += 1;
+            }
+        }
+        (n, left_out)
+    }
+
+    /// Whether `addr` (wire order) is one of them.
+    #[inline(always)]
+    pub fn contains(&self, addr: u32) -> bool {
+        let mut i = 0;
+        while i < MAX_NODE_ADDRS {
+            if (i as u32) < self.count && self.addrs[i] == addr {
+                return true;
+            }
+            i += 1;
+        }
+        false
+    }
+
+    /// The addresses held (wire order).
+    pub fn list(&self) -> impl Iterator<Item = u32> + '_ {
+        self.addrs[..(self.count as usize).min(MAX_NODE_ADDRS)]
+            .iter()
+            .copied()
+    }
+}
+
+user_pod!(NodeAddrs4);
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn wire(a: [u8; 4]) -> u32 {
         u32::from_ne_bytes(a)
+    }
+
+    #[test]
+    fn node_addresses_are_kept_once_up_to_the_limit() {
+        let (n, left_out) = NodeAddrs4::new([1, 2, 1, 3, 4, 5, 6, 7, 8, 9]);
+        assert!(n.list().eq([1, 2, 3, 4, 5, 6, 7]));
+        assert_eq!(left_out, 2);
+        assert!(n.contains(7) && !n.contains(8) && !n.contains(0));
+        let (empty, _) = NodeAddrs4::new([]);
+        assert!(!empty.contains(0), "an unused slot holds no address");
     }
 
     #[test]

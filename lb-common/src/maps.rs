@@ -22,6 +22,9 @@ pub const AGENT_STATUS: &str = "LB_AGENT_V1";
 /// A bit per destination port the device path looks further at
 /// (`crate::ports`).
 pub const PORTS: &str = "LB_PORTS_V1";
+/// The node's own addresses, known without the address map's lookup
+/// (`crate::config::NodeAddrs4`).
+pub const NODE_ADDRS4: &str = "LB4_NODE_ADDRS_V1";
 
 /// Every map the agent pins, in the order `lbctl` lists them.
 pub const ALL: &[&str] = &[
@@ -44,6 +47,7 @@ pub const ALL: &[&str] = &[
     BACKEND_STATS,
     AGENT_STATUS,
     PORTS,
+    NODE_ADDRS4,
 ];
 
 /// Maps from an earlier layout that the agent removes when it finds them

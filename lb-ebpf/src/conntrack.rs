@@ -4,7 +4,7 @@
 //! hashes and the choice of a way to give up live there, shared with user
 //! space). The probes are global BPF functions (`lb_ct_*`), verified once.
 
-use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
+use aya_ebpf::helpers::{bpf_jiffies64, bpf_ktime_get_coarse_ns};
 use lb_common::{
     PROTO_TCP,
     conntrack::{
@@ -16,12 +16,45 @@ use lb_common::{
 };
 
 use crate::{
-    maps::CONNTRACK4,
+    maps::{CLOCK, CONNTRACK4},
     parse::{Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
 
+/// A CPU's last reading of the coarse clock (`LB_CLOCK`).
+#[repr(C)]
+pub struct Clock {
+    jiffies: u64,
+    secs: u64,
+}
+
+/// CLOCK_MONOTONIC_COARSE in whole seconds, the time of the flow table
+/// (and of `lbctl`, which reads it with clock_gettime). The coarse clock
+/// moves only at a tick, when jiffies does: each CPU reads it once a tick
+/// and keeps the second. A packet pays one load of jiffies (the verifier
+/// inlines `bpf_jiffies64`) and a per-CPU array lookup (inlined too), not
+/// the helper's call, the timekeeper's sequence lock and a 64-bit
+/// division (a tenth of an established packet's time before). Jiffies is
+/// incremented just before the clock at a tick: a CPU may keep the
+/// previous tick's second for one tick, as late as the coarse clock is
+/// anyway.
 #[inline(always)]
 pub fn now_s() -> u32 {
+    // SAFETY: helper without arguments.
+    let jiffies = unsafe { bpf_jiffies64() };
+    let Some(c) = CLOCK.get_ptr_mut(0) else {
+        return read_clock();
+    };
+    // SAFETY: per-CPU slot: only this CPU's programs use it, one at a time.
+    let c = unsafe { &mut *c };
+    if c.jiffies != jiffies {
+        c.secs = read_clock() as u64;
+        c.jiffies = jiffies;
+    }
+    c.secs as u32
+}
+
+#[inline(always)]
+fn read_clock() -> u32 {
     // SAFETY: helper without arguments.
     (unsafe { bpf_ktime_get_coarse_ns() } / 1_000_000_000) as u32
 }

@@ -7,7 +7,7 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap},
 };
 use lb_common::{
-    config::Config,
+    config::{Config, NodeAddrs4},
     conntrack::{Ct4Set, Frag4Key, Frag4Ports, ct_table_len},
     counters::{BackendStats, MAX_VERDICTS, ServiceStats},
     maps::{
@@ -120,6 +120,10 @@ pub static CONFIG: Array<Config> = Array::pinned(1, 0);
 #[map(name = "LB_PORTS_V1")]
 pub static PORTS: Array<u64> = Array::pinned(lb_common::ports::PORT_WORDS, 0);
 
+/// The node's own addresses (`lb_common::config::NodeAddrs4`), one entry.
+#[map(name = "LB4_NODE_ADDRS_V1")]
+pub static NODE_ADDRS4: Array<NodeAddrs4> = Array::pinned(1, 0);
+
 /// Whether the device path must look further at a packet to `port` (wire
 /// order): true unless the agent's port map says no frontend and no SNAT
 /// range has it.
@@ -127,6 +131,12 @@ pub static PORTS: Array<u64> = Array::pinned(lb_common::ports::PORT_WORDS, 0);
 pub fn port_in_use(port: u16) -> bool {
     let (word, bit) = lb_common::ports::port_bit(u16::from_be(port));
     PORTS.get(word).is_none_or(|w| w & bit != 0)
+}
+
+/// Whether `addr` is one of the node's own addresses (never a ClusterIP).
+#[inline(always)]
+pub fn is_node_addr(addr: u32) -> bool {
+    NODE_ADDRS4.get(0).is_some_and(|n| n.contains(addr))
 }
 
 /// Room to build a packet's new headers (a refusal, a translated ICMP
@@ -145,6 +155,11 @@ pub static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
 /// reload starts afresh.
 #[map(name = "LB_FLOOD")]
 pub static FLOOD: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// The coarse clock's second as this CPU last read it, and the jiffy it
+/// read it in (`conntrack::now_s`). Never pinned: a reload starts afresh.
+#[map(name = "LB_CLOCK")]
+pub static CLOCK: PerCpuArray<crate::conntrack::Clock> = PerCpuArray::with_max_entries(1, 0);
 
 /// The FIB's recent answers, per CPU (`route::lookup_from`). Never
 /// pinned: a reload starts afresh.

@@ -96,9 +96,17 @@ fn from_outside<D: Device>(dev: &D) -> i32 {
         return dev.pass();
     }
     // Every packet this path translates is addressed to a frontend or an
-    // SNAT address: anything else leaves after one lookup.
+    // SNAT address: anything else leaves after one lookup. The node's own
+    // addresses (NodePorts, SNATed flows' replies: most of what comes
+    // here) are known without it, and are no ClusterIP (flags 0).
+    let node_addr = maps::is_node_addr(pkt.dst_addr);
     // SAFETY: copied out at once.
-    let Some(addr_flags) = (unsafe { ADDRS4.get(pkt.dst_addr) }).copied() else {
+    let addr_flags = if node_addr {
+        Some(0)
+    } else {
+        (unsafe { ADDRS4.get(pkt.dst_addr) }).copied()
+    };
+    let Some(addr_flags) = addr_flags else {
         // An address of the service CIDR that no Service has: nothing is
         // there (kube-proxy's nftables mode drops it).
         if CONFIG

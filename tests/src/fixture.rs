@@ -71,7 +71,10 @@ pub fn program(pins: &Path, yaml: &str, node: &NodeInfo) -> Reconciler<ServiceMa
         "fixture objects: {:?}",
         desired.errors
     );
-    let maps = ServiceMaps::open(pins).expect("open pinned maps");
+    let mut maps = ServiceMaps::open(pins).expect("open pinned maps");
+    // The node's own addresses, as the agent writes them.
+    maps.set_node_addrs(node.own_addrs4().0)
+        .expect("write the node's addresses");
     let mut rec = Reconciler::adopt(maps).expect("adopt maps");
     rec.reconcile(&desired).expect("reconcile");
     rec

@@ -286,7 +286,7 @@ fn case(
 
 #[test]
 fn device_path_cases() {
-    device_path(false);
+    device_path(false, true);
 }
 
 /// The same cases with the XDP program in front of tc: every packet XDP
@@ -294,10 +294,26 @@ fn device_path_cases() {
 /// out of tc as before.
 #[test]
 fn device_path_cases_in_xdp() {
-    device_path(true);
+    device_path(true, true);
 }
 
-fn device_path(xdp: bool) {
+/// The same cases with no node address known without a lookup (as under
+/// an agent that never wrote `LB4_NODE_ADDRS_V1`, or the node's addresses
+/// past the ones it holds): every address goes through the address map,
+/// with the same outcome.
+#[test]
+fn device_path_cases_looking_up_every_address() {
+    device_path(false, false);
+}
+
+#[test]
+fn device_path_cases_in_xdp_looking_up_every_address() {
+    device_path(true, false);
+}
+
+/// `node_addrs`: the node's addresses are in `LB4_NODE_ADDRS_V1`, as the
+/// agent writes them.
+fn device_path(xdp: bool, node_addrs: bool) {
     require_root();
     sweep();
     let (fs, mut ebpf) = fixture::datapath();
@@ -323,6 +339,10 @@ fn device_path(xdp: bool) {
     };
     let _rec = fixture::program(&pins, MANIFESTS, &node);
     let mut maps = ServiceMaps::open(&pins).unwrap();
+    assert_eq!(maps.node_addrs().unwrap().list().count(), 1);
+    if !node_addrs {
+        maps.set_node_addrs(Default::default()).unwrap();
+    }
     // Two service CIDRs, as the agent writes them from --service-cidr or
     // the API's ServiceCIDR objects.
     let mut config = lb_common::config::Config::default();

@@ -172,6 +172,18 @@ pub const DEFAULT_WEIGHT: u16 = 100;
 pub const MAX_WEIGHT: u16 = 10_000;
 
 impl NodeInfo {
+    /// The node's own addresses as the device path holds them
+    /// (`LB4_NODE_ADDRS_V1`): the NodePort addresses, then the SNAT
+    /// address; and how many did not fit (found through the address map).
+    pub fn own_addrs4(&self) -> (lb_common::config::NodeAddrs4, usize) {
+        lb_common::config::NodeAddrs4::new(
+            self.addresses
+                .iter()
+                .chain(self.snat.iter())
+                .map(|a| lb_common::ip4(a.octets())),
+        )
+    }
+
     /// Node facts from the agent's flags and, where a flag is not given,
     /// the Node object: NodePort addresses are its InternalIP/ExternalIP
     /// addresses, SNAT the first of them, the zone its topology label.

@@ -338,6 +338,7 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
     // The Node object last seen (None inside: none of this name).
     let mut last_node: Option<Option<Node>> = None;
     let mut last_config = None;
+    let mut last_node_addrs = None;
     // The service CIDRs in force (from the flag, or the API once listed).
     let mut cidrs: Vec<(Ipv4Addr, u8)> = match &cfg.service_cidrs {
         ServiceCidrs::Given(v) => v.clone(),
@@ -539,6 +540,20 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
                 .set_config(config)
                 .context("writing datapath config")?;
             last_config = Some(config);
+        }
+        let (own, left_out) = node.own_addrs4();
+        if last_node_addrs != Some(own) {
+            rec.writer
+                .set_node_addrs(own)
+                .context("writing the node's addresses")?;
+            if left_out > 0 {
+                info!(
+                    held = lb_common::config::MAX_NODE_ADDRS,
+                    left_out,
+                    "more node addresses than the datapath holds: the rest are found through the address map"
+                );
+            }
+            last_node_addrs = Some(own);
         }
         if store.is_dirty() {
             health.pending();

@@ -11,7 +11,7 @@ use aya::maps::{
     lpm_trie::{Key as TrieKey, LpmTrie},
 };
 use lb_common::{
-    config::Config,
+    config::{Config, NodeAddrs4},
     counters::{BackendStats, MAX_VERDICTS, ServiceStats},
     maps as names,
     service::{
@@ -176,6 +176,8 @@ pub struct ServiceMaps {
     pub agent: Array<MapData, AgentStatus>,
     /// A bit per port the device path looks further at.
     pub ports: Array<MapData, u64>,
+    /// The node's own addresses, known to the device path without a lookup.
+    pub node_addrs: Array<MapData, NodeAddrs4>,
     /// Descriptors for batched writes (aya's maps do not lend theirs).
     batch_fds: super::batch_writer::Fds,
 }
@@ -208,6 +210,7 @@ impl ServiceMaps {
             backend_stats: typed!(dir, names::BACKEND_STATS, PerCpuHashMap<MapData, u32, BackendStats>),
             agent: typed!(dir, names::AGENT_STATUS, Array<MapData, AgentStatus>),
             ports: typed!(dir, names::PORTS, Array<MapData, u64>),
+            node_addrs: typed!(dir, names::NODE_ADDRS4, Array<MapData, NodeAddrs4>),
             batch_fds: Default::default(),
         })
     }
@@ -267,6 +270,15 @@ impl ServiceMaps {
 
     pub fn set_config(&mut self, c: Config) -> Result<(), AyaMapError> {
         self.config.set(0, c, 0)
+    }
+
+    /// The node's own addresses the agent wrote (none before it did).
+    pub fn node_addrs(&self) -> Result<NodeAddrs4, AyaMapError> {
+        self.node_addrs.get(&0, 0)
+    }
+
+    pub fn set_node_addrs(&mut self, n: NodeAddrs4) -> Result<(), AyaMapError> {
+        self.node_addrs.set(0, n, 0)
     }
 }
 

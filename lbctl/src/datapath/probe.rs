@@ -41,6 +41,7 @@ const SHARED: &[&str] = &[
     names::BACKENDS4,
     names::CONFIG,
     names::PORTS,
+    names::NODE_ADDRS4,
     names::SERVICE_META,
     names::NAMES,
     names::AGENT_STATUS,

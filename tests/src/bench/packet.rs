@@ -280,7 +280,8 @@ impl XdpDevice {
 
 /// Programs `n` Services x 10 backends into the maps pinned at `pins` as
 /// the agent does (the capacity the maps were made with, the SNAT range's
-/// ports in the port map, the config saying the map is whole); returns
+/// ports in the port map, the config saying the map is whole, the node's
+/// own addresses); returns
 /// Service 0's NodePort and the reconciler holding them.
 fn program(pins: &std::path::Path, n: usize) -> (u16, Reconciler<ServiceMaps>) {
     let node = node_info(NODE);
@@ -303,6 +304,9 @@ fn program(pins: &std::path::Path, n: usize) -> (u16, Reconciler<ServiceMaps>) {
             ..Default::default()
         })
         .expect("config");
+    rec.writer
+        .set_node_addrs(node.own_addrs4().0)
+        .expect("node addresses");
     (np, rec)
 }
 
@@ -339,17 +343,18 @@ impl Measure {
 /// The XDP rows by the names `bench --only profile --row NAME` takes.
 pub const XDP_PROFILE_ROWS: &[&str] = &["new", "established", "reply", "other"];
 
-/// `bench --only profile --row NAME [--seconds S]`: one XDP row, 1 Service
-/// x 10 backends programmed as the packet part does, run for `seconds`
+/// `bench --only profile --row NAME [--seconds S] [--services N]`: one XDP
+/// row, N (default 1) Services x 10 backends programmed as the packet part
+/// does, run for `seconds`
 /// (new flows: each call a new one, as in the rows, so conntrack fills
 /// and evicts as there) while `perf record -a` samples where the time
 /// goes (with `net.core.bpf_jit_kallsyms=1` the program and the helpers
 /// it calls are named).
-pub fn profile(row: usize, seconds: f64) {
+pub fn profile(row: usize, seconds: f64, services: usize) {
     let dev = XdpDevice::new();
-    let (fs, _ebpf) = fixture::datapath_for(10);
+    let (fs, _ebpf) = fixture::datapath_for(services * 10);
     let pins = fs.pins();
-    let (np, _rec) = program(&pins, 1);
+    let (np, _rec) = program(&pins, services);
     // The established row's first call makes its flow (the rest hit it);
     // the SNATed reply's entry takes the rest of its fields from this.
     // Made now: an entry of time 0 would be expired on a machine up for
@@ -360,7 +365,14 @@ pub fn profile(row: usize, seconds: f64) {
         last_seen_s: now,
         ..Default::default()
     };
-    xdp_rows(&dev, &pins, 10, np, &e, Measure::Loop { row, seconds });
+    xdp_rows(
+        &dev,
+        &pins,
+        services * 10,
+        np,
+        &e,
+        Measure::Loop { row, seconds },
+    );
 }
 
 /// The XDP rows for the maps pinned at `pins`, measured in the device's

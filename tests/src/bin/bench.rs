@@ -5,7 +5,8 @@
 //! still runs; `--only packet|e2e|control` runs one part; `--only agent
 //! [--services N,...]` the agent alone; `--only change [--services N]` one
 //! EndpointSlice change's latency; `--only profile --row new|established|
-//! reply|other [--seconds S]` one XDP row in a loop, for a profiler.
+//! reply|other [--seconds S] [--services N]` one XDP row in a loop, for a
+//! profiler.
 
 use std::path::PathBuf;
 
@@ -40,8 +41,9 @@ fn main() -> anyhow::Result<()> {
                 .join("bench")
         });
 
-    // `--only profile --row new|established|reply|other [--seconds S]`:
-    // one XDP row in a loop, for `perf record -a` (see `packet::profile`).
+    // `--only profile --row new|established|reply|other [--seconds S]
+    // [--services N]`: one XDP row in a loop, for `perf record -a` (see
+    // `packet::profile`), with N Services x 10 backends in the maps.
     if only.contains(&"profile") {
         let arg = |name: &str| args.windows(2).find(|w| w[0] == name).map(|w| w[1].clone());
         let row = arg("--row").unwrap_or_else(|| "new".into());
@@ -51,7 +53,14 @@ fn main() -> anyhow::Result<()> {
         let seconds = arg("--seconds")
             .and_then(|s| s.parse().ok())
             .unwrap_or(10.0);
-        packet::profile(row, seconds);
+        let services = services_arg(&args)
+            .map(|n| {
+                n.parse::<usize>()
+                    .map_err(|e| anyhow::anyhow!("--services {n}: {e}"))
+            })
+            .transpose()?
+            .unwrap_or(1);
+        packet::profile(row, seconds, services);
         return Ok(());
     }
     let mut progress = Progress::new();
