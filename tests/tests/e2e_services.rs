@@ -202,6 +202,12 @@ fn services_answer_from_pods_host_and_outside_on(path: DevicePath) {
             .as_u64()
             .is_some_and(|n| n >= 4536 + 3)
     });
+    // The node's address, known to the device path without a lookup.
+    assert_eq!(
+        status["datapath"]["node_addresses"],
+        serde_json::json!(["172.18.0.2"]),
+        "{status:#?}"
+    );
     let attachments = status["attachments"].as_array().unwrap();
     assert_eq!(
         attachments.len(),

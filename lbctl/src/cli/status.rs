@@ -183,14 +183,22 @@ pub struct DatapathView {
     /// Absent while it is not (no agent has written it whole yet).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub port_map_ports: Option<u32>,
+    /// The node's addresses the device path knows without a lookup
+    /// (`LB4_NODE_ADDRS_V1`); empty: every address is looked up.
+    pub node_addresses: Vec<String>,
 }
 
-/// `ports`: the port map's words.
+/// `ports`: the port map's words; `node`: the node's own addresses.
 pub fn datapath_view(
     c: &lb_common::config::Config,
     ports: &std::collections::BTreeMap<u32, u64>,
+    node: &lb_common::config::NodeAddrs4,
 ) -> DatapathView {
     DatapathView {
+        node_addresses: node
+            .list()
+            .map(|a| std::net::Ipv4Addr::from(lb_common::ip4_octets(a)).to_string())
+            .collect(),
         port_map_ports: (c.flags & lb_common::config::CFG_PORTS != 0)
             .then(|| ports.values().map(|w| w.count_ones()).sum()),
         snat_address: match c.snat_addr {
@@ -317,7 +325,11 @@ pub fn execute(args: Args) -> Result<()> {
         bpffs: pins.display().to_string(),
         layout_version: lb_common::LAYOUT_VERSION,
         agent,
-        datapath: datapath_view(&maps.config().unwrap_or_default(), &st.ports),
+        datapath: datapath_view(
+            &maps.config().unwrap_or_default(),
+            &st.ports,
+            &maps.node_addrs().unwrap_or_default(),
+        ),
         attachments,
         maps: [
             (lb_common::maps::ADDRS4, st.addrs.len()),
@@ -409,6 +421,14 @@ pub fn execute(args: Args) -> Result<()> {
                                 "{n} ports of frontends and SNAT ranges (other ports pass at once)"
                             ),
                             None => "not in force (every packet looked up)".into(),
+                        },
+                    ],
+                    vec![
+                        "node addresses".into(),
+                        if d.node_addresses.is_empty() {
+                            "none written (every address looked up)".into()
+                        } else {
+                            format!("{} (known without a lookup)", d.node_addresses.join(", "))
                         },
                     ],
                 ])
