@@ -34,10 +34,14 @@ pub fn lb_map_max_for(backends: usize) -> u32 {
 /// As [`datapath`], with the Service maps sized as `--lb-map-max` would
 /// size them for `backends` backends.
 pub fn datapath_for(backends: usize) -> (Bpffs, aya::Ebpf) {
+    datapath_sized(&map_sizes_for(backends))
+}
+
+/// As [`datapath`], with these map sizes (by name).
+pub fn datapath_sized(sizes: &std::collections::BTreeMap<String, u32>) -> (Bpffs, aya::Ebpf) {
     let fs = Bpffs::new();
     pins::prepare(&fs.pins()).expect("pin folder");
-    let (ebpf, _) = load::load_with(&fs.pins(), false, &map_sizes_for(backends))
-        .expect("load the embedded object");
+    let (ebpf, _) = load::load_with(&fs.pins(), false, sizes).expect("load the embedded object");
     (fs, ebpf)
 }
 

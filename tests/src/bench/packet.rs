@@ -216,7 +216,8 @@ pub fn run(quick: bool, progress: &mut Progress) -> Results {
             rounds: n_rounds,
             calls,
         };
-        for (row, cost) in xdp_rows(&dev, &pins, n * 10, np, &est_entry, measure)
+        let sizes = fixture::map_sizes_for(n * 10);
+        for (row, cost) in xdp_rows(&dev, &pins, &sizes, np, &est_entry, measure)
             .into_iter()
             .enumerate()
         {
@@ -343,16 +344,25 @@ impl Measure {
 /// The XDP rows by the names `bench --only profile --row NAME` takes.
 pub const XDP_PROFILE_ROWS: &[&str] = &["new", "established", "reply", "other"];
 
-/// `bench --only profile --row NAME [--seconds S] [--services N]`: one XDP
-/// row, N (default 1) Services x 10 backends programmed as the packet part
-/// does, run for `seconds`
+/// `bench --only profile --row NAME [--seconds S] [--services N] [--conntrack-max
+/// N]`: one XDP row, N (default 1) Services x 10 backends programmed as the
+/// packet part does, in a flow table of N entries (flow directions;
+/// default the object's, 65,536, as the agent's `--conntrack-max`), run
+/// for `seconds`
 /// (new flows: each call a new one, as in the rows, so conntrack fills
 /// and evicts as there) while `perf record -a` samples where the time
 /// goes (with `net.core.bpf_jit_kallsyms=1` the program and the helpers
 /// it calls are named).
-pub fn profile(row: usize, seconds: f64, services: usize) {
+pub fn profile(row: usize, seconds: f64, services: usize, entries: Option<u32>) {
     let dev = XdpDevice::new();
-    let (fs, _ebpf) = fixture::datapath_for(services * 10);
+    let mut sizes = fixture::map_sizes_for(services * 10);
+    if let Some(n) = entries {
+        sizes.insert(
+            lb_common::maps::CONNTRACK4.to_string(),
+            lb_common::conntrack::ct_table_len(n),
+        );
+    }
+    let (fs, _ebpf) = fixture::datapath_sized(&sizes);
     let pins = fs.pins();
     let (np, _rec) = program(&pins, services);
     // The established row's first call makes its flow (the rest hit it);
@@ -365,14 +375,7 @@ pub fn profile(row: usize, seconds: f64, services: usize) {
         last_seen_s: now,
         ..Default::default()
     };
-    xdp_rows(
-        &dev,
-        &pins,
-        services * 10,
-        np,
-        &e,
-        Measure::Loop { row, seconds },
-    );
+    xdp_rows(&dev, &pins, &sizes, np, &e, Measure::Loop { row, seconds });
 }
 
 /// The XDP rows for the maps pinned at `pins`, measured in the device's
@@ -383,7 +386,7 @@ pub fn profile(row: usize, seconds: f64, services: usize) {
 fn xdp_rows(
     dev: &XdpDevice,
     pins: &std::path::Path,
-    backends: usize,
+    sizes: &std::collections::BTreeMap<String, u32>,
     np: u16,
     est: &lb_common::conntrack::Ct4Entry,
     measure: Measure,
@@ -392,6 +395,7 @@ fn xdp_rows(
     let netns = format!("/run/netns/{}", dev.ns.name);
     let ifindex = dev.ifindex;
     let pins = pins.to_path_buf();
+    let sizes = sizes.clone();
     let est = *est;
     std::thread::spawn(move || {
         use std::os::fd::AsRawFd;
@@ -404,7 +408,6 @@ fn xdp_rows(
         );
         // The sizes the maps were made with: the object's own would
         // migrate them down (at 100,000 Services dropping addresses).
-        let sizes = fixture::map_sizes_for(backends);
         let (mut ebpf, _) = load::load_with(&pins, false, &sizes).expect("load");
         let p: &mut Xdp = ebpf
             .program_mut("lb_xdp_from_netdev")

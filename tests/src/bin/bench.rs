@@ -5,8 +5,8 @@
 //! still runs; `--only packet|e2e|control` runs one part; `--only agent
 //! [--services N,...]` the agent alone; `--only change [--services N]` one
 //! EndpointSlice change's latency; `--only profile --row new|established|
-//! reply|other [--seconds S] [--services N]` one XDP row in a loop, for a
-//! profiler.
+//! reply|other [--seconds S] [--services N] [--conntrack-max N]` one XDP row in a
+//! loop, for a profiler.
 
 use std::path::PathBuf;
 
@@ -42,8 +42,9 @@ fn main() -> anyhow::Result<()> {
         });
 
     // `--only profile --row new|established|reply|other [--seconds S]
-    // [--services N]`: one XDP row in a loop, for `perf record -a` (see
-    // `packet::profile`), with N Services x 10 backends in the maps.
+    // [--services N] [--conntrack-max N]`: one XDP row in a loop, for `perf record
+    // -a` (see `packet::profile`), with N Services x 10 backends in the
+    // maps and a flow table of N entries (flow directions).
     if only.contains(&"profile") {
         let arg = |name: &str| args.windows(2).find(|w| w[0] == name).map(|w| w[1].clone());
         let row = arg("--row").unwrap_or_else(|| "new".into());
@@ -60,7 +61,13 @@ fn main() -> anyhow::Result<()> {
             })
             .transpose()?
             .unwrap_or(1);
-        packet::profile(row, seconds, services);
+        let entries = arg("--conntrack-max")
+            .map(|n| {
+                n.parse::<u32>()
+                    .map_err(|e| anyhow::anyhow!("--conntrack-max {n}: {e}"))
+            })
+            .transpose()?;
+        packet::profile(row, seconds, services, entries);
         return Ok(());
     }
     let mut progress = Progress::new();
