@@ -99,11 +99,10 @@ fn from_outside<D: Device>(dev: &D) -> i32 {
     // SNAT address: anything else leaves after one lookup. The node's own
     // addresses (NodePorts, SNATed flows' replies: most of what comes
     // here) are known without it, and are no ClusterIP (flags 0).
-    let node_addr = maps::is_node_addr(pkt.dst_addr);
-    // SAFETY: copied out at once.
-    let addr_flags = if node_addr {
+    let addr_flags = if maps::is_node_addr(pkt.dst_addr) {
         Some(0)
     } else {
+        // SAFETY: copied out at once.
         (unsafe { ADDRS4.get(pkt.dst_addr) }).copied()
     };
     let Some(addr_flags) = addr_flags else {
