@@ -229,6 +229,40 @@ pub extern "C" fn lb_ct_find(k: *const Ct4Key) -> u64 {
     }
 }
 
+/// See `lb_ct_warm`.
+#[inline(always)]
+pub fn warm(a: &Ct4Key, b: &Ct4Key) {
+    lb_ct_warm(a, b);
+}
+
+/// Starts the reads of the sets keys `a` and `b` live in, side by side:
+/// a new flow probes and writes two random sets of a table larger than
+/// the caches, and each first read of one waits for memory (half of a
+/// new flow's time, probed one after the other). Read here back to back,
+/// the two waits overlap; the probes that follow find the lines on their
+/// way. The two lines of each set a probe reads (checks, metas, keys)
+/// are touched; the answer, a mix of what was read, is for no one (a
+/// load whose value is unused would still be made, but this keeps it so).
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn lb_ct_warm(a: *const Ct4Key, b: *const Ct4Key) -> u64 {
+    // SAFETY: null or keys (checked by the verifier).
+    let (Some(a), Some(b)) = (unsafe { a.as_ref() }, unsafe { b.as_ref() }) else {
+        return 0;
+    };
+    let (Some((_, sa)), Some((_, sb))) = (set_of(a), set_of(b)) else {
+        return 0;
+    };
+    // SAFETY: aligned u32s of map values, read once each.
+    unsafe {
+        let r = core::ptr::read_volatile(&sa.check[0])
+            ^ core::ptr::read_volatile(&sb.check[0])
+            ^ core::ptr::read_volatile(&sa.keys[CT_WAYS - 1].src_addr)
+            ^ core::ptr::read_volatile(&sb.keys[CT_WAYS - 1].src_addr);
+        r as u64
+    }
+}
+
 /// A flow's way: its entry (through `Deref`), updated in place. A reader
 /// racing a writer that replaces the way (only when the set is full and
 /// this flow has the least to lose) may update the new flow's counters:

@@ -34,6 +34,12 @@ pub trait Device: Frame + EbpfContext {
     /// When it does not, such packets go to `to_tc` before anything of
     /// them is counted or changed.
     const ANSWERS: bool;
+    /// Whether a SYN's backend is chosen before the flow table is read,
+    /// so a new flow's two sets are read together (`from_outside`). XDP
+    /// only: in tc, whose frame holds more (answers, the route asked
+    /// after the flow is made), the plan kept across the probe takes the
+    /// frame with its deepest callee past the verifier's 512 bytes.
+    const PLANS_SYN: bool;
     /// A packet the device path does not translate, to the stack.
     fn pass(&self) -> i32;
     fn drop(&self) -> i32;
@@ -124,6 +130,7 @@ pub fn way<D: Device>(
 
 impl Device for TcContext {
     const ANSWERS: bool = true;
+    const PLANS_SYN: bool = false;
 
     #[inline(always)]
     fn pass(&self) -> i32 {

@@ -2,7 +2,7 @@
 //! so they outlive the agent and a restart adopts them.
 
 use aya_ebpf::{
-    bindings::BPF_F_NO_PREALLOC,
+    bindings::{BPF_F_MMAPABLE, BPF_F_NO_PREALLOC},
     macros::map,
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap},
 };
@@ -74,8 +74,13 @@ pub static NAMES: HashMap<u32, Name> = HashMap::pinned(MAX_NAMES, BPF_F_NO_PREAL
 
 /// Per-packet flows (device path), both directions: a set-associative
 /// table (`lb_common::conntrack::Ct4Set`, `crate::conntrack`).
+/// Mappable only for where the kernel puts it: an mmapable array's values
+/// start on a page, so each 320-byte set is five whole cache lines, its
+/// checks, metas and keys the first two (another array's values start 312
+/// bytes into its allocation: a set straddled six lines, those three).
+/// Nothing maps it.
 #[map(name = "LB4_CT_V2")]
-pub static CONNTRACK4: Array<Ct4Set> = Array::pinned(ct_table_len(MAX_CONNTRACK), 0);
+pub static CONNTRACK4: Array<Ct4Set> = Array::pinned(ct_table_len(MAX_CONNTRACK), BPF_F_MMAPABLE);
 
 /// Fragmented datagrams: the first fragment's ports, for the later ones.
 #[map(name = "LB4_FRAGS_V1")]

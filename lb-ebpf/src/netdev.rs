@@ -25,9 +25,9 @@ use lb_common::{
     dsr::{DSR_OVERHEAD, PROTO_IPIP},
     hash,
     service::{
-        ADDR_CLUSTER_IP, AFFINITY_BY_ADDR, BACKEND_LOCAL, FE_DSR, FE_MAGLEV, FE_SOURCE_RANGES,
-        Frontend, Frontend4Key, KIND_NODE_PORT, SB_SERVING, SCOPE_ALL, SOURCE_RANGE_ID_BITS,
-        ServiceBackendKey, SourceRange4,
+        ADDR_CLUSTER_IP, AFFINITY_BY_ADDR, BACKEND_LOCAL, FE_AFFINITY_CLIENT_IP, FE_DSR, FE_MAGLEV,
+        FE_SOURCE_RANGES, Frontend, Frontend4Key, KIND_NODE_PORT, SB_SERVING, SCOPE_ALL,
+        SOURCE_RANGE_ID_BITS, ServiceBackendKey, SourceRange4,
     },
 };
 
@@ -36,7 +36,7 @@ use crate::{
     device::{Device, Way, way, way_of},
     dsr, flood,
     icmp::{self, PROTO_ICMP},
-    maps::{self, ADDRS4, CONFIG, SERVICE_BACKENDS, SOURCE_RANGES4},
+    maps::{self, ADDRS4, CONFIG, SERVICE_BACKENDS, SOURCE_RANGES4, backend},
     parse::{self, Packet, TCP_ACK, TCP_SYN},
     select::{self, Chosen, Client},
     stats, xdp,
@@ -138,8 +138,33 @@ fn from_outside<D: Device>(dev: &D) -> i32 {
         return verdict;
     }
 
-    // A packet of a known flow from the client.
+    // A TCP SYN opens a flow (all but a retransmitted one, or one reusing
+    // the tuple of a connection that is closing): its backend is chosen
+    // before the flow table is read, so the client's set and the set its
+    // replies will take are read together, one wait for memory where a
+    // new flow had two (`conntrack::warm`). Other packets read the table
+    // first (most belong to a flow), and so does a SYN under session
+    // affinity (choosing writes the client's affinity entry: only for a
+    // flow that is new).
     let k = conntrack::key(&pkt, CT_ORIGINAL);
+    let syn = pkt.proto == PROTO_TCP && pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+    let mut fe = None;
+    // The plan made for a SYN, as a word (`Plan::packed`: what the probe
+    // and its callers leave room for in this frame), or 0.
+    let mut planned = 0u64;
+    if D::PLANS_SYN && syn {
+        fe = select::frontend(&frontend_key(&pkt));
+        if let Some(f) = &fe
+            && f.flags & FE_AFFINITY_CLIENT_IP == 0
+            && let Ok(c) = select::pick(&frontend_key(&pkt), f, flow_hash(f, &pkt))
+        {
+            let p = Plan::new(f, c);
+            conntrack::warm(&k, &p.reply_key(f, &pkt));
+            planned = p.packed();
+        }
+    }
+
+    // A packet of a known flow from the client.
     let mut new_verdict = V_FORWARD_NEW;
     if let Some(mut e) = conntrack::lookup(&k, now) {
         match still_served(&e, &pkt) {
@@ -168,13 +193,9 @@ fn from_outside<D: Device>(dev: &D) -> i32 {
             }
         }
     }
-    let fkey = Frontend4Key {
-        addr: pkt.dst_addr,
-        port: pkt.dst_port,
-        proto: pkt.proto,
-        scope: SCOPE_ALL,
-    };
-    let fe = select::frontend(&fkey);
+    if !(D::PLANS_SYN && syn) {
+        fe = select::frontend(&frontend_key(&pkt));
+    }
     if fe.is_none()
         && !snat_port
         && let Some(verdict) = reply(dev, &pkt, now, len)
@@ -190,14 +211,6 @@ fn from_outside<D: Device>(dev: &D) -> i32 {
         stats::verdict(V_PASS_NOT_SERVICE);
         return dev.pass();
     };
-    let h = hash::device4(
-        fe.flags & FE_MAGLEV != 0,
-        pkt.src_addr,
-        pkt.dst_addr,
-        pkt.src_port,
-        pkt.dst_port,
-        pkt.proto,
-    );
     // loadBalancerSourceRanges: new flows to the LoadBalancer IP only from
     // the Service's ranges (established ones were let in).
     if fe.flags & FE_SOURCE_RANGES != 0 {
@@ -213,12 +226,12 @@ fn from_outside<D: Device>(dev: &D) -> i32 {
             return dev.drop();
         }
     }
-    let client = Client {
-        kind: AFFINITY_BY_ADDR,
-        id: pkt.src_addr as u64,
+    let chosen = match Plan::unpacked(planned) {
+        Some(p) => Ok(p),
+        None => choose(&pkt, &fe),
     };
-    let chosen = match select::choose(&fkey, &fe, h, &client) {
-        Ok(c) => c,
+    let plan = match chosen {
+        Ok(p) => p,
         Err(v) => {
             if v == V_REJECT_NO_BACKEND && !D::ANSWERS {
                 return dev.to_tc();
@@ -243,12 +256,8 @@ fn from_outside<D: Device>(dev: &D) -> i32 {
             return dev.drop();
         }
     };
-    // The backend answers the node when it is on another node: the source
-    // becomes a node address. Under DSR it answers the client itself and
-    // the node address is the outer source of the packets it is sent.
-    let local = chosen.backend.flags & BACKEND_LOCAL != 0;
-    let dsr = !local && fe.flags & FE_DSR != 0;
-    let snat_addr = if local { 0 } else { snat_addr(&fe, &pkt) };
+    let chosen = &plan.chosen;
+    let (local, dsr, snat_addr) = (plan.local(), plan.dsr(&fe), plan.snat_addr(&fe, &pkt));
     // XDP must know it can send the packet before it records the flow (or
     // leave it to tc untouched); tc asks after, as the stack it has left
     // then is what the verifier's 512 bytes allow.
@@ -277,14 +286,15 @@ fn from_outside<D: Device>(dev: &D) -> i32 {
     } else {
         true
     };
-    match new_flow(&pkt, &fe, &chosen, snat_addr, dsr, track, now) {
+    let (service_id, backend_id) = (fe.service_id, chosen.backend_id);
+    match new_flow(&pkt, &fe, &plan, track, now) {
         Ok(e) => {
             // An untracked packet is no new flow to count, only a packet.
             if track {
-                stats::first_packet(fe.service_id, chosen.backend_id, len);
+                stats::first_packet(service_id, backend_id, len);
             } else {
-                stats::packet(fe.service_id, len);
-                stats::backend_packet(chosen.backend_id, len);
+                stats::packet(service_id, len);
+                stats::backend_packet(backend_id, len);
             }
             let way = match early {
                 Some(w) => w,
@@ -321,6 +331,138 @@ fn reply<D: Device>(dev: &D, pkt: &Packet, now: u32, len: u32) -> Option<i32> {
     stats::packet(e.service_id, len);
     stats::backend_packet(e.backend_id, len);
     Some(dev.forward(pkt, &e, way, V_REPLY))
+}
+
+/// The frontend a packet from outside is for.
+#[inline(always)]
+fn frontend_key(pkt: &Packet) -> Frontend4Key {
+    Frontend4Key {
+        addr: pkt.dst_addr,
+        port: pkt.dst_port,
+        proto: pkt.proto,
+        scope: SCOPE_ALL,
+    }
+}
+
+/// The backend of frontend `fe` for a new flow of this packet's (its
+/// client's under session affinity).
+#[inline(always)]
+fn choose(pkt: &Packet, fe: &Frontend) -> Result<Plan, u32> {
+    let client = Client {
+        kind: AFFINITY_BY_ADDR,
+        id: pkt.src_addr as u64,
+    };
+    select::choose(&frontend_key(pkt), fe, flow_hash(fe, pkt), &client).map(|c| Plan::new(fe, c))
+}
+
+/// The flow hash a frontend's backend is picked with.
+#[inline(always)]
+fn flow_hash(fe: &Frontend, pkt: &Packet) -> u32 {
+    hash::device4(
+        fe.flags & FE_MAGLEV != 0,
+        pkt.src_addr,
+        pkt.dst_addr,
+        pkt.src_port,
+        pkt.dst_port,
+        pkt.proto,
+    )
+}
+
+/// A new flow's backend, and where its SNAT port search starts.
+struct Plan {
+    chosen: Chosen,
+    /// Of the SNAT range's span (for an SNATed flow).
+    snat_start: u32,
+}
+
+impl Plan {
+    /// The plan as one word: the backend's id (never 0) and the SNAT
+    /// start.
+    #[inline(always)]
+    fn packed(&self) -> u64 {
+        ((self.chosen.backend_id as u64) << 32) | self.snat_start as u64
+    }
+
+    /// A `packed` plan, its backend read again (an array's inline lookup);
+    /// None for 0, or when the backend has just gone (chosen again then).
+    #[inline(always)]
+    fn unpacked(word: u64) -> Option<Self> {
+        let backend_id = (word >> 32) as u32;
+        if backend_id == 0 {
+            return None;
+        }
+        Some(Plan {
+            chosen: Chosen {
+                backend_id,
+                backend: backend(backend_id)?,
+            },
+            snat_start: word as u32,
+        })
+    }
+
+    #[inline(always)]
+    fn new(fe: &Frontend, chosen: Chosen) -> Self {
+        let mut p = Plan {
+            chosen,
+            snat_start: 0,
+        };
+        if p.snated(fe) {
+            // SAFETY: helper without arguments.
+            p.snat_start = (unsafe { bpf_get_prandom_u32() }) % snat_ports().1;
+        }
+        p
+    }
+
+    /// The backend is on this node.
+    #[inline(always)]
+    fn local(&self) -> bool {
+        self.chosen.backend.flags & BACKEND_LOCAL != 0
+    }
+
+    /// The backend answers the client itself, not through this node.
+    #[inline(always)]
+    fn dsr(&self, fe: &Frontend) -> bool {
+        !self.local() && fe.flags & FE_DSR != 0
+    }
+
+    /// The backend answers this node (on another node, not under DSR).
+    #[inline(always)]
+    fn snated(&self, fe: &Frontend) -> bool {
+        !self.local() && fe.flags & FE_DSR == 0
+    }
+
+    /// The backend answers the node when it is on another node: the
+    /// source becomes a node address. Under DSR it answers the client
+    /// itself and the node address is the outer source of the packets it
+    /// is sent. 0 for a local backend.
+    #[inline(always)]
+    fn snat_addr(&self, fe: &Frontend, pkt: &Packet) -> u32 {
+        if self.local() { 0 } else { snat_addr(fe, pkt) }
+    }
+
+    /// The key of the flow's reply entry, as `new_flow` first tries it
+    /// (under DSR, which has none, the client's).
+    #[inline(always)]
+    fn reply_key(&self, fe: &Frontend, pkt: &Packet) -> Ct4Key {
+        if self.dsr(fe) {
+            return conntrack::key(pkt, CT_ORIGINAL);
+        }
+        let b = &self.chosen.backend;
+        let mut k = Ct4Key {
+            src_addr: b.addr,
+            dst_addr: pkt.src_addr,
+            src_port: b.port,
+            dst_port: pkt.src_port,
+            proto: pkt.proto,
+            dir: CT_REPLY,
+            _pad: 0,
+        };
+        if !self.local() {
+            k.dst_addr = snat_addr(fe, pkt);
+            k.dst_port = snat_port(self.snat_start, 0).to_be();
+        }
+        k
+    }
 }
 
 enum Served {
@@ -409,15 +551,14 @@ pub fn to_netdev(ctx: &TcContext) -> i32 {
 fn new_flow(
     pkt: &Packet,
     fe: &Frontend,
-    chosen: &Chosen,
-    snat_addr: u32,
-    dsr: bool,
+    plan: &Plan,
     track: bool,
     now: u32,
 ) -> Result<Ct4Entry, u32> {
     let len = pkt.len;
+    let chosen = &plan.chosen;
     let b = &chosen.backend;
-    let local = b.flags & BACKEND_LOCAL != 0;
+    let (local, dsr, snat_addr) = (plan.local(), plan.dsr(fe), plan.snat_addr(fe, pkt));
     let lifetime = conntrack::initial_lifetime(pkt.proto);
     let mut orig = Ct4Entry {
         nat_src_addr: pkt.src_addr,
@@ -443,15 +584,7 @@ fn new_flow(
         bytes: 0,
         ..orig
     };
-    let mut rkey = Ct4Key {
-        src_addr: b.addr,
-        dst_addr: pkt.src_addr,
-        src_port: b.port,
-        dst_port: pkt.src_port,
-        proto: pkt.proto,
-        dir: CT_REPLY,
-        _pad: 0,
-    };
+    let mut rkey = plan.reply_key(fe, pkt);
     if dsr {
         orig.nat_src_addr = snat_addr;
         orig.flags = CT_DSR;
@@ -468,15 +601,11 @@ fn new_flow(
         // port whose reply entry has expired is free again (an LRU entry
         // stays until evicted), a closed TCP flow's only once the backend
         // can no longer hold the old connection in TIME_WAIT.
-        rkey.dst_addr = snat_addr;
         orig.nat_src_addr = snat_addr;
-        let (min, span) = snat_ports();
-        // SAFETY: helper without arguments.
-        let start = unsafe { bpf_get_prandom_u32() } % span;
         let mut port = 0u16;
         let mut done = false;
         for i in 0..SNAT_TRIES {
-            port = (min + (start + i) % span) as u16;
+            port = snat_port(plan.snat_start, i);
             rkey.dst_port = port.to_be();
             if conntrack::reserve_snat_port(&rkey, &reply) {
                 done = true;
@@ -510,6 +639,13 @@ fn snat_addr(fe: &Frontend, pkt: &Packet) -> u32 {
 /// (`drop_no_snat_port`): from a random start, in order, so a range of up
 /// to this many ports is tried whole.
 const SNAT_TRIES: u32 = 8;
+
+/// The SNAT port `i` tries after `start` (host order).
+#[inline(always)]
+fn snat_port(start: u32, i: u32) -> u16 {
+    let (min, span) = snat_ports();
+    (min + (start + i) % span) as u16
+}
 
 /// The SNAT port range: first port and number of ports (host order).
 #[inline(always)]

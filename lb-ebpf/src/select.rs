@@ -77,13 +77,14 @@ fn from_set(fe: &Frontend, h: u32) -> Option<Chosen> {
     })
 }
 
-/// Picks a backend of `fe` for flow hash `h`. Err carries the verdict.
+/// Picks a backend of `fe` for flow hash `h` (no session affinity: see
+/// `choose`). Err carries the verdict.
 ///
 /// The agent deletes an old backend set right after flipping the frontend to
 /// a new one; a packet that read the frontend just before the flip may miss
 /// its slot, so it re-reads the frontend once.
 #[inline(always)]
-fn pick(key: &Frontend4Key, fe: &Frontend, h: u32) -> Result<Chosen, u32> {
+pub fn pick(key: &Frontend4Key, fe: &Frontend, h: u32) -> Result<Chosen, u32> {
     if fe.count == 0 {
         return Err(empty_verdict(fe));
     }

@@ -65,6 +65,7 @@ pub fn seen(ctx: &TcContext) -> bool {
 
 impl Device for XdpContext {
     const ANSWERS: bool = false;
+    const PLANS_SYN: bool = true;
 
     #[inline(always)]
     fn pass(&self) -> i32 {

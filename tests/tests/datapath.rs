@@ -1116,6 +1116,21 @@ fn snat_both_ways(xdp: bool) {
             &want.bytes(),
         );
 
+        // The SYN again (its SYN-ACK was lost): the same flow, through
+        // the same SNAT port. XDP chooses a SYN's backend and SNAT port
+        // before it reads the flow table; what it finds there wins, and
+        // no second reply entry is made.
+        let (verdict, again) = run(&syn.bytes());
+        assert_eq!(verdict, Fate::Sent, "{}", describe(&again));
+        assert_frame("the SYN retransmitted: the same translation", &again, &out);
+        let entries = ServiceMaps::open(&pins)
+            .unwrap()
+            .conntrack
+            .entries()
+            .unwrap()
+            .len();
+        assert_eq!(entries, 2, "one flow, two directions");
+
         let mut reply = Frame::tcp(backend, (NODE, port), SYN | ACK);
         reply.dst_mac = node_mac;
         let mut want = reply.with((NODE, 30080), cl);
