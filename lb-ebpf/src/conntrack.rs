@@ -229,37 +229,32 @@ pub extern "C" fn lb_ct_find(k: *const Ct4Key) -> u64 {
     }
 }
 
-/// See `lb_ct_warm`.
-#[inline(always)]
-pub fn warm(a: &Ct4Key, b: &Ct4Key) {
-    lb_ct_warm(a, b);
-}
-
-/// Starts the reads of the sets keys `a` and `b` live in, side by side:
-/// a new flow probes and writes two random sets of a table larger than
-/// the caches, and each first read of one waits for memory (half of a
-/// new flow's time, probed one after the other). Read here back to back,
-/// the two waits overlap; the probes that follow find the lines on their
-/// way. The two lines of each set a probe reads (checks, metas, keys)
-/// are touched; the answer, a mix of what was read, is for no one (a
-/// load whose value is unused would still be made, but this keeps it so).
+/// `lb_ct_find` for `k`, having started the read of the set key `next`
+/// lives in just before its own probe. A new flow probes and writes two
+/// random sets of a table larger than the caches, and the first read of
+/// each waits for memory (half of a new flow's time, read one after the
+/// other); read side by side, the two waits overlap, and the write into
+/// `next`'s set that follows finds its lines on their way. The two lines
+/// of that set a probe reads (checks, metas, keys) are touched; the loads
+/// are volatile, so kept though their values are not used.
 #[unsafe(no_mangle)]
 #[inline(never)]
-pub extern "C" fn lb_ct_warm(a: *const Ct4Key, b: *const Ct4Key) -> u64 {
+pub extern "C" fn lb_ct_find_warming(k: *const Ct4Key, next: *const Ct4Key) -> u64 {
     // SAFETY: null or keys (checked by the verifier).
-    let (Some(a), Some(b)) = (unsafe { a.as_ref() }, unsafe { b.as_ref() }) else {
-        return 0;
+    let (Some(k), Some(next)) = (unsafe { k.as_ref() }, unsafe { next.as_ref() }) else {
+        return NOT_FOUND;
     };
-    let (Some((_, sa)), Some((_, sb))) = (set_of(a), set_of(b)) else {
-        return 0;
+    let (Some((index, set)), Some((_, other))) = (set_of(k), set_of(next)) else {
+        return NOT_FOUND;
     };
-    // SAFETY: aligned u32s of map values, read once each.
+    // SAFETY: aligned u32s of a map value, each read once.
     unsafe {
-        let r = core::ptr::read_volatile(&sa.check[0])
-            ^ core::ptr::read_volatile(&sb.check[0])
-            ^ core::ptr::read_volatile(&sa.keys[CT_WAYS - 1].src_addr)
-            ^ core::ptr::read_volatile(&sb.keys[CT_WAYS - 1].src_addr);
-        r as u64
+        core::ptr::read_volatile(&other.check[0]);
+        core::ptr::read_volatile(&other.keys[CT_WAYS - 1].src_addr);
+    }
+    match way_of(set, k) {
+        Some(i) => ((index as u64) << 2) | i as u64,
+        None => NOT_FOUND,
     }
 }
 
@@ -300,7 +295,12 @@ impl core::ops::DerefMut for Flow {
 /// `k`'s flow, live or not.
 #[inline(always)]
 fn get_mut(k: &Ct4Key) -> Option<Flow> {
-    let at = lb_ct_find(k);
+    flow_at(lb_ct_find(k))
+}
+
+/// The flow at `at` (`lb_ct_find`'s answer).
+#[inline(always)]
+fn flow_at(at: u64) -> Option<Flow> {
     if at == NOT_FOUND {
         return None;
     }
@@ -315,7 +315,18 @@ fn get_mut(k: &Ct4Key) -> Option<Flow> {
 /// `k`'s live flow, or None (absent or expired).
 #[inline(always)]
 pub fn lookup(k: &Ct4Key, now: u32) -> Option<Flow> {
-    let e = get_mut(k)?;
+    live(get_mut(k)?, now)
+}
+
+/// `lookup`, with the read of the set `next` lives in started first: a
+/// new flow's two sets are read side by side (`lb_ct_find_warming`).
+#[inline(always)]
+pub fn lookup_warming(k: &Ct4Key, next: &Ct4Key, now: u32) -> Option<Flow> {
+    live(flow_at(lb_ct_find_warming(k, next))?, now)
+}
+
+#[inline(always)]
+fn live(e: Flow, now: u32) -> Option<Flow> {
     if expired(&e, now) {
         return None;
     }

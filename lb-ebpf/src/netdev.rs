@@ -142,7 +142,7 @@ fn from_outside<D: Device>(dev: &D) -> i32 {
     // the tuple of a connection that is closing): its backend is chosen
     // before the flow table is read, so the client's set and the set its
     // replies will take are read together, one wait for memory where a
-    // new flow had two (`conntrack::warm`). Other packets read the table
+    // new flow had two (`conntrack::lookup_warming`). Other packets read the table
     // first (most belong to a flow), and so does a SYN under session
     // affinity (choosing writes the client's affinity entry: only for a
     // flow that is new).
@@ -152,6 +152,7 @@ fn from_outside<D: Device>(dev: &D) -> i32 {
     // The plan made for a SYN, as a word (`Plan::packed`: what the probe
     // and its callers leave room for in this frame), or 0.
     let mut planned = 0u64;
+    let mut found = None;
     if D::PLANS_SYN && syn {
         fe = select::frontend(&frontend_key(&pkt));
         if let Some(f) = &fe
@@ -159,14 +160,17 @@ fn from_outside<D: Device>(dev: &D) -> i32 {
             && let Ok(c) = select::pick(&frontend_key(&pkt), f, flow_hash(f, &pkt))
         {
             let p = Plan::new(f, c);
-            conntrack::warm(&k, &p.reply_key(f, &pkt));
+            found = conntrack::lookup_warming(&k, &p.reply_key(f, &pkt), now);
             planned = p.packed();
         }
+    }
+    if planned == 0 {
+        found = conntrack::lookup(&k, now);
     }
 
     // A packet of a known flow from the client.
     let mut new_verdict = V_FORWARD_NEW;
-    if let Some(mut e) = conntrack::lookup(&k, now) {
+    if let Some(mut e) = found {
         match still_served(&e, &pkt) {
             Served::Yes => {
                 let Some(way) = way_of(dev, &pkt, &e, now) else {
