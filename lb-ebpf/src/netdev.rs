@@ -142,10 +142,10 @@ fn from_outside<D: Device>(dev: &D) -> i32 {
     // the tuple of a connection that is closing): its backend is chosen
     // before the flow table is read, so the client's set and the set its
     // replies will take are read together, one wait for memory where a
-    // new flow had two (`conntrack::lookup_warming`). Other packets read the table
-    // first (most belong to a flow), and so does a SYN under session
-    // affinity (choosing writes the client's affinity entry: only for a
-    // flow that is new).
+    // new flow had two (`conntrack::lookup_warming`). Other packets read
+    // the table first (most belong to a flow), and so does a SYN under
+    // session affinity (choosing writes the client's affinity entry: only
+    // for a flow that is new).
     let k = conntrack::key(&pkt, CT_ORIGINAL);
     let syn = pkt.proto == PROTO_TCP && pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
     let mut fe = None;
